@@ -1,0 +1,187 @@
+"""Find the conv2d and matmul call sites of a Relax function and decide which can become PSB.
+
+An analysis, not a rewrite: it returns one ``LayerSite`` per linear layer, in binding order,
+with the per-channel bias add and ReLU/clip that follow it when they can be fused into the kernel.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+from tvm import ir, relax
+
+LINEAR_OPS = {
+    "relax.nn.conv2d": "conv2d",
+    "relax.matmul": "dense",
+    "relax.nn.conv1d": "conv1d",
+    "relax.nn.conv3d": "conv3d",
+    "relax.nn.conv1d_transpose": "conv1d_transpose",
+    "relax.nn.conv2d_transpose": "conv2d_transpose",
+}
+
+
+@dataclass
+class LayerSite:
+    """One linear layer of the graph and what a PSB rewrite would fuse with it."""
+
+    index: int  # position among all linear call sites, in binding order
+    kind: str  # "conv2d", "dense", or the op kind that PSB does not handle
+    call: relax.Call
+    data: relax.Expr
+    weight: np.ndarray | None  # conv: OIHW; dense: [out, in] (transposed from Relax's [in, out])
+    bias: np.ndarray | None = None
+    activation: object = None
+    final_var: relax.Var | None = None  # the binding whose value the PSB call replaces
+    fused_vars: list = field(default_factory=list)  # bindings absorbed into the kernel
+    reason: str = ""  # why the site cannot be PSB ("" when it can)
+    name: str = ""
+
+    @property
+    def convertible(self) -> bool:
+        return not self.reason
+
+
+def _const(expr) -> np.ndarray | None:
+    if isinstance(expr, ir.GenericConst):
+        return expr.value.numpy()
+    return None
+
+
+def _static_shape(expr):
+    shape = getattr(expr.ty, "shape", None)
+    if shape is None or not hasattr(shape, "values"):
+        return None
+    try:
+        return tuple(int(v) for v in shape.values)
+    except (TypeError, ValueError):
+        return None
+
+
+def _bindings(func: relax.Function):
+    for block in func.body.blocks:
+        yield from block.bindings
+
+
+def _users(func: relax.Function) -> dict:
+    users: dict = {}
+    for b in _bindings(func):
+        for v in relax.analysis.free_vars(b.value):
+            users.setdefault(v, []).append(b)
+    for v in relax.analysis.free_vars(func.body.body):
+        users.setdefault(v, []).append(None)  # used by the function's result
+    return users
+
+
+def _single_user(users, var):
+    u = users.get(var, [])
+    return u[0] if len(u) == 1 and u[0] is not None else None
+
+
+def _bias_of(binding, var, channels: int, kind: str) -> np.ndarray | None:
+    """The per-output-channel constant of ``add(var, c)`` / ``add(c, var)``, or None."""
+    call = binding.value
+    if not isinstance(call, relax.Call) or getattr(call.op, "name", "") != "relax.add":
+        return None
+    a, b = call.args
+    c = _const(b) if a.same_as(var) else _const(a) if b.same_as(var) else None
+    if c is None or c.dtype != np.float32:
+        return None
+    ok = {(channels,), (1, channels)} if kind == "dense" else {(1, channels, 1, 1), (channels, 1, 1)}
+    return c.reshape(channels) if c.shape in ok else None
+
+
+def _activation_of(binding, var):
+    call = binding.value
+    if not isinstance(call, relax.Call) or not call.args or not call.args[0].same_as(var):
+        return None
+    name = getattr(call.op, "name", "")
+    if name == "relax.nn.relu":
+        return "relu"
+    if name == "relax.clip" and len(call.args) == 3:
+        try:
+            lo, hi = (float(a.value.value) for a in call.args[1:])
+        except AttributeError:
+            return None
+        return ("clip", lo, hi)
+    return None
+
+
+def _check_conv2d(call) -> tuple[np.ndarray | None, str]:
+    attrs = call.attrs
+    data, weight = call.args
+    w = _const(weight)
+    if w is None:
+        return None, "weight is not a constant"
+    if (attrs.data_layout, attrs.kernel_layout, attrs.out_layout) != ("NCHW", "OIHW", "NCHW"):
+        return None, f"layout {attrs.data_layout}/{attrs.kernel_layout} is not NCHW/OIHW"
+    if w.dtype != np.float32 or getattr(data.ty, "dtype", None) != "float32":
+        return None, "not float32"
+    if _static_shape(data) is None or len(_static_shape(data)) != 4:
+        return None, "input shape is not static 4-D"
+    return w, ""
+
+
+def _check_dense(call) -> tuple[np.ndarray | None, str]:
+    data, weight = call.args
+    w = _const(weight)
+    if w is None:
+        return None, "weight is not a constant (activation x activation matmul)"
+    if w.ndim != 2:
+        return None, f"weight is {w.ndim}-D, not 2-D"
+    if w.dtype != np.float32 or getattr(data.ty, "dtype", None) != "float32":
+        return None, "not float32"
+    shape = _static_shape(data)
+    if shape is None or len(shape) < 2:
+        return None, "input is not a static tensor of rank >= 2"
+    return np.ascontiguousarray(w.T), ""
+
+
+def find_layer_sites(func: relax.Function) -> list[LayerSite]:
+    """Every linear call site of ``func`` with its fusable epilogue and a reason when it is not PSB."""
+    users = _users(func)
+    sites = []
+    for b in _bindings(func):
+        call = b.value
+        if not isinstance(call, relax.Call) or getattr(call.op, "name", "") not in LINEAR_OPS:
+            continue
+        kind = LINEAR_OPS[call.op.name]
+        site = LayerSite(index=len(sites), kind=kind, call=call, data=call.args[0], weight=None, final_var=b.var)
+        sites.append(site)
+        if kind == "conv2d":
+            site.weight, site.reason = _check_conv2d(call)
+        elif kind == "dense":
+            site.weight, site.reason = _check_dense(call)
+        else:
+            site.reason = f"{call.op.name} is not supported by PSB"
+        if site.reason:
+            continue
+        channels = site.weight.shape[0]
+        user = _single_user(users, b.var)
+        if user is not None:
+            bias = _bias_of(user, b.var, channels, kind)
+            if bias is not None:
+                site.bias = bias
+                site.fused_vars.append(site.final_var)
+                site.final_var = user.var
+                user = _single_user(users, user.var)
+        if user is not None:
+            act = _activation_of(user, site.final_var)
+            if act is not None:
+                site.activation = act
+                site.fused_vars.append(site.final_var)
+                site.final_var = user.var
+    return sites
+
+
+def name_sites(sites: list[LayerSite], onnx_names: dict) -> None:
+    """Give sites their ONNX node names: the i-th conv2d (dense) site is the i-th Conv (Gemm/MatMul)."""
+    for kind in ("conv2d", "dense"):
+        kind_sites = [s for s in sites if s.kind == kind and s.weight is not None]
+        names = onnx_names.get(kind, [])
+        use_onnx = len(names) == len(kind_sites)
+        for i, s in enumerate(kind_sites):
+            s.name = names[i] if use_onnx else f"{kind}_{i}"
+    for s in sites:
+        if not s.name:
+            s.name = f"{s.kind}_{s.index}"

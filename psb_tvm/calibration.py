@@ -1,0 +1,105 @@
+"""Activation statistics for every PSB layer input, from user calibration data or a fallback.
+
+The fixed-point scale of each PSB layer input is ``2**f`` with the largest ``f`` that keeps the
+observed range inside the activation integers (``numerics.choose_frac_bits``).
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+
+import numpy as np
+import tvm
+from tvm import relax
+
+from .build import build
+from .errors import ConfigError
+from .passes import expose_layer_inputs
+from .target import host_target
+
+#: The fallback when no calibration data is given: standard-normal inputs. A real input
+#: distribution (images in [0, 1], tokens, audio) is usually different, hence the warning.
+FALLBACK_NOTE = (
+    "no calibration data given: activation scales come from {n} synthetic standard-normal inputs; "
+    "accuracy will suffer. Pass calibration={{input_name: array}} with real samples."
+)
+
+
+@dataclass(frozen=True)
+class ActStats:
+    """Observed range of one layer input."""
+
+    max_abs: float
+    min: float
+
+    @property
+    def signed(self) -> bool:
+        return self.min < 0
+
+
+def normalize_calibration(calibration, inputs: list, fallback_samples: int, seed: int = 0) -> tuple[list, bool]:
+    """Return (list of {name: array [N, ...]}, used_fallback); validates names and shapes."""
+    names = [n for n, _, _ in inputs]
+    if calibration is None:
+        rng = np.random.default_rng(seed)
+        batch = {}
+        for name, shape, dtype in inputs:
+            if np.issubdtype(np.dtype(dtype), np.floating):
+                batch[name] = rng.standard_normal((fallback_samples,) + tuple(shape[1:])).astype(dtype)
+            else:
+                batch[name] = np.zeros((fallback_samples,) + tuple(shape[1:]), dtype)
+        warnings.warn(FALLBACK_NOTE.format(n=fallback_samples), stacklevel=3)
+        return [batch], True
+    if isinstance(calibration, Mapping):
+        batches = [calibration]
+    elif isinstance(calibration, Iterable) and not isinstance(calibration, (str, bytes, np.ndarray)):
+        batches = list(calibration)
+    else:
+        raise ConfigError(f"calibration must be a dict {{input name: array}} or an iterable of such dicts, got {type(calibration).__name__}")
+    if not batches:
+        raise ConfigError("calibration is empty")
+    result = []
+    for k, batch in enumerate(batches):
+        if not isinstance(batch, Mapping):
+            raise ConfigError(f"calibration item {k} is a {type(batch).__name__}, expected a dict {{input name: array}}")
+        missing, unknown = sorted(set(names) - set(batch)), sorted(set(batch) - set(names))
+        if missing or unknown:
+            raise ConfigError(f"calibration item {k}: missing inputs {missing}, unknown inputs {unknown}; the model's inputs are {names}")
+        arrays, count = {}, None
+        for name, shape, dtype in inputs:
+            arr = np.asarray(batch[name])
+            if arr.ndim != len(shape) or tuple(arr.shape[1:]) != tuple(shape[1:]) or arr.shape[0] == 0:
+                raise ConfigError(
+                    f"calibration item {k}: input {name!r} has shape {arr.shape}; expected (N, {', '.join(map(str, shape[1:]))}) "
+                    f"with samples stacked on the first axis (model input shape {tuple(shape)})"
+                )
+            if count is not None and arr.shape[0] != count:
+                raise ConfigError(f"calibration item {k}: inputs have different sample counts ({count} vs {arr.shape[0]})")
+            count = arr.shape[0]
+            arrays[name] = arr.astype(dtype, copy=False)
+        result.append(arrays)
+    return result, False
+
+
+def collect_stats(mod: tvm.IRModule, site_indices: list[int], batches: list, inputs: list) -> list[ActStats]:
+    """Run the float model on the calibration data and record each site's input range."""
+    if not site_indices:
+        return []
+    probe = expose_layer_inputs(mod, site_indices)
+    vm = relax.VirtualMachine(build(probe, host_target()), tvm.cpu())
+    max_abs = np.zeros(len(site_indices))
+    mins = np.full(len(site_indices), np.inf)
+    for batch in batches:
+        count = next(iter(batch.values())).shape[0]
+        model_batch = inputs[0][1][0]
+        for start in range(0, count, model_batch):
+            idx = np.arange(start, start + model_batch) % count  # wrap: repeated samples add no range
+            args = [tvm.runtime.tensor(np.ascontiguousarray(batch[name][idx]), tvm.cpu()) for name, _, _ in inputs]
+            outs = vm["main"](*args)
+            for i in range(len(site_indices)):
+                x = outs[i].numpy()
+                max_abs[i] = max(max_abs[i], float(np.abs(x).max()))
+                mins[i] = min(mins[i], float(x.min()))
+    return [ActStats(float(a), float(m)) for a, m in zip(max_abs, mins)]

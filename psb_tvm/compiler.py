@@ -1,0 +1,137 @@
+"""``psb_tvm.compile``: frontend -> layer selection -> calibration -> PSB rewrite -> build."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+
+from . import numerics
+from .build import attach_string, build
+from .calibration import collect_stats, normalize_calibration
+from .config import PSBConfig
+from .errors import ConfigError
+from .frontend import import_onnx
+from .passes import PSBLayer, find_layer_sites, name_sites, rewrite_to_psb
+from .runtime import METADATA_FUNC, PSBModule
+from .schedules.kernels import KernelSpec
+from .target import is_host_cpu, resolve_target
+
+__version__ = "0.1.0"
+
+
+def _check_args(samples, seed, config) -> PSBConfig:
+    if config is None:
+        config = PSBConfig()
+    elif isinstance(config, dict):
+        config = PSBConfig.from_dict(config)
+    elif not isinstance(config, PSBConfig):
+        raise ConfigError(f"config must be a PSBConfig or dict, got {type(config).__name__}")
+    try:
+        numerics.check_samples(samples, config.n_max)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= seed < 2**32:
+        raise ConfigError(f"seed must be an int in [0, 2**32), got {seed!r}")
+    return config
+
+
+def _select(sites, config: PSBConfig) -> dict:
+    """Map site index -> reason it stays float ("" when it becomes PSB)."""
+    names = [s.name for s in sites]
+    for field in ("include", "exclude"):
+        listed = getattr(config, field) or ()
+        unknown = sorted(set(listed) - set(names))
+        if unknown:
+            raise ConfigError(f"config.{field} names unknown layers {unknown}; the model's linear layers are {names}")
+    unknown = sorted(set(config.lowerings) - set(names))
+    if unknown:
+        raise ConfigError(f"config.lowerings names unknown layers {unknown}; the model's linear layers are {names}")
+    convertible = [s for s in sites if s.convertible]
+    edges = {}
+    if config.exclude_first_last and convertible:
+        edges = {convertible[0].index: "first layer (exclude_first_last)", convertible[-1].index: "last layer (exclude_first_last)"}
+    reasons = {}
+    for s in sites:
+        if not s.convertible:
+            reasons[s.index] = s.reason
+        elif config.include is not None and s.name not in config.include:
+            reasons[s.index] = "not in config.include"
+        elif s.name in config.exclude:
+            reasons[s.index] = "in config.exclude"
+        else:
+            reasons[s.index] = edges.get(s.index, "")
+    return reasons
+
+
+def _spec(site, lowering, n, seed, config, frac_bits, signed) -> KernelSpec:
+    common = dict(kind=site.kind, lowering=lowering, w_shape=tuple(site.weight.shape), n=n,
+                  key=int(numerics.layer_key(seed, site.index)), E=config.E, P=config.P,
+                  act_bits=config.act_bits, act_signed=signed, frac_bits=frac_bits, activation=site.activation)
+    shape = tuple(int(v) for v in site.data.ty.shape.values)
+    if site.kind == "dense":
+        rows = int(np.prod(shape[:-1]))
+        return KernelSpec(x_shape=(rows, shape[-1]), **common)
+    attrs = site.call.attrs
+    pad = [int(p) for p in attrs.padding]
+    return KernelSpec(x_shape=shape, stride=tuple(int(s) for s in attrs.strides),
+                      padding=(pad[0], pad[1], pad[2], pad[3]), dilation=tuple(int(d) for d in attrs.dilation),
+                      groups=int(attrs.groups), **common)
+
+
+def compile(onnx_model, target="llvm", samples: int = 16, seed: int = 0, input_shapes: dict | None = None,
+            calibration=None, config: PSBConfig | dict | None = None) -> PSBModule:
+    """Compile an ONNX model (path, bytes or ModelProto) into a PSB module.
+
+    ``samples`` is the sample count n (a power of two <= ``config.n_max``); ``seed`` picks the
+    draw; ``input_shapes`` fixes dynamic input dims; ``calibration`` is ``{input: array [N, ...]}``
+    (or an iterable of such dicts) used to choose the activation scales.
+    """
+    config = _check_args(samples, seed, config)
+    tgt = resolve_target(target)
+    imported = import_onnx(onnx_model, input_shapes)
+    sites = find_layer_sites(imported.mod["main"])
+    name_sites(sites, imported.layer_names)
+    reasons = _select(sites, config)
+    chosen = [s for s in sites if not reasons[s.index]]
+
+    batches, fallback = normalize_calibration(calibration, imported.inputs, config.calibration_fallback_samples, seed)
+    stats = collect_stats(imported.mod, [s.index for s in chosen], batches, imported.inputs)
+
+    layers, info = [], {}
+    for site, st in zip(chosen, stats):
+        frac = numerics.choose_frac_bits(st.max_abs, config.act_bits, st.signed)
+        lowering = config.lowerings.get(site.name, config.lowering)
+        spec = _spec(site, lowering, samples, seed, config, frac, st.signed)
+        enc = numerics.encode_weights(site.weight, config.E, config.P, config.per_channel)
+        bias = site.bias if site.bias is not None else np.zeros(site.weight.shape[0], np.float32)
+        layers.append(PSBLayer(site.index, site.name, spec, enc, numerics.output_scale(enc.k_lo, frac, samples),
+                               bias.astype(np.float32)))
+        info[site.index] = {"lowering": lowering, "frac_bits": frac, "act_dtype": spec.act_dtype,
+                            "acc_dtype": spec.acc_dtype, "q_dtype": spec.q_dtype, "act_max_abs": st.max_abs,
+                            "layer_id": site.index}
+    mod = rewrite_to_psb(imported.mod, layers)
+
+    metadata = {
+        "psb_tvm_version": __version__,
+        "source": imported.source,
+        "target": str(tgt),
+        "target_kind": tgt.kind.name,
+        "host_runnable": is_host_cpu(tgt),
+        "samples": int(samples),
+        "seed": int(seed),
+        "config": config.to_dict(),
+        "calibration": "fallback (synthetic standard-normal)" if fallback else "user data",
+        "inputs": [{"name": n, "shape": list(s), "dtype": d} for n, s, d in imported.inputs],
+        "outputs": imported.output_names,
+        "layers": [
+            {"name": s.name, "op": s.kind, "status": "float" if reasons[s.index] else "psb",
+             "reason": reasons[s.index], "weight_shape": list(s.weight.shape) if s.weight is not None else None,
+             "activation": s.activation if not isinstance(s.activation, tuple) else list(s.activation),
+             "bias": s.bias is not None, **info.get(s.index, {})}
+            for s in sites
+        ],
+    }
+    mod = attach_string(mod, METADATA_FUNC, json.dumps(metadata))
+    executable = build(mod, tgt)
+    return PSBModule(executable, metadata, executable=executable)

@@ -1,0 +1,76 @@
+"""The one configuration object of psb_tvm, validated once when it is made."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+from .errors import ConfigError
+from .schedules.kernels import LOWERINGS
+
+
+@dataclass(frozen=True)
+class PSBConfig:
+    """Numeric preset and layer selection (DESIGN.md section 2).
+
+    E: exponent levels per weight group; P: threshold bits; act_bits: activation bits;
+    n_max: largest sample count a module accepts; per_channel: one exponent range per output
+    channel (else per tensor); lowering: default kernel lowering ("intdot" or "shiftadd"),
+    ``lowerings`` overrides it per layer name; exclude_first_last keeps the first and last
+    convertible layers float; include (if given) converts only the named layers; exclude keeps
+    the named layers float; calibration_fallback_samples: synthetic samples used when no
+    calibration data is given.
+    """
+
+    E: int = 4
+    P: int = 16
+    act_bits: int = 8
+    n_max: int = 64
+    per_channel: bool = True
+    lowering: str = "intdot"
+    lowerings: dict = field(default_factory=dict)
+    exclude_first_last: bool = False
+    include: tuple | None = None
+    exclude: tuple = ()
+    calibration_fallback_samples: int = 8
+
+    def __post_init__(self):
+        def check(cond, msg):
+            if not cond:
+                raise ConfigError(f"invalid PSBConfig: {msg}")
+
+        check(isinstance(self.E, int) and 1 <= self.E <= 16, f"E must be an int in [1, 16], got {self.E!r}")
+        check(isinstance(self.P, int) and 1 <= self.P <= 30, f"P must be an int in [1, 30], got {self.P!r}")
+        check(self.act_bits in (8, 16), f"act_bits must be 8 or 16, got {self.act_bits!r}")
+        n = self.n_max
+        check(isinstance(n, int) and 1 <= n <= 1024 and not n & (n - 1),
+              f"n_max must be a power of two in [1, 1024], got {n!r}")
+        for name, low in [("lowering", self.lowering)] + [(f"lowerings[{k!r}]", v) for k, v in self.lowerings.items()]:
+            check(low in LOWERINGS, f"{name} must be one of {LOWERINGS}, got {low!r}")
+        check(isinstance(self.calibration_fallback_samples, int) and self.calibration_fallback_samples >= 1,
+              "calibration_fallback_samples must be a positive int")
+        # Normalise the name lists to tuples of str so the config stays hashable and serialisable.
+        for name in ("include", "exclude"):
+            value = getattr(self, name)
+            if value is None:
+                continue
+            if isinstance(value, str):
+                value = (value,)
+            value = tuple(value)
+            check(all(isinstance(v, str) for v in value), f"{name} must list layer names (str)")
+            object.__setattr__(self, name, value)
+        object.__setattr__(self, "lowerings", dict(self.lowerings))
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["include"] = list(self.include) if self.include is not None else None
+        d["exclude"] = list(self.exclude)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "PSBConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise ConfigError(f"unknown PSBConfig fields: {sorted(unknown)}")
+        return cls(**d)

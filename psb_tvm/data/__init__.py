@@ -1,0 +1,1 @@
+"""Bundled example data and models used by tests and examples."""

@@ -1,0 +1,245 @@
+"""ONNX in, Relax out: load, fix input shapes, fold shape subgraphs and constants, fold batch norm."""
+
+from __future__ import annotations
+
+import copy
+import os
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+
+from .errors import DynamicShapeError, ModelLoadError, UnsupportedModelError
+
+#: Models older than this opset are converted up first (TVM's importer covers recent opsets best).
+MIN_OPSET = 11
+TARGET_OPSET = 13
+
+
+@dataclass
+class ImportedModel:
+    """The frontend's output: a static-shape Relax module plus what later stages need from ONNX."""
+
+    mod: object  # tvm.IRModule
+    source: str  # file name or "<bytes>" / "<ModelProto>", for messages
+    inputs: list  # [(name, shape tuple, dtype str)]
+    output_names: list
+    layer_names: dict  # {"conv2d": [names in graph order], "dense": [...]}
+
+
+def load_onnx(model) -> tuple[onnx.ModelProto, str]:
+    """Read a path, bytes or ``onnx.ModelProto``; malformed input raises ``ModelLoadError``."""
+    if isinstance(model, onnx.ModelProto):
+        proto, source = copy.deepcopy(model), "<ModelProto>"
+    elif isinstance(model, (bytes, bytearray, memoryview)):
+        source = "<bytes>"
+        proto = _parse(bytes(model), source)
+    elif isinstance(model, (str, os.PathLike)):
+        source = os.fspath(model)
+        if not os.path.isfile(source):
+            raise ModelLoadError(f"ONNX model file not found: {source}")
+        with open(source, "rb") as f:
+            proto = _parse(f.read(), source)
+    else:
+        raise ModelLoadError(f"expected a path, bytes or onnx.ModelProto, got {type(model).__name__}")
+    if not proto.graph.node:
+        raise ModelLoadError(f"{source}: the ONNX graph has no nodes (empty or truncated file?)")
+    try:
+        onnx.checker.check_model(proto)
+    except onnx.checker.ValidationError as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else repr(err)
+        raise ModelLoadError(f"{source}: not a valid ONNX model: {first}") from err
+    return proto, source
+
+
+def _parse(data: bytes, source: str) -> onnx.ModelProto:
+    proto = onnx.ModelProto()
+    try:
+        proto.ParseFromString(data)
+    except Exception as err:  # noqa: BLE001 - protobuf raises DecodeError or RuntimeWarning-ish errors
+        raise ModelLoadError(f"{source}: cannot parse as ONNX (truncated or not an ONNX file): {err}") from err
+    if not proto.HasField("graph"):
+        raise ModelLoadError(f"{source}: cannot parse as ONNX: no graph (truncated or not an ONNX file)")
+    return proto
+
+
+_ONNX_DTYPES = {
+    onnx.TensorProto.FLOAT: "float32",
+    onnx.TensorProto.FLOAT16: "float16",
+    onnx.TensorProto.DOUBLE: "float64",
+    onnx.TensorProto.INT64: "int64",
+    onnx.TensorProto.INT32: "int32",
+    onnx.TensorProto.INT8: "int8",
+    onnx.TensorProto.UINT8: "uint8",
+    onnx.TensorProto.BOOL: "bool",
+}
+
+
+def graph_inputs(proto: onnx.ModelProto) -> list:
+    """Real inputs (not initializers) as ``(name, dims, dtype)``; a dynamic dim is its name or None."""
+    inits = {t.name for t in proto.graph.initializer}
+    result = []
+    for vi in proto.graph.input:
+        if vi.name in inits:
+            continue
+        tt = vi.type.tensor_type
+        dims = []
+        for d in tt.shape.dim:
+            if d.HasField("dim_value") and d.dim_value > 0:
+                dims.append(int(d.dim_value))
+            else:
+                dims.append(d.dim_param or None)
+        result.append((vi.name, dims, _ONNX_DTYPES.get(tt.elem_type, f"onnx-type-{tt.elem_type}")))
+    return result
+
+
+def fix_input_shapes(proto: onnx.ModelProto, input_shapes: dict | None, source: str) -> list:
+    """Write the static shapes into the graph inputs; every dim must end up known."""
+    input_shapes = dict(input_shapes or {})
+    inputs = graph_inputs(proto)
+    names = [n for n, _, _ in inputs]
+    unknown = sorted(set(input_shapes) - set(names))
+    if unknown:
+        raise DynamicShapeError(f"{source}: input_shapes names unknown inputs {unknown}; the model's inputs are {names}")
+    fixed = []
+    for vi, (name, dims, dtype) in zip([v for v in proto.graph.input if v.name in names], inputs):
+        if name in input_shapes:
+            shape = tuple(int(d) for d in input_shapes[name])
+            if len(shape) != len(dims) and dims:
+                raise DynamicShapeError(f"{source}: input_shapes[{name!r}]={shape} has rank {len(shape)}, the model input has rank {len(dims)} ({dims})")
+            for d_model, d_user in zip(dims, shape):
+                if isinstance(d_model, int) and d_model != d_user:
+                    raise DynamicShapeError(f"{source}: input_shapes[{name!r}]={shape} contradicts the static dims {dims} of the model")
+            if any(d <= 0 for d in shape):
+                raise DynamicShapeError(f"{source}: input_shapes[{name!r}]={shape} must be positive")
+        else:
+            dynamic = [d for d in dims if not isinstance(d, int)]
+            if dynamic or not dims and not vi.type.tensor_type.HasField("shape"):
+                raise DynamicShapeError(
+                    f"{source}: input {name!r} has dynamic dims {dims}; pass input_shapes={{{name!r}: (...)}} "
+                    "with a static shape"
+                )
+            shape = tuple(dims)
+        del vi.type.tensor_type.shape.dim[:]
+        for d in shape:
+            vi.type.tensor_type.shape.dim.add().dim_value = d
+        fixed.append((name, shape, dtype))
+    # Stale intermediate shapes (with symbolic dims) would contradict the new inputs.
+    del proto.graph.value_info[:]
+    return fixed
+
+
+def _opset(proto: onnx.ModelProto) -> int:
+    for imp in proto.opset_import:
+        if imp.domain in ("", "ai.onnx"):
+            return imp.version
+    return 1
+
+
+def simplify(proto: onnx.ModelProto, source: str) -> onnx.ModelProto:
+    """Upgrade old opsets and fold shape subgraphs and constants (onnxsim); best effort, warns on failure."""
+    if _opset(proto) < MIN_OPSET:
+        try:
+            proto = onnx.version_converter.convert_version(proto, TARGET_OPSET)
+        except Exception as err:  # noqa: BLE001
+            warnings.warn(f"{source}: could not convert opset {_opset(proto)} to {TARGET_OPSET} ({err}); importing as is")
+    try:
+        import onnxsim
+
+        simplified, ok = onnxsim.simplify(proto)
+        if ok:
+            return simplified
+        warnings.warn(f"{source}: onnxsim could not validate its simplification; importing the unsimplified model")
+    except Exception as err:  # noqa: BLE001 - onnxsim raises many types on exotic models
+        warnings.warn(f"{source}: onnxsim failed ({type(err).__name__}: {err}); importing the unsimplified model")
+    return onnx.shape_inference.infer_shapes(proto)
+
+
+def check_supported_ops(proto: onnx.ModelProto, source: str) -> None:
+    """Fail early, naming nodes, when TVM's ONNX importer has no converter for an op."""
+    from tvm.relax.frontend.onnx.onnx_frontend import _get_convert_map
+
+    known = set(_get_convert_map()) | {"If", "Constant"}
+    bad = [(n.name or f"#{i}", n.op_type) for i, n in enumerate(proto.graph.node) if n.op_type not in known]
+    if bad:
+        listed = ", ".join(f"{name} ({op})" for name, op in bad[:10])
+        more = f" and {len(bad) - 10} more" if len(bad) > 10 else ""
+        ops = sorted({op for _, op in bad})
+        raise UnsupportedModelError(f"{source}: TVM's ONNX importer does not support op(s) {ops}: nodes {listed}{more}")
+
+
+def psb_layer_names(proto: onnx.ModelProto) -> dict:
+    """Names of the ONNX nodes that import as conv2d / matmul with a constant weight, in graph order."""
+    consts = {t.name: t for t in proto.graph.initializer}
+    for node in proto.graph.node:
+        if node.op_type == "Constant":
+            consts.update({o: None for o in node.output})
+    names = {"conv2d": [], "dense": []}
+    for i, node in enumerate(proto.graph.node):
+        name = node.name or f"{node.op_type}_{i}"
+        if node.op_type == "Conv" and len(node.input) > 1 and node.input[1] in consts:
+            t = consts[node.input[1]]
+            if t is None or len(t.dims) == 4:
+                names["conv2d"].append(name)
+        elif node.op_type in ("Gemm", "MatMul") and len(node.input) > 1 and node.input[1] in consts:
+            names["dense"].append(name)
+    return names
+
+
+def to_relax(proto: onnx.ModelProto, inputs: list, source: str):
+    """Import with TVM and normalise: fold batch norm into convs, decompose the rest, fold constants."""
+    import tvm
+    import tvm.relax.frontend.onnx  # noqa: F401 - registers the frontend
+    from tvm import relax
+
+    shape_dict = {name: list(shape) for name, shape, _ in inputs}
+    dtype_dict = {name: dtype for name, _, dtype in inputs}
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            mod = tvm.relax.frontend.onnx.from_onnx(proto, shape_dict=shape_dict, dtype_dict=dtype_dict,
+                                                    sanitize_input_names=False)
+    except Exception as err:  # noqa: BLE001 - the importer raises anything from KeyError to TVMError
+        msg = str(err).strip().splitlines()
+        raise UnsupportedModelError(
+            f"{source}: TVM's ONNX importer failed: {type(err).__name__}: {msg[-1] if msg else ''}"
+        ) from err
+    seq = tvm.transform.Sequential(
+        [
+            relax.transform.FoldConstant(),
+            relax.transform.FoldBatchnormToConv2D(),
+            relax.transform.DecomposeOpsForInference(),
+            relax.transform.FoldConstant(),
+            relax.transform.CanonicalizeBindings(),
+            relax.transform.DeadCodeElimination(),
+        ]
+    )
+    mod = seq(mod)
+    for param in mod["main"].params:
+        shape = getattr(param.ty, "shape", None)
+        if shape is None or any(not isinstance(d, tvm.tirx.IntImm) for d in shape.values):
+            raise DynamicShapeError(f"{source}: input {param.name_hint!r} still has a dynamic shape after import")
+    return mod
+
+
+def import_onnx(model, input_shapes: dict | None = None) -> ImportedModel:
+    """The whole frontend: a path/bytes/ModelProto to an ``ImportedModel`` with static shapes."""
+    proto, source = load_onnx(model)
+    inputs = fix_input_shapes(proto, input_shapes, source)
+    check_supported_ops(proto, source)
+    proto = simplify(proto, source)
+    check_supported_ops(proto, source)
+    mod = to_relax(proto, inputs, source)
+    return ImportedModel(
+        mod=mod,
+        source=source,
+        inputs=inputs,
+        output_names=[o.name for o in proto.graph.output],
+        layer_names=psb_layer_names(proto),
+    )
+
+
+def input_spec_arrays(inputs: list, rng: np.random.Generator, count: int) -> list:
+    """Synthetic standard-normal inputs (the documented calibration fallback)."""
+    return [rng.standard_normal((count,) + tuple(shape[1:])).astype(dtype) for _, shape, dtype in inputs]

@@ -1,0 +1,232 @@
+"""Numpy reference of the PSB numeric contract (DESIGN.md section 2).
+
+This module is the oracle: every compiled kernel must reproduce its integers and float32 outputs
+bit for bit. It is deliberately plain numpy, written for clarity rather than speed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+#: Odd 32-bit constants of the hash (Wellons' "lowbias32" finaliser and the golden ratio).
+MIX_C1 = 0x7FEB352D
+MIX_C2 = 0x846CA68B
+GOLDEN = 0x9E3779B9
+
+
+def mix32(x):
+    """A bijective 32-bit integer finaliser (lowbias32); all arithmetic wraps modulo 2**32."""
+    x = np.asarray(x, dtype=np.uint32)
+    x = x ^ (x >> np.uint32(16))
+    x = x * np.uint32(MIX_C1)
+    x = x ^ (x >> np.uint32(15))
+    x = x * np.uint32(MIX_C2)
+    x = x ^ (x >> np.uint32(16))
+    return x
+
+
+def layer_key(seed: int, layer: int) -> np.uint32:
+    """Per-layer key ``mix32(mix32(seed) ^ (layer * GOLDEN))`` (seed and layer taken modulo 2**32)."""
+    with np.errstate(over="ignore"):
+        lay = np.uint32((int(layer) * GOLDEN) & 0xFFFFFFFF)
+        return np.uint32(mix32(mix32(np.uint32(int(seed) & 0xFFFFFFFF)) ^ lay))
+
+
+def sample_hash(seed: int, layer: int, index, sample, P: int = 16):
+    """The counter-based sample stream ``h(seed, layer, i, j)``, reduced to ``P`` bits.
+
+    ``u_i = mix32(key ^ i)``; ``h = mix32(u_i ^ (j * GOLDEN)) >> (32 - P)`` (top ``P`` bits).
+    ``index`` (flat weight index ``i``) and ``sample`` (``j``) broadcast against each other.
+    """
+    key = layer_key(seed, layer)
+    u = mix32(key ^ np.asarray(index, dtype=np.uint32))
+    j = (np.asarray(sample, dtype=np.uint64) * GOLDEN % (1 << 32)).astype(np.uint32)
+    return mix32(u ^ j) >> np.uint32(32 - P)
+
+
+@dataclass(frozen=True)
+class EncodedWeights:
+    """PSB encoding of a weight tensor whose axis 0 is the output channel.
+
+    ``sign`` in {-1, 0, 1}; ``normal`` in {0, 1} (implicit leading one); ``shift = k - k_lo`` in
+    [0, E-1]; ``threshold = rint(p * 2**P)`` in [0, 2**P]; ``k_lo`` per output channel.
+    """
+
+    sign: np.ndarray
+    normal: np.ndarray
+    shift: np.ndarray
+    threshold: np.ndarray
+    k_lo: np.ndarray
+    E: int
+    P: int
+
+    @property
+    def shape(self):
+        return self.sign.shape
+
+
+def encode_weights(w, E: int = 4, P: int = 16, per_channel: bool = True) -> EncodedWeights:
+    """Encode float weights (output channel on axis 0) as sign, exponent and threshold."""
+    w = np.asarray(w, dtype=np.float32)
+    if w.ndim < 1 or w.shape[0] == 0:
+        raise ValueError(f"weights must have an output-channel axis, got shape {w.shape}")
+    if not np.all(np.isfinite(w)):
+        raise ValueError("weights contain NaN or infinity")
+    a = np.abs(w.astype(np.float64))
+    flat = a.reshape(a.shape[0], -1)
+    gmax = flat.max(axis=1) if per_channel else np.full(a.shape[0], flat.max())
+    # floor(log2 m) exactly: frexp gives m = mant * 2**e with mant in [0.5, 1).
+    k_hi = np.where(gmax > 0, np.frexp(gmax)[1] - 1, 0).astype(np.int64)
+    k_lo = k_hi - (E - 1)
+    k_lo_b = k_lo.reshape((-1,) + (1,) * (w.ndim - 1))
+    k = np.where(a > 0, np.frexp(a)[1] - 1, 0).astype(np.int64)
+    normal = (a > 0) & (k >= k_lo_b)
+    k = np.where(normal, k, k_lo_b)
+    p = np.ldexp(a, -k) - normal  # in [0, 1): mantissa fraction (normal) or |w|/2^k_lo
+    threshold = np.rint(p * (1 << P)).astype(np.int32)
+    return EncodedWeights(
+        sign=np.sign(w).astype(np.int8),
+        normal=normal.astype(np.int8),
+        shift=np.where(a > 0, k - k_lo_b, 0).astype(np.int8),
+        threshold=threshold,
+        k_lo=k_lo.astype(np.int32),
+        E=E,
+        P=P,
+    )
+
+
+def sample_bits(enc: EncodedWeights, seed: int, layer: int, start: int, stop: int) -> np.ndarray:
+    """Bernoulli bits ``b_ij`` for samples ``start <= j < stop``; shape ``(stop-start,) + w.shape``."""
+    idx = np.arange(enc.threshold.size, dtype=np.uint32)
+    js = np.arange(start, stop, dtype=np.uint32)[:, None]
+    h = sample_hash(seed, layer, idx[None, :], js, enc.P)
+    bits = h.astype(np.int64) < enc.threshold.reshape(1, -1)
+    return bits.reshape((stop - start,) + enc.shape).astype(np.int8)
+
+
+def check_samples(n: int, n_max: int | None = None) -> int:
+    """Validate a sample count (a power of two, at most ``n_max``) and return log2(n)."""
+    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1 or n & (n - 1):
+        raise ValueError(f"samples must be a power of two >= 1, got {n!r}")
+    if n_max is not None and n > n_max:
+        raise ValueError(f"samples={n} exceeds n_max={n_max} fixed at compile time")
+    return int(n).bit_length() - 1
+
+
+def sample_counts(enc: EncodedWeights, n: int, seed: int, layer: int) -> np.ndarray:
+    """``B_i(n)``: number of ones among the first ``n`` samples of every weight."""
+    check_samples(n)
+    return sample_bits(enc, seed, layer, 0, n).sum(axis=0, dtype=np.int64)
+
+
+def integer_weights(enc: EncodedWeights, n: int, seed: int, layer: int) -> np.ndarray:
+    """``q_i(n) = s_i * (n*normal_i + B_i(n)) * 2**shift_i`` as int64."""
+    B = sample_counts(enc, n, seed, layer)
+    return enc.sign.astype(np.int64) * ((n * enc.normal.astype(np.int64) + B) << enc.shift.astype(np.int64))
+
+
+def weight_values(enc: EncodedWeights, q: np.ndarray, n: int) -> np.ndarray:
+    """The represented weights ``w~ = q * 2**k_lo / n`` (float64)."""
+    k_lo = enc.k_lo.reshape((-1,) + (1,) * (q.ndim - 1)).astype(np.int64)
+    return np.ldexp(q.astype(np.float64), k_lo) / n
+
+
+def max_abs_q(E: int, n: int) -> int:
+    """Static bound ``|q| <= n * 2**E`` (``2n`` ones times the largest shift ``2**(E-1)``)."""
+    return n << E
+
+
+# ---------------------------------------------------------------- activations (fixed point)
+
+
+def act_range(bits: int, signed: bool) -> tuple[int, int]:
+    """Integer range of a ``bits``-wide activation."""
+    return (-(1 << (bits - 1)), (1 << (bits - 1)) - 1) if signed else (0, (1 << bits) - 1)
+
+
+def choose_frac_bits(max_abs: float, bits: int, signed: bool) -> int:
+    """Largest ``f`` with ``max_abs * 2**f`` inside the integer range (0 when ``max_abs`` is 0)."""
+    hi = act_range(bits, signed)[1]
+    if not np.isfinite(max_abs) or max_abs <= 0:
+        return 0
+    f = int(np.floor(np.log2(hi / max_abs)))
+    while max_abs * 2.0**f > hi:  # guard against log2 rounding
+        f -= 1
+    return max(-64, min(64, f))
+
+
+def quantize_activations(x, frac_bits: int, bits: int, signed: bool) -> np.ndarray:
+    """``clip(rint(x * 2**f), lo, hi)`` in float32 arithmetic (rint = round half to even)."""
+    lo, hi = act_range(bits, signed)
+    xs = np.asarray(x, dtype=np.float32) * np.float32(2.0**frac_bits)
+    return np.clip(np.rint(xs), lo, hi).astype(np.int64)
+
+
+# ---------------------------------------------------------------- layers
+
+
+def accumulator_bits(K: int, E: int, n: int, act_bits: int, signed: bool) -> int:
+    """32 when ``K * max|q| * max|x|`` provably fits int32, else 64 (never wrap)."""
+    lo, hi = act_range(act_bits, signed)
+    bound = K * max_abs_q(E, n) * max(abs(lo), abs(hi))
+    return 32 if bound <= (1 << 31) - 1 else 64
+
+
+def output_scale(k_lo: np.ndarray, frac_bits: int, n: int) -> np.ndarray:
+    """Per-channel float32 ``2**(k_lo - f - log2 n)``: exact powers of two, so scaling never rounds."""
+    log2n = check_samples(n)
+    return np.ldexp(np.float32(1), (k_lo.astype(np.int64) - frac_bits - log2n)).astype(np.float32)
+
+
+def epilogue(acc, scale, bias, activation, channel_axis: int) -> np.ndarray:
+    """``float32(acc) * scale + bias`` per channel, then the fused activation, all in float32."""
+    shape = [1] * acc.ndim
+    shape[channel_axis] = -1
+    y = acc.astype(np.float32) * scale.reshape(shape)
+    if bias is not None:
+        y = y + np.asarray(bias, np.float32).reshape(shape)
+    return apply_activation(y, activation)
+
+
+def apply_activation(y, activation):
+    """``None``, ``"relu"`` or ``("clip", lo, hi)`` in float32."""
+    if activation is None:
+        return y
+    if activation == "relu":
+        return np.maximum(y, np.float32(0))
+    if isinstance(activation, tuple) and activation[0] == "clip":
+        return np.clip(y, np.float32(activation[1]), np.float32(activation[2]))
+    raise ValueError(f"unknown activation {activation!r}")
+
+
+def conv2d_int(x_int, q, stride=(1, 1), padding=(0, 0, 0, 0), dilation=(1, 1), groups=1):
+    """Exact integer NCHW/OIHW convolution in int64. ``padding`` = (top, left, bottom, right)."""
+    x_int = np.asarray(x_int, np.int64)
+    q = np.asarray(q, np.int64)
+    N, C, H, W = x_int.shape
+    O, Cg, KH, KW = q.shape
+    if C != Cg * groups or O % groups:
+        raise ValueError(f"channels {C} / weight {q.shape} do not match groups={groups}")
+    pt, pl, pb, pr = padding
+    xp = np.pad(x_int, ((0, 0), (0, 0), (pt, pb), (pl, pr)))
+    sh, sw = stride
+    dh, dw = dilation
+    OH = (H + pt + pb - dh * (KH - 1) - 1) // sh + 1
+    OW = (W + pl + pr - dw * (KW - 1) - 1) // sw + 1
+    Og = O // groups
+    out = np.zeros((N, O, OH, OW), np.int64)
+    for g in range(groups):
+        xs = xp[:, g * Cg:(g + 1) * Cg]
+        for kh in range(KH):
+            for kw in range(KW):
+                patch = xs[:, :, kh * dh: kh * dh + sh * (OH - 1) + 1: sh,
+                           kw * dw: kw * dw + sw * (OW - 1) + 1: sw]
+                out[:, g * Og:(g + 1) * Og] += np.einsum("nchw,oc->nohw", patch, q[g * Og:(g + 1) * Og, :, kh, kw])
+    return out
+
+
+def dense_int(x_int, q):
+    """Exact integer ``x @ q.T`` in int64 (``q`` is [out, in])."""
+    return np.asarray(x_int, np.int64) @ np.asarray(q, np.int64).T

@@ -1,0 +1,46 @@
+"""Target resolution: shorthands map to concrete TVM targets, never to generic ``llvm``."""
+
+from __future__ import annotations
+
+import os
+
+import tvm
+
+from .errors import ConfigError
+
+SHORTHANDS = ("llvm", "cpu", "aarch64", "cuda")
+
+
+def host_cpu() -> str:
+    """The host CPU name as LLVM knows it (e.g. ``znver4``); plain ``llvm`` would be generic x86."""
+    return str(tvm.target.codegen.llvm_get_system_cpu())
+
+
+def host_target() -> tvm.target.Target:
+    return tvm.target.Target({"kind": "llvm", "mcpu": host_cpu(), "num-cores": os.cpu_count() or 1})
+
+
+def resolve_target(target) -> tvm.target.Target:
+    """Accept a ``tvm.target.Target``, a dict, or one of the shorthands in ``SHORTHANDS``."""
+    if isinstance(target, tvm.target.Target):
+        return target
+    if isinstance(target, dict):
+        try:
+            return tvm.target.Target(target)
+        except Exception as err:  # noqa: BLE001 - TVM raises several types here
+            raise ConfigError(f"invalid target dict {target!r}: {err}") from err
+    if target in ("llvm", "cpu"):
+        return host_target()
+    if target == "aarch64":
+        return tvm.target.Target({"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mattr": ["+neon", "+dotprod"]})
+    if target == "cuda":
+        return tvm.target.Target("nvidia/nvidia-h100")
+    raise ConfigError(f"unknown target {target!r}: pass a tvm.target.Target, a dict, or one of {SHORTHANDS}")
+
+
+def is_host_cpu(target: tvm.target.Target) -> bool:
+    """True when modules built for ``target`` can run in this process."""
+    if target.kind.name != "llvm":
+        return False
+    triple = str(target.attrs.get("mtriple", "") or "")
+    return triple == "" or triple.startswith("x86_64")

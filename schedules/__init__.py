@@ -1,0 +1,1 @@
+"""PSB kernels (TE/TIR) and their schedules per target."""

@@ -1,0 +1,31 @@
+"""Small scheduling helpers shared by the CPU rules."""
+
+from __future__ import annotations
+
+from tvm import s_tir
+
+#: Vector lanes the default schedules aim for (16 x int32 = one AVX-512 register).
+VECTOR_LANES = 16
+
+
+def loop_extents(sch: s_tir.Schedule, loops) -> list[int]:
+    return [int(sch.get(loop).extent) for loop in loops]
+
+
+def largest_divisor(n: int, cap: int) -> int:
+    """The largest divisor of ``n`` that is at most ``cap`` (vectorizing needs no tail)."""
+    return max(d for d in range(1, min(n, cap) + 1) if n % d == 0)
+
+
+def parallel_vectorize(sch: s_tir.Schedule, block, lanes: int = VECTOR_LANES) -> None:
+    """Elementwise nest: fuse all loops, parallelize the outer part, vectorize a tail-free inner part."""
+    loops = sch.get_loops(block)
+    fused = sch.fuse(*loops) if len(loops) > 1 else loops[0]
+    total = int(sch.get(fused).extent)
+    vec = largest_divisor(total, lanes)
+    if vec > 1:
+        outer, inner = sch.split(fused, [None, vec])
+        sch.parallel(outer)
+        sch.vectorize(inner)
+    else:
+        sch.parallel(fused)

@@ -1,0 +1,42 @@
+"""Default (untuned) CPU schedule for PSB conv2d kernels, both lowerings."""
+
+from __future__ import annotations
+
+from tvm import s_tir, tirx
+from tvm.s_tir.dlight.cpu.base import CPUScheduleRule
+from tvm.target import Target
+
+from .common import VECTOR_LANES, largest_divisor, loop_extents, parallel_vectorize
+from .psb_sampling import schedule_shared_stages
+
+
+class PSBConv2D(CPUScheduleRule):
+    """Parallel over (batch, output channel), vectorized over output columns, reduction outside.
+
+    Vectorizing over output width keeps every lane's reduction independent and needs no
+    horizontal sums; the lane count is a divisor of the width so no tail predicate blocks it.
+    """
+
+    def apply(self, func: tirx.PrimFunc, target: Target, _: bool) -> None | s_tir.Schedule:
+        if not isinstance(func, tirx.PrimFunc) or not self.is_target_available(target):
+            return None
+        if func.attrs is None or func.attrs.get("psb.kind") != "conv2d":
+            return None
+        sch = s_tir.Schedule(func)
+        schedule_shared_stages(sch)
+        acc = sch.get_sblock("acc")
+        loops = sch.get_loops(acc)
+        b, o, y, x = loops[:4]
+        reductions = loops[4:]
+        ow = loop_extents(sch, [x])[0]
+        lanes = largest_divisor(ow, VECTOR_LANES)
+        xo, xi = sch.split(x, [None, lanes])
+        sch.reorder(b, o, y, xo, *reductions, xi)
+        sch.parallel(sch.fuse(b, o))
+        if lanes > 1:
+            sch.vectorize(xi)  # before decompose_reduction: it needs the complete reduction block
+        init = sch.decompose_reduction(acc, reductions[0])
+        if lanes > 1:
+            sch.vectorize(sch.get_loops(init)[-1])
+        parallel_vectorize(sch, sch.get_sblock("out"))
+        return sch

@@ -1,0 +1,31 @@
+"""Default (untuned) CPU schedule for PSB dense kernels, both lowerings."""
+
+from __future__ import annotations
+
+from tvm import s_tir, tirx
+from tvm.s_tir.dlight.cpu.base import CPUScheduleRule
+from tvm.target import Target
+
+from .common import parallel_vectorize
+from .psb_sampling import schedule_shared_stages
+
+
+class PSBDense(CPUScheduleRule):
+    """Parallel over (row, output), the contiguous reduction innermost.
+
+    TVM does not vectorize reduction loops itself, but LLVM's loop vectorizer turns a contiguous
+    innermost integer reduction into packed multiply-adds (vpdpwssd on AVX-512 VNNI).
+    """
+
+    def apply(self, func: tirx.PrimFunc, target: Target, _: bool) -> None | s_tir.Schedule:
+        if not isinstance(func, tirx.PrimFunc) or not self.is_target_available(target):
+            return None
+        if func.attrs is None or func.attrs.get("psb.kind") != "dense":
+            return None
+        sch = s_tir.Schedule(func)
+        schedule_shared_stages(sch)
+        acc = sch.get_sblock("acc")
+        m, o = sch.get_loops(acc)[:2]
+        sch.parallel(sch.fuse(m, o))
+        parallel_vectorize(sch, sch.get_sblock("out"))
+        return sch

@@ -1,0 +1,322 @@
+"""Small, deterministic ONNX model builders for the psb_tvm test suite.
+
+Every builder returns an ``onnx.ModelProto`` with one float32 input "x" and one
+output "y"; it passes ``onnx.checker.check_model`` and runs in onnxruntime.
+Weights are seeded (``np.random.default_rng(seed)``) and He-initialised.
+Run ``python tests/onnx_models.py`` for a self-check (checker, onnxruntime,
+TVM relax import directly and after onnxsim).
+"""
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+OPSET = 13
+IR_VERSION = 8
+# A standard ONNX op (runs in onnxruntime, kept by onnxsim) that is absent
+# from tvm.relax.frontend.onnx's converter map (apache-tvm 0.27).
+UNKNOWN_OP = "LpNormalization"
+
+F32 = TensorProto.FLOAT
+
+
+def _he(rng, shape, fan_in):
+    """He-normal weights: N(0, 2 / fan_in)."""
+    return (rng.standard_normal(shape) * np.sqrt(2.0 / fan_in)).astype(np.float32)
+
+
+def _bias(rng, n):
+    return (rng.standard_normal(n) * 0.1).astype(np.float32)
+
+
+def _t(name, arr):
+    """Initializer tensor from a numpy array."""
+    return numpy_helper.from_array(np.asarray(arr), name)
+
+
+def _i64(name, values):
+    return _t(name, np.asarray(values, dtype=np.int64))
+
+
+def _const(name, values):
+    """Constant node (Paddle-style) producing an int64 tensor named ``name``."""
+    return helper.make_node("Constant", [], [name], name=name,
+                            value=_i64(name + "_value", values))
+
+
+def _conv_w(rng, out_ch, in_ch, k, groups=1):
+    return _he(rng, (out_ch, in_ch // groups, k, k), in_ch // groups * k * k)
+
+
+def _bn_params(rng, prefix, c):
+    """Non-trivial BatchNormalization scale, bias, mean, var initializers."""
+    return [
+        _t(prefix + "_scale", rng.uniform(0.5, 1.5, c).astype(np.float32)),
+        _t(prefix + "_bias", _bias(rng, c)),
+        _t(prefix + "_mean", _bias(rng, c)),
+        _t(prefix + "_var", rng.uniform(0.5, 1.5, c).astype(np.float32)),
+    ]
+
+
+def _model(name, nodes, x_shape, y_shape, inits, opset=OPSET, ir_version=IR_VERSION):
+    graph = helper.make_graph(
+        nodes, name,
+        [helper.make_tensor_value_info("x", F32, x_shape)],
+        [helper.make_tensor_value_info("y", F32, y_shape)],
+        inits)
+    model = helper.make_model(graph, producer_name="psb_tvm-tests",
+                              opset_imports=[helper.make_opsetid("", opset)])
+    model.ir_version = ir_version
+    onnx.checker.check_model(model)
+    return model
+
+
+def conv_model(in_ch=4, out_ch=8, kernel=3, stride=1, pad=1, dilation=1, groups=1,
+               hw=10, bias=True, relu=True, seed=0, batch=1):
+    """x[batch,in_ch,hw,hw] -> Conv "conv" (optional bias) -> optional Relu -> y."""
+    assert in_ch % groups == 0 and out_ch % groups == 0
+    rng = np.random.default_rng(seed)
+    inits = [_t("conv_W", _conv_w(rng, out_ch, in_ch, kernel, groups))]
+    ins = ["x", "conv_W"]
+    if bias:
+        inits.append(_t("conv_B", _bias(rng, out_ch)))
+        ins.append("conv_B")
+    conv_out = "conv_out" if relu else "y"
+    nodes = [helper.make_node(
+        "Conv", ins, [conv_out], name="conv", kernel_shape=[kernel, kernel],
+        strides=[stride, stride], pads=[pad] * 4, dilations=[dilation, dilation],
+        group=groups)]
+    if relu:
+        nodes.append(helper.make_node("Relu", [conv_out], ["y"], name="relu"))
+    out_hw = (hw + 2 * pad - dilation * (kernel - 1) - 1) // stride + 1
+    return _model("conv_model", nodes, [batch, in_ch, hw, hw],
+                  [batch, out_ch, out_hw, out_hw], inits)
+
+
+def dense_model(in_features=32, out_features=10, seed=0, batch=2, use_gemm=True,
+                relu=False):
+    """x[batch,in] -> Gemm "fc" (transB=1) or MatMul "fc" + Add "fc_bias" -> [Relu] -> y."""
+    rng = np.random.default_rng(seed)
+    w = _he(rng, (out_features, in_features), in_features)  # [out, in]
+    b = _bias(rng, out_features)
+    fc_out = "fc_out" if relu else "y"
+    if use_gemm:
+        inits = [_t("fc_W", w), _t("fc_B", b)]
+        nodes = [helper.make_node("Gemm", ["x", "fc_W", "fc_B"], [fc_out],
+                                  name="fc", transB=1)]
+    else:
+        inits = [_t("fc_W", np.ascontiguousarray(w.T)), _t("fc_B", b)]  # [in, out]
+        nodes = [helper.make_node("MatMul", ["x", "fc_W"], ["fc_mm"], name="fc"),
+                 helper.make_node("Add", ["fc_mm", "fc_B"], [fc_out], name="fc_bias")]
+    if relu:
+        nodes.append(helper.make_node("Relu", [fc_out], ["y"], name="relu"))
+    return _model("dense_model", nodes, [batch, in_features], [batch, out_features], inits)
+
+
+def small_cnn(seed=0, batch=1, hw=12):
+    """conv1+BN+Relu -> conv2(s2)+Relu -> dwconv+Relu -> pwconv+Relu -> GAP -> Flatten -> fc."""
+    rng = np.random.default_rng(seed)
+    mk = helper.make_node
+    inits = [
+        _t("conv1_W", _conv_w(rng, 8, 3, 3)), _t("conv1_B", _bias(rng, 8)),
+        *_bn_params(rng, "bn1", 8),
+        _t("conv2_W", _conv_w(rng, 16, 8, 3)), _t("conv2_B", _bias(rng, 16)),
+        _t("dwconv_W", _conv_w(rng, 16, 16, 3, groups=16)), _t("dwconv_B", _bias(rng, 16)),
+        _t("pwconv_W", _conv_w(rng, 16, 16, 1)), _t("pwconv_B", _bias(rng, 16)),
+        _t("fc_W", _he(rng, (5, 16), 16)), _t("fc_B", _bias(rng, 5)),
+    ]
+    nodes = [
+        mk("Conv", ["x", "conv1_W", "conv1_B"], ["c1"], name="conv1",
+           kernel_shape=[3, 3], pads=[1] * 4),
+        mk("BatchNormalization", ["c1", "bn1_scale", "bn1_bias", "bn1_mean", "bn1_var"],
+           ["b1"], name="bn1", epsilon=1e-5),
+        mk("Relu", ["b1"], ["r1"], name="relu1"),
+        mk("Conv", ["r1", "conv2_W", "conv2_B"], ["c2"], name="conv2",
+           kernel_shape=[3, 3], pads=[1] * 4, strides=[2, 2]),
+        mk("Relu", ["c2"], ["r2"], name="relu2"),
+        mk("Conv", ["r2", "dwconv_W", "dwconv_B"], ["c3"], name="dwconv",
+           kernel_shape=[3, 3], pads=[1] * 4, group=16),
+        mk("Relu", ["c3"], ["r3"], name="relu3"),
+        mk("Conv", ["r3", "pwconv_W", "pwconv_B"], ["c4"], name="pwconv",
+           kernel_shape=[1, 1]),
+        mk("Relu", ["c4"], ["r4"], name="relu4"),
+        mk("GlobalAveragePool", ["r4"], ["gap"], name="gap"),
+        mk("Flatten", ["gap"], ["flat"], name="flatten", axis=1),
+        mk("Gemm", ["flat", "fc_W", "fc_B"], ["y"], name="fc", transB=1),
+    ]
+    return _model("small_cnn", nodes, [batch, 3, hw, hw], [batch, 5], inits)
+
+
+def _conv_relu_2to4(rng):
+    """Shared head: Conv "conv" 2->4 3x3 pad1 + Relu "relu" on x -> "r"."""
+    inits = [_t("conv_W", _conv_w(rng, 4, 2, 3)), _t("conv_B", _bias(rng, 4))]
+    nodes = [helper.make_node("Conv", ["x", "conv_W", "conv_B"], ["c"], name="conv",
+                              kernel_shape=[3, 3], pads=[1] * 4),
+             helper.make_node("Relu", ["c"], ["r"], name="relu")]
+    return nodes, inits
+
+
+def pytorch_style_reshape_model(seed=0):
+    """x[N,2,6,6] -> conv+relu -> flatten via Shape/Gather/Unsqueeze/Concat/Reshape -> Gemm "fc" -> y[N,3]."""
+    rng = np.random.default_rng(seed)
+    nodes, inits = _conv_relu_2to4(rng)
+    mk = helper.make_node
+    inits += [_i64("gather_idx", 0), _i64("unsq_axes", [0]), _i64("minus_one", [-1]),
+              _t("fc_W", _he(rng, (3, 144), 144)), _t("fc_B", _bias(rng, 3))]
+    nodes += [
+        mk("Shape", ["r"], ["shape"], name="shape"),
+        mk("Gather", ["shape", "gather_idx"], ["n"], name="gather", axis=0),
+        mk("Unsqueeze", ["n", "unsq_axes"], ["n1"], name="unsqueeze"),
+        mk("Concat", ["n1", "minus_one"], ["new_shape"], name="concat", axis=0),
+        mk("Reshape", ["r", "new_shape"], ["flat"], name="reshape"),
+        mk("Gemm", ["flat", "fc_W", "fc_B"], ["y"], name="fc", transB=1),
+    ]
+    return _model("pytorch_style_reshape", nodes, ["N", 2, 6, 6], ["N", 3], inits)
+
+
+def paddle_style_reshape_model(seed=0):
+    """x[1,2,6,6] -> conv+relu -> Shape/Slice/Concat(Constant nodes)/Reshape -> MatMul "fc" + Add "fc_bias" -> y[1,3]."""
+    rng = np.random.default_rng(seed)
+    nodes, inits = _conv_relu_2to4(rng)
+    mk = helper.make_node
+    inits += [_t("fc_W", _he(rng, (144, 3), 144)), _t("fc_B", _bias(rng, 3))]
+    nodes += [
+        mk("Shape", ["r"], ["shape"], name="shape"),
+        _const("slice_starts", [0]), _const("slice_ends", [1]),
+        mk("Slice", ["shape", "slice_starts", "slice_ends"], ["n1"], name="slice"),
+        _const("minus_one", [-1]),
+        mk("Concat", ["n1", "minus_one"], ["new_shape"], name="concat", axis=0),
+        mk("Reshape", ["r", "new_shape"], ["flat"], name="reshape"),
+        mk("MatMul", ["flat", "fc_W"], ["fc_mm"], name="fc"),
+        mk("Add", ["fc_mm", "fc_B"], ["y"], name="fc_bias"),
+    ]
+    return _model("paddle_style_reshape", nodes, [1, 2, 6, 6], [1, 3], inits)
+
+
+def old_opset_model(seed=0):
+    """Opset 9 / IR 4: x[1,3,8,8] -> Conv "conv" -> Relu -> BatchNormalization -> Flatten -> Gemm "fc" -> y[1,4]."""
+    rng = np.random.default_rng(seed)
+    mk = helper.make_node
+    inits = [_t("conv_W", _conv_w(rng, 8, 3, 3)), _t("conv_B", _bias(rng, 8)),
+             *_bn_params(rng, "bn", 8),
+             _t("fc_W", _he(rng, (4, 512), 512)), _t("fc_B", _bias(rng, 4))]
+    nodes = [
+        mk("Conv", ["x", "conv_W", "conv_B"], ["c"], name="conv",
+           kernel_shape=[3, 3], pads=[1] * 4),
+        mk("Relu", ["c"], ["r"], name="relu"),
+        mk("BatchNormalization", ["r", "bn_scale", "bn_bias", "bn_mean", "bn_var"],
+           ["b"], name="bn", epsilon=1e-5, momentum=0.9),
+        mk("Flatten", ["b"], ["flat"], name="flatten", axis=1),
+        mk("Gemm", ["flat", "fc_W", "fc_B"], ["y"], name="fc", transB=1),
+    ]
+    return _model("old_opset", nodes, [1, 3, 8, 8], [1, 4], inits, opset=9, ir_version=4)
+
+
+def unsupported_layer_model(seed=0):
+    """x[1,2,4,4] -> Conv "conv_ok" -> Relu -> ConvTranspose "deconv" (2x2,s2) -> Relu
+    -> a=[1,2,64]; MatMul "dyn_matmul"(a, Transpose(a)) (no constant weight) -> y[1,2,2]."""
+    rng = np.random.default_rng(seed)
+    mk = helper.make_node
+    inits = [_t("conv_ok_W", _conv_w(rng, 4, 2, 3)), _t("conv_ok_B", _bias(rng, 4)),
+             # ConvTranspose weight layout: [in_ch, out_ch/group, kH, kW]
+             _t("deconv_W", _he(rng, (4, 2, 2, 2), 4 * 2 * 2)), _t("deconv_B", _bias(rng, 2)),
+             _i64("gram_shape", [1, 2, 64])]
+    nodes = [
+        mk("Conv", ["x", "conv_ok_W", "conv_ok_B"], ["c"], name="conv_ok",
+           kernel_shape=[3, 3], pads=[1] * 4),
+        mk("Relu", ["c"], ["r"], name="relu1"),
+        mk("ConvTranspose", ["r", "deconv_W", "deconv_B"], ["d"], name="deconv",
+           kernel_shape=[2, 2], strides=[2, 2]),
+        mk("Relu", ["d"], ["r2"], name="relu2"),
+        mk("Reshape", ["r2", "gram_shape"], ["a"], name="reshape"),
+        mk("Transpose", ["a"], ["at"], name="transpose", perm=[0, 2, 1]),
+        mk("MatMul", ["a", "at"], ["y"], name="dyn_matmul"),
+    ]
+    return _model("unsupported_layer", nodes, [1, 2, 4, 4], [1, 2, 2], inits)
+
+
+def unknown_op_model(seed=0):
+    """x[1,3,8,8] -> Conv "conv1" -> UNKNOWN_OP "unknown" (p=2, axis=1) -> Conv "conv2" -> y[1,4,8,8]."""
+    rng = np.random.default_rng(seed)
+    mk = helper.make_node
+    inits = [_t("conv1_W", _conv_w(rng, 4, 3, 3)), _t("conv1_B", _bias(rng, 4)),
+             _t("conv2_W", _conv_w(rng, 4, 4, 3)), _t("conv2_B", _bias(rng, 4))]
+    nodes = [
+        mk("Conv", ["x", "conv1_W", "conv1_B"], ["c1"], name="conv1",
+           kernel_shape=[3, 3], pads=[1] * 4),
+        mk(UNKNOWN_OP, ["c1"], ["u"], name="unknown", axis=1, p=2),
+        mk("Conv", ["u", "conv2_W", "conv2_B"], ["y"], name="conv2",
+           kernel_shape=[3, 3], pads=[1] * 4),
+    ]
+    return _model("unknown_op", nodes, [1, 3, 8, 8], [1, 4, 8, 8], inits)
+
+
+def save(model, path):
+    """Write the serialized model to ``path`` and return the path."""
+    with open(path, "wb") as f:
+        f.write(model.SerializeToString())
+    return path
+
+
+def _static_input_shape(model, n=1):
+    """Input shape of "x" with symbolic dims replaced by ``n``."""
+    dims = model.graph.input[0].type.tensor_type.shape.dim
+    return [d.dim_value if d.HasField("dim_value") else n for d in dims]
+
+
+def _self_check():
+    """Checker, onnxruntime run, TVM relax import (direct and after onnxsim)."""
+    import onnxruntime as ort
+    import onnxsim
+    import tvm
+    import tvm.relax.frontend.onnx  # noqa: F401
+    from tvm.relax.frontend.onnx import from_onnx
+
+    def relax_ops(m, shape_dict=None):
+        """Sorted relax op names of the imported module, or the exception."""
+        try:
+            mod = from_onnx(m, shape_dict=shape_dict)
+        except Exception as e:  # noqa: BLE001
+            return e
+        ops = set()
+        tvm.relax.analysis.post_order_visit(mod["main"], lambda e: ops.add(e.op.name) if (
+            isinstance(e, tvm.relax.Call) and isinstance(e.op, tvm.ir.Op)) else None)
+        return sorted(o.replace("relax.", "") for o in ops)
+
+    cases = {
+        "conv_model": conv_model(),
+        "conv_model(groups=2)": conv_model(groups=2),
+        "conv_model(depthwise,s2)": conv_model(groups=4, stride=2),
+        "conv_model(dil2,no bias/relu,b2)": conv_model(dilation=2, pad=2, bias=False,
+                                                       relu=False, batch=2),
+        "dense_model": dense_model(),
+        "dense_model(matmul,relu)": dense_model(use_gemm=False, relu=True),
+        "small_cnn": small_cnn(),
+        "pytorch_style_reshape_model": pytorch_style_reshape_model(),
+        "paddle_style_reshape_model": paddle_style_reshape_model(),
+        "old_opset_model": old_opset_model(),
+        "unsupported_layer_model": unsupported_layer_model(),
+        "unknown_op_model": unknown_op_model(),
+    }
+    for name, m in cases.items():
+        onnx.checker.check_model(m)
+        shape = _static_input_shape(m)
+        x = np.random.default_rng(1).standard_normal(shape).astype(np.float32)
+        sess = ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"])
+        y = sess.run(None, {"x": x})[0]
+        assert np.isfinite(y).all(), name
+        sm, ok = onnxsim.simplify(m, overwrite_input_shapes={"x": shape})
+        assert ok, name
+        direct, simp = relax_ops(m), relax_ops(sm, {"x": shape})
+        if name == "unknown_op_model":
+            assert all(isinstance(r, tvm.error.OpNotImplemented) for r in (direct, simp))
+        else:
+            assert isinstance(direct, list) and isinstance(simp, list), (name, direct, simp)
+        print(f"{name}: x{shape} -> y{list(y.shape)}\n"
+              f"  onnxsim nodes: {[(n.op_type, n.name) for n in sm.graph.node]}\n"
+              f"  relax direct: {direct}\n  relax onnxsim: {simp}")
+    print("OK")
+
+
+if __name__ == "__main__":
+    _self_check()
