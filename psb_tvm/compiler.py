@@ -95,7 +95,9 @@ def compile(onnx_model, target="llvm", samples: int = 16, seed: int = 0, input_s
     reasons = _select(sites, config)
     chosen = [s for s in sites if not reasons[s.index]]
 
-    batches, fallback = normalize_calibration(calibration, imported.inputs, config.calibration_fallback_samples, seed)
+    batches, fallback = [], False
+    if chosen:  # an all-float module needs no activation scales (and no fallback warning)
+        batches, fallback = normalize_calibration(calibration, imported.inputs, config.calibration_fallback_samples, seed)
     stats = collect_stats(imported.mod, [s.index for s in chosen], batches, imported.inputs)
 
     layers, info = [], {}
@@ -121,7 +123,7 @@ def compile(onnx_model, target="llvm", samples: int = 16, seed: int = 0, input_s
         "samples": int(samples),
         "seed": int(seed),
         "config": config.to_dict(),
-        "calibration": "fallback (synthetic standard-normal)" if fallback else "user data",
+        "calibration": "fallback (synthetic standard-normal)" if fallback else "user data" if chosen else "none",
         "inputs": [{"name": n, "shape": list(s), "dtype": d} for n, s, d in imported.inputs],
         "outputs": imported.output_names,
         "layers": [
