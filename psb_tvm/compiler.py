@@ -119,6 +119,7 @@ def compile(onnx_model, target="llvm", samples: int = 16, seed: int = 0, input_s
         "source": imported.source,
         "target": str(tgt),
         "target_kind": tgt.kind.name,
+        "mtriple": str(tgt.attrs.get("mtriple", "") or ""),
         "host_runnable": is_host_cpu(tgt),
         "samples": int(samples),
         "seed": int(seed),

@@ -96,10 +96,11 @@ class PSBModule:
         if not os.path.isdir(directory):
             raise FileNotFoundError(f"cannot export to {path}: directory {directory} does not exist")
         lib = self._executable if self._executable is not None else self._lib
+        options = self._export_options()
         fd, tmp = tempfile.mkstemp(suffix=".so", prefix=".psb_tmp_", dir=directory)
         os.close(fd)
         try:
-            lib.export_library(tmp, **self._export_options())
+            lib.export_library(tmp, **options)
             os.replace(tmp, path)
         finally:
             if os.path.exists(tmp):
@@ -107,7 +108,19 @@ class PSBModule:
         return path
 
     def _export_options(self) -> dict:
-        return {}
+        """Cross-compiled modules link with the target's toolchain (checked before anything is written)."""
+        triple = self.metadata.get("mtriple") or ""
+        if not triple.startswith("aarch64"):
+            return {}
+        import shutil
+
+        from tvm.support import cc
+
+        compiler = "aarch64-linux-gnu-g++"
+        if shutil.which(compiler) is None:
+            raise RuntimeError(f"exporting an {triple} module needs the cross compiler {compiler} "
+                               "(Debian: apt-get install g++-aarch64-linux-gnu)")
+        return {"fcompile": cc.cross_compiler(compiler)}
 
     def __repr__(self):
         psb = sum(l["status"] == "psb" for l in self.layers)
