@@ -78,17 +78,44 @@ def _single_user(users, var):
     return u[0] if len(u) == 1 and u[0] is not None else None
 
 
-def _bias_of(binding, var, channels: int, kind: str) -> np.ndarray | None:
-    """The per-output-channel constant of ``add(var, c)`` / ``add(c, var)``, or None."""
+def _affine_of(binding, var, channels: int, kind: str):
+    """``(a, c)`` with value ``a * var + c`` when ``binding`` is add/subtract/multiply/divide of
+    ``var`` by a per-output-channel (or scalar) float32 constant, else None.
+
+    This is what an unfused batch norm (and a bias add) looks like after decomposition.
+    """
     call = binding.value
-    if not isinstance(call, relax.Call) or getattr(call.op, "name", "") != "relax.add":
+    if not isinstance(call, relax.Call) or len(call.args) != 2:
+        return None
+    op = getattr(call.op, "name", "")
+    if op not in ("relax.add", "relax.subtract", "relax.multiply", "relax.divide"):
         return None
     a, b = call.args
-    c = _const(b) if a.same_as(var) else _const(a) if b.same_as(var) else None
+    if a.same_as(var):
+        c, var_first = _const(b), True
+    elif b.same_as(var):
+        c, var_first = _const(a), False
+    else:
+        return None
     if c is None or c.dtype != np.float32:
         return None
-    ok = {(channels,), (1, channels)} if kind == "dense" else {(1, channels, 1, 1), (channels, 1, 1)}
-    return c.reshape(channels) if c.shape in ok else None
+    per_channel = {(channels,), (1, channels)} if kind == "dense" else {(1, channels, 1, 1), (channels, 1, 1)}
+    if c.shape in per_channel:
+        c = c.reshape(channels).astype(np.float64)
+    elif c.size == 1 and c.ndim <= 1:
+        c = np.full(channels, float(c.reshape(())), np.float64)
+    else:
+        return None
+    one, zero = np.ones(channels), np.zeros(channels)
+    if op == "relax.add":
+        return one, c
+    if op == "relax.subtract":
+        return (one, -c) if var_first else (-one, c)
+    if not np.all(np.isfinite(c)) or np.any(c == 0):
+        return None
+    if op == "relax.multiply":
+        return c, zero
+    return (1.0 / c, zero) if var_first else None
 
 
 def _activation_of(binding, var):
@@ -158,13 +185,21 @@ def find_layer_sites(func: relax.Function) -> list[LayerSite]:
             continue
         channels = site.weight.shape[0]
         user = _single_user(users, b.var)
-        if user is not None:
-            bias = _bias_of(user, b.var, channels, kind)
-            if bias is not None:
-                site.bias = bias
-                site.fused_vars.append(site.final_var)
-                site.final_var = user.var
-                user = _single_user(users, user.var)
+        scale, shift = np.ones(channels), None
+        while user is not None:  # fold bias adds and decomposed batch norms: y = scale * conv + shift
+            affine = _affine_of(user, site.final_var, channels, kind)
+            if affine is None:
+                break
+            a, c = affine
+            scale, shift = scale * a, (c if shift is None else a * shift + c)
+            site.fused_vars.append(site.final_var)
+            site.final_var = user.var
+            user = _single_user(users, user.var)
+        if shift is not None:
+            site.bias = shift.astype(np.float32)
+        if not np.all(scale == 1):
+            bshape = (-1,) + (1,) * (site.weight.ndim - 1)
+            site.weight = (site.weight.astype(np.float64) * scale.reshape(bshape)).astype(np.float32)
         if user is not None:
             act = _activation_of(user, site.final_var)
             if act is not None:

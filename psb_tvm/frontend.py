@@ -223,13 +223,18 @@ def to_relax(proto: onnx.ModelProto, inputs: list, source: str):
     return mod
 
 
-def import_onnx(model, input_shapes: dict | None = None) -> ImportedModel:
-    """The whole frontend: a path/bytes/ModelProto to an ``ImportedModel`` with static shapes."""
+def import_onnx(model, input_shapes: dict | None = None, use_onnxsim: bool = True) -> ImportedModel:
+    """The whole frontend: a path/bytes/ModelProto to an ``ImportedModel`` with static shapes.
+
+    ``use_onnxsim=False`` skips onnxsim (the path taken when it fails): batch norms are then
+    folded by the Relax passes and the PSB layer selection instead.
+    """
     proto, source = load_onnx(model)
     inputs = fix_input_shapes(proto, input_shapes, source)
     check_supported_ops(proto, source)
-    proto = simplify(proto, source)
-    check_supported_ops(proto, source)
+    if use_onnxsim:
+        proto = simplify(proto, source)
+        check_supported_ops(proto, source)
     mod = to_relax(proto, inputs, source)
     return ImportedModel(
         mod=mod,
