@@ -19,11 +19,12 @@ GOLDEN = 0x9E3779B9
 def mix32(x):
     """A bijective 32-bit integer finaliser (lowbias32); all arithmetic wraps modulo 2**32."""
     x = np.asarray(x, dtype=np.uint32)
-    x = x ^ (x >> np.uint32(16))
-    x = x * np.uint32(MIX_C1)
-    x = x ^ (x >> np.uint32(15))
-    x = x * np.uint32(MIX_C2)
-    x = x ^ (x >> np.uint32(16))
+    with np.errstate(over="ignore"):  # 0-d inputs become numpy scalars, which warn on wrap-around
+        x = x ^ (x >> np.uint32(16))
+        x = x * np.uint32(MIX_C1)
+        x = x ^ (x >> np.uint32(15))
+        x = x * np.uint32(MIX_C2)
+        x = x ^ (x >> np.uint32(16))
     return x
 
 

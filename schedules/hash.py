@@ -11,6 +11,18 @@ def _u32(v: int) -> tirx.PrimExpr:
     return tirx.const(v, "uint32")
 
 
+def _mul(x: tirx.PrimExpr, c: int) -> tirx.PrimExpr:
+    """``x * c mod 2**32`` for a uint32 ``x`` and a 32-bit constant ``c``.
+
+    TVM's LLVM backend emits uint32 ``*`` as ``mul nuw``: a wrapping product is undefined behaviour
+    (apache/tvm#12383), and LLVM folds the hash to a constant when it can prove the overflow (e.g.
+    after loop fusion bounds the index). The exact product of two 32-bit values fits uint64, so
+    multiply there and keep the low 32 bits.
+    """
+    wide = x.astype("uint64") * tirx.const(c, "uint64")
+    return (wide & tirx.const(0xFFFFFFFF, "uint64")).astype("uint32")
+
+
 def _let(value: tirx.PrimExpr, body):
     """Bind ``value`` once (a Let), so the hash's reuse of its state does not blow up the tree."""
     var = tirx.Var("h", "uint32")
@@ -18,12 +30,12 @@ def _let(value: tirx.PrimExpr, body):
 
 
 def mix32(x: tirx.PrimExpr, then):
-    """lowbias32 on uint32 (wrapping multiplies, as in numpy); continues with ``then(result)``."""
+    """lowbias32 on uint32 (multiplies wrap modulo 2**32, as in numpy); continues with ``then(result)``."""
     return _let(
         x,
         lambda a: _let(
-            (a ^ (a >> _u32(16))) * _u32(MIX_C1),
-            lambda b: _let((b ^ (b >> _u32(15))) * _u32(MIX_C2), lambda c: then(c ^ (c >> _u32(16)))),
+            _mul(a ^ (a >> _u32(16)), MIX_C1),
+            lambda b: _let(_mul(b ^ (b >> _u32(15)), MIX_C2), lambda c: then(c ^ (c >> _u32(16)))),
         ),
     )
 
@@ -37,5 +49,5 @@ def sample_bit(key: int, flat_index: tirx.PrimExpr, sample: tirx.PrimExpr, thres
 
     return mix32(
         _u32(int(key)) ^ flat_index.astype("uint32"),
-        lambda u: mix32(u ^ (sample.astype("uint32") * _u32(GOLDEN)), compare),
+        lambda u: mix32(u ^ _mul(sample.astype("uint32"), GOLDEN), compare),
     )

@@ -175,9 +175,9 @@ def psb_kernel(spec: KernelSpec, name: str, expose_acc: bool = False) -> tvm.tir
         Og = O // spec.groups
 
         def padded(b, c, h, w):
+            # if_then_else, not Select: Select evaluates both sides and would read outside ``x``.
             inside = tirx.all(h >= pt, h < H + pt, w >= pl, w < W + pl)
-            value = x[b, c, tirx.max(h - pt, 0), tirx.max(w - pl, 0)]
-            return tirx.Select(inside, _quantize(spec, value), tirx.const(0, spec.act_dtype))
+            return tirx.if_then_else(inside, _quantize(spec, x[b, c, h - pt, w - pl]), tirx.const(0, spec.act_dtype))
 
         xq = te.compute((N, C, H + pt + pb, W + pl + pr), padded, name="xq")
         rc = te.reduce_axis((0, Cg), name="rc")

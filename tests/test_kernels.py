@@ -1,0 +1,411 @@
+"""Compiled PSB kernels == numpy reference, bit for bit (DESIGN.md sections 2 and 3).
+
+Every case builds the TE kernel of ``psb_tvm.schedules.kernels``, applies the default CPU schedule
+rule (``PSBConv2D`` / ``PSBDense``), compiles it for the host and compares both the exact integer
+accumulators (``acc``) and the float32 outputs (as int32 bit patterns) with ``psb_tvm.numerics``.
+Compiled modules and results are cached per ``KernelSpec`` so the lowering-agreement checks reuse
+them. Inputs include values beyond the activation range and exact .5 ties after scaling.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import zlib
+
+import numpy as np
+import pytest
+import tvm
+from tvm import s_tir, te
+
+from psb_tvm import numerics as nm
+from psb_tvm.schedules import hash as tir_hash
+from psb_tvm.schedules.cpu import PSBConv2D, PSBDense
+from psb_tvm.schedules.kernels import LOWERINGS, KernelSpec, psb_kernel
+from psb_tvm.target import host_target
+
+TARGET = host_target()
+DEV = tvm.cpu()
+ACTS = [None, "relu", ("clip", 0.0, 6.0)]
+# (0, 0) has layer key 0, which hides hash bugs (key ^ i == i): it gets its own test below.
+SEEDS_LAYERS = [(1, 0), (3, 1), (12345, 17), (2**32 - 1, 250)]
+
+# name -> (x_shape, w_shape, geometry kwargs)
+CONV_CASES = {
+    "1x1": ((1, 8, 6, 8), (16, 8, 1, 1), {}),
+    "3x3_pad1": ((1, 4, 8, 8), (8, 4, 3, 3), dict(padding=(1, 1, 1, 1))),
+    "5x5_pad2": ((1, 3, 9, 10), (6, 3, 5, 5), dict(padding=(2, 2, 2, 2))),
+    "stride2": ((2, 4, 9, 9), (8, 4, 3, 3), dict(stride=(2, 2), padding=(1, 1, 1, 1))),
+    "asym_pad": ((1, 4, 7, 8), (6, 4, 3, 3), dict(padding=(0, 1, 1, 0))),
+    "dilation2": ((1, 4, 10, 10), (8, 4, 3, 3), dict(dilation=(2, 2), padding=(2, 2, 2, 2))),
+    "groups2": ((1, 8, 6, 6), (8, 4, 3, 3), dict(groups=2, padding=(1, 1, 1, 1))),
+    "depthwise": ((1, 8, 8, 8), (8, 1, 3, 3), dict(groups=8, padding=(1, 1, 1, 1))),
+    "depthwise_x2": ((1, 6, 7, 9), (12, 1, 3, 3), dict(groups=6, stride=(1, 2), padding=(1, 1, 1, 1))),
+    "width7": ((1, 4, 5, 7), (8, 4, 3, 3), dict(padding=(1, 1, 1, 1))),  # 7 lanes
+    "width13": ((1, 3, 6, 13), (4, 3, 3, 3), dict(padding=(1, 1, 1, 1))),  # 13 lanes
+    "width17": ((1, 3, 4, 17), (4, 3, 3, 3), dict(padding=(1, 1, 1, 1))),  # prime > 16: not vectorized
+    "out_1x1": ((1, 4, 3, 3), (4, 4, 3, 3), {}),  # one output pixel, not vectorized
+    "mixed": ((2, 6, 11, 9), (9, 2, 3, 2), dict(stride=(2, 1), padding=(1, 0, 2, 1), dilation=(1, 2), groups=3)),
+}
+DENSE_CASES = {"1x64x10": (1, 64, 10), "3x40x8": (3, 40, 8), "5x300x17": (5, 300, 17)}
+
+
+# ------------------------------------------------------------------ helpers
+
+
+def conv_spec(case, lowering, n, seed=0, layer=0, activation="relu", E=4, P=16, act_bits=8, act_signed=True,
+              frac_bits=None):
+    x_shape, w_shape, geo = CONV_CASES[case] if isinstance(case, str) else case
+    if frac_bits is None:
+        frac_bits = 5 if act_bits == 8 else 12
+    return KernelSpec(kind="conv2d", lowering=lowering, x_shape=x_shape, w_shape=w_shape, n=n,
+                      key=int(nm.layer_key(seed, layer)), E=E, P=P, act_bits=act_bits, act_signed=act_signed,
+                      frac_bits=frac_bits, activation=activation, **geo)
+
+
+def dense_spec(case, lowering, n, seed=0, layer=0, activation=None, E=4, P=16, act_bits=8, act_signed=True,
+               frac_bits=None):
+    M, K, O = DENSE_CASES[case] if isinstance(case, str) else case
+    if frac_bits is None:
+        frac_bits = 5 if act_bits == 8 else 12
+    return KernelSpec(kind="dense", lowering=lowering, x_shape=(M, K), w_shape=(O, K), n=n,
+                      key=int(nm.layer_key(seed, layer)), E=E, P=P, act_bits=act_bits, act_signed=act_signed,
+                      frac_bits=frac_bits, activation=activation)
+
+
+@functools.lru_cache(maxsize=None)
+def build(spec: KernelSpec):
+    func = psb_kernel(spec, "psb_test_kernel", expose_acc=True)
+    rule = PSBConv2D() if spec.kind == "conv2d" else PSBDense()
+    sch = rule.apply(func, TARGET, False)
+    assert sch is not None, "default CPU rule did not apply"
+    return tvm.compile(sch.mod["main"], target=TARGET)
+
+
+def make_weights(rng, w_shape):
+    """Gaussian weights with per-channel scales, zeros, exact powers of two and values just below
+    a power of two (threshold 2^P: every sample bit is one)."""
+    O = w_shape[0]
+    scale = np.exp2(rng.integers(-6, 3, size=O)).reshape((O,) + (1,) * (len(w_shape) - 1))
+    w = (rng.normal(size=w_shape) * scale).astype(np.float32)
+    flat = w.reshape(-1)
+    m = flat.size
+    picks = rng.permutation(m)
+    nz, npow, nbelow = max(1, m // 10), max(1, m // 20), max(1, m // 20)
+    flat[picks[:nz]] = 0.0
+    sel = picks[nz:nz + npow]
+    flat[sel] = np.sign(rng.normal(size=sel.size)) * np.exp2(rng.integers(-8, 2, size=sel.size))
+    sel = picks[nz + npow:nz + npow + nbelow]
+    flat[sel] = np.sign(rng.normal(size=sel.size)) * np.nextafter(
+        np.exp2(rng.integers(-8, 2, size=sel.size)).astype(np.float32), np.float32(0))
+    return w
+
+
+def make_acts(rng, shape, frac_bits, bits, signed):
+    """Normal activations that overflow the range on both sides, with exact .5 ties after scaling."""
+    lo, hi = nm.act_range(bits, signed)
+    span = max(abs(lo), hi) / 2.0**frac_bits
+    x = rng.normal(size=shape) * span * 0.45
+    flat = x.reshape(-1)
+    m = flat.size
+    picks = rng.permutation(m)
+    nt = max(2, m // 6)
+    ties = rng.integers(lo - 4, hi + 4, size=nt) + 0.5
+    ties[: min(nt, 4)] = [0.5, 1.5, -0.5, -1.5][: min(nt, 4)]
+    flat[picks[:nt]] = ties / 2.0**frac_bits
+    ne = max(2, m // 50)
+    flat[picks[nt:nt + ne]] = rng.choice([-1, 1], size=ne) * (max(abs(lo), hi) + 100) / 2.0**frac_bits
+    return x.astype(np.float32)
+
+
+def execute(spec: KernelSpec, x, enc, scale, bias):
+    """Run the compiled kernel of ``spec``; return (acc, out) as numpy arrays."""
+    args = [tvm.runtime.tensor(a, DEV) for a in (x, enc.threshold, enc.sign, enc.normal, enc.shift, scale, bias)]
+    acc = tvm.runtime.empty(spec.out_shape, spec.acc_dtype, DEV)
+    out = tvm.runtime.empty(spec.out_shape, "float32", DEV)
+    build(spec)(*args, acc, out)
+    return acc.numpy(), out.numpy()
+
+
+def _input_seed(spec: KernelSpec, seed_extra: str) -> int:
+    # Identical inputs for both lowerings of the same layer.
+    return zlib.crc32(repr(dataclasses.replace(spec, lowering="intdot")).encode() + seed_extra.encode())
+
+
+@functools.lru_cache(maxsize=None)
+def run_case(spec: KernelSpec, seed: int, layer: int, per_channel: bool = True, big: bool = False):
+    """Compile and run ``spec``; return (acc, out, reference acc, reference out)."""
+    assert spec.key == int(nm.layer_key(seed, layer))
+    rng = np.random.default_rng(_input_seed(spec, f"{per_channel}{big}"))
+    if big:  # saturated activations and large same-sign weights: accumulators beyond int32
+        lo, hi = nm.act_range(spec.act_bits, spec.act_signed)
+        x = (rng.uniform(0.9, 1.5, size=spec.x_shape) * hi / 2.0**spec.frac_bits).astype(np.float32)
+        w = rng.uniform(0.5, 1.0, size=spec.w_shape).astype(np.float32)
+        w[1::2] *= -1
+        w.reshape(-1)[::7] *= 2.0**-12  # some subnormal weights as well
+    else:
+        x = make_acts(rng, spec.x_shape, spec.frac_bits, spec.act_bits, spec.act_signed)
+        w = make_weights(rng, spec.w_shape)
+    O = spec.w_shape[0]
+    bias = rng.normal(size=O).astype(np.float32)
+    enc = nm.encode_weights(w, E=spec.E, P=spec.P, per_channel=per_channel)
+    scale = nm.output_scale(enc.k_lo, spec.frac_bits, spec.n)
+
+    acc, out = execute(spec, x, enc, scale, bias)
+    q = nm.integer_weights(enc, spec.n, seed, layer)
+    xi = nm.quantize_activations(x, spec.frac_bits, spec.act_bits, spec.act_signed)
+    if spec.kind == "conv2d":
+        racc = nm.conv2d_int(xi, q, stride=spec.stride, padding=spec.padding, dilation=spec.dilation,
+                             groups=spec.groups)
+    else:
+        racc = nm.dense_int(xi, q)
+    rout = nm.epilogue(racc, scale, bias, spec.activation, 1)
+    return acc, out, racc, rout
+
+
+def check(spec: KernelSpec, seed: int, layer: int, **kw):
+    acc, out, racc, rout = run_case(spec, seed, layer, **kw)
+    assert acc.dtype == np.dtype(spec.acc_dtype)
+    assert acc.shape == racc.shape == spec.out_shape
+    assert np.any(racc != 0), "degenerate case: all accumulators zero"
+    bad = np.flatnonzero(acc.astype(np.int64) != racc)
+    assert bad.size == 0, f"{bad.size} accumulators differ, first at {np.unravel_index(bad[0], acc.shape)}: " \
+                          f"{acc.reshape(-1)[bad[0]]} != {racc.reshape(-1)[bad[0]]}"
+    assert out.dtype == np.float32 and rout.dtype == np.float32
+    bad = np.flatnonzero(out.view(np.int32) != rout.view(np.int32))
+    assert bad.size == 0, f"{bad.size} outputs differ, first: {out.reshape(-1)[bad[0]]!r} != {rout.reshape(-1)[bad[0]]!r}"
+    return acc, racc
+
+
+# ------------------------------------------------------------------ the hash in TIR
+
+
+def _schedule_variants(func, block):
+    """The function as written, with its loops fused and parallelized (as the default rules do for
+    the sampling stages: with a wrapping uint32 multiply this is what LLVM miscompiled), and fused,
+    parallelized and vectorized."""
+    yield "plain", func
+    for vectorize in (False, True):
+        sch = s_tir.Schedule(func)
+        loops = sch.get_loops(sch.get_sblock(block))
+        fused = sch.fuse(*loops) if len(loops) > 1 else loops[0]
+        if vectorize:
+            outer, inner = sch.split(fused, [None, 16])
+            sch.parallel(outer)
+            sch.vectorize(inner)
+        else:
+            sch.parallel(fused)
+        yield ("fused_vectorized" if vectorize else "fused"), sch.mod["main"]
+
+
+def test_tir_mix32_matches_reference():
+    m = 4096
+    x = te.placeholder((m,), "uint32", name="x")
+    h = te.compute((m,), lambda i: tir_hash.mix32(x[i], lambda v: v), name="h")
+    func = te.create_prim_func([x, h])
+    rng = np.random.default_rng(0)
+    xs = rng.integers(0, 2**32, size=m, dtype=np.uint64).astype(np.uint32)
+    xs[:8] = [0, 1, 2, 0xFFFF, 0x10000, 0x7FFFFFFF, 0x80000000, 0xFFFFFFFF]
+    want = nm.mix32(xs)
+    for name, f in _schedule_variants(func, "h"):
+        lib = tvm.compile(f, target=TARGET)
+        out = tvm.runtime.empty((m,), "uint32", DEV)
+        lib(tvm.runtime.tensor(xs, DEV), out)
+        np.testing.assert_array_equal(out.numpy(), want, err_msg=name)
+
+
+@pytest.mark.parametrize("seed,layer,P", [(0, 0, 16), (3, 1, 16), (2**32 - 1, 250, 30)])
+def test_tir_sample_bit_matches_reference(seed, layer, P):
+    """``sample_bit`` == ``sample_hash < t`` for 64 samples x 1024 indices, thresholds over [0, 2^P]."""
+    J, I = 64, 1024
+    key = int(nm.layer_key(seed, layer))
+    t = te.placeholder((I,), "int32", name="t")
+    b = te.compute((J, I), lambda j, i: tir_hash.sample_bit(key, i, j, t[i], P), name="b")
+    func = te.create_prim_func([t, b])
+    rng = np.random.default_rng(seed % 1000 + P)
+    thr = rng.integers(0, 2**P + 1, size=I).astype(np.int32)
+    thr[:4] = [0, 1, 2**P - 1, 2**P]
+    h = nm.sample_hash(seed, layer, np.arange(I, dtype=np.uint32)[None, :], np.arange(J)[:, None], P)
+    want = (h.astype(np.int64) < thr[None, :]).astype(np.int32)
+    assert 0 < want.mean() < 1
+    for name, f in _schedule_variants(func, "b"):
+        lib = tvm.compile(f, target=TARGET)
+        out = tvm.runtime.empty((J, I), "int32", DEV)
+        lib(tvm.runtime.tensor(thr, DEV), out)
+        np.testing.assert_array_equal(out.numpy(), want, err_msg=name)
+
+
+# ------------------------------------------------------------------ conv2d geometry
+
+
+@pytest.mark.parametrize("n", [1, 2, 8])
+@pytest.mark.parametrize("lowering", LOWERINGS)
+@pytest.mark.parametrize("case", list(CONV_CASES))
+def test_conv2d_bit_exact(case, lowering, n):
+    i = list(CONV_CASES).index(case)
+    seed, layer = SEEDS_LAYERS[(i + n) % len(SEEDS_LAYERS)]
+    act = ACTS[(i + n) % len(ACTS)]
+    spec = conv_spec(case, lowering, n, seed, layer, activation=act)
+    check(spec, seed, layer)
+
+
+# ------------------------------------------------------------------ dense shapes
+
+
+@pytest.mark.parametrize("n", [1, 2, 8])
+@pytest.mark.parametrize("lowering", LOWERINGS)
+@pytest.mark.parametrize("case", list(DENSE_CASES))
+def test_dense_bit_exact(case, lowering, n):
+    i = list(DENSE_CASES).index(case)
+    seed, layer = SEEDS_LAYERS[(i + 2 * n) % len(SEEDS_LAYERS)]
+    act = ACTS[(i + n) % len(ACTS)]
+    spec = dense_spec(case, lowering, n, seed, layer, activation=act)
+    check(spec, seed, layer)
+
+
+# ------------------------------------------------------------------ epilogue activations
+
+
+@pytest.mark.parametrize("act", ACTS, ids=["none", "relu", "clip"])
+@pytest.mark.parametrize("lowering", LOWERINGS)
+@pytest.mark.parametrize("kind", ["conv2d", "dense"])
+def test_activation_bit_exact(kind, lowering, act):
+    seed, layer = 7, 2
+    if kind == "conv2d":
+        spec = conv_spec("3x3_pad1", lowering, 4, seed, layer, activation=act)
+    else:
+        spec = dense_spec("3x40x8", lowering, 4, seed, layer, activation=act)
+    acc, racc = check(spec, seed, layer)
+    out = run_case(spec, seed, layer)[1]
+    if act is not None:  # the activation actually clamps something
+        assert np.any(out == 0.0)
+    if act == ("clip", 0.0, 6.0):
+        assert out.max() <= 6.0
+
+
+# ------------------------------------------------------------------ activation formats
+
+
+@pytest.mark.parametrize("act_bits,act_signed", [(8, True), (8, False), (16, True), (16, False)],
+                         ids=["s8", "u8", "s16", "u16"])
+@pytest.mark.parametrize("lowering", LOWERINGS)
+@pytest.mark.parametrize("kind", ["conv2d", "dense"])
+def test_activation_formats_bit_exact(kind, lowering, act_bits, act_signed):
+    seed, layer = 11, 5
+    if kind == "conv2d":
+        spec = conv_spec("stride2", lowering, 2, seed, layer, activation=None, act_bits=act_bits,
+                         act_signed=act_signed)
+    else:
+        spec = dense_spec("3x40x8", lowering, 2, seed, layer, activation=None, act_bits=act_bits,
+                          act_signed=act_signed)
+    assert spec.act_dtype == f"{'' if act_signed else 'u'}int{act_bits}"
+    check(spec, seed, layer)
+
+
+# ------------------------------------------------------------------ numeric presets
+
+
+@pytest.mark.parametrize("lowering", LOWERINGS)
+@pytest.mark.parametrize(
+    "E,P,n,per_channel",
+    [(1, 16, 4, True), (3, 16, 16, True), (4, 8, 4, False), (4, 24, 2, True), (8, 30, 1, True)],
+    ids=["E1", "E3_n16_int16q", "P8_per_tensor", "P24", "E8_P30"],
+)
+def test_presets_bit_exact(lowering, E, P, n, per_channel):
+    seed, layer = 42, 3
+    spec = conv_spec("groups2", lowering, n, seed, layer, activation="relu", E=E, P=P)
+    check(spec, seed, layer, per_channel=per_channel)
+    spec = dense_spec("3x40x8", lowering, n, seed, layer, activation=None, E=E, P=P)
+    check(spec, seed, layer, per_channel=per_channel)
+
+
+@pytest.mark.parametrize("lowering", LOWERINGS)
+def test_int32_weights_bit_exact(lowering):
+    spec = dense_spec((2, 40, 5), lowering, 128, 9, 9, E=8)
+    assert spec.q_dtype == "int32" and spec.acc_dtype == "int32"
+    check(spec, 9, 9)
+
+
+@pytest.mark.parametrize("lowering", LOWERINGS)
+@pytest.mark.parametrize("kind", ["conv2d", "dense"])
+def test_many_samples_bit_exact(kind, lowering):
+    seed, layer = 5, 4
+    if kind == "conv2d":
+        spec = conv_spec("3x3_pad1", lowering, 64, seed, layer, activation=("clip", 0.0, 6.0))
+    else:
+        spec = dense_spec("3x40x8", lowering, 64, seed, layer, activation="relu")
+    assert spec.q_dtype == "int16"
+    check(spec, seed, layer)
+
+
+# ------------------------------------------------------------------ wide accumulators
+
+
+@pytest.mark.parametrize("lowering", LOWERINGS)
+@pytest.mark.parametrize("kind", ["conv2d", "dense"])
+def test_int64_accumulators_bit_exact(kind, lowering):
+    seed, layer = 8, 8
+    if kind == "conv2d":
+        spec = conv_spec(((1, 16, 6, 6), (8, 16, 3, 3), dict(padding=(1, 1, 1, 1))), lowering, 4, seed, layer,
+                         activation=None, E=8, act_bits=16)
+    else:
+        spec = dense_spec((4, 300, 6), lowering, 8, seed, layer, activation=None, E=8, act_bits=16)
+    assert spec.acc_dtype == "int64"
+    acc, racc = check(spec, seed, layer, big=True)
+    # The values really need 64 bits: int32 would have wrapped.
+    assert np.abs(racc).max() > 2**31
+    assert np.any(racc > 2**31) and np.any(racc < -(2**31))
+    # and int64 -> float32 rounding is exercised (not every accumulator is exactly representable)
+    assert np.any(racc != racc.astype(np.float32).astype(np.int64))
+
+
+def test_int32_accumulator_chosen_when_safe():
+    spec = conv_spec("3x3_pad1", "intdot", 8)
+    assert spec.acc_dtype == "int32"
+    K = spec.reduction_size
+    assert K * nm.max_abs_q(spec.E, spec.n) * 128 < 2**31
+
+
+# ------------------------------------------------------------------ lowerings agree
+
+
+AGREE = [("conv2d", c, n) for c in ("3x3_pad1", "asym_pad", "depthwise_x2", "width17", "mixed") for n in (1, 8)] + [
+    ("dense", c, n) for c in DENSE_CASES for n in (2, 8)]
+
+
+@pytest.mark.parametrize("kind,case,n", AGREE)
+def test_lowerings_identical(kind, case, n):
+    """intdot and shiftadd give the same accumulators and outputs (reuses the cached runs above)."""
+    results = []
+    for lowering in LOWERINGS:
+        if kind == "conv2d":
+            i = list(CONV_CASES).index(case)
+            seed, layer = SEEDS_LAYERS[(i + n) % len(SEEDS_LAYERS)]
+            spec = conv_spec(case, lowering, n, seed, layer, activation=ACTS[(i + n) % len(ACTS)])
+        else:
+            i = list(DENSE_CASES).index(case)
+            seed, layer = SEEDS_LAYERS[(i + 2 * n) % len(SEEDS_LAYERS)]
+            spec = dense_spec(case, lowering, n, seed, layer, activation=ACTS[(i + n) % len(ACTS)])
+        results.append(run_case(spec, seed, layer))
+    (acc_a, out_a, _, _), (acc_b, out_b, _, _) = results
+    assert acc_a.dtype == acc_b.dtype
+    np.testing.assert_array_equal(acc_a, acc_b)
+    np.testing.assert_array_equal(out_a.view(np.int32), out_b.view(np.int32))
+
+
+def test_key_changes_the_samples():
+    """Same inputs, different (seed, layer) keys: each run matches its own reference and they differ."""
+    rng = np.random.default_rng(77)
+    base = dense_spec("3x40x8", "intdot", 1)
+    x = make_acts(rng, base.x_shape, base.frac_bits, base.act_bits, base.act_signed)
+    enc = nm.encode_weights(make_weights(rng, base.w_shape), E=base.E, P=base.P)
+    scale = nm.output_scale(enc.k_lo, base.frac_bits, base.n)
+    bias = rng.normal(size=base.w_shape[0]).astype(np.float32)
+    xi = nm.quantize_activations(x, base.frac_bits, base.act_bits, base.act_signed)
+    accs = []
+    for seed, layer in [(0, 0), (1, 0), (0, 1)]:  # (0, 0): layer key 0
+        spec = dense_spec("3x40x8", "intdot", 1, seed, layer)
+        acc, _ = execute(spec, x, enc, scale, bias)
+        np.testing.assert_array_equal(acc, nm.dense_int(xi, nm.integer_weights(enc, 1, seed, layer)))
+        accs.append(acc)
+    assert np.any(accs[0] != accs[1]) and np.any(accs[0] != accs[2])
