@@ -210,13 +210,16 @@ def find_layer_sites(func: relax.Function) -> list[LayerSite]:
 
 
 def name_sites(sites: list[LayerSite], onnx_names: dict) -> None:
-    """Give sites their ONNX node names: the i-th conv2d (dense) site is the i-th Conv (Gemm/MatMul)."""
-    for kind in ("conv2d", "dense"):
-        kind_sites = [s for s in sites if s.kind == kind and s.weight is not None]
+    """Give sites their ONNX node names: the i-th site of a kind is the i-th ONNX node of that kind.
+
+    When the counts of a kind disagree (an importer that emits extra matmuls, say), that kind's
+    sites get positional names such as ``dense_3`` instead of guessed ones.
+    """
+    by_kind: dict = {}
+    for s in sites:
+        by_kind.setdefault(s.kind, []).append(s)
+    for kind, kind_sites in by_kind.items():
         names = onnx_names.get(kind, [])
-        use_onnx = len(names) == len(kind_sites)
+        use_onnx = len(names) == len(kind_sites) and len(set(names)) == len(names)
         for i, s in enumerate(kind_sites):
             s.name = names[i] if use_onnx else f"{kind}_{i}"
-    for s in sites:
-        if not s.name:
-            s.name = f"{s.kind}_{s.index}"

@@ -25,7 +25,7 @@ class ImportedModel:
     source: str  # file name or "<bytes>" / "<ModelProto>", for messages
     inputs: list  # [(name, shape tuple, dtype str)]
     output_names: list
-    layer_names: dict  # {"conv2d": [names in graph order], "dense": [...]}
+    layer_names: dict  # {"conv2d": [ONNX node names in graph order], "dense": [...], ...}
 
 
 def load_onnx(model) -> tuple[onnx.ModelProto, str]:
@@ -169,21 +169,50 @@ def check_supported_ops(proto: onnx.ModelProto, source: str) -> None:
         raise UnsupportedModelError(f"{source}: TVM's ONNX importer does not support op(s) {ops}: nodes {listed}{more}")
 
 
-def psb_layer_names(proto: onnx.ModelProto) -> dict:
-    """Names of the ONNX nodes that import as conv2d / matmul with a constant weight, in graph order."""
+def _conv_rank(node, consts) -> int | None:
+    """Spatial rank of a Conv/ConvTranspose node, from its constant weight or ``kernel_shape``."""
+    t = consts.get(node.input[1]) if len(node.input) > 1 else None
+    if t is not None:
+        return len(t.dims) - 2
+    for attr in node.attribute:
+        if attr.name == "kernel_shape":
+            return len(attr.ints)
+    return None
+
+
+def linear_layer_names(proto: onnx.ModelProto, original: onnx.ModelProto | None = None) -> dict:
+    """ONNX node names of the layers that import as linear Relax ops, per op kind, in graph order.
+
+    Kinds match ``passes.select_psb_layers.LINEAR_OPS`` ("conv2d", "dense", "conv2d_transpose", ...).
+    ``original`` is the model before ``simplify``: onnxsim fuses and renames some nodes (MatMul "fc"
+    + Add becomes a Gemm "Gemm_0"); such a node keeps the name of the one original node that used
+    the same weight, so layer names stay the ones the user sees in their model.
+    """
     consts = {t.name: t for t in proto.graph.initializer}
-    for node in proto.graph.node:
-        if node.op_type == "Constant":
-            consts.update({o: None for o in node.output})
-    names = {"conv2d": [], "dense": []}
+    kept, by_weight = set(), {}
+    if original is not None:
+        kept = {n.name for n in original.graph.node}
+        users: dict = {}
+        for n in original.graph.node:
+            for inp in n.input:
+                users[inp] = users.get(inp, 0) + 1
+        for n in original.graph.node:
+            if n.op_type in ("Conv", "Gemm", "MatMul") and len(n.input) > 1 and n.name and users[n.input[1]] == 1:
+                by_weight[n.input[1]] = n.name
+    names: dict = {}
     for i, node in enumerate(proto.graph.node):
         name = node.name or f"{node.op_type}_{i}"
-        if node.op_type == "Conv" and len(node.input) > 1 and node.input[1] in consts:
-            t = consts[node.input[1]]
-            if t is None or len(t.dims) == 4:
-                names["conv2d"].append(name)
-        elif node.op_type in ("Gemm", "MatMul") and len(node.input) > 1 and node.input[1] in consts:
-            names["dense"].append(name)
+        if name not in kept and len(node.input) > 1 and node.input[1] in by_weight:
+            name = by_weight[node.input[1]]
+        kind = None
+        if node.op_type in ("Conv", "ConvTranspose"):
+            rank = _conv_rank(node, consts)
+            if rank is not None:
+                kind = f"conv{rank}d" + ("_transpose" if node.op_type == "ConvTranspose" else "")
+        elif node.op_type in ("Gemm", "MatMul"):
+            kind = "dense"
+        if kind:
+            names.setdefault(kind, []).append(name)
     return names
 
 
@@ -232,6 +261,7 @@ def import_onnx(model, input_shapes: dict | None = None, use_onnxsim: bool = Tru
     proto, source = load_onnx(model)
     inputs = fix_input_shapes(proto, input_shapes, source)
     check_supported_ops(proto, source)
+    original = proto
     if use_onnxsim:
         proto = simplify(proto, source)
         check_supported_ops(proto, source)
@@ -241,7 +271,7 @@ def import_onnx(model, input_shapes: dict | None = None, use_onnxsim: bool = Tru
         source=source,
         inputs=inputs,
         output_names=[o.name for o in proto.graph.output],
-        layer_names=psb_layer_names(proto),
+        layer_names=linear_layer_names(proto, original),
     )
 
 
