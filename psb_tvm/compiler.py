@@ -64,10 +64,10 @@ def _select(sites, config: PSBConfig) -> dict:
     return reasons
 
 
-def _spec(site, lowering, n, seed, config, frac_bits, signed) -> KernelSpec:
-    common = dict(kind=site.kind, lowering=lowering, w_shape=tuple(site.weight.shape), n=n,
-                  key=int(numerics.layer_key(seed, site.index)), E=config.E, P=config.P,
-                  act_bits=config.act_bits, act_signed=signed, frac_bits=frac_bits, activation=site.activation)
+def _spec(site, lowering, config, frac_bits, signed) -> KernelSpec:
+    common = dict(kind=site.kind, lowering=lowering, w_shape=tuple(site.weight.shape), n_max=config.n_max,
+                  layer=site.index, E=config.E, P=config.P, act_bits=config.act_bits, act_signed=signed,
+                  frac_bits=frac_bits, activation=site.activation)
     shape = tuple(int(v) for v in site.data.ty.shape.values)
     if site.kind == "dense":
         rows = int(np.prod(shape[:-1]))
@@ -80,12 +80,14 @@ def _spec(site, lowering, n, seed, config, frac_bits, signed) -> KernelSpec:
 
 
 def compile(onnx_model, target="llvm", samples: int = 16, seed: int = 0, input_shapes: dict | None = None,
-            calibration=None, config: PSBConfig | dict | None = None) -> PSBModule:
+            calibration=None, config: PSBConfig | dict | None = None, frozen: bool = False) -> PSBModule:
     """Compile an ONNX model (path, bytes or ModelProto) into a PSB module.
 
-    ``samples`` is the sample count n (a power of two <= ``config.n_max``); ``seed`` picks the
-    draw; ``input_shapes`` fixes dynamic input dims; ``calibration`` is ``{input: array [N, ...]}``
-    (or an iterable of such dicts) used to choose the activation scales.
+    ``samples`` is the default sample count n (a power of two <= ``config.n_max``; ``run`` may pick
+    another per call and per layer); ``seed`` the default draw; ``input_shapes`` fixes dynamic
+    input dims; ``calibration`` is ``{input: array [N, ...]}`` (or an iterable of such dicts) used
+    to choose the activation scales. ``frozen=True`` bakes the draw for (samples, seed) into
+    constants: no sampling at run time, but n and seed are then fixed.
     """
     config = _check_args(samples, seed, config)
     tgt = resolve_target(target)
@@ -104,15 +106,19 @@ def compile(onnx_model, target="llvm", samples: int = 16, seed: int = 0, input_s
     for site, st in zip(chosen, stats):
         frac = numerics.choose_frac_bits(st.max_abs, config.act_bits, st.signed)
         lowering = config.lowerings.get(site.name, config.lowering)
-        spec = _spec(site, lowering, samples, seed, config, frac, st.signed)
+        spec = _spec(site, lowering, config, frac, st.signed)
         enc = numerics.encode_weights(site.weight, config.E, config.P, config.per_channel)
         bias = site.bias if site.bias is not None else np.zeros(site.weight.shape[0], np.float32)
-        layers.append(PSBLayer(site.index, site.name, spec, enc, numerics.output_scale(enc.k_lo, frac, samples),
+        layers.append(PSBLayer(site.index, site.name, spec, enc, numerics.output_scale(enc.k_lo, frac, 1),
                                bias.astype(np.float32)))
         info[site.index] = {"lowering": lowering, "frac_bits": frac, "act_dtype": spec.act_dtype,
                             "acc_dtype": spec.acc_dtype, "q_dtype": spec.q_dtype, "act_max_abs": st.max_abs,
                             "layer_id": site.index}
-    mod = rewrite_to_psb(imported.mod, layers)
+    frozen_draw = None
+    if frozen:
+        frozen_draw = {"samples": [samples] * len(layers),
+                       "counts": [numerics.sample_counts(l.enc, samples, seed, l.site_index) for l in layers]}
+    mod = rewrite_to_psb(imported.mod, layers, frozen_draw)
 
     metadata = {
         "psb_tvm_version": __version__,
@@ -123,6 +129,14 @@ def compile(onnx_model, target="llvm", samples: int = 16, seed: int = 0, input_s
         "host_runnable": is_host_cpu(tgt),
         "samples": int(samples),
         "seed": int(seed),
+        "n_max": config.n_max,
+        "frozen": bool(frozen),
+        "psb_layers": [l.name for l in layers],
+        # Extra arguments of ``main`` after the model inputs (absent for frozen modules).
+        "runtime_args": [] if frozen or not layers else [
+            {"name": "samples", "kind": "shape", "length": len(layers)},
+            {"name": "seed", "kind": "shape", "length": 1},
+        ],
         "config": config.to_dict(),
         "calibration": "fallback (synthetic standard-normal)" if fallback else "user data" if chosen else "none",
         "inputs": [{"name": n, "shape": list(s), "dtype": d} for n, s, d in imported.inputs],

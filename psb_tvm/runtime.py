@@ -77,16 +77,101 @@ class PSBModule:
             checked.append(np.ascontiguousarray(arr))
         return checked
 
-    def run(self, *inputs):
-        """Run the model; returns one array for a single-output model, else a tuple of arrays."""
+    @property
+    def psb_layers(self) -> list:
+        """Names of the PSB layers, in the order of the per-layer sample counts."""
+        return list(self.metadata.get("psb_layers", []))
+
+    def resolve_samples(self, samples=None) -> list:
+        """Per-PSB-layer sample counts from ``None`` (the compiled default), an int, or a map
+        ``{"layer name": n, ..., "default": n}``; each a power of two <= n_max."""
+        from .errors import ConfigError
+        from .numerics import check_samples
+
+        names = self.psb_layers
+        default = self.metadata["samples"]
+        if samples is None:
+            per_layer = [default] * len(names)
+        elif isinstance(samples, dict):
+            unknown = sorted(set(samples) - set(names) - {"default"})
+            if unknown:
+                raise ConfigError(f"samples names unknown layers {unknown}; the PSB layers are {names}")
+            default = samples.get("default", default)
+            per_layer = [samples.get(name, default) for name in names]
+        else:
+            per_layer = [samples] * len(names)
+        for name, n in zip(names, per_layer):
+            try:
+                check_samples(n, self.metadata["n_max"])
+            except ValueError as err:
+                raise ConfigError(f"layer {name!r}: {err}") from None
+        if self.metadata.get("frozen") and per_layer != [self.metadata["samples"]] * len(names):
+            raise ConfigError(f"this module is frozen at samples={self.metadata['samples']}; "
+                              "compile without frozen=True to choose n at run time")
+        return [int(n) for n in per_layer]
+
+    def _resolve_seed(self, seed) -> int:
+        from .errors import ConfigError
+
+        if seed is None:
+            return int(self.metadata["seed"])
+        if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= seed < 2**32:
+            raise ConfigError(f"seed must be an int in [0, 2**32), got {seed!r}")
+        if self.metadata.get("frozen") and seed != self.metadata["seed"]:
+            raise ConfigError(f"this module is frozen at seed={self.metadata['seed']}; compile without frozen=True to re-sample")
+        return int(seed)
+
+    def _runtime_args(self, samples, seed) -> list:
         import tvm
 
-        arrays = self._check_inputs(inputs)
-        vm = self._machine()
-        out = vm["main"](*[tvm.runtime.tensor(a, tvm.cpu()) for a in arrays])
+        per_layer = self.resolve_samples(samples)
+        seed = self._resolve_seed(seed)
+        if not self.metadata.get("runtime_args"):
+            return []
+        return [tvm.runtime.ShapeTuple(per_layer), tvm.runtime.ShapeTuple([seed])]
+
+    @staticmethod
+    def _to_numpy(out):
         if hasattr(out, "numpy"):
             return out.numpy()
         return tuple(o.numpy() for o in out)
+
+    def _tensors(self, inputs) -> list:
+        import tvm
+
+        return [tvm.runtime.tensor(a, tvm.cpu()) for a in self._check_inputs(inputs)]
+
+    def run(self, *inputs, samples=None, seed=None):
+        """Run the model; returns one array for a single-output model, else a tuple of arrays.
+
+        ``samples``: an int for every PSB layer, or ``{"layer": n, "default": n}``; ``seed``: the
+        draw. Both default to the values given at compile time; neither recompiles anything.
+        """
+        extra = self._runtime_args(samples, seed)
+        return self._to_numpy(self._machine()["main"](*self._tensors(inputs), *extra))
+
+    def sample_stats(self, *inputs, draws: int = 8, samples=None, seed: int = 0) -> dict:
+        """Monte-Carlo statistics over ``draws`` independent draws (seeds ``seed .. seed+draws-1``).
+
+        Returns ``{"mean", "std", "outputs"}`` (arrays for one output, tuples for several).
+        """
+        from .errors import ConfigError
+
+        if self.metadata.get("frozen"):
+            raise ConfigError("a frozen module has one fixed draw; compile without frozen=True for Monte-Carlo stats")
+        if not isinstance(draws, int) or draws < 2:
+            raise ConfigError(f"draws must be an int >= 2, got {draws!r}")
+        runs = [self.run(*inputs, samples=samples, seed=seed + k) for k in range(draws)]
+        if isinstance(runs[0], tuple):
+            stacked = [np.stack([r[i] for r in runs]) for i in range(len(runs[0]))]
+            return {"mean": tuple(s.mean(0) for s in stacked), "std": tuple(s.std(0, ddof=1) for s in stacked),
+                    "outputs": tuple(stacked)}
+        stacked = np.stack(runs)
+        return {"mean": stacked.mean(0), "std": stacked.std(0, ddof=1), "outputs": stacked}
+
+    def session(self, *inputs, samples=1, seed=None) -> "RefinementSession":
+        """An anytime evaluation starting at ``samples``; ``.refine()`` doubles n incrementally."""
+        return RefinementSession(self, inputs, samples, seed)
 
     # ------------------------------------------------------------------ persistence
     def export_library(self, path) -> str:
@@ -125,6 +210,79 @@ class PSBModule:
     def __repr__(self):
         psb = sum(l["status"] == "psb" for l in self.layers)
         return f"<PSBModule {self.metadata.get('source')} n={self.samples} psb_layers={psb}/{len(self.layers)} target={self.metadata.get('target')}>"
+
+
+class RefinementSession:
+    """Progressive refinement: from the result at n, sample only ``[n, 2n)`` and combine.
+
+    The counts of ``[0, 2n)`` are those of ``[0, n)`` plus those of ``[n, 2n)`` (nested samples),
+    so after ``refine()`` the output equals ``module.run(x, samples=2n, seed=seed)`` bit for bit.
+    Each refinement samples n new bits per weight (not 2n) and runs one integer pass.
+    """
+
+    def __init__(self, module: PSBModule, inputs, samples, seed):
+        from .errors import ConfigError
+
+        if not module.metadata.get("runtime_args"):
+            raise ConfigError("progressive refinement needs a module compiled with run-time sampling (not frozen, with PSB layers)")
+        self.module = module
+        self.seed = module._resolve_seed(seed)
+        self._inputs = module._tensors(inputs)
+        self.samples = module.resolve_samples(samples)
+        self._counts = self._sample([0] * len(self.samples), self.samples)
+        self.output = self._forward()
+        self.history = [(list(self.samples), self.output)]
+
+    def _sample(self, lo, hi) -> list:
+        import tvm
+
+        vm = self.module._machine()
+        out = vm["sample"](tvm.runtime.ShapeTuple(lo), tvm.runtime.ShapeTuple(hi), tvm.runtime.ShapeTuple([self.seed]))
+        return [out[i].numpy() for i in range(len(lo))]
+
+    def _forward(self):
+        import tvm
+
+        counts = [tvm.runtime.tensor(c, tvm.cpu()) for c in self._counts]
+        vm = self.module._machine()
+        return PSBModule._to_numpy(vm["forward"](*self._inputs, tvm.runtime.ShapeTuple(self.samples), *counts))
+
+    def refine(self):
+        """Double every layer's n (up to n_max) using only the new samples; returns the new output."""
+        from .errors import ConfigError
+
+        n_max = self.module.metadata["n_max"]
+        if all(n >= n_max for n in self.samples):
+            raise ConfigError(f"already at n_max={n_max}")
+        hi = [min(2 * n, n_max) for n in self.samples]
+        increment = self._sample(self.samples, hi)
+        self._counts = [c + d for c, d in zip(self._counts, increment)]  # exact: int16 <= n_max
+        self.samples = hi
+        self.output = self._forward()
+        self.history.append((list(self.samples), self.output))
+        return self.output
+
+    def run_until_confident(self, margin: float = 0.5, stable: int = 2, max_samples: int | None = None):
+        """Early exit for classifiers: refine until the top-1 class of every row is unchanged over
+        ``stable`` consecutive levels and the softmax gap between the best two classes is at
+        least ``margin``, or n reaches ``max_samples`` (default n_max). Returns the output."""
+        limit = max_samples or self.module.metadata["n_max"]
+        while True:
+            if self._confident(margin, stable) or max(self.samples) >= limit:
+                return self.output
+            self.refine()
+
+    def _confident(self, margin: float, stable: int) -> bool:
+        if len(self.history) < stable:
+            return False
+        tops = [np.asarray(out if not isinstance(out, tuple) else out[0]).argmax(-1) for _, out in self.history[-stable:]]
+        if not all(np.array_equal(tops[0], t) for t in tops[1:]):
+            return False
+        logits = np.asarray(self.output if not isinstance(self.output, tuple) else self.output[0], np.float64)
+        p = np.exp(logits - logits.max(-1, keepdims=True))
+        p /= p.sum(-1, keepdims=True)
+        top2 = np.sort(p, axis=-1)[..., -2:]
+        return bool(np.all(top2[..., 1] - top2[..., 0] >= margin))
 
 
 def load(path) -> PSBModule:

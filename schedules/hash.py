@@ -40,14 +40,20 @@ def mix32(x: tirx.PrimExpr, then):
     )
 
 
-def sample_bit(key: int, flat_index: tirx.PrimExpr, sample: tirx.PrimExpr, threshold: tirx.PrimExpr, P: int):
-    """``1`` (int32) when ``h(seed, layer, i, j) < t_i``, else ``0``; ``key`` is ``layer_key(seed, layer)``."""
+def layer_key(seed: tirx.PrimExpr, layer: int, then):
+    """``key = mix32(mix32(seed) ^ (layer * GOLDEN))`` for a runtime ``seed``; continues with ``then(key)``."""
+    lay = _u32((int(layer) * GOLDEN) & 0xFFFFFFFF)
+    return mix32(seed.astype("uint32"), lambda a: mix32(a ^ lay, then))
+
+
+def sample_bit(key: tirx.PrimExpr, flat_index: tirx.PrimExpr, sample: tirx.PrimExpr, threshold: tirx.PrimExpr, P: int):
+    """``1`` (int32) when ``h(seed, layer, i, j) < t_i``, else ``0``; ``key`` is the layer key (uint32)."""
 
     def compare(h):
         top = (h >> _u32(32 - P)).astype("int32")
         return tirx.Select(top < threshold, tirx.const(1, "int32"), tirx.const(0, "int32"))
 
     return mix32(
-        _u32(int(key)) ^ flat_index.astype("uint32"),
+        key ^ flat_index.astype("uint32"),
         lambda u: mix32(u ^ _mul(sample.astype("uint32"), GOLDEN), compare),
     )

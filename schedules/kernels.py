@@ -1,8 +1,11 @@
-"""TE definitions of the PSB kernels (DESIGN.md section 3), one PrimFunc per layer.
+"""TE definitions of the PSB kernels (DESIGN.md section 3): two PrimFuncs per layer.
 
-Every PSB PrimFunc has the same stages: ``q`` (sample the integer weights from the encoded
-constants), ``xq`` (fixed-point activations, zero padded), ``acc`` (exact integer products) and
-``out`` (float32 scale, bias, activation). ``psb.*`` attributes tell the schedule rules what it is.
+``psb_sample_kernel``: ``counts[i] = sum_{lo <= j < hi} b_ij`` for a run-time sample range and seed
+(the nested sample stream, so the counts of ``[0, 2n)`` are those of ``[0, n)`` plus ``[n, 2n)``).
+``psb_layer_kernel``: from the counts and a run-time ``n``, the integer weights
+``q = s * (n*normal + counts) << shift``, the fixed-point activations ``xq``, the exact integer
+products ``acc`` and the float32 output ``out`` (scale, bias, activation). ``psb.*`` attributes
+tell the schedule rules what they are.
 """
 
 from __future__ import annotations
@@ -14,21 +17,22 @@ from tvm import te, tirx
 
 from psb_tvm import numerics
 
-from .hash import sample_bit
+from .hash import layer_key, sample_bit
 
 LOWERINGS = ("intdot", "shiftadd")
+COUNTS_DTYPE = "int16"  # counts <= n_max <= 1024
 
 
 @dataclass(frozen=True)
 class KernelSpec:
-    """Everything that shapes one PSB kernel; two layers with equal specs share code except the key."""
+    """Everything that shapes one PSB layer's kernels (the sample count and seed are run-time)."""
 
     kind: str  # "conv2d" or "dense"
     lowering: str
     x_shape: tuple  # conv: (N, C, H, W); dense: (M, K)
     w_shape: tuple  # conv: (O, C/groups, KH, KW); dense: (O, K)
-    n: int
-    key: int  # numerics.layer_key(seed, layer)
+    n_max: int
+    layer: int  # layer id of the sample stream
     E: int
     P: int
     act_bits: int
@@ -49,12 +53,12 @@ class KernelSpec:
 
     @property
     def acc_dtype(self) -> str:
-        bits = numerics.accumulator_bits(self.reduction_size, self.E, self.n, self.act_bits, self.act_signed)
+        bits = numerics.accumulator_bits(self.reduction_size, self.E, self.n_max, self.act_bits, self.act_signed)
         return f"int{bits}"
 
     @property
     def q_dtype(self) -> str:
-        qmax = numerics.max_abs_q(self.E, self.n)
+        qmax = numerics.max_abs_q(self.E, self.n_max)
         return "int8" if qmax <= 127 else "int16" if qmax <= 32767 else "int32"
 
     @property
@@ -81,30 +85,21 @@ def _flat_index(shape, idx):
     return flat
 
 
-def _sample_stage(spec: KernelSpec, thr, sign, normal, shift):
-    """intdot: ``q = s * (n*normal + B(n)) << shift``; shiftadd: planes ``normal + b_j`` in {0, 1, 2}."""
-    if spec.lowering == "intdot":
-        j = te.reduce_axis((0, spec.n), name="j")
-        count = te.compute(
-            spec.w_shape,
-            lambda *i: te.sum(sample_bit(spec.key, _flat_index(spec.w_shape, i), j, thr[i], spec.P), axis=j),
-            name="count",
-        )
-        return te.compute(
-            spec.w_shape,
-            lambda *i: (
-                sign[i].astype("int32")
-                * ((normal[i].astype("int32") * spec.n + count[i]) << shift[i].astype("int32"))
-            ).astype(spec.q_dtype),
-            name="q",
-        )
-    return te.compute(
-        (spec.n,) + tuple(spec.w_shape),
-        lambda j, *i: (
-            normal[i].astype("int32") + sample_bit(spec.key, _flat_index(spec.w_shape, i), j, thr[i], spec.P)
-        ).astype("int8"),
-        name="q",
-    )
+def psb_sample_kernel(spec: KernelSpec, name: str) -> tvm.tirx.PrimFunc:
+    """``(threshold, lo, hi, seed) -> counts``: ones among samples ``lo <= j < hi`` of every weight."""
+    thr = te.placeholder(spec.w_shape, "int32", name="threshold")
+    lo = tirx.Var("lo", "int64")
+    hi = tirx.Var("hi", "int64")
+    seed = tirx.Var("seed", "int64")
+    r = te.reduce_axis((0, hi - lo), name="j")
+
+    def count(*i):
+        bit = layer_key(seed, spec.layer, lambda key: sample_bit(key, _flat_index(spec.w_shape, i), lo + r, thr[i], spec.P))
+        return te.sum(bit.astype(COUNTS_DTYPE), axis=r)
+
+    counts = te.compute(spec.w_shape, count, name="counts")
+    func = te.create_prim_func([thr, lo, hi, seed, counts])
+    return func.with_attrs({"global_symbol": name, "psb.kind": "sample", "op_pattern": 8})
 
 
 def _quantize(spec: KernelSpec, value):
@@ -124,48 +119,80 @@ def _activation(spec: KernelSpec, y):
     return tirx.max(tirx.min(y, tirx.const(float(act[2]), "float32")), tirx.const(float(act[1]), "float32"))
 
 
-def _product(spec: KernelSpec, xv, q, sign, shift, j=None):
-    """One term of the integer dot product, in the accumulator type."""
+def _weight_stage(spec: KernelSpec, counts, sign, normal, shift, n):
+    """intdot: ``q = s * (n*normal + counts) << shift``; shiftadd: the magnitude ``c = n*normal + counts``."""
+    n32 = n.astype("int32")
+    if spec.lowering == "intdot":
+        return te.compute(
+            spec.w_shape,
+            lambda *i: (
+                sign[i].astype("int32") * ((normal[i].astype("int32") * n32 + counts[i].astype("int32")) << shift[i].astype("int32"))
+            ).astype(spec.q_dtype),
+            name="q",
+        )
+    return te.compute(
+        spec.w_shape, lambda *i: normal[i].astype("int32") * n32 + counts[i].astype("int32"), name="q"
+    )
+
+
+def _shiftadd_bits(spec: KernelSpec) -> int:
+    """Bits of the largest magnitude ``2 * n_max``."""
+    return (2 * spec.n_max).bit_length()
+
+
+def _product(spec: KernelSpec, xv, qv, sign, shift, rb):
+    """One term of the integer dot product, in the accumulator type.
+
+    shiftadd multiplies by the magnitude ``c`` bit-serially: ``sum_b [bit b of c] * (x << (shift+b))``,
+    then applies the sign by negation: shifts, adds and negation only.
+    """
     acc = spec.acc_dtype
     if spec.lowering == "intdot":
-        return xv.astype(acc) * q.astype(acc)
-    # shiftadd: planes c = normal + b_j in {0, 1, 2}; term = +-(x << (shift + c - 1)), no multiply.
-    c = q.astype("int32")
-    mag = xv.astype(acc) << (shift.astype(acc) + c.astype(acc) - tirx.const(1, acc))
+        return xv.astype(acc) * qv.astype(acc)
+    bit = (qv >> rb.astype("int32")) & tirx.const(1, "int32")
+    mag = xv.astype(acc) << (shift.astype(acc) + rb.astype(acc))
     signed = tirx.Select(sign < tirx.const(0, "int8"), tirx.const(0, acc) - mag, mag)
-    return tirx.Select(c == 0, tirx.const(0, acc), signed)
+    return tirx.Select(bit == 0, tirx.const(0, acc), signed)
 
 
-def psb_kernel(spec: KernelSpec, name: str, expose_acc: bool = False) -> tvm.tirx.PrimFunc:
-    """Build the PSB PrimFunc ``(x, thr, sign, normal, shift, scale, bias) -> out`` (and ``acc``)."""
+def psb_layer_kernel(spec: KernelSpec, name: str, expose_acc: bool = False) -> tvm.tirx.PrimFunc:
+    """``(x, counts, sign, normal, shift, scale, bias, n) -> out`` (and ``acc`` first if exposed).
+
+    ``scale[o] = 2**(k_lo - f)``; the kernel multiplies by ``1/n`` (exact: a power of two).
+    """
     if spec.lowering not in LOWERINGS:
         raise ValueError(f"unknown lowering {spec.lowering!r}; expected one of {LOWERINGS}")
     O = spec.w_shape[0]
     x = te.placeholder(spec.x_shape, "float32", name="x")
-    thr = te.placeholder(spec.w_shape, "int32", name="threshold")
+    counts = te.placeholder(spec.w_shape, COUNTS_DTYPE, name="counts")
     sign = te.placeholder(spec.w_shape, "int8", name="sign")
     normal = te.placeholder(spec.w_shape, "int8", name="normal")
     shift = te.placeholder(spec.w_shape, "int8", name="shift")
     scale = te.placeholder((O,), "float32", name="scale")
     bias = te.placeholder((O,), "float32", name="bias")
-    q = _sample_stage(spec, thr, sign, normal, shift)
+    n = tirx.Var("n", "int64")
+    q = _weight_stage(spec, counts, sign, normal, shift, n)
     shiftadd = spec.lowering == "shiftadd"
+    inv_n = tirx.const(1.0, "float32") / n.astype("float32")
+
+    def finish(acc, o, *idx):
+        return _activation(spec, acc[idx].astype("float32") * (scale[o] * inv_n) + bias[o])
 
     if spec.kind == "dense":
         M, K = spec.x_shape
         xq = te.compute((M, K), lambda m, k: _quantize(spec, x[m, k]), name="xq")
         rk = te.reduce_axis((0, K), name="rk")
         axes = [rk]
+        rb = None
         if shiftadd:
-            rj = te.reduce_axis((0, spec.n), name="rj")
-            axes = [rj, rk]
-            term = lambda m, o: _product(spec, xq[m, rk], q[rj, o, rk], sign[o, rk], shift[o, rk])
-        else:
-            term = lambda m, o: _product(spec, xq[m, rk], q[o, rk], None, None)
-        acc = te.compute((M, O), lambda m, o: te.sum(term(m, o), axis=axes), name="acc")
-        out = te.compute(
-            (M, O), lambda m, o: _activation(spec, acc[m, o].astype("float32") * scale[o] + bias[o]), name="out"
+            rb = te.reduce_axis((0, _shiftadd_bits(spec)), name="rb")
+            axes = [rk, rb]
+        acc = te.compute(
+            (M, O),
+            lambda m, o: te.sum(_product(spec, xq[m, rk], q[o, rk], sign[o, rk], shift[o, rk], rb), axis=axes),
+            name="acc",
         )
+        out = te.compute((M, O), lambda m, o: finish(acc, o, m, o), name="out")
     else:
         N, C, H, W = spec.x_shape
         _, Cg, KH, KW = spec.w_shape
@@ -183,28 +210,22 @@ def psb_kernel(spec: KernelSpec, name: str, expose_acc: bool = False) -> tvm.tir
         rc = te.reduce_axis((0, Cg), name="rc")
         rh = te.reduce_axis((0, KH), name="rh")
         rw = te.reduce_axis((0, KW), name="rw")
-
-        def xval(b, o, y, xx):
-            return xq[b, (o // Og) * Cg + rc, y * sh + rh * dh, xx * sw + rw * dw]
-
+        axes = [rc, rh, rw]
+        rb = None
         if shiftadd:
-            rj = te.reduce_axis((0, spec.n), name="rj")
-            axes = [rj, rc, rh, rw]
-            term = lambda b, o, y, xx: _product(
-                spec, xval(b, o, y, xx), q[rj, o, rc, rh, rw], sign[o, rc, rh, rw], shift[o, rc, rh, rw]
-            )
-        else:
-            axes = [rc, rh, rw]
-            term = lambda b, o, y, xx: _product(spec, xval(b, o, y, xx), q[o, rc, rh, rw], None, None)
+            rb = te.reduce_axis((0, _shiftadd_bits(spec)), name="rb")
+            axes = [rc, rh, rw, rb]
+
+        def term(b, o, y, xx):
+            xv = xq[b, (o // Og) * Cg + rc, y * sh + rh * dh, xx * sw + rw * dw]
+            w = (o, rc, rh, rw)
+            return _product(spec, xv, q[w], sign[w], shift[w], rb)
+
         acc = te.compute(spec.out_shape, lambda *i: te.sum(term(*i), axis=axes), name="acc")
-        out = te.compute(
-            spec.out_shape,
-            lambda b, o, y, xx: _activation(spec, acc[b, o, y, xx].astype("float32") * scale[o] + bias[o]),
-            name="out",
-        )
+        out = te.compute(spec.out_shape, lambda b, o, y, xx: finish(acc, o, b, o, y, xx), name="out")
 
     outputs = [acc, out] if expose_acc else [out]
-    func = te.create_prim_func([x, thr, sign, normal, shift, scale, bias] + outputs)
+    func = te.create_prim_func([x, counts, sign, normal, shift, scale, bias, n] + outputs)
     return func.with_attrs(
         {
             "global_symbol": name,

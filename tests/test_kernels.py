@@ -1,8 +1,10 @@
 """Compiled PSB kernels == numpy reference, bit for bit (DESIGN.md sections 2 and 3).
 
-Every case builds the TE kernel of ``psb_tvm.schedules.kernels``, applies the default CPU schedule
-rule (``PSBConv2D`` / ``PSBDense``), compiles it for the host and compares both the exact integer
-accumulators (``acc``) and the float32 outputs (as int32 bit patterns) with ``psb_tvm.numerics``.
+Every case builds the two TE kernels of ``psb_tvm.schedules.kernels`` (the sampler, with a run-time
+sample range and seed, and the layer kernel, with a run-time n), applies the default CPU schedule
+rules (``PSBSample``, ``PSBConv2D`` / ``PSBDense``), compiles them for the host and compares the
+sampled counts, the exact integer accumulators (``acc``) and the float32 outputs (as int32 bit
+patterns) with ``psb_tvm.numerics``.
 Compiled modules and results are cached per ``KernelSpec`` so the lowering-agreement checks reuse
 them. Inputs include values beyond the activation range and exact .5 ties after scaling.
 """
@@ -20,8 +22,8 @@ from tvm import s_tir, te
 
 from psb_tvm import numerics as nm
 from psb_tvm.schedules import hash as tir_hash
-from psb_tvm.schedules.cpu import PSBConv2D, PSBDense
-from psb_tvm.schedules.kernels import LOWERINGS, KernelSpec, psb_kernel
+from psb_tvm.schedules.cpu import PSBConv2D, PSBDense, PSBSample
+from psb_tvm.schedules.kernels import LOWERINGS, KernelSpec, psb_layer_kernel, psb_sample_kernel
 from psb_tvm.target import host_target
 
 TARGET = host_target()
@@ -53,14 +55,22 @@ DENSE_CASES = {"1x64x10": (1, 64, 10), "3x40x8": (3, 40, 8), "5x300x17": (5, 300
 # ------------------------------------------------------------------ helpers
 
 
+@dataclasses.dataclass(frozen=True)
+class Case(KernelSpec):
+    """A kernel spec plus the run-time sample count and seed of one test run (n_max = n)."""
+
+    n: int = 1
+    seed: int = 0
+
+
 def conv_spec(case, lowering, n, seed=0, layer=0, activation="relu", E=4, P=16, act_bits=8, act_signed=True,
               frac_bits=None):
     x_shape, w_shape, geo = CONV_CASES[case] if isinstance(case, str) else case
     if frac_bits is None:
         frac_bits = 5 if act_bits == 8 else 12
-    return KernelSpec(kind="conv2d", lowering=lowering, x_shape=x_shape, w_shape=w_shape, n=n,
-                      key=int(nm.layer_key(seed, layer)), E=E, P=P, act_bits=act_bits, act_signed=act_signed,
-                      frac_bits=frac_bits, activation=activation, **geo)
+    return Case(kind="conv2d", lowering=lowering, x_shape=x_shape, w_shape=w_shape, n=n, n_max=n, seed=seed,
+                layer=layer, E=E, P=P, act_bits=act_bits, act_signed=act_signed, frac_bits=frac_bits,
+                activation=activation, **geo)
 
 
 def dense_spec(case, lowering, n, seed=0, layer=0, activation=None, E=4, P=16, act_bits=8, act_signed=True,
@@ -68,18 +78,23 @@ def dense_spec(case, lowering, n, seed=0, layer=0, activation=None, E=4, P=16, a
     M, K, O = DENSE_CASES[case] if isinstance(case, str) else case
     if frac_bits is None:
         frac_bits = 5 if act_bits == 8 else 12
-    return KernelSpec(kind="dense", lowering=lowering, x_shape=(M, K), w_shape=(O, K), n=n,
-                      key=int(nm.layer_key(seed, layer)), E=E, P=P, act_bits=act_bits, act_signed=act_signed,
-                      frac_bits=frac_bits, activation=activation)
+    return Case(kind="dense", lowering=lowering, x_shape=(M, K), w_shape=(O, K), n=n, n_max=n, seed=seed,
+                layer=layer, E=E, P=P, act_bits=act_bits, act_signed=act_signed, frac_bits=frac_bits,
+                activation=activation)
 
 
 @functools.lru_cache(maxsize=None)
 def build(spec: KernelSpec):
-    func = psb_kernel(spec, "psb_test_kernel", expose_acc=True)
-    rule = PSBConv2D() if spec.kind == "conv2d" else PSBDense()
-    sch = rule.apply(func, TARGET, False)
-    assert sch is not None, "default CPU rule did not apply"
-    return tvm.compile(sch.mod["main"], target=TARGET)
+    """(sampler, layer kernel) compiled with the default CPU rules; n and seed are run-time."""
+    spec = KernelSpec(**{f.name: getattr(spec, f.name) for f in dataclasses.fields(KernelSpec)})
+    compiled = []
+    for func, rule in [(psb_sample_kernel(spec, "psb_test_sample"), PSBSample()),
+                       (psb_layer_kernel(spec, "psb_test_kernel", expose_acc=True),
+                        PSBConv2D() if spec.kind == "conv2d" else PSBDense())]:
+        sch = rule.apply(func, TARGET, False)
+        assert sch is not None, "default CPU rule did not apply"
+        compiled.append(tvm.compile(sch.mod["main"], target=TARGET))
+    return tuple(compiled)
 
 
 def make_weights(rng, w_shape):
@@ -118,12 +133,20 @@ def make_acts(rng, shape, frac_bits, bits, signed):
     return x.astype(np.float32)
 
 
-def execute(spec: KernelSpec, x, enc, scale, bias):
-    """Run the compiled kernel of ``spec``; return (acc, out) as numpy arrays."""
-    args = [tvm.runtime.tensor(a, DEV) for a in (x, enc.threshold, enc.sign, enc.normal, enc.shift, scale, bias)]
+def execute(spec: Case, x, enc, scale, bias):
+    """Run the compiled kernels of ``spec``; return (acc, out) as numpy arrays.
+
+    ``scale`` is the final 2**(k_lo - f - log2 n); the layer kernel takes 2**(k_lo - f) and divides by n.
+    """
+    sampler, layer = build(spec)
+    counts = tvm.runtime.empty(spec.w_shape, "int16", DEV)
+    sampler(tvm.runtime.tensor(enc.threshold, DEV), 0, spec.n, spec.seed, counts)
+    np.testing.assert_array_equal(counts.numpy(), nm.sample_counts(enc, spec.n, spec.seed, spec.layer))
+    base = (scale * np.float32(spec.n)).astype(np.float32)
+    args = [tvm.runtime.tensor(x, DEV), counts] + [tvm.runtime.tensor(a, DEV) for a in (enc.sign, enc.normal, enc.shift, base, bias)]
     acc = tvm.runtime.empty(spec.out_shape, spec.acc_dtype, DEV)
     out = tvm.runtime.empty(spec.out_shape, "float32", DEV)
-    build(spec)(*args, acc, out)
+    layer(*args, spec.n, acc, out)
     return acc.numpy(), out.numpy()
 
 
@@ -135,7 +158,7 @@ def _input_seed(spec: KernelSpec, seed_extra: str) -> int:
 @functools.lru_cache(maxsize=None)
 def run_case(spec: KernelSpec, seed: int, layer: int, per_channel: bool = True, big: bool = False):
     """Compile and run ``spec``; return (acc, out, reference acc, reference out)."""
-    assert spec.key == int(nm.layer_key(seed, layer))
+    assert (spec.seed, spec.layer) == (seed, layer)
     rng = np.random.default_rng(_input_seed(spec, f"{per_channel}{big}"))
     if big:  # saturated activations and large same-sign weights: accumulators beyond int32
         lo, hi = nm.act_range(spec.act_bits, spec.act_signed)
@@ -220,7 +243,7 @@ def test_tir_sample_bit_matches_reference(seed, layer, P):
     J, I = 64, 1024
     key = int(nm.layer_key(seed, layer))
     t = te.placeholder((I,), "int32", name="t")
-    b = te.compute((J, I), lambda j, i: tir_hash.sample_bit(key, i, j, t[i], P), name="b")
+    b = te.compute((J, I), lambda j, i: tir_hash.sample_bit(tvm.tirx.const(key, "uint32"), i, j, t[i], P), name="b")
     func = te.create_prim_func([t, b])
     rng = np.random.default_rng(seed % 1000 + P)
     thr = rng.integers(0, 2**P + 1, size=I).astype(np.int32)
@@ -409,3 +432,34 @@ def test_key_changes_the_samples():
         np.testing.assert_array_equal(acc, nm.dense_int(xi, nm.integer_weights(enc, 1, seed, layer)))
         accs.append(acc)
     assert np.any(accs[0] != accs[1]) and np.any(accs[0] != accs[2])
+
+
+def test_tir_layer_key_matches_reference():
+    """The run-time key ``mix32(mix32(seed) ^ layer*GOLDEN)`` in TIR equals ``numerics.layer_key``."""
+    seeds = np.array([0, 1, 2, 12345, 2**31, 2**32 - 1], dtype=np.int64)
+    for layer in (0, 1, 17, 250):
+        s = te.placeholder((seeds.size,), "int64", name="s")
+        k = te.compute((seeds.size,), lambda i: tir_hash.layer_key(s[i], layer, lambda v: v), name="k")
+        lib = tvm.compile(te.create_prim_func([s, k]), target=TARGET)
+        out = tvm.runtime.empty((seeds.size,), "uint32", DEV)
+        lib(tvm.runtime.tensor(seeds, DEV), out)
+        np.testing.assert_array_equal(out.numpy(), [int(nm.layer_key(int(v), layer)) for v in seeds])
+
+
+@pytest.mark.parametrize("lowering", LOWERINGS)
+def test_sample_ranges_nest(lowering):
+    """counts over [0, 2n) == counts over [0, n) + counts over [n, 2n), computed by the compiled sampler."""
+    spec = conv_spec("3x3_pad1", lowering, 8, 3, 1)
+    sampler, _ = build(spec)
+    rng = np.random.default_rng(4)
+    enc = nm.encode_weights(make_weights(rng, spec.w_shape))
+    thr = tvm.runtime.tensor(enc.threshold, DEV)
+
+    def counts(lo, hi):
+        out = tvm.runtime.empty(spec.w_shape, "int16", DEV)
+        sampler(thr, lo, hi, 3, out)
+        return out.numpy().astype(np.int64)
+
+    np.testing.assert_array_equal(counts(0, 8), counts(0, 4) + counts(4, 8))
+    np.testing.assert_array_equal(counts(4, 8), nm.sample_bits(enc, 3, 1, 4, 8).sum(0))
+    assert np.all(counts(5, 5) == 0)

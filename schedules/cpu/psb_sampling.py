@@ -1,20 +1,38 @@
-"""Default CPU schedule of the stages every PSB kernel shares: sampling and activation quantization."""
+"""Default CPU schedules for the sampling kernel and the weight/activation stages of layer kernels."""
 
 from __future__ import annotations
 
-from tvm import s_tir
+from tvm import s_tir, tirx
+from tvm.s_tir.dlight.cpu.base import CPUScheduleRule
+from tvm.target import Target
 
 from .common import parallel_vectorize
 
 
+def _parallel_spatial(sch: s_tir.Schedule, block, n_spatial: int) -> None:
+    loops = sch.get_loops(block)[:n_spatial]
+    sch.parallel(sch.fuse(*loops) if len(loops) > 1 else loops[0])
+
+
+class PSBSample(CPUScheduleRule):
+    """Parallel over weights; each weight's run-time sample loop stays innermost and serial."""
+
+    def apply(self, func: tirx.PrimFunc, target: Target, _: bool) -> None | s_tir.Schedule:
+        if not isinstance(func, tirx.PrimFunc) or not self.is_target_available(target):
+            return None
+        if func.attrs is None or func.attrs.get("psb.kind") != "sample":
+            return None
+        sch = s_tir.Schedule(func)
+        counts = sch.get_sblock("counts")
+        loops = sch.get_loops(counts)
+        _parallel_spatial(sch, counts, len(loops) - 1)
+        # Initialise outside the sample loop: an empty range [lo, lo) must still give zero counts.
+        sch.decompose_reduction(counts, sch.get_loops(counts)[-1])
+        return sch
+
+
 def schedule_shared_stages(sch: s_tir.Schedule) -> None:
-    """Parallelize weight sampling over weights (samples stay innermost) and vectorize ``xq``."""
-    names = {sch.get(b).name_hint for b in sch.get_child_blocks(sch.get_sblock("root"))}
-    if "count" in names:
-        count = sch.get_sblock("count")
-        spatial = sch.get_loops(count)[:-1]
-        sch.parallel(sch.fuse(*spatial) if len(spatial) > 1 else spatial[0])
+    """Layer kernels: parallel weight stage ``q``, parallel + vectorized activation stage ``xq``."""
     q = sch.get_sblock("q")
-    qloops = sch.get_loops(q)
-    sch.parallel(sch.fuse(*qloops) if len(qloops) > 1 else qloops[0])
+    _parallel_spatial(sch, q, len(sch.get_loops(q)))
     parallel_vectorize(sch, sch.get_sblock("xq"))
