@@ -5,7 +5,11 @@ builds the kernels and splices them in. Unchosen sites stay float. The result ha
 - sampled mode: ``main(*inputs, samples: Shape[L], seed: Shape[1])`` sampling at run time,
   ``sample(lo: Shape[L], hi: Shape[L], seed: Shape[1]) -> (counts_0, ..., counts_{L-1})`` and
   ``forward(*inputs, samples: Shape[L], counts_0, ..., counts_{L-1})`` for progressive refinement;
-- frozen mode: ``main(*inputs)`` with one draw of the counts baked in as constants.
+- frozen mode: ``main(*inputs)`` with one draw of the counts baked in as constants;
+and, for the localized refinement ("computational attention") of sampled modules,
+``probe(*inputs, samples, seed) -> (output, layer_0, ..., layer_{L-1})`` (every PSB layer's output)
+and ``attend(*inputs, samples, seed, m: Shape[L], low_0.., pos_0.., slot_0..)`` where layer ``l``
+computes only its ``m_l`` listed positions and copies ``low_l`` elsewhere.
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ import tvm
 from tvm import relax, tirx
 
 from psb_tvm.numerics import EncodedWeights
-from psb_tvm.schedules.kernels import COUNTS_DTYPE, KernelSpec, psb_layer_kernel, psb_sample_kernel
+from psb_tvm.schedules.kernels import COUNTS_DTYPE, KernelSpec, psb_layer_kernel, psb_masked_kernel, psb_sample_kernel
 
 from .select_psb_layers import find_layer_sites
 
@@ -40,6 +44,7 @@ class _Kernels:
 
     sample: tvm.ir.GlobalVar
     layer: tvm.ir.GlobalVar
+    masked: tvm.ir.GlobalVar
     threshold: object
     rest: list  # sign, normal, shift, scale, bias constants
 
@@ -55,13 +60,14 @@ def _i64(value) -> relax.Expr:
 
 @relax.expr_functor.mutator
 class _PSBRewriter(relax.PyExprMutator):
-    """Replace each chosen site; ``operands(l)`` gives layer ``l``'s (counts expr, n expr)."""
+    """Replace each chosen site by ``make_call(l, builder, data)``; records the layer outputs."""
 
-    def __init__(self, mod, layers_by_var: dict, absorbed: set, operands):
+    def __init__(self, mod, layers_by_var: dict, absorbed: set, make_call):
         super().__init__(mod)
         self.layers_by_var = layers_by_var
         self.absorbed = absorbed
-        self.operands = operands
+        self.make_call = make_call
+        self.layer_outputs = {}
 
     def visit_var_binding_(self, binding):
         if binding.var in self.absorbed:
@@ -70,18 +76,34 @@ class _PSBRewriter(relax.PyExprMutator):
         if item is None:
             super().visit_var_binding_(binding)
             return
-        ordinal, site, layer, kern = item
+        ordinal, site, layer, _ = item
         data = self.visit_expr(site.data)
         spec = layer.spec
         if spec.kind == "dense" and len(site.data.ty.shape.values) != 2:
             data = self.builder_.emit(relax.op.reshape(data, spec.x_shape))
-        counts, n = self.operands(ordinal, self.builder_)
-        args = [data, counts] + kern.rest + [n]
-        value = relax.call_tir(kern.layer, args, out_ty=relax.TensorType(spec.out_shape, "float32"))
+        value = self.make_call(ordinal, self.builder_, data)
         out_shape = tuple(int(v) for v in binding.var.ty.shape.values)
         if out_shape != spec.out_shape:
-            value = relax.op.reshape(self.builder_.emit(value), out_shape)
+            kernel_out = self.builder_.emit(value)
+            self.layer_outputs[ordinal] = kernel_out
+            value = relax.op.reshape(kernel_out, out_shape)
         self.builder_.emit_normalized(relax.VarBinding(binding.var, self.builder_.normalize(value)))
+        self.layer_outputs.setdefault(ordinal, binding.var)
+
+
+def _positions(spec: KernelSpec) -> tuple:
+    """Shape of the position list of the masked kernel: one (b, y, x) / (row, 0, 0) per output position."""
+    if spec.kind == "dense":
+        return (spec.out_shape[0], 3)
+    N, _, OH, OW = spec.out_shape
+    return (N * OH * OW, 3)
+
+
+def _slot_shape(spec: KernelSpec) -> tuple:
+    if spec.kind == "dense":
+        return (spec.out_shape[0],)
+    N, _, OH, OW = spec.out_shape
+    return (N, OH, OW)
 
 
 def _counts_type(layer: PSBLayer):
@@ -97,12 +119,22 @@ def _shape_var(name: str, length: int, prefix: str):
     return relax.Var(name, relax.ShapeType(values)), values
 
 
-def _rewrite_main(mod, main, layers_by_var, absorbed, operands, extra_params, name):
-    rewriter = _PSBRewriter(mod, layers_by_var, absorbed, operands)
+def _rewrite_main(mod, main, layers_by_var, absorbed, make_call, extra_params, name, expose_layers=False):
+    if expose_layers:  # layer outputs must outlive the dataflow block to be returned
+        main = relax.transform.ToNonDataflow()(tvm.IRModule({"main": main}))["main"]
+        sites = {s.index: s for s in find_layer_sites(main)}
+        layers_by_var = {sites[item[1].index].final_var: (item[0], sites[item[1].index], item[2], item[3])
+                         for item in layers_by_var.values()}
+        absorbed = {v for s in sites.values() for v in s.fused_vars if s.final_var in layers_by_var}
+    rewriter = _PSBRewriter(mod, layers_by_var, absorbed, make_call)
     new = rewriter.visit_expr(main)
-    func = relax.Function(list(new.params) + extra_params, new.body, ret_ty=new.ret_ty, is_pure=new.is_pure,
-                          attrs=new.attrs)
-    # Every function needs its own Var objects (main and forward are rewritten from one original).
+    body = new.body
+    if expose_layers:
+        outs = relax.Tuple([body.body] + [rewriter.layer_outputs[l] for l in range(len(rewriter.layer_outputs))])
+        body = relax.SeqExpr(body.blocks, outs)
+    func = relax.Function(list(new.params) + extra_params, body, ret_ty=body.body.ty if expose_layers else new.ret_ty,
+                          is_pure=new.is_pure, attrs=new.attrs)
+    # Every function needs its own Var objects (they are all rewritten from one original).
     return relax.utils.copy_with_new_vars(func).with_attr("global_symbol", name)
 
 
@@ -121,11 +153,14 @@ def rewrite_to_psb(mod: tvm.IRModule, layers: list[PSBLayer], frozen: dict | Non
         if not site.convertible:
             raise ValueError(f"layer {layer.name!r} cannot be PSB: {site.reason}")
         enc = layer.enc
+        def add(prefix, make):
+            symbol = _symbol(prefix, layer.name, site.index)
+            return bb.add_func(make(layer.spec, symbol), symbol)
+
         kern = _Kernels(
-            sample=bb.add_func(psb_sample_kernel(layer.spec, _symbol("psb_sample", layer.name, site.index)),
-                               _symbol("psb_sample", layer.name, site.index)),
-            layer=bb.add_func(psb_layer_kernel(layer.spec, _symbol("psb", layer.name, site.index)),
-                              _symbol("psb", layer.name, site.index)),
+            sample=add("psb_sample", psb_sample_kernel),
+            layer=add("psb", psb_layer_kernel),
+            masked=None if frozen is not None else add("psb_masked", psb_masked_kernel),
             threshold=relax.const(enc.threshold),
             rest=[relax.const(a) for a in (enc.sign, enc.normal, enc.shift, layer.scale, layer.bias)],
         )
@@ -136,22 +171,51 @@ def rewrite_to_psb(mod: tvm.IRModule, layers: list[PSBLayer], frozen: dict | Non
     main = base["main"]
     L = len(layers)
     funcs = {}
+    def plain_call(counts_of, n_of):
+        def make(l, builder, data):
+            args = [data, counts_of(l, builder)] + kernels[l].rest + [n_of(l)]
+            return relax.call_tir(kernels[l].layer, args, out_ty=relax.TensorType(layers[l].spec.out_shape, "float32"))
+
+        return make
+
+    def rewrite(make_call, extra, name, expose=False):
+        return _rewrite_main(base, main, layers_by_var, absorbed, make_call, extra, name, expose)
+
     if frozen is not None:
         consts = [relax.const(np.asarray(c, np.int16)) for c in frozen["counts"]]
-        funcs["main"] = _rewrite_main(base, main, layers_by_var, absorbed,
-                                      lambda l, _b: (consts[l], _i64(frozen["samples"][l])), [], "main")
+        funcs["main"] = rewrite(plain_call(lambda l, _b: consts[l], lambda l: _i64(frozen["samples"][l])), [], "main")
     else:
+        def sampled(n, sd):
+            return lambda l, builder: builder.emit(_sample_call(kernels[l], layers[l], 0, n[l], sd))
+
         samples, n = _shape_var("samples", L, "n")
         seed, (sd,) = _shape_var("seed", 1, "seed")
+        funcs["main"] = rewrite(plain_call(sampled(n, sd), lambda l: _i64(n[l])), [samples, seed], "main")
 
-        def sampled(l, builder):
-            return builder.emit(_sample_call(kernels[l], layers[l], 0, n[l], sd)), _i64(n[l])
-
-        funcs["main"] = _rewrite_main(base, main, layers_by_var, absorbed, sampled, [samples, seed], "main")
-        f_samples, fn = _shape_var("samples", L, "n")
+        samples, n = _shape_var("samples", L, "n")
         counts = [relax.Var(f"counts_{l}", _counts_type(layers[l])) for l in range(L)]
-        funcs["forward"] = _rewrite_main(base, main, layers_by_var, absorbed,
-                                         lambda l, _b: (counts[l], _i64(fn[l])), [f_samples] + counts, "forward")
+        funcs["forward"] = rewrite(plain_call(lambda l, _b: counts[l], lambda l: _i64(n[l])), [samples] + counts,
+                                   "forward")
+
+        samples, n = _shape_var("samples", L, "n")
+        seed, (sd,) = _shape_var("seed", 1, "seed")
+        funcs["probe"] = rewrite(plain_call(sampled(n, sd), lambda l: _i64(n[l])), [samples, seed], "probe",
+                                 expose=True)
+
+        samples, n = _shape_var("samples", L, "n")
+        seed, (sd,) = _shape_var("seed", 1, "seed")
+        m_param, m = _shape_var("m", L, "m")
+        lows = [relax.Var(f"low_{l}", relax.TensorType(layers[l].spec.out_shape, "float32")) for l in range(L)]
+        pos = [relax.Var(f"pos_{l}", relax.TensorType(_positions(layers[l].spec), "int32")) for l in range(L)]
+        slot = [relax.Var(f"slot_{l}", relax.TensorType(_slot_shape(layers[l].spec), "int32")) for l in range(L)]
+        draw = sampled(n, sd)
+
+        def masked_call(l, builder, data):
+            args = ([data, draw(l, builder)] + kernels[l].rest + [lows[l], pos[l], slot[l], _i64(n[l]), _i64(m[l])])
+            return relax.call_tir(kernels[l].masked, args, out_ty=relax.TensorType(layers[l].spec.out_shape, "float32"))
+
+        funcs["attend"] = rewrite(masked_call, [samples, seed, m_param] + lows + pos + slot, "attend")
+
         lo, lo_v = _shape_var("lo", L, "lo")
         hi, hi_v = _shape_var("hi", L, "hi")
         s_seed, (ssd,) = _shape_var("seed", 1, "seed")

@@ -113,7 +113,9 @@ def compile(onnx_model, target="llvm", samples: int = 16, seed: int = 0, input_s
                                bias.astype(np.float32)))
         info[site.index] = {"lowering": lowering, "frac_bits": frac, "act_dtype": spec.act_dtype,
                             "acc_dtype": spec.acc_dtype, "q_dtype": spec.q_dtype, "act_max_abs": st.max_abs,
-                            "layer_id": site.index}
+                            "layer_id": site.index, "out_shape": list(spec.out_shape),
+                            # the paper's cost: one addition per weight, sample and output position
+                            "additions_per_sample": int(np.prod(spec.out_shape)) * spec.reduction_size}
     frozen_draw = None
     if frozen:
         frozen_draw = {"samples": [samples] * len(layers),

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -169,6 +170,86 @@ class PSBModule:
         stacked = np.stack(runs)
         return {"mean": stacked.mean(0), "std": stacked.std(0, ddof=1), "outputs": stacked}
 
+    def cost(self, samples=None) -> dict:
+        """The paper's cost measure for one run: additions (one per weight, sample and output
+        position) per PSB layer and in total, at the given per-layer sample counts."""
+        per_layer = self.resolve_samples(samples)
+        info = {l["name"]: l for l in self.layers}
+        rows = [{"name": name, "samples": n, "additions_per_sample": info[name]["additions_per_sample"],
+                 "additions": n * info[name]["additions_per_sample"]} for name, n in zip(self.psb_layers, per_layer)]
+        return {"layers": rows, "additions": sum(r["additions"] for r in rows)}
+
+    def attend(self, *inputs, low=2, high=16, mode="mean_entropy", fraction=1.0, dilation=0, mask=None,
+               seed=None, mask_seed=0) -> "AttentionResult":
+        """Localized refinement: a ``low``-n pass everywhere, then ``high``-n only where the entropy
+        of the last spatial PSB layer is high (``mode``/``fraction``/``dilation``, or an explicit
+        ``mask`` [N, H, W] at that layer's resolution). Conv layers compute only the masked
+        positions (the rest is not computed and keeps its low-n value); a dense layer is refined
+        for the images whose mask is not empty. See ``psb_tvm.attention``."""
+        import time
+
+        import tvm
+
+        from . import attention
+        from .errors import ConfigError
+
+        if not self.metadata.get("runtime_args"):
+            raise ConfigError("attention needs a module compiled with run-time sampling (not frozen, with PSB layers)")
+        info = {l["name"]: l for l in self.layers}
+        names = self.psb_layers
+        shapes = [tuple(info[name]["out_shape"]) for name in names]
+        spatial = [i for i, shp in enumerate(shapes) if len(shp) == 4]
+        if not spatial:
+            raise ConfigError("attention needs at least one PSB conv layer (an entropy map over pixels)")
+        low_n, high_n = self.resolve_samples(low), self.resolve_samples(high)
+        seed = self._resolve_seed(seed)
+        args = self._tensors(inputs)
+        vm = self._machine()
+        t0 = time.perf_counter()
+        probe = vm["probe"](*args, tvm.runtime.ShapeTuple(low_n), tvm.runtime.ShapeTuple([seed]))
+        t1 = time.perf_counter()
+        low_out = PSBModule._to_numpy(probe[0])
+        layer_outs = [probe[1 + l] for l in range(len(names))]
+        last = shapes[spatial[-1]]
+        if mask is None:
+            entropy = attention.entropy_map(layer_outs[spatial[-1]].numpy())
+            mask = attention.select(entropy, mode, fraction, dilation, mask_seed)
+        else:
+            mask = np.asarray(mask)
+            want = (last[0], last[2], last[3])
+            if mask.shape != want or not (mask.dtype == bool or np.isin(mask, (0, 1)).all()):
+                raise ConfigError(f"mask must be a 0/1 array of shape {want} (the last spatial PSB layer "
+                                  f"{names[spatial[-1]]!r}), got {mask.dtype} {mask.shape}")
+            mask = mask.astype(bool)
+        pos, slot, counts, fractions = [], [], [], []
+        for shp in shapes:
+            if len(shp) == 4:
+                layer_mask = attention.resize_nearest(mask, (shp[2], shp[3]))
+            elif shp[0] == mask.shape[0]:
+                layer_mask = mask.reshape(mask.shape[0], -1).any(axis=1)
+            else:
+                layer_mask = np.full(shp[0], bool(mask.any()))
+            p, sl, m = attention.positions(layer_mask)
+            pos.append(tvm.runtime.tensor(p, tvm.cpu()))
+            slot.append(tvm.runtime.tensor(sl, tvm.cpu()))
+            counts.append(m)
+            fractions.append(m / layer_mask.size)
+        t2 = time.perf_counter()
+        out = vm["attend"](*args, tvm.runtime.ShapeTuple(high_n), tvm.runtime.ShapeTuple([seed]),
+                           tvm.runtime.ShapeTuple(counts), *layer_outs, *pos, *slot)
+        t3 = time.perf_counter()
+        adds = [info[name]["additions_per_sample"] for name in names]
+        full_high = sum(n * a for n, a in zip(high_n, adds))
+        high_done = sum(n * a * f for n, a, f in zip(high_n, adds, fractions))
+        return AttentionResult(
+            output=PSBModule._to_numpy(out), low_output=low_out, mask=mask,
+            layer_fractions=dict(zip(names, fractions)),
+            high_work_fraction=high_done / full_high if full_high else 0.0,
+            additions={"low_pass": sum(n * a for n, a in zip(low_n, adds)), "high_pass": high_done,
+                       "full_high": full_high},
+            seconds={"low_pass": t1 - t0, "masks": t2 - t1, "high_pass": t3 - t2},
+        )
+
     def session(self, *inputs, samples=1, seed=None) -> "RefinementSession":
         """An anytime evaluation starting at ``samples``; ``.refine()`` doubles n incrementally."""
         return RefinementSession(self, inputs, samples, seed)
@@ -210,6 +291,20 @@ class PSBModule:
     def __repr__(self):
         psb = sum(l["status"] == "psb" for l in self.layers)
         return f"<PSBModule {self.metadata.get('source')} n={self.samples} psb_layers={psb}/{len(self.layers)} target={self.metadata.get('target')}>"
+
+
+@dataclass
+class AttentionResult:
+    """Output of ``PSBModule.attend`` with its cost: the fraction of the full high-n work done
+    (additions, the paper's measure) and the measured wall-clock of each step."""
+
+    output: object
+    low_output: object
+    mask: np.ndarray
+    layer_fractions: dict
+    high_work_fraction: float
+    additions: dict
+    seconds: dict
 
 
 class RefinementSession:

@@ -5,12 +5,13 @@ from tvm.s_tir import dlight
 from .elementwise import Elementwise
 from .psb_conv2d import PSBConv2D
 from .psb_dense import PSBDense
+from .psb_masked import PSBMasked
 from .psb_sampling import PSBSample
 
 
 def default_rules():
     """Rules tried in order for every PrimFunc that is not scheduled yet."""
-    return [PSBSample(), PSBConv2D(), PSBDense(), dlight.cpu.GEMV(), dlight.cpu.Reduction(), Elementwise()]
+    return [PSBSample(), PSBConv2D(), PSBDense(), PSBMasked(), dlight.cpu.GEMV(), dlight.cpu.Reduction(), Elementwise()]
 
 
-__all__ = ["Elementwise", "PSBConv2D", "PSBDense", "PSBSample", "default_rules"]
+__all__ = ["Elementwise", "PSBConv2D", "PSBDense", "PSBMasked", "PSBSample", "default_rules"]

@@ -1,0 +1,37 @@
+"""Default CPU schedule for the attention (masked) PSB kernels: parallel over computed positions."""
+
+from __future__ import annotations
+
+from tvm import s_tir, tirx
+from tvm.s_tir.dlight.cpu.base import CPUScheduleRule
+from tvm.target import Target
+
+from .common import VECTOR_LANES, largest_divisor, loop_extents, parallel_vectorize
+from .psb_sampling import schedule_shared_stages
+
+
+class PSBMasked(CPUScheduleRule):
+    """Listed positions in parallel; output channels vectorized with the reduction outside them."""
+
+    def apply(self, func: tirx.PrimFunc, target: Target, _: bool) -> None | s_tir.Schedule:
+        if not isinstance(func, tirx.PrimFunc) or not self.is_target_available(target):
+            return None
+        if func.attrs is None or func.attrs.get("psb.kind") not in ("conv2d_masked", "dense_masked"):
+            return None
+        sch = s_tir.Schedule(func)
+        schedule_shared_stages(sch)
+        acc = sch.get_sblock("acc")
+        loops = sch.get_loops(acc)
+        k, o = loops[:2]
+        reductions = loops[2:]
+        lanes = largest_divisor(loop_extents(sch, [o])[0], VECTOR_LANES)
+        oo, oi = sch.split(o, [None, lanes])
+        sch.reorder(k, oo, *reductions, oi)
+        sch.parallel(k)
+        if lanes > 1:
+            sch.vectorize(oi)
+        init = sch.decompose_reduction(acc, reductions[0])
+        if lanes > 1:
+            sch.vectorize(sch.get_loops(init)[-1])
+        parallel_vectorize(sch, sch.get_sblock("out"))
+        return sch
