@@ -8,6 +8,7 @@ from tvm.relax.backend.cpu_generic import pipeline as cpu_generic
 from tvm.s_tir import dlight
 
 from .schedules.cpu import default_rules
+from .schedules.gpu import default_rules as gpu_rules
 
 
 def default_pipeline(target: tvm.target.Target) -> tvm.transform.Pass:
@@ -35,7 +36,10 @@ def default_pipeline(target: tvm.target.Target) -> tvm.transform.Pass:
 def build(mod: tvm.IRModule, target: tvm.target.Target):
     """Compile ``mod`` for ``target``; returns a Relax VM executable."""
     if target.kind.name == "cuda":
-        # No PSB-specific GPU rules yet: TVM's CUDA pipeline binds threads with dlight.gpu.Fallback.
+        # PSB kernels get thread binding from our GPU rules first (marked scheduled, so TVM's
+        # CUDA pipeline leaves them alone); the float glue gets TVM's default GPU rules.
+        with target:
+            mod = dlight.ApplyDefaultSchedule(*gpu_rules())(mod)
         return tvm.compile(mod, target=target)
     if target.kind.name != "llvm":
         raise NotImplementedError(f"target kind {target.kind.name!r} is not supported; use llvm (CPU) or cuda")
