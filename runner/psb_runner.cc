@@ -1,0 +1,752 @@
+// psb_runner: see psb_runner.h.
+#include "psb_runner.h"
+
+#include <dlpack/dlpack.h>
+#include <tvm/ffi/any.h>
+#include <tvm/ffi/container/array.h>
+#include <tvm/ffi/container/map.h>
+#include <tvm/ffi/container/shape.h>
+#include <tvm/ffi/container/tensor.h>
+#include <tvm/ffi/error.h>
+#include <tvm/ffi/extra/json.h>
+#include <tvm/ffi/extra/module.h>
+#include <tvm/ffi/function.h>
+#include <tvm/ffi/string.h>
+
+#include <fcntl.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cctype>
+#include <cerrno>
+#include <chrono>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <fstream>
+#include <limits>
+#include <random>
+#include <sstream>
+#include <utility>
+
+namespace psb_runner {
+
+namespace ffi = tvm::ffi;
+
+namespace {
+
+// ----------------------------------------------------------------------------------- dtypes
+struct DTypeEntry {
+  const char* name;   // numpy / TVM name
+  const char* descr;  // .npy descr written (little-endian, or '|' for one byte)
+  DLDataType dl;
+};
+
+const DTypeEntry kDTypes[] = {
+    {"bool", "|b1", {kDLBool, 8, 1}},       {"int8", "|i1", {kDLInt, 8, 1}},
+    {"int16", "<i2", {kDLInt, 16, 1}},      {"int32", "<i4", {kDLInt, 32, 1}},
+    {"int64", "<i8", {kDLInt, 64, 1}},      {"uint8", "|u1", {kDLUInt, 8, 1}},
+    {"uint16", "<u2", {kDLUInt, 16, 1}},    {"uint32", "<u4", {kDLUInt, 32, 1}},
+    {"uint64", "<u8", {kDLUInt, 64, 1}},    {"float16", "<f2", {kDLFloat, 16, 1}},
+    {"float32", "<f4", {kDLFloat, 32, 1}},  {"float64", "<f8", {kDLFloat, 64, 1}},
+};
+
+const DTypeEntry* FindByName(const std::string& name) {
+  for (const auto& e : kDTypes)
+    if (name == e.name) return &e;
+  return nullptr;
+}
+
+const DTypeEntry* FindByDL(DLDataType t) {
+  for (const auto& e : kDTypes)
+    if (e.dl.code == t.code && e.dl.bits == t.bits && e.dl.lanes == t.lanes) return &e;
+  // Older runtimes spell bool as uint1 (stored in one byte).
+  if (t.code == kDLUInt && t.bits == 1 && t.lanes == 1) return FindByName("bool");
+  return nullptr;
+}
+
+std::string SupportedList() {
+  std::string s;
+  for (const auto& e : kDTypes) s += (s.empty() ? "" : ", ") + std::string(e.name);
+  return s;
+}
+
+std::string ShapeStr(const std::vector<int64_t>& shape) {
+  std::ostringstream os;
+  os << "(";
+  for (size_t i = 0; i < shape.size(); ++i) os << (i ? ", " : "") << shape[i];
+  if (shape.size() == 1) os << ",";
+  os << ")";
+  return os.str();
+}
+
+// Product of dims, with overflow and negative checks.
+size_t CheckedNumel(const std::vector<int64_t>& shape, const std::string& what) {
+  uint64_t n = 1;
+  for (int64_t d : shape) {
+    if (d < 0) throw Error(what + ": negative dimension in shape " + ShapeStr(shape));
+    if (d != 0 && n > std::numeric_limits<uint64_t>::max() / 4 / static_cast<uint64_t>(d))
+      throw Error(what + ": shape " + ShapeStr(shape) + " is too large");
+    n *= static_cast<uint64_t>(d);
+  }
+  return static_cast<size_t>(n);
+}
+
+bool HostIsLittleEndian() {
+  const uint16_t one = 1;
+  unsigned char b;
+  std::memcpy(&b, &one, 1);
+  return b == 1;
+}
+
+// ----------------------------------------------------------------------------------- .npy header
+// The header is a Python dict literal: {'descr': '<f4', 'fortran_order': False, 'shape': (2, 3), }
+// This parses exactly the subset np.save writes: str keys; str, bool and tuple-of-int values.
+class HeaderParser {
+ public:
+  HeaderParser(const std::string& text, const std::string& path) : s_(text), path_(path) {}
+
+  void Parse(std::string* descr, bool* fortran, std::vector<int64_t>* shape) {
+    bool have_descr = false, have_fortran = false, have_shape = false;
+    Expect('{');
+    while (true) {
+      Skip();
+      if (Peek() == '}') { ++i_; break; }
+      std::string key = ParseString();
+      Expect(':');
+      Skip();
+      if (key == "descr") {
+        if (Peek() != '\'' && Peek() != '"')
+          Fail("unsupported dtype: structured arrays (a list 'descr') are not supported");
+        *descr = ParseString();
+        have_descr = true;
+      } else if (key == "fortran_order") {
+        *fortran = ParseBool();
+        have_fortran = true;
+      } else if (key == "shape") {
+        *shape = ParseShape();
+        have_shape = true;
+      } else {
+        Fail("unexpected key '" + key + "' in header");
+      }
+      Skip();
+      if (Peek() == ',') { ++i_; continue; }
+      Skip();
+      if (Peek() == '}') { ++i_; break; }
+      Fail("expected ',' or '}' in header");
+    }
+    Skip();
+    if (i_ != s_.size()) Fail("trailing characters after the header dict");
+    if (!have_descr || !have_fortran || !have_shape)
+      Fail("header lacks one of 'descr', 'fortran_order', 'shape'");
+  }
+
+ private:
+  [[noreturn]] void Fail(const std::string& msg) {
+    throw Error(path_ + ": malformed .npy header (" + msg + "): " + s_);
+  }
+  void Skip() {
+    while (i_ < s_.size() && (s_[i_] == ' ' || s_[i_] == '\t' || s_[i_] == '\n' || s_[i_] == '\r')) ++i_;
+  }
+  char Peek() { return i_ < s_.size() ? s_[i_] : '\0'; }
+  void Expect(char c) {
+    Skip();
+    if (Peek() != c) Fail(std::string("expected '") + c + "'");
+    ++i_;
+  }
+  std::string ParseString() {
+    Skip();
+    char q = Peek();
+    if (q != '\'' && q != '"') Fail("expected a string");
+    ++i_;
+    std::string out;
+    while (i_ < s_.size() && s_[i_] != q) {
+      if (s_[i_] == '\\') Fail("escapes are not supported");
+      out += s_[i_++];
+    }
+    if (i_ >= s_.size()) Fail("unterminated string");
+    ++i_;
+    return out;
+  }
+  bool ParseBool() {
+    if (s_.compare(i_, 4, "True") == 0) { i_ += 4; return true; }
+    if (s_.compare(i_, 5, "False") == 0) { i_ += 5; return false; }
+    Fail("expected True or False");
+  }
+  std::vector<int64_t> ParseShape() {
+    std::vector<int64_t> shape;
+    Expect('(');
+    while (true) {
+      Skip();
+      if (Peek() == ')') { ++i_; break; }
+      if (!std::isdigit(static_cast<unsigned char>(Peek()))) Fail("expected a non-negative integer in shape");
+      int64_t v = 0;
+      while (std::isdigit(static_cast<unsigned char>(Peek()))) {
+        int d = s_[i_++] - '0';
+        if (v > (std::numeric_limits<int64_t>::max() - d) / 10) Fail("dimension too large");
+        v = v * 10 + d;
+      }
+      if (Peek() == 'L') ++i_;  // Python 2 longs
+      shape.push_back(v);
+      Skip();
+      if (Peek() == ',') { ++i_; continue; }
+      Skip();
+      if (Peek() == ')') { ++i_; break; }
+      Fail("expected ',' or ')' in shape");
+    }
+    return shape;
+  }
+
+  const std::string& s_;
+  std::string path_;
+  size_t i_ = 0;
+};
+
+// Map an .npy descr to one of our dtypes. '<' and '|' are little-endian / byte-order free; '='
+// means native, accepted on little-endian hosts only; '>' is rejected.
+const DTypeEntry* DTypeFromDescr(const std::string& descr, const std::string& path) {
+  if (descr.size() < 3)
+    throw Error(path + ": unsupported dtype '" + descr + "' (supported: " + SupportedList() + ")");
+  char order = descr[0];
+  std::string kind = descr.substr(1);
+  if (order == '>' && kind.size() == 2 && kind[1] != '1')
+    throw Error(path + ": big-endian data ('" + descr + "') is not supported; save it little-endian "
+                "(e.g. arr.astype(arr.dtype.newbyteorder('<')))");
+  if (order == '=' && !HostIsLittleEndian())
+    throw Error(path + ": native-order descr '" + descr + "' on a big-endian host is not supported");
+  if (order != '<' && order != '|' && order != '=' && order != '>')
+    throw Error(path + ": unsupported dtype '" + descr + "' (supported: " + SupportedList() + ")");
+  for (const auto& e : kDTypes)
+    if (kind == std::string(e.descr).substr(1)) return &e;
+  throw Error(path + ": unsupported dtype '" + descr + "' (supported: " + SupportedList() + ")");
+}
+
+// ----------------------------------------------------------------------------------- files
+std::string ErrnoText() { return std::strerror(errno); }
+
+std::string DirOf(const std::string& path) {
+  size_t slash = path.find_last_of('/');
+  if (slash == std::string::npos) return ".";
+  if (slash == 0) return "/";
+  return path.substr(0, slash);
+}
+
+std::string BaseOf(const std::string& path) {
+  size_t slash = path.find_last_of('/');
+  return slash == std::string::npos ? path : path.substr(slash + 1);
+}
+
+std::string NpyBytes(const HostTensor& t) {
+  const DTypeEntry* e = FindByName(t.dtype);
+  if (e == nullptr) throw Error("cannot write dtype '" + t.dtype + "' to .npy (supported: " + SupportedList() + ")");
+  size_t numel = CheckedNumel(t.shape, "tensor");
+  if (t.data.size() != numel * (e->dl.bits / 8))
+    throw Error("tensor data size does not match shape " + ShapeStr(t.shape) + " and dtype " + t.dtype);
+  std::string dict = std::string("{'descr': '") + e->descr + "', 'fortran_order': False, 'shape': " +
+                     ShapeStr(t.shape) + ", }";
+  // numpy pads the header with spaces so data starts at a multiple of 64, ending in '\n'.
+  std::string out;
+  size_t prefix = 6 + 2 + 2;  // magic, version, uint16 length
+  int major = 1;
+  size_t total = prefix + dict.size() + 1;
+  size_t padded = (total + 63) / 64 * 64;
+  if (padded - prefix > 65535) {
+    major = 2;
+    prefix = 6 + 2 + 4;
+    total = prefix + dict.size() + 1;
+    padded = (total + 63) / 64 * 64;
+  }
+  size_t header_len = padded - prefix;
+  dict.append(header_len - dict.size() - 1, ' ');
+  dict += '\n';
+  out.append("\x93NUMPY", 6);
+  out += static_cast<char>(major);
+  out += static_cast<char>(0);
+  if (major == 1) {
+    out += static_cast<char>(header_len & 0xff);
+    out += static_cast<char>((header_len >> 8) & 0xff);
+  } else {
+    for (int i = 0; i < 4; ++i) out += static_cast<char>((header_len >> (8 * i)) & 0xff);
+  }
+  out += dict;
+  out.append(reinterpret_cast<const char*>(t.data.data()), t.data.size());
+  return out;
+}
+
+// Write all of ``bytes`` to ``fd`` and close it; throws (naming ``path``) on any failure.
+void WriteFd(int fd, const std::string& path, const std::string& bytes) {
+  size_t done = 0;
+  int err = 0;
+  while (done < bytes.size()) {
+    ssize_t n = ::write(fd, bytes.data() + done, bytes.size() - done);
+    if (n < 0) {
+      if (errno == EINTR) continue;
+      err = errno;
+      break;
+    }
+    done += static_cast<size_t>(n);
+  }
+  if (::close(fd) != 0 && err == 0) err = errno;
+  if (err != 0) {
+    errno = err;
+    throw Error("cannot write " + path + ": " + ErrnoText());
+  }
+}
+
+void WriteAll(const std::string& path, const std::string& bytes) {
+  int fd = ::open(path.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0666);
+  if (fd < 0) throw Error("cannot write " + path + ": " + ErrnoText());
+  try {
+    WriteFd(fd, path, bytes);
+  } catch (...) {
+    std::remove(path.c_str());
+    throw;
+  }
+}
+
+// Create a new, empty temp file next to ``dest`` (mode 0666 & ~umask, like the final file).
+std::pair<int, std::string> CreateTempNextTo(const std::string& dest) {
+  static std::mt19937_64 rng(std::random_device{}() ^ static_cast<uint64_t>(::getpid()));
+  for (int attempt = 0; attempt < 100; ++attempt) {
+    char suffix[32];
+    std::snprintf(suffix, sizeof(suffix), ".psb_tmp_%016llx", static_cast<unsigned long long>(rng()));
+    std::string name = DirOf(dest) + "/." + BaseOf(dest) + suffix;
+    int fd = ::open(name.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0666);
+    if (fd >= 0) return {fd, name};
+    if (errno != EEXIST) throw Error("cannot write " + dest + ": " + ErrnoText());
+  }
+  throw Error("cannot write " + dest + ": no free temp file name");
+}
+
+// ----------------------------------------------------------------------------------- JSON helpers
+ffi::Any Field(const ffi::Map<ffi::Any, ffi::Any>& obj, const char* key, const std::string& where) {
+  auto it = obj.find(ffi::String(key));
+  if (it == obj.end()) throw Error("module metadata: " + where + " lacks \"" + key + "\"");
+  return (*it).second;
+}
+
+std::optional<ffi::Any> OptField(const ffi::Map<ffi::Any, ffi::Any>& obj, const char* key) {
+  auto it = obj.find(ffi::String(key));
+  if (it == obj.end()) return std::nullopt;
+  return (*it).second;
+}
+
+ffi::Map<ffi::Any, ffi::Any> AsObject(const ffi::Any& v, const std::string& where) {
+  auto m = v.as<ffi::Map<ffi::Any, ffi::Any>>();
+  if (!m.has_value()) throw Error("module metadata: " + where + " is not a JSON object");
+  return *m;
+}
+
+ffi::Array<ffi::Any> AsArray(const ffi::Any& v, const std::string& where) {
+  auto a = v.as<ffi::Array<ffi::Any>>();
+  if (!a.has_value()) throw Error("module metadata: " + where + " is not a JSON list");
+  return *a;
+}
+
+std::string AsString(const ffi::Any& v, const std::string& where) {
+  auto s = v.as<ffi::String>();
+  if (!s.has_value()) throw Error("module metadata: " + where + " is not a string");
+  return std::string(*s);
+}
+
+int64_t AsInt(const ffi::Any& v, const std::string& where) {
+  if (v.type_index() != ffi::TypeIndex::kTVMFFIInt)
+    throw Error("module metadata: " + where + " is not an integer");
+  return v.cast<int64_t>();
+}
+
+// ----------------------------------------------------------------------------------- tensors
+struct AlignedCPUAlloc {
+  void AllocData(DLTensor* t) {
+    size_t size = ffi::GetDataSize(*t);
+    void* p = nullptr;
+    if (posix_memalign(&p, 64, size == 0 ? 64 : size) != 0) throw Error("out of memory");
+    t->data = p;
+  }
+  void FreeData(DLTensor* t) { std::free(t->data); }
+};
+
+ffi::Tensor ToRuntime(const HostTensor& h) {
+  const DTypeEntry* e = FindByName(h.dtype);
+  if (e == nullptr) throw Error("unsupported dtype " + h.dtype);
+  ffi::Tensor t = ffi::Tensor::FromNDAlloc(AlignedCPUAlloc(), ffi::Shape(h.shape), e->dl,
+                                           DLDevice{kDLCPU, 0});
+  if (!h.data.empty()) std::memcpy(t.data_ptr(), h.data.data(), h.data.size());
+  return t;
+}
+
+HostTensor FromRuntime(const ffi::Tensor& t, size_t index) {
+  std::string where = "output " + std::to_string(index);
+  if (t.device().device_type != kDLCPU) throw Error(where + " is not on the CPU");
+  const DTypeEntry* e = FindByDL(t.dtype());
+  if (e == nullptr)
+    throw Error(where + " has dtype " + std::string(ffi::DLDataTypeToString(t.dtype())) +
+                ", which cannot be written to .npy");
+  if (!t.IsContiguous()) throw Error(where + " is not contiguous");
+  HostTensor h;
+  h.dtype = e->name;
+  ffi::ShapeView shape = t.shape();
+  h.shape.assign(shape.begin(), shape.end());
+  size_t bytes = CheckedNumel(h.shape, where) * (e->dl.bits / 8);
+  h.data.resize(bytes);
+  if (bytes) std::memcpy(h.data.data(), static_cast<const char*>(t.data_ptr()) + t.byte_offset(), bytes);
+  return h;
+}
+
+std::string FormatFfiError(const ffi::Error& err) { return err.kind() + ": " + err.message(); }
+
+}  // namespace
+
+// ===================================================================================== public
+size_t HostTensor::numel() const { return CheckedNumel(shape, "tensor"); }
+std::string HostTensor::ShapeString() const { return ShapeStr(shape); }
+
+size_t ItemSize(const std::string& dtype) {
+  const DTypeEntry* e = FindByName(dtype);
+  if (e == nullptr) throw Error("unsupported dtype '" + dtype + "' (supported: " + SupportedList() + ")");
+  return e->dl.bits / 8;
+}
+
+std::vector<std::string> SupportedDTypes() {
+  std::vector<std::string> out;
+  for (const auto& e : kDTypes) out.push_back(e.name);
+  return out;
+}
+
+HostTensor ReadNpy(const std::string& path) {
+  if (!HostIsLittleEndian()) throw Error("the .npy reader supports little-endian hosts only");
+  struct stat st;
+  if (stat(path.c_str(), &st) != 0) throw Error("cannot read " + path + ": " + ErrnoText());
+  if (!S_ISREG(st.st_mode)) throw Error("cannot read " + path + ": not a regular file");
+  std::ifstream f(path, std::ios::binary);
+  if (!f) throw Error("cannot read " + path + ": " + ErrnoText());
+  std::string bytes((std::istreambuf_iterator<char>(f)), std::istreambuf_iterator<char>());
+  if (f.bad()) throw Error("cannot read " + path + ": I/O error");
+
+  if (bytes.size() < 10 || bytes.compare(0, 6, "\x93NUMPY", 6) != 0)
+    throw Error(path + ": not a .npy file (bad magic; save arrays with numpy.save)");
+  int major = static_cast<unsigned char>(bytes[6]);
+  size_t header_len = 0, header_start = 0;
+  if (major == 1) {
+    header_len = static_cast<unsigned char>(bytes[8]) | (static_cast<unsigned char>(bytes[9]) << 8);
+    header_start = 10;
+  } else if (major == 2 || major == 3) {
+    if (bytes.size() < 12) throw Error(path + ": truncated .npy header");
+    for (int i = 0; i < 4; ++i) header_len |= static_cast<size_t>(static_cast<unsigned char>(bytes[8 + i])) << (8 * i);
+    header_start = 12;
+  } else {
+    throw Error(path + ": unsupported .npy format version " + std::to_string(major) + "." +
+                std::to_string(static_cast<unsigned char>(bytes[7])));
+  }
+  if (bytes.size() < header_start + header_len) throw Error(path + ": truncated .npy header");
+  std::string header = bytes.substr(header_start, header_len);
+
+  std::string descr;
+  bool fortran = false;
+  std::vector<int64_t> shape;
+  HeaderParser(header, path).Parse(&descr, &fortran, &shape);
+  const DTypeEntry* e = DTypeFromDescr(descr, path);
+  if (fortran)
+    throw Error(path + ": Fortran-ordered arrays are not supported; save a C-ordered array "
+                "(numpy.ascontiguousarray)");
+
+  HostTensor t;
+  t.dtype = e->name;
+  t.shape = shape;
+  size_t nbytes = CheckedNumel(shape, path) * (e->dl.bits / 8);
+  size_t data_start = header_start + header_len;
+  size_t have = bytes.size() - data_start;
+  if (have < nbytes)
+    throw Error(path + ": truncated data: shape " + ShapeStr(shape) + " " + e->name + " needs " +
+                std::to_string(nbytes) + " bytes, the file has " + std::to_string(have));
+  if (have > nbytes)
+    throw Error(path + ": " + std::to_string(have - nbytes) + " unexpected bytes after the array data");
+  t.data.assign(bytes.begin() + data_start, bytes.end());
+  return t;
+}
+
+void WriteNpy(const std::string& path, const HostTensor& tensor) { WriteAll(path, NpyBytes(tensor)); }
+
+void WriteNpyFiles(const std::vector<std::string>& paths, const std::vector<HostTensor>& tensors) {
+  if (paths.size() != tensors.size())
+    throw Error(std::to_string(tensors.size()) + " output tensor(s) but " + std::to_string(paths.size()) +
+                " output path(s)");
+  for (size_t i = 0; i < paths.size(); ++i)
+    for (size_t j = i + 1; j < paths.size(); ++j)
+      if (paths[i] == paths[j]) throw Error("output path given twice: " + paths[i]);
+  std::vector<std::string> bodies;
+  for (const auto& t : tensors) bodies.push_back(NpyBytes(t));
+  std::vector<std::string> temps;
+  auto cleanup = [&temps]() {
+    for (const auto& t : temps)
+      if (!t.empty()) std::remove(t.c_str());
+  };
+  try {
+    for (size_t i = 0; i < paths.size(); ++i) {
+      struct stat st;
+      if (stat(paths[i].c_str(), &st) == 0 && S_ISDIR(st.st_mode))
+        throw Error("cannot write " + paths[i] + ": is a directory");
+      auto [fd, name] = CreateTempNextTo(paths[i]);
+      temps.push_back(name);
+      WriteFd(fd, paths[i], bodies[i]);
+    }
+    // Every output is complete on disk; only now do the destinations change.
+    for (size_t i = 0; i < paths.size(); ++i) {
+      if (std::rename(temps[i].c_str(), paths[i].c_str()) != 0)
+        throw Error("cannot write " + paths[i] + ": " + ErrnoText());
+      temps[i].clear();
+    }
+  } catch (...) {
+    cleanup();
+    throw;
+  }
+}
+
+Metadata ParseMetadata(const std::string& json) {
+  Metadata md;
+  md.json = json;
+  ffi::String err;
+  ffi::Any root;
+  try {
+    root = ffi::json::Parse(ffi::String(json), &err);
+  } catch (const ffi::Error& e) {
+    throw Error("module metadata is not valid JSON: " + e.message());
+  }
+  if (!err.empty()) throw Error("module metadata is not valid JSON: " + std::string(err));
+  auto obj = AsObject(root, "the top level");
+  auto inputs = AsArray(Field(obj, "inputs", "the top level"), "\"inputs\"");
+  for (size_t i = 0; i < inputs.size(); ++i) {
+    std::string where = "inputs[" + std::to_string(i) + "]";
+    auto in = AsObject(inputs[i], where);
+    TensorInfo info;
+    info.name = AsString(Field(in, "name", where), where + ".name");
+    info.dtype = AsString(Field(in, "dtype", where), where + ".dtype");
+    auto shape = AsArray(Field(in, "shape", where), where + ".shape");
+    for (size_t k = 0; k < shape.size(); ++k) {
+      int64_t d = AsInt(shape[k], where + ".shape[" + std::to_string(k) + "]");
+      if (d < 0) throw Error("module metadata: " + where + " has a dynamic or negative dimension");
+      info.shape.push_back(d);
+    }
+    md.inputs.push_back(std::move(info));
+  }
+  if (auto outs = OptField(obj, "outputs")) {
+    auto arr = AsArray(*outs, "\"outputs\"");
+    for (size_t i = 0; i < arr.size(); ++i) md.outputs.push_back(AsString(arr[i], "outputs[" + std::to_string(i) + "]"));
+  }
+  md.samples = AsInt(Field(obj, "samples", "the top level"), "\"samples\"");
+  md.seed = AsInt(Field(obj, "seed", "the top level"), "\"seed\"");
+  if (auto nm = OptField(obj, "n_max")) {
+    md.n_max = AsInt(*nm, "\"n_max\"");
+  } else if (auto cfg = OptField(obj, "config")) {
+    auto c = AsObject(*cfg, "\"config\"");
+    if (auto cnm = OptField(c, "n_max")) md.n_max = AsInt(*cnm, "config.n_max");
+  }
+  if (auto fz = OptField(obj, "frozen")) {
+    auto b = fz->as<bool>();
+    if (!b.has_value()) throw Error("module metadata: \"frozen\" is not a boolean");
+    md.frozen = *b;
+  }
+  // "runtime_args" lists the arguments of main after the model inputs; absent or empty: n and the
+  // seed are fixed at compile time (frozen modules, modules without PSB layers, older modules).
+  if (auto ra = OptField(obj, "runtime_args")) {
+    auto arr = AsArray(*ra, "\"runtime_args\"");
+    for (size_t i = 0; i < arr.size(); ++i) {
+      std::string where = "runtime_args[" + std::to_string(i) + "]";
+      auto a = AsObject(arr[i], where);
+      RuntimeArgInfo info;
+      info.name = AsString(Field(a, "name", where), where + ".name");
+      info.kind = AsString(Field(a, "kind", where), where + ".kind");
+      if (info.kind == "shape") {
+        info.length = AsInt(Field(a, "length", where), where + ".length");
+        if (info.length < 0) throw Error("module metadata: " + where + ".length is negative");
+      } else if (info.kind != "int" && md.unsupported.empty()) {
+        md.unsupported = "the module's " + where + " has kind \"" + info.kind +
+                         "\"; this runner can pass \"shape\" and \"int\" arguments only";
+      }
+      if (info.name != "samples" && info.name != "seed" && md.unsupported.empty())
+        md.unsupported = "main takes a run-time argument \"" + info.name +
+                         "\"; this runner can pass only \"samples\" and \"seed\"";
+      md.runtime_args.push_back(info);
+    }
+    md.has_runtime_args = !md.runtime_args.empty();
+  }
+  return md;
+}
+
+double Median(std::vector<double> v) {
+  if (v.empty()) return 0.0;
+  std::sort(v.begin(), v.end());
+  size_t m = v.size() / 2;
+  return v.size() % 2 ? v[m] : 0.5 * (v[m - 1] + v[m]);
+}
+
+// ===================================================================================== Model
+struct Model::Impl {
+  ffi::Optional<ffi::Module> lib;
+  ffi::Optional<ffi::Module> vm;
+  ffi::Optional<ffi::Function> main;
+  Metadata md;
+
+  std::vector<ffi::Any> Args(const std::vector<HostTensor>& inputs, const RunOptions& opt) {
+    std::vector<ffi::Any> args;
+    for (const auto& h : inputs) args.emplace_back(ToRuntime(h));
+    for (const auto& ra : md.runtime_args) {
+      int64_t value = ra.name == "samples" ? opt.samples.value_or(md.samples) : opt.seed.value_or(md.seed);
+      if (ra.kind == "shape") {
+        args.emplace_back(ffi::Shape(std::vector<int64_t>(static_cast<size_t>(ra.length), value)));
+      } else {
+        args.emplace_back(value);
+      }
+    }
+    return args;
+  }
+
+  ffi::Any Call(const std::vector<ffi::Any>& args) {
+    std::vector<ffi::AnyView> views(args.begin(), args.end());
+    ffi::Any rv;
+    try {
+      main.value().CallPacked(views.data(), static_cast<int32_t>(views.size()), &rv);
+    } catch (const ffi::Error& e) {
+      throw Error("running main failed: " + FormatFfiError(e));
+    }
+    return rv;
+  }
+};
+
+Model::Model(const std::string& path) : impl_(new Impl()) {
+  struct stat st;
+  if (stat(path.c_str(), &st) != 0) throw Error("cannot open module " + path + ": " + ErrnoText());
+  if (!S_ISREG(st.st_mode)) throw Error("cannot open module " + path + ": not a regular file");
+  // dlopen searches the library path for names without a slash: always pass an absolute path.
+  char* resolved = realpath(path.c_str(), nullptr);
+  if (resolved == nullptr) throw Error("cannot open module " + path + ": " + ErrnoText());
+  std::string abs_path(resolved);
+  std::free(resolved);
+  try {
+    impl_->lib = ffi::Module::LoadFromFile(abs_path);
+  } catch (const ffi::Error& e) {
+    throw Error(path + ": cannot load as a TVM module: " + FormatFfiError(e));
+  }
+  try {
+    ffi::Optional<ffi::Function> load = impl_->lib.value()->GetFunction("vm_load_executable", true);
+    if (!load.has_value())
+      throw Error(path + ": not a psb_tvm module (no Relax VM executable inside; is libtvm_runtime "
+                  "linked with --no-as-needed?)");
+    impl_->vm = (*load)().cast<ffi::Module>();
+    ffi::Optional<ffi::Function> init = impl_->vm.value()->GetFunction("vm_initialization", false);
+    if (!init.has_value()) throw Error(path + ": the Relax VM lacks vm_initialization");
+    constexpr int kPooledAllocator = 2;  // tvm.runtime.vm.VirtualMachine.POOLED_ALLOCATOR
+    (*init)(static_cast<int>(kDLCPU), 0, kPooledAllocator);
+    ffi::Optional<ffi::Function> meta = impl_->vm.value()->GetFunction("psb_metadata", false);
+    if (!meta.has_value()) throw Error(path + ": not a psb_tvm module (it has no psb_metadata function)");
+    ffi::Any text = (*meta)();
+    auto s = text.as<ffi::String>();
+    if (!s.has_value()) throw Error(path + ": not a psb_tvm module (psb_metadata() did not return a string)");
+    impl_->md = ParseMetadata(std::string(*s));
+    ffi::Optional<ffi::Function> main = impl_->vm.value()->GetFunction("main", false);
+    if (!main.has_value()) throw Error(path + ": the module has no main function");
+    impl_->main = main;
+  } catch (const ffi::Error& e) {
+    throw Error(path + ": not a usable psb_tvm module: " + FormatFfiError(e));
+  } catch (const Error& e) {
+    std::string msg = e.what();
+    if (msg.rfind(path, 0) == 0) throw;
+    throw Error(path + ": " + msg);
+  }
+}
+
+Model::~Model() = default;
+Model::Model(Model&&) noexcept = default;
+Model& Model::operator=(Model&&) noexcept = default;
+
+const Metadata& Model::metadata() const { return impl_->md; }
+
+void Model::CheckInputs(const std::vector<HostTensor>& inputs) const {
+  const auto& exp = impl_->md.inputs;
+  if (inputs.size() != exp.size()) {
+    std::string names;
+    for (const auto& i : exp) names += (names.empty() ? "" : ", ") + i.name;
+    throw Error("expected " + std::to_string(exp.size()) + " input(s) [" + names + "], got " +
+                std::to_string(inputs.size()));
+  }
+  for (size_t i = 0; i < exp.size(); ++i) {
+    if (inputs[i].dtype != exp[i].dtype)
+      throw Error("input '" + exp[i].name + "': expected dtype " + exp[i].dtype + ", got " + inputs[i].dtype);
+    if (inputs[i].shape != exp[i].shape)
+      throw Error("input '" + exp[i].name + "': expected shape " + ShapeStr(exp[i].shape) + ", got " +
+                  ShapeStr(inputs[i].shape));
+    if (inputs[i].data.size() != inputs[i].numel() * ItemSize(inputs[i].dtype))
+      throw Error("input '" + exp[i].name + "': data size does not match its shape");
+  }
+}
+
+void Model::CheckOptions(const RunOptions& opt) const {
+  const Metadata& md = impl_->md;
+  if (!md.unsupported.empty()) throw Error("cannot run this module: " + md.unsupported);
+  if (!opt.samples && !opt.seed) return;
+  if (!md.has_runtime_args)
+    throw Error("this module fixes n and seed at compile time (samples=" + std::to_string(md.samples) +
+                ", seed=" + std::to_string(md.seed) + (md.frozen ? ", frozen" : "") +
+                "); --samples/--seed need a module with run-time sample control (metadata "
+                "\"runtime_args\"; psb_tvm.compile without frozen=True)");
+  auto has = [&md](const char* name) {
+    for (const auto& a : md.runtime_args)
+      if (a.name == name) return true;
+    return false;
+  };
+  if (opt.samples) {
+    if (!has("samples")) throw Error("this module fixes samples=" + std::to_string(md.samples) + " at compile time");
+    int64_t n = *opt.samples;
+    if (n < 1 || (n & (n - 1)) != 0) throw Error("samples must be a power of two >= 1, got " + std::to_string(n));
+    if (md.n_max > 0 && n > md.n_max)
+      throw Error("samples=" + std::to_string(n) + " exceeds n_max=" + std::to_string(md.n_max) +
+                  " fixed at compile time");
+  }
+  if (opt.seed) {
+    if (!has("seed")) throw Error("this module fixes seed=" + std::to_string(md.seed) + " at compile time");
+    if (*opt.seed < 0 || *opt.seed >= (int64_t{1} << 32))
+      throw Error("seed must be in [0, 2**32), got " + std::to_string(*opt.seed));
+  }
+}
+
+std::vector<HostTensor> Model::Run(const std::vector<HostTensor>& inputs, const RunOptions& opt) {
+  CheckInputs(inputs);
+  CheckOptions(opt);
+  ffi::Any rv = impl_->Call(impl_->Args(inputs, opt));
+  std::vector<HostTensor> out;
+  try {
+    if (auto t = rv.as<ffi::Tensor>()) {
+      out.push_back(FromRuntime(*t, 0));
+    } else if (auto arr = rv.as<ffi::Array<ffi::Any>>()) {
+      for (size_t i = 0; i < arr->size(); ++i) {
+        auto ti = (*arr)[i].as<ffi::Tensor>();
+        if (!ti.has_value())
+          throw Error("output " + std::to_string(i) + " is a " + (*arr)[i].GetTypeKey() + ", not a tensor");
+        out.push_back(FromRuntime(*ti, i));
+      }
+    } else {
+      throw Error("main returned a " + rv.GetTypeKey() + ", not a tensor or a tuple of tensors");
+    }
+  } catch (const ffi::Error& e) {
+    throw Error("reading the outputs failed: " + FormatFfiError(e));
+  }
+  return out;
+}
+
+std::vector<double> Model::Time(const std::vector<HostTensor>& inputs, int repeats, const RunOptions& opt) {
+  CheckInputs(inputs);
+  CheckOptions(opt);
+  std::vector<ffi::Any> args = impl_->Args(inputs, opt);
+  impl_->Call(args);  // warm-up
+  std::vector<double> ms;
+  for (int i = 0; i < repeats; ++i) {
+    auto t0 = std::chrono::steady_clock::now();
+    ffi::Any rv = impl_->Call(args);
+    auto t1 = std::chrono::steady_clock::now();
+    ms.push_back(std::chrono::duration<double, std::milli>(t1 - t0).count());
+  }
+  return ms;
+}
+
+}  // namespace psb_runner
