@@ -67,6 +67,12 @@ class KernelSpec:
         return f"{'' if self.act_signed else 'u'}int{bits}"
 
     @property
+    def channels_last(self) -> bool:
+        """Dense-style conv: activations NHWC and weights OHWI, so the reduction over input
+        channels is contiguous and innermost and LLVM emits packed dot products (VNNI)."""
+        return self.kind == "conv2d" and self.lowering == "intdot" and self.groups == 1 and self.w_shape[1] >= 8
+
+    @property
     def out_shape(self) -> tuple:
         if self.kind == "dense":
             return (self.x_shape[0], self.w_shape[0])
@@ -119,17 +125,23 @@ def _activation(spec: KernelSpec, y):
     return tirx.max(tirx.min(y, tirx.const(float(act[2]), "float32")), tirx.const(float(act[1]), "float32"))
 
 
-def _weight_stage(spec: KernelSpec, counts, sign, normal, shift, n):
-    """intdot: ``q = s * (n*normal + counts) << shift``; shiftadd: the magnitude ``c = n*normal + counts``."""
+def _weight_stage(spec: KernelSpec, counts, sign, normal, shift, n, channels_last: bool = False):
+    """intdot: ``q = s * (n*normal + counts) << shift``; shiftadd: the magnitude ``c = n*normal + counts``.
+
+    ``channels_last`` writes conv weights as [O, KH, KW, C] so the reduction over C is contiguous.
+    """
     n32 = n.astype("int32")
+
+    def q_value(i):
+        return (
+            sign[i].astype("int32") * ((normal[i].astype("int32") * n32 + counts[i].astype("int32")) << shift[i].astype("int32"))
+        ).astype(spec.q_dtype)
+
+    if spec.lowering == "intdot" and channels_last:
+        O, Cg, KH, KW = spec.w_shape
+        return te.compute((O, KH, KW, Cg), lambda o, kh, kw, c: q_value((o, c, kh, kw)), name="q")
     if spec.lowering == "intdot":
-        return te.compute(
-            spec.w_shape,
-            lambda *i: (
-                sign[i].astype("int32") * ((normal[i].astype("int32") * n32 + counts[i].astype("int32")) << shift[i].astype("int32"))
-            ).astype(spec.q_dtype),
-            name="q",
-        )
+        return te.compute(spec.w_shape, lambda *i: q_value(i), name="q")
     return te.compute(
         spec.w_shape, lambda *i: normal[i].astype("int32") * n32 + counts[i].astype("int32"), name="q"
     )
@@ -171,7 +183,7 @@ def psb_layer_kernel(spec: KernelSpec, name: str, expose_acc: bool = False) -> t
     scale = te.placeholder((O,), "float32", name="scale")
     bias = te.placeholder((O,), "float32", name="bias")
     n = tirx.Var("n", "int64")
-    q = _weight_stage(spec, counts, sign, normal, shift, n)
+    q = _weight_stage(spec, counts, sign, normal, shift, n, spec.channels_last)
     shiftadd = spec.lowering == "shiftadd"
     inv_n = tirx.const(1.0, "float32") / n.astype("float32")
 
@@ -206,10 +218,26 @@ def psb_layer_kernel(spec: KernelSpec, name: str, expose_acc: bool = False) -> t
             inside = tirx.all(h >= pt, h < H + pt, w >= pl, w < W + pl)
             return tirx.if_then_else(inside, _quantize(spec, x[b, c, h - pt, w - pl]), tirx.const(0, spec.act_dtype))
 
-        xq = te.compute((N, C, H + pt + pb, W + pl + pr), padded, name="xq")
         rc = te.reduce_axis((0, Cg), name="rc")
         rh = te.reduce_axis((0, KH), name="rh")
         rw = te.reduce_axis((0, KW), name="rw")
+        if spec.channels_last:
+            xq = te.compute((N, H + pt + pb, W + pl + pr, C), lambda b, h, w, c: padded(b, c, h, w), name="xq")
+            acc = te.compute(
+                spec.out_shape,
+                lambda b, o, y, xx: te.sum(
+                    xq[b, y * sh + rh * dh, xx * sw + rw * dw, rc].astype(spec.acc_dtype)
+                    * q[o, rh, rw, rc].astype(spec.acc_dtype),
+                    axis=[rh, rw, rc],
+                ),
+                name="acc",
+            )
+            out = te.compute(spec.out_shape, lambda b, o, y, xx: finish(acc, o, b, o, y, xx), name="out")
+            outputs = [acc, out] if expose_acc else [out]
+            func = te.create_prim_func([x, counts, sign, normal, shift, scale, bias, n] + outputs)
+            return func.with_attrs({"global_symbol": name, "psb.kind": spec.kind, "psb.lowering": spec.lowering,
+                                    "psb.layout": "channels_last", "op_pattern": 8})
+        xq = te.compute((N, C, H + pt + pb, W + pl + pr), padded, name="xq")
         axes = [rc, rh, rw]
         rb = None
         if shiftadd:

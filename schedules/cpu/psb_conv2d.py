@@ -28,6 +28,13 @@ class PSBConv2D(CPUScheduleRule):
         loops = sch.get_loops(acc)
         b, o, y, x = loops[:4]
         reductions = loops[4:]
+        if func.attrs.get("psb.layout") == "channels_last":
+            # Reduction over contiguous channels innermost: LLVM vectorizes it into dot products.
+            sch.reorder(b, y, x, o, *reductions)
+            sch.parallel(sch.fuse(b, y))
+            sch.decompose_reduction(acc, reductions[0])
+            parallel_vectorize(sch, sch.get_sblock("out"))
+            return sch
         ow = loop_extents(sch, [x])[0]
         lanes = largest_divisor(ow, VECTOR_LANES)
         xo, xi = sch.split(x, [None, lanes])
