@@ -67,6 +67,14 @@ class KernelSpec:
         return f"{'' if self.act_signed else 'u'}int{bits}"
 
     @property
+    def vnni(self) -> bool:
+        """int8 preset on x86: uint8 activations x int8 weights, 16 outputs x 4 channels per
+        ``vpdpbusd`` (weights packed [O/16, KH, KW, C/4, 16, 4], accumulators NHWC)."""
+        return (self.kind == "conv2d" and self.lowering == "intdot" and self.groups == 1
+                and self.q_dtype == "int8" and self.act_dtype == "uint8" and self.acc_dtype == "int32"
+                and self.w_shape[0] % 16 == 0 and self.w_shape[1] % 4 == 0)
+
+    @property
     def channels_last(self) -> bool:
         """Dense-style conv: activations NHWC and weights OHWI, so the reduction over input
         channels is contiguous and innermost and LLVM emits packed dot products (VNNI)."""
@@ -221,6 +229,8 @@ def psb_layer_kernel(spec: KernelSpec, name: str, expose_acc: bool = False) -> t
         rc = te.reduce_axis((0, Cg), name="rc")
         rh = te.reduce_axis((0, KH), name="rh")
         rw = te.reduce_axis((0, KW), name="rw")
+        if spec.vnni:
+            return _vnni_conv(spec, name, expose_acc, [x, counts, sign, normal, shift, scale, bias, n], padded, finish)
         if spec.channels_last:
             xq = te.compute((N, H + pt + pb, W + pl + pr, C), lambda b, h, w, c: padded(b, c, h, w), name="xq")
             acc = te.compute(
@@ -262,6 +272,48 @@ def psb_layer_kernel(spec: KernelSpec, name: str, expose_acc: bool = False) -> t
             "op_pattern": 8,  # kOpaque: keep Relax's FuseOps from merging (and unscheduling) it
         }
     )
+
+
+def _vnni_conv(spec: KernelSpec, name, expose_acc, params, padded, finish):
+    """Conv with the reduction blocked as (C/4, 4) and outputs as (O/16, 16): the shape of x86's
+    ``vpdpbusd`` (see ``schedules/cpu/psb_conv2d.py``, which tensorizes it)."""
+    x, counts, sign, normal, shift, scale, bias, n = params
+    N, C, H, W = spec.x_shape
+    O, Cg, KH, KW = spec.w_shape
+    pt, pl, pb, pr = spec.padding
+    sh, sw = spec.stride
+    dh, dw = spec.dilation
+    n32 = n.astype("int32")
+
+    def q_value(o, c, kh, kw):
+        i = (o, c, kh, kw)
+        mag = (normal[i].astype("int32") * n32 + counts[i].astype("int32")) << shift[i].astype("int32")
+        return (sign[i].astype("int32") * mag).astype("int8")
+
+    q = te.compute((O // 16, KH, KW, Cg // 4, 16, 4),
+                   lambda ob, kh, kw, c4, oi, ci: q_value(ob * 16 + oi, c4 * 4 + ci, kh, kw), name="q")
+    xq = te.compute((N, H + pt + pb, W + pl + pr, C), lambda b, h, w, c: padded(b, c, h, w), name="xq")
+    rh = te.reduce_axis((0, KH), name="rh")
+    rw = te.reduce_axis((0, KW), name="rw")
+    rc = te.reduce_axis((0, Cg // 4), name="rc")
+    rk = te.reduce_axis((0, 4), name="rk")
+    _, _, OH, OW = spec.out_shape
+    acc = te.compute(
+        (N, OH, OW, O),
+        lambda b, y, xx, o: te.sum(
+            xq[b, y * sh + rh * dh, xx * sw + rw * dw, rc * 4 + rk].astype("int32")
+            * q[o // 16, rh, rw, rc, o % 16, rk].astype("int32"),
+            axis=[rh, rw, rc, rk],
+        ),
+        name="acc",
+    )
+    out = te.compute(spec.out_shape, lambda b, o, y, xx: finish(acc, o, b, y, xx, o), name="out")
+    outputs = [out]
+    if expose_acc:  # the accumulators in the common NCHW layout, for tests
+        outputs = [te.compute(spec.out_shape, lambda b, o, y, xx: acc[b, y, xx, o], name="acc_nchw"), out]
+    func = te.create_prim_func([x, counts, sign, normal, shift, scale, bias, n] + outputs)
+    return func.with_attrs({"global_symbol": name, "psb.kind": spec.kind, "psb.lowering": spec.lowering,
+                            "psb.layout": "vnni", "op_pattern": 8})
 
 
 def psb_masked_kernel(spec: KernelSpec, name: str) -> tvm.tirx.PrimFunc:

@@ -463,3 +463,31 @@ def test_sample_ranges_nest(lowering):
     np.testing.assert_array_equal(counts(0, 8), counts(0, 4) + counts(4, 8))
     np.testing.assert_array_equal(counts(4, 8), nm.sample_bits(enc, 3, 1, 4, 8).sum(0))
     assert np.all(counts(5, 5) == 0)
+
+
+VNNI_CASES = {
+    "3x3_pad1": ((1, 8, 9, 10), (16, 8, 3, 3), dict(padding=(1, 1, 1, 1))),
+    "1x1": ((2, 12, 5, 6), (32, 12, 1, 1), {}),
+    "stride2_asym": ((1, 4, 11, 9), (16, 4, 3, 3), dict(stride=(2, 2), padding=(0, 1, 1, 0))),
+    "dilation2": ((1, 8, 10, 10), (16, 8, 3, 3), dict(dilation=(2, 2), padding=(2, 2, 2, 2))),
+    "width7": ((1, 16, 4, 7), (48, 16, 3, 3), dict(padding=(1, 1, 1, 1))),
+}
+
+
+@pytest.mark.parametrize("n,E", [(1, 4), (4, 4), (8, 3)])
+@pytest.mark.parametrize("case", list(VNNI_CASES))
+def test_vnni_conv_bit_exact(case, n, E):
+    """The int8 preset (uint8 activations, int8 weights) takes the tensorized vpdpbusd path."""
+    i = list(VNNI_CASES).index(case)
+    seed, layer = SEEDS_LAYERS[(i + n) % len(SEEDS_LAYERS)]
+    spec = conv_spec(VNNI_CASES[case], "intdot", n, seed, layer, activation=ACTS[i % len(ACTS)], E=E,
+                     act_signed=False)
+    assert spec.vnni and spec.q_dtype == "int8" and spec.act_dtype == "uint8"
+    check(spec, seed, layer)
+
+
+def test_vnni_kernel_contains_vpdpbusd():
+    spec = conv_spec(VNNI_CASES["3x3_pad1"], "intdot", 4, 1, 0, E=4, act_signed=False)
+    _, layer = build(spec)
+    asm = layer.mod.imports[0].inspect_source("asm") if layer.mod.imports else layer.mod.inspect_source("asm")
+    assert "vpdpbusd" in asm

@@ -1,0 +1,39 @@
+"""x86 VNNI tensor intrinsic: 16 int32 lanes += 4 uint8 (broadcast) x 16x4 int8, one ``vpdpbusd``.
+
+TVM 0.27 ships one (``dot_16x4_vnni``) that passes <16 x i32> operands; the LLVM it bundles
+declares ``llvm.x86.avx512.vpdpbusd.512`` with <64 x i8> operands and rejects the call. This is
+the same intrinsic with the operand types LLVM expects.
+"""
+
+from tvm.s_tir import TensorIntrin
+from tvm.s_tir.tensor_intrin.x86 import dot_product_16x4_u8i8i32_desc
+from tvm.script import tirx as T
+
+PSB_VNNI_16x4 = "psb_dot_16x4_vnni"
+
+
+@T.prim_func(s_tir=True)
+def _dot_16x4_vnni(
+    A: T.Buffer((4,), "uint8", offset_factor=1),
+    B: T.Buffer((16, 4), "int8", offset_factor=1),
+    C: T.Buffer((16,), "int32", offset_factor=1),
+) -> None:
+    with T.sblock("root"):
+        T.reads(C[0:16], A[0:4], B[0:16, 0:4])
+        T.writes(C[0:16])
+        a_i32 = T.reinterpret(A.vload([0], "uint8x4"), dtype="int32")
+        a_i8x64 = T.reinterpret(T.broadcast(a_i32, 16), dtype="int8x64")
+        b_i8x64 = B.vload([0, 0], dtype="int8x64")
+        C[T.ramp(T.int32(0), 1, 16)] = T.call_llvm_pure_intrin(
+            T.llvm_lookup_intrinsic_id("llvm.x86.avx512.vpdpbusd.512"),
+            C.vload([0], dtype="int32x16"),
+            a_i8x64,
+            b_i8x64,
+            dtype="int32x16",
+        )
+
+
+try:
+    TensorIntrin.register(PSB_VNNI_16x4, dot_product_16x4_u8i8i32_desc, _dot_16x4_vnni)
+except Exception:  # noqa: BLE001 - already registered (module reloaded)
+    pass
