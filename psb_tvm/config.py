@@ -61,6 +61,16 @@ class PSBConfig:
             object.__setattr__(self, name, value)
         object.__setattr__(self, "lowerings", dict(self.lowerings))
 
+    @classmethod
+    def preset(cls, name: str, **overrides) -> "PSBConfig":
+        """Named numeric presets (DESIGN.md section 2): ``"int8"`` (E=3, n_max=8: every sampled
+        weight fits int8, so uint8 activations x int8 weights run on VNNI / dot-product units) and
+        ``"int16"`` (E=4, n_max=64, the default: int16 weights, more precision per sample)."""
+        presets = {"int8": dict(E=3, n_max=8, act_bits=8), "int16": dict(E=4, n_max=64, act_bits=8)}
+        if name not in presets:
+            raise ConfigError(f"unknown preset {name!r}; expected one of {sorted(presets)}")
+        return cls(**{**presets[name], **overrides})
+
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
         d["include"] = list(self.include) if self.include is not None else None
