@@ -175,6 +175,33 @@ def _product(spec: KernelSpec, xv, qv, sign, shift, rb):
     return tirx.Select(bit == 0, tirx.const(0, acc), signed)
 
 
+def _layer_inputs(spec: KernelSpec):
+    """Placeholders shared by the layer kernels: x, counts, sign, normal, shift, scale, bias."""
+    O = spec.w_shape[0]
+    return (
+        te.placeholder(spec.x_shape, "float32", name="x"),
+        te.placeholder(spec.w_shape, COUNTS_DTYPE, name="counts"),
+        te.placeholder(spec.w_shape, "int8", name="sign"),
+        te.placeholder(spec.w_shape, "int8", name="normal"),
+        te.placeholder(spec.w_shape, "int8", name="shift"),
+        te.placeholder((O,), "float32", name="scale"),
+        te.placeholder((O,), "float32", name="bias"),
+    )
+
+
+def _padded(spec: KernelSpec, x):
+    """``(b, c, h, w) ->`` the quantized activation of the zero-padded NCHW input."""
+    _, _, H, W = spec.x_shape
+    pt, pl, _, _ = spec.padding
+
+    def value(b, c, h, w):
+        # if_then_else, not Select: Select evaluates both sides and would read outside ``x``.
+        inside = tirx.all(h >= pt, h < H + pt, w >= pl, w < W + pl)
+        return tirx.if_then_else(inside, _quantize(spec, x[b, c, h - pt, w - pl]), tirx.const(0, spec.act_dtype))
+
+    return value
+
+
 def psb_layer_kernel(spec: KernelSpec, name: str, expose_acc: bool = False) -> tvm.tirx.PrimFunc:
     """``(x, counts, sign, normal, shift, scale, bias, n) -> out`` (and ``acc`` first if exposed).
 
@@ -183,13 +210,7 @@ def psb_layer_kernel(spec: KernelSpec, name: str, expose_acc: bool = False) -> t
     if spec.lowering not in LOWERINGS:
         raise ValueError(f"unknown lowering {spec.lowering!r}; expected one of {LOWERINGS}")
     O = spec.w_shape[0]
-    x = te.placeholder(spec.x_shape, "float32", name="x")
-    counts = te.placeholder(spec.w_shape, COUNTS_DTYPE, name="counts")
-    sign = te.placeholder(spec.w_shape, "int8", name="sign")
-    normal = te.placeholder(spec.w_shape, "int8", name="normal")
-    shift = te.placeholder(spec.w_shape, "int8", name="shift")
-    scale = te.placeholder((O,), "float32", name="scale")
-    bias = te.placeholder((O,), "float32", name="bias")
+    x, counts, sign, normal, shift, scale, bias = _layer_inputs(spec)
     n = tirx.Var("n", "int64")
     q = _weight_stage(spec, counts, sign, normal, shift, n, spec.channels_last)
     shiftadd = spec.lowering == "shiftadd"
@@ -221,10 +242,7 @@ def psb_layer_kernel(spec: KernelSpec, name: str, expose_acc: bool = False) -> t
         dh, dw = spec.dilation
         Og = O // spec.groups
 
-        def padded(b, c, h, w):
-            # if_then_else, not Select: Select evaluates both sides and would read outside ``x``.
-            inside = tirx.all(h >= pt, h < H + pt, w >= pl, w < W + pl)
-            return tirx.if_then_else(inside, _quantize(spec, x[b, c, h - pt, w - pl]), tirx.const(0, spec.act_dtype))
+        padded = _padded(spec, x)
 
         rc = te.reduce_axis((0, Cg), name="rc")
         rh = te.reduce_axis((0, KH), name="rh")
@@ -325,13 +343,7 @@ def psb_masked_kernel(spec: KernelSpec, name: str) -> tvm.tirx.PrimFunc:
     identical to the full kernel's.
     """
     O = spec.w_shape[0]
-    x = te.placeholder(spec.x_shape, "float32", name="x")
-    counts = te.placeholder(spec.w_shape, COUNTS_DTYPE, name="counts")
-    sign = te.placeholder(spec.w_shape, "int8", name="sign")
-    normal = te.placeholder(spec.w_shape, "int8", name="normal")
-    shift = te.placeholder(spec.w_shape, "int8", name="shift")
-    scale = te.placeholder((O,), "float32", name="scale")
-    bias = te.placeholder((O,), "float32", name="bias")
+    x, counts, sign, normal, shift, scale, bias = _layer_inputs(spec)
     low = te.placeholder(spec.out_shape, "float32", name="low")
     if spec.kind == "dense":
         positions = spec.out_shape[0]
@@ -369,9 +381,7 @@ def psb_masked_kernel(spec: KernelSpec, name: str) -> tvm.tirx.PrimFunc:
         dh, dw = spec.dilation
         Og = O // spec.groups
 
-        def padded(b, c, h, w):
-            inside = tirx.all(h >= pt, h < H + pt, w >= pl, w < W + pl)
-            return tirx.if_then_else(inside, _quantize(spec, x[b, c, h - pt, w - pl]), tirx.const(0, spec.act_dtype))
+        padded = _padded(spec, x)
 
         xq = te.compute((N, C, H + pt + pb, W + pl + pr), padded, name="xq")
         rc = te.reduce_axis((0, Cg), name="rc")
