@@ -16,5 +16,6 @@ def expose_layer_inputs(mod: tvm.IRModule, site_indices: list[int]) -> tvm.IRMod
     outputs = relax.Tuple([sites[i].data for i in site_indices])
     body = relax.SeqExpr(func.body.blocks, outputs)
     probe = relax.Function(func.params, body, ret_ty=outputs.ty, is_pure=func.is_pure, attrs=func.attrs)
-    mod = tvm.IRModule({"main": probe})
+    mod = mod.clone() if hasattr(mod, "clone") else tvm.IRModule(dict(mod.functions))
+    mod["main"] = probe  # keep the other functions: the importer emits PrimFuncs (e.g. for Clip)
     return relax.transform.DeadCodeElimination(["main"])(mod)

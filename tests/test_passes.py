@@ -74,3 +74,27 @@ def test_compiled_digits_matches_the_reference_model_layer_by_layer():
     y = layer(4, layer(3, h))
     out = module.run(x)
     np.testing.assert_array_equal(out.view(np.int32), y.view(np.int32))
+
+
+def test_model_with_clip_primfuncs_compiles():
+    """The importer lowers ONNX Clip (ReLU6) to PrimFuncs; the calibration probe must keep them."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(rng.normal(size=(8, 3, 3, 3)).astype(np.float32), "W"),
+             numpy_helper.from_array(np.array(0, np.float32), "lo"),
+             numpy_helper.from_array(np.array(6, np.float32), "hi")]
+    graph = helper.make_graph(
+        [helper.make_node("Conv", ["x", "W"], ["c"], pads=[1, 1, 1, 1], name="conv"),
+         helper.make_node("Clip", ["c", "lo", "hi"], ["y"], name="relu6")],
+        "clip", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 8, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 8, 8, 8])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    x = rng.normal(size=(1, 3, 8, 8)).astype(np.float32)
+    module = psb_tvm.compile(model, samples=8, calibration={"x": x})
+    y = module.run(x)
+    assert module.layers[0]["status"] == "psb"
+    assert y.min() >= 0 and y.max() <= 6 and y.max() > 0
