@@ -68,7 +68,7 @@ def main(argv=None):
     refine_step()
     step = 1e3 * float(np.median([refine_step() for _ in range(args.repeats)]))
     rows.append({"mode": "refinement step 8 -> 16 (kept session)", "additions": module.cost(16)["additions"],
-                 "ms": step, "note": "samples only [8, 16); one integer pass"})
+                 "ms": step, "note": "samples only [8, 16), then one integer pass; in the additions model every layer after the first sees new inputs, so a full 2n pass is counted"})
     result = module.attend(x, low=4, high=16, mode="mean_entropy", fraction=1.0)
     ms = median_ms(lambda: module.attend(x, low=4, high=16, mode="mean_entropy", fraction=1.0), args.repeats)
     adds = result.additions["low_pass"] + result.additions["high_pass"]
