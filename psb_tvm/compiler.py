@@ -29,10 +29,9 @@ def _check_args(samples, seed, config) -> PSBConfig:
         raise ConfigError(f"config must be a PSBConfig or dict, got {type(config).__name__}")
     try:
         numerics.check_samples(samples, config.n_max)
+        numerics.check_seed(seed)
     except ValueError as err:
         raise ConfigError(str(err)) from None
-    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= seed < 2**32:
-        raise ConfigError(f"seed must be an int in [0, 2**32), got {seed!r}")
     return config
 
 

@@ -7,7 +7,6 @@ import os
 import warnings
 from dataclasses import dataclass
 
-import numpy as np
 import onnx
 
 from .errors import DynamicShapeError, ModelLoadError, UnsupportedModelError
@@ -273,8 +272,3 @@ def import_onnx(model, input_shapes: dict | None = None, use_onnxsim: bool = Tru
         output_names=[o.name for o in proto.graph.output],
         layer_names=linear_layer_names(proto, original),
     )
-
-
-def input_spec_arrays(inputs: list, rng: np.random.Generator, count: int) -> list:
-    """Synthetic standard-normal inputs (the documented calibration fallback)."""
-    return [rng.standard_normal((count,) + tuple(shape[1:])).astype(dtype) for _, shape, dtype in inputs]

@@ -116,6 +116,13 @@ def check_samples(n: int, n_max: int | None = None) -> int:
     return int(n).bit_length() - 1
 
 
+def check_seed(seed) -> int:
+    """Validate a seed of the sample stream (an int in [0, 2**32)) and return it as int."""
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= seed < 2**32:
+        raise ValueError(f"seed must be an int in [0, 2**32), got {seed!r}")
+    return int(seed)
+
+
 def sample_counts(enc: EncodedWeights, n: int, seed: int, layer: int) -> np.ndarray:
     """``B_i(n)``: number of ones among the first ``n`` samples of every weight."""
     check_samples(n)

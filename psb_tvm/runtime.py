@@ -116,8 +116,12 @@ class PSBModule:
 
         if seed is None:
             return int(self.metadata["seed"])
-        if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= seed < 2**32:
-            raise ConfigError(f"seed must be an int in [0, 2**32), got {seed!r}")
+        from .numerics import check_seed
+
+        try:
+            seed = check_seed(seed)
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
         if self.metadata.get("frozen") and seed != self.metadata["seed"]:
             raise ConfigError(f"this module is frozen at seed={self.metadata['seed']}; compile without frozen=True to re-sample")
         return int(seed)
