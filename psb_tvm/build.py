@@ -1,49 +1,79 @@
-"""Relax module to executable: legalize the float glue, apply the default schedule rules, lower."""
+"""Relax module to executable: legalize the float glue, apply tuned or default schedules, lower."""
 
 from __future__ import annotations
+
+import json
 
 import tvm
 from tvm import relax
 from tvm.relax.backend.cpu_generic import pipeline as cpu_generic
 from tvm.s_tir import dlight
 
+from .abi import METADATA_FUNC
 from .schedules.cpu import default_rules
 from .schedules.gpu import default_rules as gpu_rules
 
 
-def default_pipeline(target: tvm.target.Target) -> tvm.transform.Pass:
-    """TVM's CPU pipeline with our dlight-style rules inserted after legalization.
+def legalize(mod: tvm.IRModule, target: tvm.target.Target) -> tvm.IRModule:
+    """Library dispatch and legalization: every Relax op becomes a PrimFunc (the tuning tasks).
 
-    PSB PrimFuncs carry ``op_pattern = kOpaque`` so FuseOps leaves them alone and the PSB rules
-    (rather than generic ones) schedule them; the float glue gets the dlight CPU rules.
+    PSB PrimFuncs carry ``op_pattern = kOpaque`` so nothing downstream fuses (and unschedules) them.
     """
+    with target:
+        return tvm.transform.Sequential(cpu_generic.library_dispatch_passes(target)
+                                        + cpu_generic.legalize_passes(target))(mod)
 
-    @tvm.transform.module_pass(opt_level=0, name="PSBDefaultPipeline")
+
+def schedule(mod: tvm.IRModule, target: tvm.target.Target, tuning_db=None) -> tuple[tvm.IRModule, dict]:
+    """Apply the tuning database (where it has a record) then our default rules to the rest.
+
+    Returns the module and ``{primfunc name: "tuned" | "default"}`` for the metadata.
+    """
+    tuned = {}
+    if tuning_db is not None:
+        from .tuning import apply_database  # imports MetaSchedule only when a database is given
+
+        mod, tuned = apply_database(mod, target, tuning_db)
+    with target:
+        mod = dlight.ApplyDefaultSchedule(*default_rules())(mod)
+    names = [gv.name_hint for gv, f in mod.functions.items() if isinstance(f, tvm.tirx.PrimFunc)]
+    return mod, {name: "tuned" if name in tuned else "default" for name in sorted(names)}
+
+
+def _finish_pipeline(target: tvm.target.Target) -> tvm.transform.Pass:
+    @tvm.transform.module_pass(opt_level=0, name="PSBFinish")
     def _pipeline(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
         with target:
-            seq = tvm.transform.Sequential(
-                cpu_generic.library_dispatch_passes(target)
-                + cpu_generic.legalize_passes(target)
-                + [dlight.ApplyDefaultSchedule(*default_rules())]
-                + cpu_generic.dataflow_lower_passes(target)
-                + cpu_generic.finalize_passes(target)
-            )
-            return seq(mod)
+            return tvm.transform.Sequential(cpu_generic.dataflow_lower_passes(target)
+                                            + cpu_generic.finalize_passes(target))(mod)
 
     return _pipeline
 
 
-def build(mod: tvm.IRModule, target: tvm.target.Target):
-    """Compile ``mod`` for ``target``; returns a Relax VM executable."""
+def build(mod: tvm.IRModule, target: tvm.target.Target, tuning_db=None, metadata: dict | None = None):
+    """Compile ``mod`` for ``target``; returns ``(Relax VM executable, metadata)``.
+
+    ``metadata`` (if given) gains the schedule source of every kernel and travels inside the
+    executable as the Relax function ``psb_metadata()``.
+    """
+    metadata = dict(metadata or {})
     if target.kind.name == "cuda":
+        if tuning_db is not None:
+            raise NotImplementedError("tuning databases are applied on CPU targets only; GPU modules use the default schedules")
         # PSB kernels get thread binding from our GPU rules first (marked scheduled, so TVM's
         # CUDA pipeline leaves them alone); the float glue gets TVM's default GPU rules.
         with target:
             mod = dlight.ApplyDefaultSchedule(*gpu_rules())(mod)
-        return tvm.compile(mod, target=target)
+        mod = attach_string(mod, METADATA_FUNC, json.dumps(metadata))
+        return tvm.compile(mod, target=target), metadata
     if target.kind.name != "llvm":
         raise NotImplementedError(f"target kind {target.kind.name!r} is not supported; use llvm (CPU) or cuda")
-    return tvm.compile(mod, target=target, relax_pipeline=default_pipeline(target))
+    mod, sources = schedule(legalize(mod, target), target, tuning_db)
+    n_tuned = sum(v == "tuned" for v in sources.values())
+    metadata["schedules"] = {"tuned": n_tuned, "default": len(sources) - n_tuned,
+                             "tuned_kernels": sorted(k for k, v in sources.items() if v == "tuned")}
+    mod = attach_string(mod, METADATA_FUNC, json.dumps(metadata))
+    return tvm.compile(mod, target=target, relax_pipeline=_finish_pipeline(target)), metadata
 
 
 def attach_string(mod: tvm.IRModule, name: str, text: str) -> tvm.IRModule:

@@ -88,7 +88,7 @@ def collect_stats(mod: tvm.IRModule, site_indices: list[int], batches: list, inp
     if not site_indices:
         return []
     probe = expose_layer_inputs(mod, site_indices)
-    vm = relax.VirtualMachine(build(probe, host_target()), tvm.cpu())
+    vm = relax.VirtualMachine(build(probe, host_target())[0], tvm.cpu())
     max_abs = np.zeros(len(site_indices))
     mins = np.full(len(site_indices), np.inf)
     for batch in batches:

@@ -7,13 +7,13 @@ import json
 import numpy as np
 
 from . import numerics
-from .build import attach_string, build
+from .build import build
 from .calibration import collect_stats, normalize_calibration
 from .config import PSBConfig
 from .errors import ConfigError
 from .frontend import import_onnx
 from .passes import PSBLayer, find_layer_sites, name_sites, rewrite_to_psb
-from .runtime import METADATA_FUNC, PSBModule
+from .runtime import PSBModule
 from .schedules.kernels import KernelSpec
 from .target import is_host_cpu, resolve_target
 
@@ -79,14 +79,29 @@ def _spec(site, lowering, config, frac_bits, signed) -> KernelSpec:
 
 
 def compile(onnx_model, target="llvm", samples: int = 16, seed: int = 0, input_shapes: dict | None = None,
-            calibration=None, config: PSBConfig | dict | None = None, frozen: bool = False) -> PSBModule:
+            calibration=None, config: PSBConfig | dict | None = None, frozen: bool = False,
+            tuning_db=None) -> PSBModule:
     """Compile an ONNX model (path, bytes or ModelProto) into a PSB module.
 
     ``samples`` is the default sample count n (a power of two <= ``config.n_max``; ``run`` may pick
     another per call and per layer); ``seed`` the default draw; ``input_shapes`` fixes dynamic
     input dims; ``calibration`` is ``{input: array [N, ...]}`` (or an iterable of such dicts) used
     to choose the activation scales. ``frozen=True`` bakes the draw for (samples, seed) into
-    constants: no sampling at run time, but n and seed are then fixed.
+    constants: no sampling at run time, but n and seed are then fixed. ``tuning_db`` is the
+    ``work_dir`` of ``psb_tvm.tune`` (or a MetaSchedule database): its schedules are reapplied
+    without retuning; kernels it does not cover get the default schedules.
+    """
+    mod, metadata, tgt = lower(onnx_model, target, samples, seed, input_shapes, calibration, config, frozen)
+    executable, metadata = build(mod, tgt, tuning_db=tuning_db, metadata=metadata)
+    return PSBModule(executable, metadata, executable=executable)
+
+
+def lower(onnx_model, target="llvm", samples: int = 16, seed: int = 0, input_shapes: dict | None = None,
+          calibration=None, config: PSBConfig | dict | None = None, frozen: bool = False):
+    """Everything ``compile`` does before code generation: ``(relax module, metadata, target)``
+    (the metadata is attached to the module by ``build``, once it knows the schedules).
+
+    ``tune`` uses it so that tuning sees exactly the PrimFuncs that ``compile`` will build.
     """
     config = _check_args(samples, seed, config)
     tgt = resolve_target(target)
@@ -150,6 +165,4 @@ def compile(onnx_model, target="llvm", samples: int = 16, seed: int = 0, input_s
             for s in sites
         ],
     }
-    mod = attach_string(mod, METADATA_FUNC, json.dumps(metadata))
-    executable = build(mod, tgt)
-    return PSBModule(executable, metadata, executable=executable)
+    return mod, metadata, tgt

@@ -9,9 +9,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .abi import METADATA_FUNC
 from .errors import InputError, ModelLoadError
-
-METADATA_FUNC = "psb_metadata"
 
 
 class PSBModule:
