@@ -491,3 +491,28 @@ def test_vnni_kernel_contains_vpdpbusd():
     _, layer = build(spec)
     asm = layer.mod.imports[0].inspect_source("asm") if layer.mod.imports else layer.mod.inspect_source("asm")
     assert "vpdpbusd" in asm
+
+
+ARM_MATTRS = {"dotprod": (["+neon", "+dotprod"], "sdot"), "i8mm": (["+neon", "+dotprod", "+i8mm"], "usdot"),
+              "neon": (["+neon"], None)}
+
+
+@pytest.mark.parametrize("arm", list(ARM_MATTRS))
+def test_arm_vnni_kernel_uses_dot_product_instructions(arm):
+    """The int8 preset's packed conv built for aarch64: sdot (+dotprod: activations shifted to
+    signed, exact correction) or usdot (+i8mm); without dot products a plain vectorized nest."""
+    import re
+
+    mattr, want = ARM_MATTRS[arm]
+    target = tvm.target.Target({"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mattr": mattr})
+    spec = conv_spec(VNNI_CASES["1x1"], "intdot", 8, 1, 0, E=3, act_signed=False)
+    spec = KernelSpec(**{f.name: getattr(spec, f.name) for f in dataclasses.fields(KernelSpec)})
+    assert spec.vnni
+    sch = PSBConv2D().apply(psb_layer_kernel(spec, "psb_test_arm_kernel"), target, False)
+    lib = tvm.compile(sch.mod["main"], target=target)
+    asm = lib.mod.imports[0].inspect_source("asm") if lib.mod.imports else lib.mod.inspect_source("asm")
+    ops = re.findall(r"^\s+(sdot|udot|usdot)\s", asm, flags=re.M)
+    if want is None:
+        assert ops == []
+    else:
+        assert ops and set(ops) == {want}, ops

@@ -82,6 +82,17 @@ def _model_specs(target):
         "conv_linear": (conv_model(relu=False, seed=2), dict(samples=32, seed=5,
                                                              calibration={"x": rng.standard_normal((8, 4, 10, 10)).astype(np.float32)}),
                         rng.standard_normal((1, 4, 10, 10)).astype(np.float32)),
+        # int8 preset (int8 weights): conv2 and pwconv take uint8 activations (after a Relu) and
+        # 16 | O, so they are the packed layout tensorized with vpdpbusd (x86) / sdot (aarch64).
+        "small_cnn_int8": (small_cnn(seed=4), dict(samples=8, config=psb_tvm.PSBConfig.preset("int8"),
+                                                   calibration={"x": rng.standard_normal((16, 3, 12, 12)).astype(np.float32)}),
+                           rng.standard_normal((1, 3, 12, 12)).astype(np.float32)),
+        # One int8-preset layer alone, non-negative inputs (uint8 activations): the output is the
+        # PSB layer's, so aarch64 (sdot + exact correction) must equal x86 (vpdpbusd) bit for bit.
+        "conv_int8": (conv_model(in_ch=8, out_ch=16, relu=False, seed=6),
+                      dict(samples=8, seed=3, config=psb_tvm.PSBConfig.preset("int8"),
+                           calibration={"x": np.abs(rng.standard_normal((8, 8, 10, 10))).astype(np.float32)}),
+                      np.abs(rng.standard_normal((1, 8, 10, 10))).astype(np.float32)),
     }
     if target == "llvm":
         # frozen: the draw is baked in, main takes no samples/seed (metadata "runtime_args": []).
@@ -455,7 +466,7 @@ def test_arm_runner_is_an_aarch64_binary(arm_psb_run, arm_models):
     assert "+dotprod" in arm_models["digits"].module.metadata["target"]
 
 
-@pytest.mark.parametrize("name", ["digits", "small_cnn", "conv_relu"])
+@pytest.mark.parametrize("name", ["digits", "small_cnn", "conv_relu", "small_cnn_int8"])
 def test_arm_networks_match_x86(arm_psb_run, arm_models, host_models, name, tmp_path, record_property):
     arm, ref = arm_models[name], host_models[name]
     np.testing.assert_array_equal(arm.x, ref.x)
@@ -512,14 +523,31 @@ def _mnemonics(so):
     return counts
 
 
+def test_arm_int8_psb_layer_output_is_bit_exact(arm_psb_run, arm_models, host_models, tmp_path):
+    """int8 preset, uint8 activations: sdot on (a - 128) plus the exact 128 * sum(w) correction on
+    aarch64, vpdpbusd on x86: the same integers, so the same bits."""
+    arm, ref = arm_models["conv_int8"], host_models["conv_int8"]
+    assert [l["status"] for l in arm.module.layers] == ["psb"]
+    _assert_bitwise_equal(_run_arm(arm_psb_run, arm, tmp_path), ref.module.run(ref.x), "conv_int8 aarch64 vs x86")
+    for n, seed in ((1, 0), (4, 11)):
+        out = tmp_path / f"y_{n}_{seed}.npy"
+        proc = _run(arm_psb_run, arm.path, [arm.x_path], [out], "--samples", n, "--seed", seed, prefix=QEMU)
+        assert proc.returncode == 0, proc.stderr
+        _assert_bitwise_equal(np.load(out), ref.module.run(ref.x, samples=n, seed=seed),
+                              f"conv_int8 n={n} seed={seed} aarch64 vs x86")
+
+
+def _dot_counts(so):
+    counts = _mnemonics(so)
+    return {op: counts.get(op, 0) for op in ("sdot", "udot", "usdot")}
+
+
 def test_arm_psb_kernels_use_dot_product_instructions(arm_models):
-    counts = {}
+    """int8 preset on aarch64 +dotprod: the packed conv layers are tensorized to sdot
+    (schedules/cpu/arm_dot.py). The int16 preset (default) has no 8-bit dot product to use."""
+    for name in ("small_cnn_int8", "conv_int8"):
+        dot = _dot_counts(arm_models[name].path)
+        print(f"{name}: {dot}")
+        assert dot["sdot"] > 0, f"{name}: no sdot in the aarch64 library ({dot})"
     for name in ("digits", "small_cnn"):
-        for op, c in _mnemonics(arm_models[name].path).items():
-            counts[op] = counts.get(op, 0) + c
-    dot = {op: counts.get(op, 0) for op in ("sdot", "udot", "usdot")}
-    if sum(dot.values()) == 0:
-        macs = {op: c for op, c in sorted(counts.items()) if re.fullmatch(r"[su]ml[as]l2?|[su]mull2?|mla|mul|madd|smaddl", op)}
-        pytest.xfail(f"LLVM emitted no sdot/udot for the PSB kernels (target has +dotprod, default "
-                     f"schedules); integer multiply instructions found: {macs}")
-    assert sum(dot.values()) > 0
+        print(f"{name} (int16 preset): {_dot_counts(arm_models[name].path)}")

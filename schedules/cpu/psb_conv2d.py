@@ -64,10 +64,10 @@ VNNI_CPUS = {"cascadelake", "cooperlake", "icelake-client", "icelake-server", "t
 
 def _schedule_vnni(sch: s_tir.Schedule, acc, target: Target) -> s_tir.Schedule:
     """Rows in parallel; per output pixel tile, 16 output channels x 4 input channels per
-    ``vpdpbusd`` (tensorized; pmaddubsw+pmaddwd on AVX-512 without VNNI)."""
-    from tvm.s_tir.tensor_intrin.x86 import AVX512_DOT_16x4_INTRIN
-
-    from .vnni import PSB_VNNI_16x4
+    tensorized step: one ``vpdpbusd`` on x86 (pmaddubsw+pmaddwd on AVX-512 without VNNI), four
+    ``usdot`` (+i8mm) or ``sdot`` (+dotprod, see ``arm_dot.py``) on aarch64. Other targets (Arm
+    without dot products) keep the loop nest, vectorized over the 16 output channels."""
+    from .arm_dot import arm_dot_intrin, is_aarch64
 
     b, y, x, o, rh, rw, rc, rk = sch.get_loops(acc)
     ow = loop_extents(sch, [x])[0]
@@ -76,10 +76,23 @@ def _schedule_vnni(sch: s_tir.Schedule, acc, target: Target) -> s_tir.Schedule:
     ob, oi = sch.split(o, [None, 16])
     sch.reorder(b, y, xo, ob, rh, rw, rc, xi, oi, rk)
     sch.parallel(sch.fuse(b, y))
+    arm = is_aarch64(target)
+    arm_intrin = arm_dot_intrin(target) if arm else None
+    if arm and arm_intrin is None:
+        sch.reorder(rk, oi)
+        sch.vectorize(oi)  # before decompose_reduction: it needs the complete reduction block
     init = sch.decompose_reduction(acc, rh)
     sch.vectorize(sch.get_loops(init)[-1])
     sch.unroll(xi)
-    sch.tensorize(oi, PSB_VNNI_16x4 if _has_vnni(target) else AVX512_DOT_16x4_INTRIN)
+    if arm:
+        if arm_intrin is not None:
+            sch.tensorize(oi, arm_intrin)
+    else:
+        from tvm.s_tir.tensor_intrin.x86 import AVX512_DOT_16x4_INTRIN
+
+        from .vnni import PSB_VNNI_16x4
+
+        sch.tensorize(oi, PSB_VNNI_16x4 if _has_vnni(target) else AVX512_DOT_16x4_INTRIN)
     parallel_vectorize(sch, sch.get_sblock("out"))
     names = {sch.get(block).name_hint for block in sch.get_child_blocks(sch.get_sblock("root"))}
     if "acc_nchw" in names:  # the NCHW copy of the accumulators that test builds expose
