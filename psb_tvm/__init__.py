@@ -1,14 +1,20 @@
 """psb_tvm: compile pretrained ONNX models into progressive stochastic binarized (PSB) networks.
 
-Public API: ``compile``, ``load``, ``PSBConfig``, ``PSBModule`` and the exception types.
+Public API: ``compile``, ``load``, ``PSBConfig``, ``PSBModule``, ``evaluate`` (accuracy and cost
+vs n), ``allocate`` (per-layer sample counts for a budget) and the exception types.
 """
 
+from .allocate import Allocation, allocate
 from .compiler import __version__, compile  # noqa: A004 - mirrors tvm.compile
 from .config import PSBConfig
 from .errors import ConfigError, DynamicShapeError, InputError, ModelLoadError, PSBError, UnsupportedModelError
+from .evaluate import EvalReport, Preprocess, evaluate
 from .runtime import PSBModule, load
 
 __all__ = [
+    "Allocation",
+    "EvalReport",
+    "Preprocess",
     "ConfigError",
     "DynamicShapeError",
     "InputError",
@@ -18,6 +24,8 @@ __all__ = [
     "PSBModule",
     "UnsupportedModelError",
     "__version__",
+    "allocate",
     "compile",
+    "evaluate",
     "load",
 ]

@@ -1,30 +1,446 @@
-"""The ``psb-tvm`` command line."""
+"""The ``psb-tvm`` command line: compile | run | eval | bench | demo | info.
+
+Exit codes: 0 ok, 2 bad usage or bad input (the message names it), 1 internal error. Every
+command takes ``--json`` (one JSON object on stdout; on failure ``{"error": ..., "exit_code": ...}``)
+and writes no file when it fails.
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import pathlib
 import sys
+import tempfile
 
 ACCURACY_KNOB = (
     "PSB represents each weight as s*2^k*(1+B/n) with B ~ Binomial(n, p): the sample count n "
     "(a power of two) is the accuracy knob. More samples = closer to float and more work."
 )
 
+SAMPLES_HELP = ("sample count n: an int (every PSB layer), or per layer 'LAYER=n,...,default=n' "
+                "(ONNX node names, see 'psb-tvm info')")
 
+
+class UsageError(Exception):
+    """A bad argument or input file (exit code 2)."""
+
+
+# ---------------------------------------------------------------------------- argument types
 def _samples_list(text: str) -> list[int]:
     try:
-        return [int(t) for t in text.split(",") if t.strip()]
+        values = [int(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if not values:
+        raise argparse.ArgumentTypeError("expected at least one sample count")
+    return values
+
+
+def _samples_spec(text: str):
+    """'8' -> 8; 'conv1=16,default=4' -> {"conv1": 16, "default": 4}."""
+    text = text.strip()
+    if "=" not in text:
+        try:
+            return int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an int or LAYER=n,...,default=n, got {text!r}") from None
+    out = {}
+    for part in text.split(","):
+        if not part.strip():
+            continue
+        name, sep, value = part.rpartition("=")
+        try:
+            out[name.strip()] = int(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"bad per-layer sample count {part!r} (expected LAYER=n)") from None
+        if not sep or not name.strip():
+            raise argparse.ArgumentTypeError(f"bad per-layer sample count {part!r} (expected LAYER=n)")
+    return out
+
+
+def _floats(text: str) -> tuple:
+    try:
+        return tuple(float(t) for t in text.split(",") if t.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+
+
+def _ints(text: str) -> tuple:
+    try:
+        return tuple(int(t) for t in text.split(",") if t.strip())
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
 
 
+def _input_shape(text: str) -> tuple:
+    name, sep, dims = text.rpartition("=")
+    if not sep or not name:
+        raise argparse.ArgumentTypeError(f"expected NAME=d0,d1,..., got {text!r}")
+    try:
+        shape = tuple(int(d) for d in dims.split(",") if d.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected NAME=d0,d1,... with integer dims, got {text!r}") from None
+    if not shape or any(d < 1 for d in shape):
+        raise argparse.ArgumentTypeError(f"dims must be positive integers, got {text!r}")
+    return name, shape
+
+
+def _emit(args, obj) -> None:
+    if getattr(args, "json", False):
+        print(json.dumps(obj, default=_json_default))
+
+
+def _json_default(o):
+    import numpy as np
+
+    if isinstance(o, np.integer):
+        return int(o)
+    if isinstance(o, np.floating):
+        return float(o)
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    return str(o)
+
+
+def _require_file(path, what: str) -> str:
+    if not os.path.isfile(path):
+        raise UsageError(f"{what} not found: {path}")
+    return path
+
+
+def _require_out_dir(path) -> None:
+    directory = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(directory):
+        raise UsageError(f"cannot write {path}: directory {directory} does not exist")
+
+
+def _config(args):
+    from .config import PSBConfig
+
+    fields = {}
+    if getattr(args, "exclude", None):
+        fields["exclude"] = tuple(n for group in args.exclude for n in group.split(",") if n)
+    if getattr(args, "exclude_first_last", False):
+        fields["exclude_first_last"] = True
+    if getattr(args, "lowering", None):
+        fields["lowering"] = args.lowering
+    if getattr(args, "n_max", None):
+        fields["n_max"] = args.n_max
+    if getattr(args, "preset", None):
+        return PSBConfig.preset(args.preset, **fields)
+    return PSBConfig(**fields)
+
+
+def _onnx_input_names(path) -> list:
+    import onnx
+
+    try:
+        model = onnx.load(os.fspath(path), load_external_data=False)
+    except Exception as err:  # noqa: BLE001
+        raise UsageError(f"cannot read ONNX model {path}: {err}") from None
+    inits = {i.name for i in model.graph.initializer}
+    return [i.name for i in model.graph.input if i.name not in inits]
+
+
+def _calibration(path, model, input_shapes):
+    """--calibration: .npz {input: array}, .npy (single-input model), or a folder of samples."""
+    import numpy as np
+
+    if path is None:
+        return None
+    p = pathlib.Path(path)
+    if p.is_dir():
+        from .evaluate import load_inputs
+        from .frontend import import_onnx
+
+        specs = [(n, tuple(s), d) for n, s, d in import_onnx(model, input_shapes).inputs]
+        return load_inputs(p, specs)[0]
+    _require_file(p, "calibration file")
+    names = _onnx_input_names(model)
+    try:
+        if p.suffix == ".npz":
+            with np.load(p, allow_pickle=False) as z:
+                data = {k: z[k] for k in z.files if k in names}
+                if not data and len(z.files) == 1 and len(names) == 1:
+                    data = {names[0]: z[z.files[0]]}
+        else:
+            if len(names) != 1:
+                raise UsageError(f"calibration {p}: the model has {len(names)} inputs {names}; use a .npz keyed by input name")
+            data = {names[0]: np.load(p, allow_pickle=False)}
+    except (ValueError, OSError) as err:
+        raise UsageError(f"cannot read calibration file {p}: {err}") from None
+    if not data:
+        raise UsageError(f"calibration file {p} has no arrays named after the model inputs {names}")
+    return data
+
+
+def _model_options(p, compile_only=False):
+    p.add_argument("--target", default="llvm", help="TVM target: 'llvm' (this host's CPU), 'aarch64', or a target string")
+    p.add_argument("--input-shape", action="append", type=_input_shape, default=[], metavar="NAME=D0,D1,...",
+                   help="fix an input's shape (repeatable), e.g. input=1,3,224,224")
+    p.add_argument("--calibration", metavar="FILE", help=".npz {input name: array [N, ...]}, .npy (single input) or a folder: "
+                                                         "activation scales")
+    p.add_argument("--preset", choices=["int8", "int16"], help="numeric preset (int8: E=3, n_max=8; int16: the default)")
+    p.add_argument("--exclude", action="append", metavar="LAYER[,LAYER]", help="keep these layers float (repeatable)")
+    p.add_argument("--exclude-first-last", action="store_true", help="keep the first and last convertible layers float")
+    p.add_argument("--lowering", choices=["intdot", "shiftadd"], help="kernel lowering of every PSB layer")
+    p.add_argument("--n-max", type=int, help="largest sample count the module accepts (power of two)")
+
+
+# ---------------------------------------------------------------------------- commands
+def cmd_compile(args) -> int:
+    from .compiler import compile as psb_compile
+
+    _require_file(args.model, "ONNX model")
+    out = args.output or (pathlib.Path(args.model).stem + "_psb.so")
+    _require_out_dir(out)
+    shapes = dict(args.input_shape) or None
+    module = psb_compile(args.model, target=args.target, samples=args.samples, seed=args.seed, input_shapes=shapes,
+                         calibration=_calibration(args.calibration, args.model, shapes), config=_config(args),
+                         frozen=args.frozen)
+    module.export_library(out)
+    if args.json:
+        _emit(args, {"output": out, "samples": args.samples, "seed": args.seed, "target": module.metadata["target"],
+                     "psb_layers": module.psb_layers, "layers": _layer_rows(module)})
+    else:
+        print(module.report())
+        print(f"wrote {out}")
+    return 0
+
+
+def _layer_rows(module) -> list:
+    keys = ("name", "op", "status", "reason", "lowering", "frac_bits", "act_dtype", "weight_shape", "additions_per_sample")
+    return [{k: l.get(k) for k in keys} for l in module.layers]
+
+
+def _load(path):
+    from .runtime import load
+
+    _require_file(path, "compiled module")
+    return load(path)
+
+
+def cmd_run(args) -> int:
+    import time
+
+    import numpy as np
+
+    module = _load(args.model)
+    specs = module.inputs
+    names = [n for n, _, _ in specs]
+    arrays, positional = {}, []
+    for item in args.inputs:
+        name, sep, path = item.partition("=")
+        if sep and name in names and not os.path.isfile(item):
+            if name in arrays:
+                raise UsageError(f"input {name!r} given twice")
+            arrays[name] = path
+        else:
+            positional.append(item)
+    free = [n for n in names if n not in arrays]
+    if len(positional) > len(free):
+        raise UsageError(f"{len(positional)} positional input file(s) for {len(free)} remaining input(s) {free}")
+    arrays.update(zip(free, positional))
+    missing = [n for n in names if n not in arrays]
+    if missing:
+        raise UsageError(f"missing input file(s) for {missing}; the model's inputs are {names} (give NAME=path.npy)")
+    xs = []
+    for name, shape, dtype in specs:
+        path = arrays[name]
+        _require_file(path, f"input file for {name!r}")
+        try:
+            arr = np.load(path, allow_pickle=False)
+        except (ValueError, OSError) as err:
+            raise UsageError(f"cannot read {path} as .npy: {err}") from None
+        if not isinstance(arr, np.ndarray):  # an .npz archive
+            arr.close()
+            raise UsageError(f"cannot read {path} as .npy: it is an .npz archive (give one .npy per input)")
+        if arr.dtype != np.dtype(dtype) or tuple(arr.shape) != tuple(shape):
+            raise UsageError(f"input {name!r} from {path}: expected {dtype} {tuple(shape)}, got {arr.dtype} {tuple(arr.shape)}")
+        xs.append(arr)
+    kwargs = {} if module.metadata.get("frozen") and args.samples is None and args.seed is None else \
+        {"samples": args.samples, "seed": args.seed}
+    y = module.run(*xs, **kwargs)
+    outs = list(y) if isinstance(y, tuple) else [y]
+    out_names = module.metadata.get("outputs") or [f"output_{i}" for i in range(len(outs))]
+    if args.output:
+        if len(args.output) != len(outs):
+            raise UsageError(f"{len(args.output)} --output path(s) for {len(outs)} model output(s)")
+        paths = list(args.output)
+    else:
+        safe = ["".join(c if c.isalnum() or c in "-_." else "_" for c in str(n)) or f"output_{i}" for i, n in enumerate(out_names)]
+        paths = [os.path.join(args.out_dir, f"{s}.npy") for s in safe]
+    for p in paths:
+        _require_out_dir(p)
+    timing = None
+    if args.time:
+        times = []
+        for _ in range(args.time):
+            t = time.perf_counter()
+            module.run(*xs, **kwargs)
+            times.append(time.perf_counter() - t)
+        timing = {"repeats": args.time, "median_ms": 1e3 * float(np.median(times)), "min_ms": 1e3 * float(np.min(times))}
+    # all outputs to temp files first, renamed only when every one was written
+    temps = []
+    try:
+        for arr, p in zip(outs, paths):
+            fd, tmp = tempfile.mkstemp(suffix=".npy", prefix=".psb_out_", dir=os.path.dirname(os.path.abspath(p)))
+            os.close(fd)
+            temps.append(tmp)
+            np.save(tmp, arr)
+        for tmp, p in zip(temps, paths):
+            os.replace(tmp, p)
+    finally:
+        for tmp in temps:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+    n_used = module.resolve_samples(kwargs.get("samples"))
+    result = {"outputs": [{"name": n, "path": p, "shape": list(a.shape), "dtype": str(a.dtype)}
+                          for n, p, a in zip(out_names, paths, outs)],
+              "samples": dict(zip(module.psb_layers, n_used)), "seed": module._resolve_seed(kwargs.get("seed")),
+              "timing": timing}
+    if args.json:
+        _emit(args, result)
+    else:
+        for o in result["outputs"]:
+            print(f"wrote {o['path']} ({o['dtype']} {tuple(o['shape'])})")
+        if timing:
+            print(f"median latency {timing['median_ms']:.3f} ms over {timing['repeats']} runs "
+                  f"(TVM_NUM_THREADS={os.environ.get('TVM_NUM_THREADS', 'unset')})")
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from .evaluate import Preprocess, evaluate
+
+    if not os.path.isdir(args.out_dir):
+        raise UsageError(f"output directory {args.out_dir} does not exist")
+    shapes = dict(args.input_shape) or None
+    labels, calibration, inputs = args.labels, None, args.inputs
+    if args.model == "digits":  # the bundled example: test split, labels, train-split calibration
+        from .data.digits import DIGITS_ONNX, load_digits_split
+
+        x_train, _, x_test, y_test = load_digits_split()
+        model = str(DIGITS_ONNX)
+        shapes = shapes or {"input": (50, 1, 8, 8)}
+        if inputs is None:
+            inputs, labels = x_test, (y_test if labels is None else labels)
+        calibration = {"input": x_train[:256]}
+    else:
+        model = _require_file(args.model, "model")
+        if inputs is None:
+            raise UsageError("--inputs is required (a folder, .npy or .npz file)")
+    if isinstance(inputs, str) and not os.path.exists(inputs):
+        raise UsageError(f"input set not found: {inputs}")
+    if isinstance(labels, str):
+        _require_file(labels, "labels file")
+    compiled = model.endswith(".so")
+    if compiled:
+        model = _load(model)
+    elif args.calibration:
+        calibration = _calibration(args.calibration, model, shapes)
+    pre = Preprocess(size=tuple(args.resize) if args.resize else None, mean=args.mean, std=args.std,
+                     scale=1.0 / args.scale, layout=args.layout)
+    report = evaluate(model, inputs, labels, metric=args.metric, samples=args.samples, seeds=args.seeds,
+                      target=args.target, input_shapes=shapes, calibration=calibration,
+                      config=None if compiled else _config(args), preprocess=pre, attention=not args.no_attention,
+                      attention_fractions=args.attention_fractions, allocate=args.allocate, out_dir=None,
+                      plots=not args.no_plots, progress=not args.json and not args.no_progress,
+                      max_inputs=args.max_inputs)
+    files = report.write(args.out_dir, plots=not args.no_plots)
+    if args.json:
+        _emit(args, report.to_dict())
+    else:
+        print(report.markdown())
+        print("wrote " + ", ".join(files.values()))
+    return 0
+
+
+def _repo_benchmarks():
+    root = pathlib.Path(__file__).resolve().parent.parent / "benchmarks"
+    return root if (root / "run.py").is_file() else None
+
+
+def cmd_bench(args) -> int:
+    import time
+
+    import numpy as np
+
+    if args.model is None:
+        bench = _repo_benchmarks()
+        if bench is None:
+            raise UsageError("no benchmarks/ folder next to the package (not a repository checkout): "
+                             "give a compiled module, e.g. psb-tvm bench model.so --samples 1,4,8,16")
+        import importlib.util
+
+        sys.path.insert(0, str(bench))
+        spec = importlib.util.spec_from_file_location("psb_bench_run", bench / "run.py")
+        runner = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(runner)
+        argv = [] if args.full else ["--quick"]
+        if args.models:
+            argv += ["--models", args.models]
+        if args.repeats:
+            argv += ["--repeats", str(args.repeats)]
+        code = runner.main(argv)
+        _emit(args, {"benchmarks": str(bench / "run.py"), "argv": argv, "exit_code": code,
+                     "results": str(bench / "results" / "latest.json")})
+        return 1 if code else 0
+
+    module = _load(args.model)
+    rng = np.random.default_rng(0)
+    xs = [rng.standard_normal(shape).astype(dtype) if np.issubdtype(np.dtype(dtype), np.floating)
+          else np.zeros(shape, dtype) for _, shape, dtype in module.inputs]
+    frozen = module.metadata.get("frozen") or not module.psb_layers
+    ns = [None] if frozen else (args.samples or [module.samples])
+    rows = []
+    for n in ns:
+        kwargs = {} if n is None else {"samples": n}
+        module.run(*xs, **kwargs)  # warm-up
+        times = []
+        for _ in range(args.repeats or 20):
+            t = time.perf_counter()
+            module.run(*xs, **kwargs)
+            times.append(time.perf_counter() - t)
+        rows.append({"samples": n if n is not None else module.samples, "median_ms": 1e3 * float(np.median(times)),
+                     "p10_ms": 1e3 * float(np.percentile(times, 10)), "p90_ms": 1e3 * float(np.percentile(times, 90)),
+                     "additions": module.cost(kwargs.get("samples"))["additions"] if module.psb_layers else 0})
+    result = {"model": args.model, "threads": os.environ.get("TVM_NUM_THREADS", "1 (TVM default)"),
+              "repeats": args.repeats or 20, "rows": rows}
+    if args.json:
+        _emit(args, result)
+    else:
+        print(f"{args.model}: median latency over {result['repeats']} runs, TVM_NUM_THREADS={result['threads']}")
+        print("| n | median ms | p10 ms | p90 ms | additions |\n|---|---|---|---|---|")
+        for r in rows:
+            print(f"| {r['samples']} | {r['median_ms']:.3f} | {r['p10_ms']:.3f} | {r['p90_ms']:.3f} | {r['additions']:,} |")
+    return 0
+
+
+def cmd_info(args) -> int:
+    module = _load(args.model)
+    md = module.metadata
+    if args.json:
+        _emit(args, md)
+        return 0
+    print(f"{args.model}: psb_tvm {md.get('psb_tvm_version')} module from {md.get('source')}")
+    print(f"target: {md.get('target')}")
+    print(f"n_max: {md.get('n_max')}  default samples: {md.get('layer_samples') or md.get('samples')}  seed: {md.get('seed')}"
+          f"  frozen: {md.get('frozen')}  calibration: {md.get('calibration')}")
+    for i in md.get("inputs", []):
+        print(f"input  {i['name']}: {i['dtype']} {tuple(i['shape'])}")
+    for o in md.get("outputs", []):
+        print(f"output {o}")
+    print()
+    print(module.report())
+    return 0
+
+
 def cmd_demo(args) -> int:
     os.environ.setdefault("TVM_NUM_THREADS", str(os.cpu_count() or 1))
-    out_dir = os.path.dirname(os.path.abspath(args.out))
-    if not os.path.isdir(out_dir):  # fail before minutes of compiling, not after
-        raise FileNotFoundError(f"cannot write {args.out}: directory {out_dir} does not exist")
+    _require_out_dir(args.out)  # fail before minutes of compiling, not after
     from .demo import digits_study, format_table, median_latency
 
     study = digits_study(samples=args.samples, batch=args.batch, seed=args.seed, progress=not args.json)
@@ -45,29 +461,124 @@ def cmd_demo(args) -> int:
     return 0
 
 
+# ---------------------------------------------------------------------------- parser
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="psb-tvm", description=f"Compile ONNX models to PSB networks with TVM. {ACCURACY_KNOB}")
-    sub = parser.add_subparsers(dest="command", required=True)
-    demo = sub.add_parser("demo", help="compile the bundled digits CNN at several n, print accuracy vs float, write the .so")
-    demo.add_argument("--samples", type=_samples_list, default=[1, 2, 4, 8, 16, 32], help="sample counts to evaluate (default 1,2,4,8,16,32)")
-    demo.add_argument("--batch", type=int, default=50, help="compiled batch size (default 50)")
-    demo.add_argument("--seed", type=int, default=0, help="sample stream seed (default 0)")
-    demo.add_argument("--out", default="digits_psb.so", help="where to write the compiled module (default digits_psb.so)")
-    demo.add_argument("--export-samples", type=int, default=16, help="which n to export (default 16)")
-    demo.add_argument("--json", action="store_true", help="machine-readable output")
-    demo.set_defaults(func=cmd_demo)
+    parser = argparse.ArgumentParser(
+        prog="psb-tvm", formatter_class=argparse.RawDescriptionHelpFormatter,
+        description=f"Compile ONNX models to PSB networks with TVM. {ACCURACY_KNOB}\n\n"
+                    "One compiled module serves every n up to n_max (choose it per call, even per layer, with "
+                    "--samples); 'psb-tvm eval' measures accuracy and cost at every n.",
+        epilog="Exit codes: 0 ok, 2 bad usage or input, 1 internal error. Every command takes --json.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("compile", help="compile an ONNX model into one .so", description=f"Compile ONNX -> .so. {ACCURACY_KNOB}")
+    p.add_argument("model", help="ONNX model file")
+    p.add_argument("-o", "--output", help="output .so (default: <model>_psb.so in the current directory)")
+    p.add_argument("--samples", type=_samples_spec, default=16, help=f"default {SAMPLES_HELP} (default 16)")
+    p.add_argument("--seed", type=int, default=0, help="default draw of the sample stream (default 0)")
+    p.add_argument("--frozen", action="store_true", help="bake one draw (samples, seed) into constants: no run-time n")
+    _model_options(p)
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=cmd_compile)
+
+    p = sub.add_parser("run", help="run a compiled .so on .npy inputs", description=f"Run a compiled module. {ACCURACY_KNOB}")
+    p.add_argument("model", help="compiled .so (psb-tvm compile / export_library)")
+    p.add_argument("inputs", nargs="*", metavar="INPUT", help="input .npy files in input order, or NAME=path.npy")
+    p.add_argument("-o", "--output", action="append", help="output .npy path (one per model output; default <output name>.npy)")
+    p.add_argument("--out-dir", default=".", help="where default-named outputs go (default .)")
+    p.add_argument("--samples", type=_samples_spec, default=None, help=f"{SAMPLES_HELP} (default: the compiled default)")
+    p.add_argument("--seed", type=int, default=None, help="draw of the sample stream (default: the compiled seed)")
+    p.add_argument("--time", type=int, nargs="?", const=20, default=0, metavar="R",
+                   help="also time R more runs (default 20) and print the median latency")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("eval", help="accuracy / agreement / error vs n and cost; JSON, markdown, PNG plots",
+                       description="Compile once, then measure the metric, top-1 agreement with float, relative output "
+                                   f"error and cost (additions) at n = 1, 2, 4, ... n_max. {ACCURACY_KNOB}")
+    p.add_argument("model", help="ONNX model, compiled .so, or 'digits' (the bundled CNN with its test split)")
+    p.add_argument("--inputs", help="input set: a folder (.npy files or images; class sub-folders = labels), .npy or .npz")
+    p.add_argument("--labels", help="labels: .npy or text file, one integer per line (or 'labels' in the .npz)")
+    p.add_argument("--metric", choices=["accuracy", "top5", "agreement", "rel_error"],
+                   help="default: accuracy with labels, else top-1 agreement with float")
+    p.add_argument("--samples", type=_samples_list, default=None, help="n values, e.g. 1,2,4,8 (default: powers of two to n_max)")
+    p.add_argument("--seeds", type=_ints, default=(0,), help="draws averaged per point, e.g. 0,1,2 (default 0)")
+    p.add_argument("--max-inputs", type=int, help="use only the first N inputs")
+    p.add_argument("--resize", type=_ints, metavar="H,W", help="images: resize to H,W (default: the model input's)")
+    p.add_argument("--mean", type=_floats, default=(0.0,), help="images: per-channel mean after scaling, e.g. 0.485,0.456,0.406")
+    p.add_argument("--std", type=_floats, default=(1.0,), help="images: per-channel std, e.g. 0.229,0.224,0.225")
+    p.add_argument("--scale", type=float, default=255.0, help="images: pixel values are divided by this (default 255)")
+    p.add_argument("--layout", choices=["NCHW", "NHWC"], default="NCHW", help="images: model input layout (default NCHW)")
+    p.add_argument("--no-attention", action="store_true", help="skip the computational attention points")
+    p.add_argument("--attention-fractions", type=_floats, default=(0.8, 1.0, 1.2), help="attention thresholds (default 0.8,1,1.2)")
+    p.add_argument("--allocate", action="store_true", help="add automatic per-layer allocations (psb_tvm.allocate) "
+                                                           "at the error of each uniform n")
+    p.add_argument("--out-dir", default=".", help="where eval.json, eval.md and the PNG plots go (default .)")
+    p.add_argument("--no-plots", action="store_true", help="no PNG plots")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _model_options(p)
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("bench", help="median latency of a .so at given n (or the repository benchmarks)",
+                       description="With a compiled module: median latency per n on random inputs. Without: "
+                                   "benchmarks/run.py of a repository checkout (--quick unless --full).")
+    p.add_argument("model", nargs="?", help="compiled .so (omit to run benchmarks/run.py)")
+    p.add_argument("--samples", type=_samples_list, help="n values to time, e.g. 1,4,8,16 (default: the compiled n)")
+    p.add_argument("--repeats", type=int, help="timed runs per n (default 20)")
+    p.add_argument("--full", action="store_true", help="benchmarks/run.py: the full run (default --quick)")
+    p.add_argument("--models", help="benchmarks/run.py: comma-separated models")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("demo", help="compile the bundled digits CNN at several n, print accuracy vs float, write the .so")
+    p.add_argument("--samples", type=_samples_list, default=[1, 2, 4, 8, 16, 32], help="sample counts to evaluate (default 1,2,4,8,16,32)")
+    p.add_argument("--batch", type=int, default=50, help="compiled batch size (default 50)")
+    p.add_argument("--seed", type=int, default=0, help="sample stream seed (default 0)")
+    p.add_argument("--out", default="digits_psb.so", help="where to write the compiled module (default digits_psb.so)")
+    p.add_argument("--export-samples", type=int, default=16, help="which n to export (default 16)")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("info", help="a compiled module's metadata: layers, lowering, n_max, target, inputs/outputs")
+    p.add_argument("model", help="compiled .so")
+    p.add_argument("--json", action="store_true", help="the full metadata as JSON")
+    p.set_defaults(func=cmd_info)
+
+    # `psb-tvm tune` (MetaSchedule tuning, psb_tvm.tuning) is registered here by the lead engineer:
+    # sub.add_parser("tune", ...) with set_defaults(func=cmd_tune).
     return parser
 
 
 def main(argv=None) -> int:
     from .errors import PSBError
 
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # --help (0) or a usage error (2, message already printed)
+        return int(exc.code or 0)
+    json_mode = getattr(args, "json", False)
+
+    def fail(code, msg):
+        print(f"psb-tvm {args.command}: error: {msg}", file=sys.stderr)
+        if json_mode:
+            print(json.dumps({"error": msg, "exit_code": code}))
+        return code
+
     try:
         return args.func(args)
-    except (PSBError, FileNotFoundError) as err:
-        print(f"psb-tvm: error: {err}", file=sys.stderr)
-        return 2
+    except (UsageError, PSBError, FileNotFoundError, IsADirectoryError, PermissionError) as err:
+        return fail(2, str(err))
+    except BrokenPipeError:  # stdout closed early (e.g. piped into head): nothing more to say
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - silence the interpreter's flush at exit
+        return 1
+    except KeyboardInterrupt:
+        return fail(1, "interrupted")
+    except Exception as err:  # noqa: BLE001 - the one place that turns a bug into exit code 1
+        if os.environ.get("PSB_TVM_DEBUG"):
+            raise
+        return fail(1, f"internal error: {type(err).__name__}: {err} (set PSB_TVM_DEBUG=1 for the traceback)")
 
 
 if __name__ == "__main__":

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 
 import numpy as np
 
@@ -28,7 +27,8 @@ def _check_args(samples, seed, config) -> PSBConfig:
     elif not isinstance(config, PSBConfig):
         raise ConfigError(f"config must be a PSBConfig or dict, got {type(config).__name__}")
     try:
-        numerics.check_samples(samples, config.n_max)
+        for n in (samples.values() if isinstance(samples, dict) else [samples]):
+            numerics.check_samples(n, config.n_max)
         numerics.check_seed(seed)
     except ValueError as err:
         raise ConfigError(str(err)) from None
@@ -63,6 +63,17 @@ def _select(sites, config: PSBConfig) -> dict:
     return reasons
 
 
+def _default_samples(samples, names: list) -> tuple[int, list]:
+    """(default n, per-PSB-layer n) from an int or ``{"layer": n, ..., "default": n}``."""
+    if not isinstance(samples, dict):
+        return int(samples), [int(samples)] * len(names)
+    unknown = sorted(set(samples) - set(names) - {"default"})
+    if unknown:
+        raise ConfigError(f"samples names unknown or non-PSB layers {unknown}; the PSB layers are {names}")
+    per_layer = [int(samples.get(n, samples.get("default", 16))) for n in names]
+    return int(samples.get("default", max(per_layer, default=16))), per_layer
+
+
 def _spec(site, lowering, config, frac_bits, signed) -> KernelSpec:
     common = dict(kind=site.kind, lowering=lowering, w_shape=tuple(site.weight.shape), n_max=config.n_max,
                   layer=site.index, E=config.E, P=config.P, act_bits=config.act_bits, act_signed=signed,
@@ -78,14 +89,15 @@ def _spec(site, lowering, config, frac_bits, signed) -> KernelSpec:
                       groups=int(attrs.groups), **common)
 
 
-def compile(onnx_model, target="llvm", samples: int = 16, seed: int = 0, input_shapes: dict | None = None,
+def compile(onnx_model, target="llvm", samples: int | dict = 16, seed: int = 0, input_shapes: dict | None = None,
             calibration=None, config: PSBConfig | dict | None = None, frozen: bool = False,
             tuning_db=None) -> PSBModule:
     """Compile an ONNX model (path, bytes or ModelProto) into a PSB module.
 
     ``samples`` is the default sample count n (a power of two <= ``config.n_max``; ``run`` may pick
-    another per call and per layer); ``seed`` the default draw; ``input_shapes`` fixes dynamic
-    input dims; ``calibration`` is ``{input: array [N, ...]}`` (or an iterable of such dicts) used
+    another per call and per layer), or a per-layer map ``{"layer name": n, "default": n}`` (e.g.
+    ``psb_tvm.allocate(...).samples``) baked in as the default of ``run(samples=None)``; ``seed``
+    the default draw; ``input_shapes`` fixes dynamic input dims; ``calibration`` is ``{input: array [N, ...]}`` (or an iterable of such dicts) used
     to choose the activation scales. ``frozen=True`` bakes the draw for (samples, seed) into
     constants: no sampling at run time, but n and seed are then fixed. ``tuning_db`` is the
     ``work_dir`` of ``psb_tvm.tune`` (or a MetaSchedule database): its schedules are reapplied
@@ -130,10 +142,11 @@ def lower(onnx_model, target="llvm", samples: int = 16, seed: int = 0, input_sha
                             "layer_id": site.index, "out_shape": list(spec.out_shape),
                             # the paper's cost: one addition per weight, sample and output position
                             "additions_per_sample": int(np.prod(spec.out_shape)) * spec.reduction_size}
+    samples, layer_samples = _default_samples(samples, [l.name for l in layers])
     frozen_draw = None
     if frozen:
-        frozen_draw = {"samples": [samples] * len(layers),
-                       "counts": [numerics.sample_counts(l.enc, samples, seed, l.site_index) for l in layers]}
+        frozen_draw = {"samples": layer_samples,
+                       "counts": [numerics.sample_counts(l.enc, n, seed, l.site_index) for l, n in zip(layers, layer_samples)]}
     mod = rewrite_to_psb(imported.mod, layers, frozen_draw)
 
     metadata = {
@@ -144,6 +157,9 @@ def lower(onnx_model, target="llvm", samples: int = 16, seed: int = 0, input_sha
         "mtriple": str(tgt.attrs.get("mtriple", "") or ""),
         "host_runnable": is_host_cpu(tgt),
         "samples": int(samples),
+        # per-layer default n when ``samples`` was a map (absent: every layer at ``samples``)
+        **({"layer_samples": dict(zip([l.name for l in layers], layer_samples))}
+           if len(set(layer_samples)) > 1 else {}),
         "seed": int(seed),
         "n_max": config.n_max,
         "frozen": bool(frozen),

@@ -47,7 +47,9 @@ class PSBModule:
         lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
         lines.insert(1, "  ".join("-" * w for w in widths))
         psb = sum(l["status"] == "psb" for l in self.layers)
-        lines.append(f"{psb} of {len(self.layers)} linear layers are PSB (n={self.samples}, seed={self.metadata['seed']})")
+        per_layer = self.metadata.get("layer_samples")
+        n_text = f"n={self.samples}" if not per_layer else "n per layer " + ", ".join(f"{k}={v}" for k, v in per_layer.items())
+        lines.append(f"{psb} of {len(self.layers)} linear layers are PSB ({n_text}, seed={self.metadata['seed']})")
         return "\n".join(lines)
 
     # ------------------------------------------------------------------ run
@@ -82,6 +84,13 @@ class PSBModule:
         """Names of the PSB layers, in the order of the per-layer sample counts."""
         return list(self.metadata.get("psb_layers", []))
 
+    @property
+    def default_samples(self) -> dict:
+        """``{PSB layer: n}`` used by ``run(samples=None)``: ``compile(samples=...)``, per layer when
+        that was a map (metadata ``layer_samples``)."""
+        per_layer = self.metadata.get("layer_samples") or {}
+        return {name: int(per_layer.get(name, self.metadata["samples"])) for name in self.psb_layers}
+
     def resolve_samples(self, samples=None) -> list:
         """Per-PSB-layer sample counts from ``None`` (the compiled default), an int, or a map
         ``{"layer name": n, ..., "default": n}``; each a power of two <= n_max."""
@@ -89,15 +98,14 @@ class PSBModule:
         from .numerics import check_samples
 
         names = self.psb_layers
-        default = self.metadata["samples"]
+        compiled = self.default_samples
         if samples is None:
-            per_layer = [default] * len(names)
+            per_layer = [compiled[name] for name in names]
         elif isinstance(samples, dict):
             unknown = sorted(set(samples) - set(names) - {"default"})
             if unknown:
                 raise ConfigError(f"samples names unknown layers {unknown}; the PSB layers are {names}")
-            default = samples.get("default", default)
-            per_layer = [samples.get(name, default) for name in names]
+            per_layer = [samples.get(name, samples.get("default", compiled[name])) for name in names]
         else:
             per_layer = [samples] * len(names)
         for name, n in zip(names, per_layer):
@@ -105,7 +113,7 @@ class PSBModule:
                 check_samples(n, self.metadata["n_max"])
             except ValueError as err:
                 raise ConfigError(f"layer {name!r}: {err}") from None
-        if self.metadata.get("frozen") and per_layer != [self.metadata["samples"]] * len(names):
+        if self.metadata.get("frozen") and per_layer != [compiled[name] for name in names]:
             raise ConfigError(f"this module is frozen at samples={self.metadata['samples']}; "
                               "compile without frozen=True to choose n at run time")
         return [int(n) for n in per_layer]

@@ -1,0 +1,372 @@
+"""Automatic per-layer sample allocation: which n for which layer, for a stated budget.
+
+A sensitivity analysis on calibration data measures, per PSB layer and per sample count n, how
+much output error that layer adds when only it runs at n and every other layer runs at the
+reference count (``n_ref``, default ``n_max``), averaged over a few seeds. PSB noise of different
+layers is (nearly) independent and its variance falls like 1/n, so squared errors add up:
+
+    predicted_error(alloc)^2 = base^2 + sum_l delta_l(n_l)
+
+with ``base`` the error with every layer at ``n_ref`` (activation quantization plus residual
+sampling noise). A greedy pass halves, one step at a time, the layer whose halving adds the least
+predicted squared error per addition saved (``module.cost``), from all-``n_ref`` down to
+all-``min_samples``: a path of allocations of falling cost. The chosen point on that path is the
+cheapest one whose *measured* error (or accuracy, with labels) meets the budget, or, for a cost
+budget, the most accurate one that fits it. Measuring (binary search along the path) makes the
+result robust to where the additive model is off.
+
+"Keep a layer float" is possible only at compile time (``PSBConfig(exclude=...)``); when the
+budget cannot be met even at ``n_ref``, the most sensitive layers are reported in
+``Allocation.recommend_exclude``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .errors import ConfigError
+
+KINDS = ("error", "accuracy", "cost")
+
+
+@dataclass
+class Sensitivity:
+    """Per-layer sensitivity table: squared relative output error added by each layer at each n."""
+
+    layers: list
+    levels: list            # the n values measured (powers of two < n_ref)
+    n_ref: int              # the n of every other layer while one layer is lowered
+    seeds: list
+    base_sq: float          # mean squared relative error with every layer at n_ref
+    delta_sq: dict          # {layer: {n: added squared error}} (0 at n_ref, non-increasing in n)
+    additions_per_sample: dict  # {layer: additions per sample (module.cost)}
+
+    def predict(self, samples: dict) -> float:
+        """Predicted relative output error of a per-layer allocation ``{layer: n}``."""
+        total = self.base_sq + sum(self.delta_sq[l].get(samples[l], 0.0) for l in self.layers)
+        return float(math.sqrt(max(total, 0.0)))
+
+    def to_dict(self) -> dict:
+        return {"layers": self.layers, "levels": self.levels, "n_ref": self.n_ref, "seeds": self.seeds,
+                "base_error": math.sqrt(max(self.base_sq, 0.0)),
+                "delta_sq": {l: {str(n): v for n, v in d.items()} for l, d in self.delta_sq.items()},
+                "additions_per_sample": self.additions_per_sample}
+
+
+@dataclass
+class Allocation:
+    """Result of ``allocate``: ``module.run(x, samples=allocation.samples)`` uses it directly."""
+
+    samples: dict           # {layer name: n} for every PSB layer
+    kind: str               # "error", "accuracy" or "cost"
+    budget: float
+    cost: int               # module.cost(samples)["additions"]
+    predicted_error: float
+    measured_error: float   # mean over seeds of the relative output error on the calibration data
+    measured_accuracy: float | None
+    feasible: bool
+    uniform: dict | None    # the cheapest uniform n meeting the same budget: samples, cost, error, accuracy
+    reference: str          # what the error is measured against
+    recommend_exclude: list = field(default_factory=list)
+    notes: list = field(default_factory=list)
+    sensitivity: Sensitivity | None = None
+    path: list = field(default_factory=list)  # the greedy path: [{"samples", "cost", "predicted_error"}]
+
+    @property
+    def savings(self) -> float | None:
+        """Fraction of the uniform allocation's cost saved (None without a uniform comparison)."""
+        if not self.uniform or not self.uniform.get("cost"):
+            return None
+        return 1.0 - self.cost / self.uniform["cost"]
+
+    def to_dict(self) -> dict:
+        d = {k: getattr(self, k) for k in ("samples", "kind", "budget", "cost", "predicted_error", "measured_error",
+                                          "measured_accuracy", "feasible", "uniform", "reference",
+                                          "recommend_exclude", "notes")}
+        d["savings_vs_uniform"] = self.savings
+        d["sensitivity"] = self.sensitivity.to_dict() if self.sensitivity else None
+        return d
+
+    def report(self) -> str:
+        lines = [f"Allocation for {self.kind} budget {self.budget:g} (error vs {self.reference}):"]
+        width = max(len(l) for l in self.samples) if self.samples else 5
+        for name, n in self.samples.items():
+            lines.append(f"  {name.ljust(width)}  n={n}")
+        acc = f", accuracy {100 * self.measured_accuracy:.2f}%" if self.measured_accuracy is not None else ""
+        lines.append(f"cost {self.cost:,} additions, error {self.measured_error:.4f} measured "
+                     f"({self.predicted_error:.4f} predicted){acc}" + ("" if self.feasible else "  [budget NOT met]"))
+        if self.uniform:
+            lines.append(f"uniform n={self.uniform['samples']} meeting the same budget: cost {self.uniform['cost']:,}, "
+                         f"error {self.uniform['error']:.4f}; saved {100 * (self.savings or 0):.1f}%")
+        if self.recommend_exclude:
+            lines.append(f"recommendation: keep float (compile with PSBConfig(exclude={self.recommend_exclude!r}))")
+        lines += [f"note: {n}" for n in self.notes]
+        return "\n".join(lines)
+
+    def __str__(self):
+        return self.report()
+
+
+# ---------------------------------------------------------------------------- measuring
+class _Evaluator:
+    """Runs a module over a data set at per-layer sample counts; caches by (allocation, seed)."""
+
+    def __init__(self, module, data: dict, reference: list, labels, seeds):
+        from .evaluate import run_dataset
+
+        self._run = run_dataset
+        self.module, self.data, self.reference, self.labels, self.seeds = module, data, reference, labels, list(seeds)
+        self._ref_norm_sq = sum(float(np.sum(np.square(r, dtype=np.float64))) for r in reference)
+        self._cache = {}
+
+    def outputs(self, samples, seed):
+        return self._run(self.module, self.data, samples=samples, seed=seed)
+
+    def err_sq(self, outputs) -> float:
+        diff = sum(float(np.sum(np.square(o.astype(np.float64) - r, dtype=np.float64))) for o, r in zip(outputs, self.reference))
+        return diff / max(self._ref_norm_sq, 1e-300)
+
+    def measure(self, samples: dict) -> dict:
+        """Mean over seeds: relative error, its square, accuracy (with labels)."""
+        key = tuple(sorted(samples.items()))
+        if key not in self._cache:
+            errs, accs = [], []
+            for seed in self.seeds:
+                out = self.outputs(samples, seed)
+                errs.append(self.err_sq(out))
+                if self.labels is not None:
+                    accs.append(top1_accuracy(out[0], self.labels))
+            self._cache[key] = {"error": float(np.mean(np.sqrt(errs))), "error_sq": float(np.mean(errs)),
+                                "accuracy": float(np.mean(accs)) if accs else None}
+        return self._cache[key]
+
+
+def top1_accuracy(output: np.ndarray, labels: np.ndarray) -> float:
+    """Top-1 accuracy; the class axis is axis 1 ([N, C] or [N, C, H, W] with labels [N, H, W])."""
+    return float(np.mean(np.asarray(output).argmax(axis=1) == np.asarray(labels)))
+
+
+def _levels(lo: int, hi: int) -> list:
+    out, n = [], lo
+    while n <= hi:
+        out.append(n)
+        n *= 2
+    return out
+
+
+def _pow2(value, name, n_max) -> int:
+    if not isinstance(value, (int, np.integer)) or value < 1 or value & (value - 1) or value > n_max:
+        raise ConfigError(f"{name} must be a power of two in [1, n_max={n_max}], got {value!r}")
+    return int(value)
+
+
+def sensitivity(module, calibration_inputs, reference=None, seeds=(0, 1, 2), min_samples: int = 1,
+                max_samples: int | None = None, progress: bool = False, _evaluator=None) -> Sensitivity:
+    """Measure each PSB layer's added squared output error at n = min_samples .. max_samples/2
+    while every other layer runs at ``max_samples`` (default ``n_max``). See ``allocate``."""
+    ev = _evaluator or _make_evaluator(module, calibration_inputs, reference, None, seeds)[0]
+    names = module.psb_layers
+    n_max = int(module.metadata["n_max"])
+    n_ref = _pow2(max_samples if max_samples is not None else n_max, "max_samples", n_max)
+    lo = _pow2(min_samples, "min_samples", n_max)
+    if lo > n_ref:
+        raise ConfigError(f"min_samples={lo} exceeds max_samples={n_ref}")
+    levels = [n for n in _levels(lo, n_ref) if n < n_ref]
+    ref_alloc = {l: n_ref for l in names}
+    base_sq = ev.measure(ref_alloc)["error_sq"]
+    delta = {}
+    from tqdm import tqdm
+
+    with tqdm(total=len(names) * len(levels), desc="sensitivity", disable=not progress, leave=False) as bar:
+        for name in names:
+            d = {n_ref: 0.0}
+            for n in sorted(levels, reverse=True):
+                d[n] = max(ev.measure({**ref_alloc, name: n})["error_sq"] - base_sq, d[2 * n] if 2 * n in d else 0.0)
+                bar.update()
+            delta[name] = dict(sorted(d.items()))
+    apc = {r["name"]: int(r["additions_per_sample"]) for r in module.cost(1)["layers"]}
+    return Sensitivity(layers=list(names), levels=levels, n_ref=n_ref, seeds=list(ev.seeds), base_sq=base_sq,
+                       delta_sq=delta, additions_per_sample=apc)
+
+
+def greedy_path(sens: Sensitivity, min_samples: int | None = None) -> list:
+    """Allocations from all-``n_ref`` down to all-``min_samples``, one halving at a time, each step
+    the one adding the least predicted squared error per addition saved."""
+    lo = min_samples if min_samples is not None else (min(sens.levels) if sens.levels else sens.n_ref)
+    cur = {l: sens.n_ref for l in sens.layers}
+    path = [dict(cur)]
+    while True:
+        best = None
+        for l in sens.layers:
+            n = cur[l]
+            if n // 2 < lo or n // 2 not in sens.delta_sq[l]:
+                continue
+            saved = sens.additions_per_sample[l] * (n - n // 2)
+            added = sens.delta_sq[l][n // 2] - sens.delta_sq[l][n]
+            score = added / max(saved, 1)
+            if best is None or score < best[0] or (score == best[0] and saved > best[1]):
+                best = (score, saved, l)
+        if best is None:
+            return path
+        cur[best[2]] //= 2
+        path.append(dict(cur))
+
+
+def _make_evaluator(module, calibration_inputs, reference, labels, seeds):
+    from .evaluate import as_input_dict, run_dataset
+
+    if not module.psb_layers:
+        raise ConfigError("the module has no PSB layers: nothing to allocate")
+    if module.metadata.get("frozen"):
+        raise ConfigError("a frozen module has fixed samples; compile without frozen=True to allocate")
+    data = as_input_dict(calibration_inputs, module)
+    seeds = [int(s) for s in seeds]
+    if not seeds:
+        raise ConfigError("seeds must name at least one seed")
+    n_max = int(module.metadata["n_max"])
+    if reference is None:
+        # The module's own best estimate: the mean output at n_max over the seeds.
+        runs = [run_dataset(module, data, samples=n_max, seed=s + 1000) for s in seeds]
+        ref = [np.mean([r[i] for r in runs], axis=0, dtype=np.float64) for i in range(len(runs[0]))]
+        desc = f"mean of {len(seeds)} runs at n_max={n_max} (no float reference given)"
+    elif hasattr(reference, "run") and hasattr(reference, "metadata"):
+        ref = [o.astype(np.float64) for o in run_dataset(reference, data)]
+        desc = "reference module" + (" (float)" if not reference.psb_layers else "")
+    else:
+        ref = [np.asarray(r, np.float64) for r in (reference if isinstance(reference, (tuple, list)) else [reference])]
+        n = len(next(iter(data.values())))
+        if any(len(r) != n for r in ref):
+            raise ConfigError(f"reference outputs must have {n} rows (one per calibration input), got {[len(r) for r in ref]}")
+        desc = "given reference outputs"
+    if labels is not None:
+        labels = np.asarray(labels)
+        n = len(next(iter(data.values())))
+        if len(labels) != n:
+            raise ConfigError(f"labels has {len(labels)} rows, the calibration inputs {n}")
+    return _Evaluator(module, data, ref, labels, seeds), desc
+
+
+def allocate(module, calibration_inputs, budget: float, kind: str = "error", labels=None, reference=None,
+             seeds=(0, 1, 2), min_samples: int = 1, max_samples: int | None = None,
+             sensitivity_table: Sensitivity | None = None, progress: bool = False, _evaluator=None) -> Allocation:
+    """Choose per-layer sample counts for ``module`` on ``calibration_inputs``.
+
+    ``kind="error"``: the cheapest allocation (``module.cost``) whose relative output error vs
+    ``reference`` (mean over ``seeds``) is <= ``budget``. ``kind="accuracy"`` (needs ``labels``):
+    the cheapest allocation whose top-1 accuracy is >= reference accuracy - ``budget`` (the
+    reference accuracy: of ``reference`` outputs, else of all layers at ``max_samples``).
+    ``kind="cost"``: the lowest-error allocation costing <= ``budget`` additions.
+
+    ``calibration_inputs``: an array (single-input model), ``{input name: array [N, ...]}``, a
+    file or folder, or a loader (see ``psb_tvm.evaluate.load_inputs``). ``reference``: float
+    outputs for those inputs (array or tuple), a module to produce them (e.g. the float compile),
+    or None (the module's own mean output at n_max). ``sensitivity_table`` reuses an earlier
+    analysis of the same module and data. The result's ``samples`` is a ``{layer: n}`` map for
+    ``module.run(x, samples=...)`` or ``psb_tvm.compile(..., samples=...)``.
+    """
+    if kind not in KINDS:
+        raise ConfigError(f"kind must be one of {KINDS}, got {kind!r}")
+    if not isinstance(budget, (int, float, np.floating, np.integer)) or not np.isfinite(budget) or budget < 0:
+        raise ConfigError(f"budget must be a non-negative number, got {budget!r}")
+    if kind == "accuracy" and labels is None:
+        raise ConfigError("an accuracy budget needs labels")
+    ev, ref_desc = _evaluator or _make_evaluator(module, calibration_inputs, reference, labels, seeds)
+    sens = sensitivity_table or sensitivity(module, None, seeds=seeds, min_samples=min_samples,
+                                            max_samples=max_samples, progress=progress, _evaluator=ev)
+    names = sens.layers
+    if names != module.psb_layers:
+        raise ConfigError("sensitivity_table was measured on another module (its layers differ)")
+    path = greedy_path(sens, min_samples)
+    costs = [module.cost(p)["additions"] for p in path]
+    notes = []
+
+    if kind == "accuracy":
+        if reference is not None:
+            ref_acc = top1_accuracy(ev.reference[0], ev.labels)
+        else:
+            ref_acc = ev.measure({l: sens.n_ref for l in names})["accuracy"]
+            notes.append(f"accuracy budget relative to all layers at n={sens.n_ref} (no reference given)")
+        target_acc = ref_acc - budget
+
+        def ok(alloc):
+            return ev.measure(alloc)["accuracy"] >= target_acc - 1e-12
+    elif kind == "error":
+        def ok(alloc):
+            return ev.measure(alloc)["error"] <= budget
+    else:
+        def ok(alloc):
+            return module.cost(alloc)["additions"] <= budget
+
+    # Binary search along the path (cost falls along it; error rises): the last index that is ok.
+    if kind == "cost":
+        affordable = [i for i, c in enumerate(costs) if c <= budget]
+        feasible = bool(affordable)
+        idx = affordable[0] if feasible else len(path) - 1
+    else:
+        feasible = ok(path[0])
+        idx = 0
+        if feasible:
+            lo, hi = 0, len(path) - 1
+            # first probe: the predicted point, to converge quickly where the model is right
+            pred = [sens.predict(p) for p in path]
+            guess = max([i for i, e in enumerate(pred) if e <= budget], default=0) if kind == "error" else None
+            if guess is not None and guess > lo:
+                if ok(path[guess]):
+                    lo = guess
+                else:
+                    hi = guess - 1
+            while lo < hi:
+                mid = (lo + hi + 1) // 2
+                if ok(path[mid]):
+                    lo = mid
+                else:
+                    hi = mid - 1
+            idx = lo
+    chosen = path[idx]
+    m = ev.measure(chosen)
+
+    uniform = None
+    levels = sorted({sens.n_ref, *sens.levels})
+    if kind != "cost":
+        for n in levels:  # cheapest uniform n meeting the same budget
+            alloc = {l: n for l in names}
+            if ok(alloc):
+                um = ev.measure(alloc)
+                uniform = {"samples": n, "cost": module.cost(n)["additions"], "error": um["error"], "accuracy": um["accuracy"]}
+                break
+    else:
+        fits = [n for n in levels if module.cost(n)["additions"] <= budget]
+        if fits:
+            um = ev.measure({l: fits[-1] for l in names})
+            uniform = {"samples": fits[-1], "cost": module.cost(fits[-1])["additions"], "error": um["error"],
+                       "accuracy": um["accuracy"]}
+
+    if uniform is not None and feasible and kind != "cost" and uniform["cost"] < costs[idx]:
+        # the greedy path can miss a uniform point that already meets the budget more cheaply
+        chosen, m = {l: uniform["samples"] for l in names}, ev.measure({l: uniform["samples"] for l in names})
+        notes.append(f"the uniform allocation n={uniform['samples']} is the cheapest found")
+
+    recommend = []
+    if not feasible and kind != "cost":
+        # Even at n_ref the budget is missed: the layers carrying most of the sampling noise are
+        # the candidates to keep float (their n_ref share extrapolated from n_ref/2, variance ~ 1/n).
+        share = {l: sens.delta_sq[l].get(sens.n_ref // 2, 0.0) for l in names}
+        total = sum(share.values())
+        acc = 0.0
+        for l in sorted(names, key=lambda l: -share[l]):
+            if total <= 0 or acc >= 0.5 * total:
+                break
+            recommend.append(l)
+            acc += share[l]
+        notes.append(f"budget not met even with every layer at n={sens.n_ref} (error {m['error']:.4g}); "
+                     "recompile with a larger n_max or keep the recommended layers float")
+    if not feasible and kind == "cost":
+        notes.append(f"no allocation fits a cost of {budget:g}; the cheapest (every layer at n={min(levels)}) is returned")
+    return Allocation(samples=dict(chosen), kind=kind, budget=float(budget), cost=module.cost(chosen)["additions"],
+                      predicted_error=sens.predict(chosen), measured_error=m["error"],
+                      measured_accuracy=m["accuracy"], feasible=feasible, uniform=uniform, reference=ref_desc,
+                      recommend_exclude=recommend, notes=notes, sensitivity=sens,
+                      path=[{"samples": p, "cost": c, "predicted_error": sens.predict(p)} for p, c in zip(path, costs)])
