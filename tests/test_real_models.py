@@ -1,0 +1,154 @@
+"""Real pretrained models from PyPI wheels (fetched into ``$PSB_TVM_CACHE`` at test time, see
+``psb_tvm.zoo``): MTCNN PNet/RNet/ONet (facenet-pytorch) and Silero VAD (silero-vad).
+
+Each test skips only when the wheel cannot be downloaded (no network); the MTCNN tests also need
+torch for the ONNX export (``pip install 'psb-tvm[real]'``). Thresholds are measured values with
+a margin (``benchmarks/real_models.py`` prints the full tables).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+
+import psb_tvm
+from psb_tvm import PSBConfig, zoo
+from psb_tvm.errors import UnsupportedModelError
+from psb_tvm.frontend import import_onnx
+
+pytestmark = pytest.mark.filterwarnings("ignore")
+
+BATCH = 8
+# Face decision agreement with float at n=64 (measured on these inputs: see the module docstring).
+MTCNN_MIN_AGREEMENT = {"pnet": 0.95, "rnet": 0.95, "onet": 0.95}
+
+
+def _fetch(fn, *args, **kwargs):
+    try:
+        return fn(*args, **kwargs)
+    except zoo.DownloadError as err:
+        pytest.skip(f"wheel not downloadable (no network?): {err}")
+
+
+def _session(path):
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+
+
+# ---------------------------------------------------------------------------- MTCNN
+@pytest.mark.parametrize("net", ["pnet", "rnet", "onet"])
+def test_mtcnn_psb_agrees_with_float_and_improves_with_n(net):
+    pytest.importorskip("torch", reason="exporting MTCNN to ONNX needs torch: pip install 'psb-tvm[real]'")
+    shape = zoo.MTCNN_SHAPES[net]
+    one = _fetch(zoo.mtcnn_onnx, net)
+    batched = _fetch(zoo.mtcnn_onnx, net, (BATCH,) + shape[1:])
+    x, labels = zoo.synthetic_faces(32, shape[2], seed=1)
+    calib, _ = zoo.synthetic_faces(32, shape[2], seed=5)
+    sess = _session(one)
+    ref = zoo.run_batched(lambda b: sess.run(None, {"input": b}), x, 1)
+    names = zoo.MTCNN_OUTPUTS[net]
+    assert [o.name for o in sess.get_outputs()] == list(names)
+
+    module = psb_tvm.compile(str(batched), samples=16, calibration={"input": calib})
+    assert all(l["status"] == "psb" for l in module.layers), module.report()
+    m = {n: zoo.mtcnn_metrics(net, ref, zoo.run_batched(lambda b: module.run(b, samples=n), x, BATCH))
+         for n in (1, 8, 64)}
+    assert m[64]["decision_agreement"] >= MTCNN_MIN_AGREEMENT[net], m
+    assert m[64]["prob_mae"] < m[8]["prob_mae"] < m[1]["prob_mae"], m
+    assert m[64]["box_mae"] < m[1]["box_mae"], m
+    assert m[64]["prob_mae"] < 0.03, m
+
+
+def test_mtcnn_export_matches_torch():
+    torch = pytest.importorskip("torch", reason="exporting MTCNN to ONNX needs torch: pip install 'psb-tvm[real]'")
+    path = _fetch(zoo.mtcnn_onnx, "rnet")
+    root = zoo.extract_wheel(*zoo.FACENET)
+    model = zoo._mtcnn_classes(root)["rnet"](pretrained=False)
+    model.load_state_dict(torch.load(root / "facenet_pytorch" / "data" / "rnet.pt", weights_only=True))
+    model.eval()
+    x, _ = zoo.synthetic_faces(4, 24, seed=3)
+    with torch.no_grad():
+        want = [t.numpy() for t in model(torch.from_numpy(x))]
+    sess = _session(path)
+    got = zoo.run_batched(lambda b: sess.run(None, {"input": b}), x, 1)
+    for w, g in zip(want, got):
+        np.testing.assert_allclose(g, w, atol=1e-5)
+    # the float decision separates the drawn faces from the non-faces: the inputs are meaningful
+    x, labels = zoo.synthetic_faces(32, 24, seed=1)
+    prob = zoo.run_batched(lambda b: sess.run(None, {"input": b}), x, 1)[1][:, 1]
+    assert np.mean(prob[labels == 1] > 0.5) > np.mean(prob[labels == 0] > 0.5) + 0.5
+
+
+# ---------------------------------------------------------------------------- Silero VAD
+def test_silero_every_variant_imports_after_rewrite():
+    variants = _fetch(zoo.silero_vad_variants)
+    assert "silero_vad.onnx" in variants
+    rng = np.random.default_rng(0)
+    x = rng.normal(0, 0.1, (1, 576)).astype(np.float32)
+    state = rng.normal(0, 0.3, (2, 1, 128)).astype(np.float32)
+    feeds = {"input": x, "state": state, "sr": np.array(16000, np.int64), "h": state[:1], "c": state[1:]}
+    for variant in variants:
+        static = zoo.silero_vad_onnx(variant, 16000, batch_first_state=False)
+        proto = onnx.load(str(static))
+        assert not any(n.op_type in ("If", "LSTM") for n in proto.graph.node), variant
+        shipped, fixed = _session(zoo.silero_vad_path(variant)), _session(static)
+        a = shipped.run(None, {i.name: feeds[i.name] for i in shipped.get_inputs()})
+        b = fixed.run(None, {i.name: feeds[i.name] for i in fixed.get_inputs()})
+        for u, v in zip(a, b):
+            np.testing.assert_allclose(np.asarray(v, np.float32), np.asarray(u, np.float32), atol=1e-5, err_msg=variant)
+        layers = import_onnx(str(static)).layer_names
+        # the STFT conv, 4 encoder convs, the decoder conv (1-D convs imported as 2-D) and the
+        # LSTM's input and recurrent matmuls (unrolled)
+        assert len(layers.get("conv2d", [])) == 6 and len(layers.get("dense", [])) == 2, (variant, layers)
+
+
+def test_silero_as_shipped_through_the_frontend():
+    raw = _fetch(zoo.silero_vad_path, "silero_vad.onnx")
+    # the sample rate is a run-time input: the If on it cannot be inlined, its branches keep
+    # dynamic pads that TVM's importer rejects; the error names the problem and the file
+    with pytest.raises(UnsupportedModelError, match="silero_vad.onnx"):
+        import_onnx(str(raw), {"input": (1, 576), "state": (2, 1, 128)})
+    # the 16 kHz OpenVINO export has static shapes: the frontend inlines its Ifs, unrolls the
+    # LSTM and converts the 1-D convs; float through TVM matches ONNX Runtime
+    raw = zoo.silero_vad_path("silero_vad_openvino_16k.onnx")
+    module = psb_tvm.compile(str(raw), config=PSBConfig(include=()))
+    assert [l["op"] for l in module.layers].count("conv2d") == 6
+    report = module.report()
+    assert all(l["status"] == "float" and l["reason"] == "not in config.include" for l in module.layers)
+    for l in module.layers:
+        assert l["name"] in report
+    sess = _session(raw)
+    audio, _ = zoo.speech_audio(16000, seed=2, texts=zoo.SPEECH_TEXTS[:1])
+    chunks = zoo.vad_chunks(audio)[:20]
+    want, _ = zoo.vad_stream(lambda c, s: sess.run(None, {"input": c, "state": s}), chunks, (2, 1, 128))
+    got, _ = zoo.vad_stream(lambda c, s: module.run(c, s), chunks, (2, 1, 128))
+    np.testing.assert_allclose(got, want, atol=1e-4)
+
+
+def test_silero_psb_speech_agreement():
+    path = _fetch(zoo.silero_vad_onnx, "silero_vad.onnx", 16000)
+    sess = _session(path)
+    speech, _ = zoo.speech_audio(16000, seed=0, texts=zoo.SPEECH_TEXTS[:2])
+    noise = zoo.noise_audio(3.0, 16000, seed=1)
+    calib_audio, _ = zoo.speech_audio(16000, seed=7, texts=("A different sentence, used only to calibrate.",))
+    calib_chunks = np.concatenate([zoo.vad_chunks(calib_audio), zoo.vad_chunks(zoo.noise_audio(1.0, seed=9))])
+    step = lambda c, s: sess.run(None, {"input": c, "state": s})  # noqa: E731
+    _, calib_states = zoo.vad_stream(step, calib_chunks)
+    sets = {"speech": zoo.vad_chunks(speech), "noise": zoo.vad_chunks(noise)}
+    ref = {k: zoo.vad_stream(step, v)[0] for k, v in sets.items()}
+    assert np.mean(ref["speech"] > 0.5) > 0.5 and np.mean(ref["noise"] > 0.5) < 0.05  # the inputs are meaningful
+
+    module = psb_tvm.compile(str(path), samples=16, calibration={"input": calib_chunks, "state": calib_states[:, 0]})
+    report = module.report()
+    assert "8 of 8 linear layers are PSB" in report
+    assert "LSTM/Gemm_W_0" in report and "LSTM/MatMul_R_0" in report and "stft/Conv" in report
+    m = {}
+    for n in (1, 64):
+        psb = (lambda n: lambda c, s: module.run(c, s, samples=n))(n)
+        m[n] = {k: zoo.vad_metrics(ref[k], zoo.vad_stream(psb, v)[0]) for k, v in sets.items()}
+    assert m[64]["speech"]["decision_agreement"] >= 0.9, m
+    assert m[64]["noise"]["decision_agreement"] >= 0.95, m
+    assert m[64]["speech"]["prob_mae"] < m[1]["speech"]["prob_mae"], m
