@@ -1,7 +1,8 @@
 """psb_tvm: compile pretrained ONNX models into progressive stochastic binarized (PSB) networks.
 
 Public API: ``compile``, ``load``, ``PSBConfig``, ``PSBModule``, ``evaluate`` (accuracy and cost
-vs n), ``allocate`` (per-layer sample counts for a budget) and the exception types.
+vs n), ``allocate`` (per-layer sample counts for a budget), ``tune`` (MetaSchedule + XGBoost;
+reapplied with ``compile(..., tuning_db=)``) and the exception types.
 """
 
 from .allocate import Allocation, allocate
@@ -10,6 +11,7 @@ from .config import PSBConfig
 from .errors import ConfigError, DynamicShapeError, InputError, ModelLoadError, PSBError, UnsupportedModelError
 from .evaluate import EvalReport, Preprocess, evaluate
 from .runtime import PSBModule, load
+from .tuning import TuneResult, TuningError, TuningWarning, tune
 
 __all__ = [
     "Allocation",
@@ -22,10 +24,14 @@ __all__ = [
     "PSBConfig",
     "PSBError",
     "PSBModule",
+    "TuneResult",
+    "TuningError",
+    "TuningWarning",
     "UnsupportedModelError",
     "__version__",
     "allocate",
     "compile",
     "evaluate",
     "load",
+    "tune",
 ]

@@ -1,0 +1,421 @@
+"""``psb_tvm.tune``: MetaSchedule with the XGBoost cost model over the PSB kernels and the float glue.
+
+A tuning task is one PrimFunc of the legalized module whose loop nest is fixed at compile time:
+the PSB layer kernels (their run-time ``n`` is a value, not a loop extent) and the float glue. The
+samplers and masked kernels have run-time extents and keep the default rules. Each task is tuned
+in a canonical form (``n`` bound to a constant, symbol renamed ``main``) so identical layers share
+records, and the schedule found is replayed onto the real kernel at compile time. Every task's
+default schedule is measured and stored first, so the database's best is never worse than the
+default and the search starts from it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+import warnings
+from contextlib import contextmanager
+
+import tvm
+import tvm_ffi
+from tvm import tirx
+
+from .errors import ConfigError, PSBError
+
+MANIFEST = "psb_tuning.json"
+CANONICAL_N = 8  # the value ``n`` is bound to while tuning; the loop nest does not depend on it
+_UNTUNABLE = ("sample", "conv2d_masked", "dense_masked")
+
+
+class TuningError(PSBError):
+    """A tuning run or database cannot be used as asked."""
+
+
+class TuningWarning(UserWarning):
+    """A tuning database (or part of it) was ignored; the default schedules were used instead."""
+
+
+@dataclasses.dataclass
+class TaskReport:
+    name: str  # first kernel of the task (identical kernels share one task)
+    kernels: list
+    default_ms: float | None
+    best_ms: float | None
+    trials: int
+
+
+@dataclasses.dataclass
+class TuneResult:
+    """What ``tune`` did: pass ``work_dir`` to ``compile(..., tuning_db=...)``."""
+
+    work_dir: str
+    target: str
+    num_threads: int
+    trials_run: int  # measured in this call
+    trials_total: int  # in the database, over all calls (tuning resumes where it stopped)
+    seconds: float
+    tasks: list
+
+    def table(self) -> str:
+        rows = ["| kernel | copies | default ms | tuned ms | speed-up | trials |", "|---|---|---|---|---|---|"]
+        for t in self.tasks:
+            gain = f"{t.default_ms / t.best_ms:.2f}x" if t.default_ms and t.best_ms else "-"
+            fmt = lambda v: f"{v:.4f}" if v is not None else "-"  # noqa: E731
+            rows.append(f"| {t.name} | {len(t.kernels)} | {fmt(t.default_ms)} | {fmt(t.best_ms)} | {gain} | {t.trials} |")
+        return "\n".join(rows)
+
+
+def _ms():
+    from tvm.s_tir import meta_schedule as ms  # heavy import, only when tuning or applying
+
+    return ms
+
+
+def is_tunable(func) -> bool:
+    if not isinstance(func, tirx.PrimFunc):
+        return False
+    attrs = func.attrs or {}
+    if attrs.get("tirx.is_scheduled", False):
+        return False
+    return attrs.get("psb.kind") not in _UNTUNABLE
+
+
+def canonical(func: tirx.PrimFunc) -> tvm.IRModule:
+    """The task's workload: scalar params bound to constants, the symbol renamed ``main``."""
+    scalars = {p: tirx.IntImm(str(p.ty), CANONICAL_N) for p in func.params if _is_scalar(p)}
+    if scalars:
+        func = func.specialize(scalars)
+    return tvm.IRModule({"main": func.with_attr("global_symbol", "main")})
+
+
+def _is_scalar(param) -> bool:
+    try:
+        return str(param.ty).startswith("int")
+    except AttributeError:
+        return False
+
+
+def extract_tasks(mod: tvm.IRModule) -> list:
+    """``[(workload module, [kernel names])]``, identical kernels grouped into one task."""
+    tasks = []
+    for gv, func in mod.functions.items():
+        if not is_tunable(func):
+            continue
+        wl = canonical(func)
+        for existing, names in tasks:
+            if tvm_ffi.structural_equal(existing, wl):
+                names.append(gv.name_hint)
+                break
+        else:
+            tasks.append((wl, [gv.name_hint]))
+    return tasks
+
+
+def _target_key(target: tvm.target.Target) -> dict:
+    """What must match between the tuning target and the compile target."""
+    attrs = target.attrs
+    return {"kind": target.kind.name, "mcpu": str(attrs.get("mcpu", "") or ""),
+            "mtriple": str(attrs.get("mtriple", "") or ""), "arch": str(attrs.get("arch", "") or "")}
+
+
+def _with_threads(target: tvm.target.Target, threads: int) -> tvm.target.Target:
+    config = dict(target.export())
+    config["num-cores"] = int(threads)
+    return tvm.target.Target(config)
+
+
+def _read_manifest(work_dir: str) -> dict | None:
+    path = os.path.join(work_dir, MANIFEST)
+    if not os.path.exists(path):
+        return None
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, json.JSONDecodeError) as err:
+        raise TuningError(f"{path}: unreadable tuning manifest ({err})") from None
+
+
+def _write_manifest(work_dir: str, manifest: dict) -> None:
+    path = os.path.join(work_dir, MANIFEST)
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(manifest, f, indent=1)
+    os.replace(tmp, path)  # a killed run never leaves a half-written manifest
+
+
+def _open_json_database(work_dir: str):
+    ms = _ms()
+    return ms.database.JSONDatabase(path_workload=os.path.join(work_dir, "database_workload.json"),
+                                    path_tuning_record=os.path.join(work_dir, "database_tuning_record.json"),
+                                    allow_missing=True)
+
+
+@contextmanager
+def _env(name: str, value: str):
+    old = os.environ.get(name)
+    os.environ[name] = value
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = old
+
+
+def _default_trace(wl: tvm.IRModule, target: tvm.target.Target):
+    """Our default rule's schedule of a workload (``None`` if no rule applies)."""
+    from .schedules.cpu import default_rules
+
+    func = wl["main"]
+    with target:
+        for rule in default_rules():
+            sch = rule.apply(func, target, False)
+            if sch is not None:
+                return sch if not isinstance(sch, list) else sch[0]
+    return None
+
+
+def _build_candidate(mod, target, _params):
+    """MetaSchedule's default build without its ``import tvm.s_tir.tensor_intrin``: that import
+    takes ~30 s and the builder restarts its worker processes for every batch. Candidates are
+    already tensorized, so the intrinsic registry is not needed to build them."""
+    from tvm.driver import build as tir_build  # returns a runtime Module (tvm.compile wraps it)
+    from tvm.s_tir.transform import RemoveWeightLayoutRewriteBlock
+
+    return tir_build(RemoveWeightLayoutRewriteBlock(skip_tensor_rewrite=True)(mod), target=target)
+
+
+def _builder_worker_init():
+    tvm.register_global_func("psb_tvm.tuning.build_candidate", _build_candidate, override=True)
+
+
+def _make_builder(threads: int, timeout: float):
+    return _ms().builder.LocalBuilder(max_workers=threads, timeout_sec=timeout, initializer=_builder_worker_init,
+                                      f_build="psb_tvm.tuning.build_candidate")
+
+
+def _measure(schedules, target, builder, runner) -> list:
+    """Build and run schedules with MetaSchedule's builder and runner: seconds per run or None."""
+    ms = _ms()
+    built = builder.build([ms.builder.BuilderInput(s.mod, target) for s in schedules])
+    inputs, index = [], []
+    for i, (s, b) in enumerate(zip(schedules, built)):
+        if b.error_msg is not None:
+            warnings.warn(f"default schedule of task {i} did not build: {b.error_msg.strip().splitlines()[-1][:300]}",
+                          TuningWarning, stacklevel=3)
+        else:
+            inputs.append(ms.runner.RunnerInput(b.artifact_path, device_type="cpu" if target.kind.name == "llvm" else target.kind.name,
+                                                args_info=ms.arg_info.ArgInfo.from_prim_func(s.mod["main"])))
+            index.append(i)
+    secs = [None] * len(schedules)
+    for i, fut in zip(index, runner.run(inputs)):
+        res = fut.result()
+        if res.error_msg is not None:
+            warnings.warn(f"default schedule of task {i} did not run: {res.error_msg.strip().splitlines()[-1][:300]}",
+                          TuningWarning, stacklevel=3)
+        elif res.run_secs:
+            secs[i] = [float(v) for v in res.run_secs]
+    for b in built:
+        if b.artifact_path and os.path.exists(b.artifact_path):
+            os.remove(b.artifact_path)
+    return secs
+
+
+def _make_runner(rpc_tracker, rpc_key, threads, timeout):
+    ms = _ms()
+    evaluator = ms.runner.EvaluatorConfig(number=3, repeat=1, min_repeat_ms=50, enable_cpu_cache_flush=False)
+    if rpc_tracker is None:
+        return ms.runner.LocalRunner(timeout_sec=timeout, evaluator_config=evaluator)
+    host, sep, port = str(rpc_tracker).rpartition(":")
+    if not sep or not host or not port.isdigit():
+        raise ConfigError(f"rpc_tracker must be 'host:port', got {rpc_tracker!r}")
+    if not rpc_key:
+        raise ConfigError("rpc_key is required with rpc_tracker (the key the device's RPC server registered)")
+    config = ms.runner.RPCConfig(tracker_host=host, tracker_port=int(port), tracker_key=rpc_key,
+                                 session_timeout_sec=timeout)
+    return ms.runner.RPCRunner(rpc_config=config, evaluator_config=evaluator, max_workers=1)
+
+
+def _progress_callback(total: int, tasks: list, enabled: bool):
+    """A measure callback that drives a tqdm bar showing the weighted best latency so far."""
+    ms = _ms()
+    from tqdm.auto import tqdm
+
+    @tvm.ir.utils.derived_object
+    class Progress(ms.measure_callback.PyMeasureCallback):
+        def __init__(self):
+            self.bar = tqdm(total=total, desc="tuning", unit="trial", disable=not enabled)
+            self.best = {}
+            self.count = 0
+
+        def apply(self, task_scheduler, task_id, measure_candidates, builder_results, runner_results):
+            for res in runner_results:
+                if res.error_msg is None and res.run_secs:
+                    ms_ = 1e3 * sum(float(v) for v in res.run_secs) / len(res.run_secs)
+                    self.best[task_id] = min(self.best.get(task_id, float("inf")), ms_)
+            self.count += len(measure_candidates)
+            model = sum(len(tasks[i][1]) * v for i, v in self.best.items())
+            self.bar.set_postfix_str(f"best kernels total {model:.3f} ms")
+            self.bar.update(len(measure_candidates))
+
+    return Progress()
+
+
+def tune(onnx_model, target="llvm", work_dir: str = "psb_tuning", trials: int = 256, samples: int = 8,
+         seed: int = 0, input_shapes: dict | None = None, calibration=None, config=None, frozen: bool = False,
+         trials_per_task: int | None = None, num_threads: int | None = None, rpc_tracker: str | None = None,
+         rpc_key: str | None = None, timeout: float = 30.0, progress: bool = True) -> TuneResult:
+    """Tune the kernels ``compile`` would build for this model and target; resumable.
+
+    ``trials`` is the total number of measured candidates in ``work_dir``'s database: a second
+    call with the same ``work_dir`` only runs the remainder. ``num_threads`` (default: the
+    target's ``num-cores``, else this machine's cores) is the thread count the kernels are timed
+    with and must be the one they will run with. ``rpc_tracker="host:port"`` and ``rpc_key``
+    measure on a remote device registered with TVM's RPC tracker. The model arguments are those
+    of ``compile``; use the same ones there with ``tuning_db=work_dir``.
+    """
+    from .build import legalize
+    from .compiler import lower
+
+    if not isinstance(trials, int) or trials < 0:
+        raise ConfigError(f"trials must be a non-negative int, got {trials!r}")
+    mod, _, tgt = lower(onnx_model, target, samples, seed, input_shapes, calibration, config, frozen)
+    if tgt.kind.name != "llvm":
+        raise TuningError(f"tuning supports CPU (llvm) targets; got {tgt.kind.name!r}")
+    threads = int(num_threads or tgt.attrs.get("num-cores", 0) or os.cpu_count() or 1)
+    tgt = _with_threads(tgt, threads)
+    os.makedirs(work_dir, exist_ok=True)
+    manifest = _read_manifest(work_dir) or {"target": _target_key(tgt), "num_threads": threads, "tasks": {}}
+    if manifest["target"] != _target_key(tgt):
+        raise TuningError(f"{work_dir} holds tuning for target {manifest['target']}, not {_target_key(tgt)}; "
+                          "use another work_dir")
+    if manifest.get("num_threads") != threads:
+        raise TuningError(f"{work_dir} was tuned with {manifest.get('num_threads')} threads, not {threads}; "
+                          "use the same num_threads or another work_dir")
+    tasks = extract_tasks(legalize(mod, tgt))
+    if not tasks:
+        raise TuningError("the model has no tunable kernels")
+    ms = _ms()
+    start = time.time()
+    with _env("TVM_NUM_THREADS", str(threads)):
+        database = _open_json_database(work_dir)
+        builder = _make_builder(threads, timeout)
+        runner = _make_runner(rpc_tracker, rpc_key, threads, timeout)
+        # 1. the default schedule of every task not in the database yet, measured and stored.
+        todo = [(wl, names) for wl, names in tasks if not database.has_workload(wl)]
+        if todo:
+            scheds = [_default_trace(wl, tgt) for wl, _ in todo]
+            measured = [(wl, names, s) for (wl, names), s in zip(todo, scheds) if s is not None]
+            secs = _measure([s for _, _, s in measured], tgt, builder, runner) if measured else []
+            for (wl, names, sch), run_secs in zip(measured, secs):
+                entry = database.commit_workload(wl)
+                if run_secs is not None:
+                    database.commit_tuning_record(ms.database.TuningRecord(
+                        sch.trace, entry, run_secs,
+                        tgt, ms.arg_info.ArgInfo.from_prim_func(wl["main"])))
+                manifest["tasks"][str(tvm_ffi.structural_hash(wl))] = {
+                    "kernels": names, "default_ms": None if run_secs is None else 1e3 * sum(run_secs) / len(run_secs)}
+        done = sum(t.get("trials", 0) for t in manifest["tasks"].values())
+        remaining = max(0, trials - done)
+        if remaining:
+            contexts = [ms.TuneContext(mod=wl, target=tgt, space_generator="post-order-apply",
+                                       search_strategy="evolutionary", task_name=names[0],
+                                       rand_state=seed + i, num_threads=threads).clone()
+                        for i, (wl, names) in enumerate(tasks)]
+            counter = _progress_callback(remaining, tasks, progress)
+            cost_model = ms.cost_model.XGBModel(num_tuning_cores=threads)
+            ms.tune_tasks(tasks=contexts, task_weights=[float(len(n)) for _, n in tasks], work_dir=work_dir,
+                          max_trials_global=remaining, max_trials_per_task=trials_per_task or remaining,
+                          num_trials_per_iter=min(32, remaining), builder=builder, runner=runner,
+                          database=database, cost_model=cost_model,
+                          measure_callbacks=ms.MeasureCallback.create("default") + [counter])
+            counter.bar.close()
+            # credit the trials to the tasks (the gradient scheduler picks which task runs)
+            per_task = _records_per_task(database, tasks)
+            for wl, names in tasks:
+                key = str(tvm_ffi.structural_hash(wl))
+                manifest["tasks"].setdefault(key, {"kernels": names, "default_ms": None})
+                manifest["tasks"][key]["trials"] = per_task[key]
+        manifest["trials_total"] = sum(t.get("trials", 0) for t in manifest["tasks"].values())
+        _write_manifest(work_dir, manifest)
+    reports = []
+    for wl, names in tasks:
+        key = str(tvm_ffi.structural_hash(wl))
+        info = manifest["tasks"].get(key, {})
+        top = database.get_top_k(database.commit_workload(wl), 1) if database.has_workload(wl) else []
+        best = 1e3 * sum(float(v) for v in top[0].run_secs) / len(top[0].run_secs) if top else None
+        reports.append(TaskReport(names[0], names, info.get("default_ms"), best, info.get("trials", 0)))
+    return TuneResult(os.path.abspath(work_dir), str(tgt), threads, manifest["trials_total"] - done,
+                      manifest["trials_total"], time.time() - start, reports)
+
+
+def _records_per_task(database, tasks) -> dict:
+    """Measured search candidates per task (all records minus the stored default schedule)."""
+    counts = {}
+    for wl, _ in tasks:
+        key = str(tvm_ffi.structural_hash(wl))
+        recs = database.get_top_k(database.commit_workload(wl), 1 << 30) if database.has_workload(wl) else []
+        counts[key] = max(0, len(recs) - 1)
+    return counts
+
+
+def open_database(tuning_db, target: tvm.target.Target):
+    """The database ``compile(..., tuning_db=)`` names, or ``None`` (with a warning) if unusable."""
+    ms = _ms()
+    if isinstance(tuning_db, ms.database.Database):
+        return tuning_db
+    work_dir = os.fspath(tuning_db)
+    if not os.path.isdir(work_dir):
+        raise TuningError(f"tuning_db {work_dir!r} is not a directory (pass the work_dir of psb_tvm.tune)")
+    try:
+        manifest = _read_manifest(work_dir)
+    except TuningError as err:
+        warnings.warn(f"{err}; using the default schedules", TuningWarning, stacklevel=3)
+        return None
+    if manifest is not None and manifest.get("target") != _target_key(target):
+        warnings.warn(f"tuning_db {work_dir} was tuned for {manifest.get('target')}, not {_target_key(target)}; "
+                      "using the default schedules", TuningWarning, stacklevel=3)
+        return None
+    for name in ("database_workload.json", "database_tuning_record.json"):
+        if not os.path.exists(os.path.join(work_dir, name)):
+            raise TuningError(f"tuning_db {work_dir!r} has no {name} (pass the work_dir of psb_tvm.tune)")
+    try:
+        return _open_json_database(work_dir)
+    except Exception as err:  # noqa: BLE001 - TVM raises plain errors for corrupt JSON lines
+        warnings.warn(f"tuning_db {work_dir} is unreadable ({str(err).splitlines()[-1][:200]}); "
+                      "using the default schedules", TuningWarning, stacklevel=3)
+        return None
+
+
+def apply_database(mod: tvm.IRModule, target: tvm.target.Target, tuning_db) -> tuple[tvm.IRModule, set]:
+    """Replay the best record of every tunable kernel found in the database; returns the module
+    and the names of the kernels it scheduled. A record that does not replay is skipped with a
+    warning (that kernel keeps the default schedule)."""
+    database = open_database(tuning_db, target)
+    if database is None:
+        return mod, set()
+    tuned, updates = set(), {}
+    for gv, func in mod.functions.items():
+        if not is_tunable(func):
+            continue
+        wl = canonical(func)
+        if not database.has_workload(wl):
+            continue
+        top = database.get_top_k(database.commit_workload(wl), 1)
+        if not top:
+            continue
+        try:
+            sch = tvm.s_tir.Schedule(tvm.IRModule({"main": func}))
+            top[0].trace.apply_to_schedule(sch, remove_postproc=False)
+            updates[gv] = sch.mod["main"].with_attr("tirx.is_scheduled", True)
+        except Exception as err:  # noqa: BLE001 - a stale record must not stop the build
+            warnings.warn(f"tuning record for {gv.name_hint} does not apply ({str(err).splitlines()[-1][:200]}); "
+                          "using its default schedule", TuningWarning, stacklevel=3)
+            continue
+        tuned.add(gv.name_hint)
+    for gv, func in updates.items():
+        mod[gv] = func
+    return mod, tuned
