@@ -190,6 +190,27 @@ def _model_options(p, compile_only=False):
 
 
 # ---------------------------------------------------------------------------- commands
+def cmd_tune(args) -> int:
+    from .tuning import tune
+
+    _require_file(args.model, "ONNX model")
+    shapes = dict(args.input_shape) or None
+    result = tune(args.model, target=args.target, work_dir=args.work_dir, trials=args.trials, samples=args.samples,
+                  input_shapes=shapes, calibration=_calibration(args.calibration, args.model, shapes),
+                  config=_config(args), trials_per_task=args.trials_per_task, num_threads=args.threads,
+                  rpc_tracker=args.rpc_tracker, rpc_key=args.rpc_key, timeout=args.timeout,
+                  progress=not (args.no_progress or args.json))
+    if args.json:
+        import dataclasses
+
+        _emit(args, dataclasses.asdict(result))
+    else:
+        print(result.table())
+        print(f"{result.trials_run} trials in {result.seconds:.0f} s ({result.trials_total} in the database, "
+              f"{result.num_threads} threads); reuse with: psb-tvm compile {args.model} --tuning-db {result.work_dir}")
+    return 0
+
+
 def cmd_compile(args) -> int:
     from .compiler import compile as psb_compile
 
@@ -199,7 +220,7 @@ def cmd_compile(args) -> int:
     shapes = dict(args.input_shape) or None
     module = psb_compile(args.model, target=args.target, samples=args.samples, seed=args.seed, input_shapes=shapes,
                          calibration=_calibration(args.calibration, args.model, shapes), config=_config(args),
-                         frozen=args.frozen)
+                         frozen=args.frozen, tuning_db=args.tuning_db)
     module.export_library(out)
     if args.json:
         _emit(args, {"output": out, "samples": args.samples, "seed": args.seed, "target": module.metadata["target"],
@@ -477,6 +498,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--samples", type=_samples_spec, default=16, help=f"default {SAMPLES_HELP} (default 16)")
     p.add_argument("--seed", type=int, default=0, help="default draw of the sample stream (default 0)")
     p.add_argument("--frozen", action="store_true", help="bake one draw (samples, seed) into constants: no run-time n")
+    p.add_argument("--tuning-db", metavar="DIR", help="reapply the schedules of 'psb-tvm tune --work-dir DIR'")
     _model_options(p)
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=cmd_compile)
@@ -545,8 +567,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="the full metadata as JSON")
     p.set_defaults(func=cmd_info)
 
-    # `psb-tvm tune` (MetaSchedule tuning, psb_tvm.tuning) is registered here by the lead engineer:
-    # sub.add_parser("tune", ...) with set_defaults(func=cmd_tune).
+    p = sub.add_parser("tune", help="tune the PSB kernels and float glue with MetaSchedule (XGBoost cost model)",
+                       description="MetaSchedule tuning of the kernels 'compile' would build, into a resumable database "
+                                   "that 'compile --tuning-db' reapplies. Pass the same model options to both.")
+    p.add_argument("model", help="ONNX model file")
+    p.add_argument("--work-dir", default="psb_tuning", help="tuning database directory (default psb_tuning); rerun to resume")
+    p.add_argument("--trials", type=int, default=256, help="total measured candidates in the database (default 256)")
+    p.add_argument("--trials-per-task", type=int, help="cap per kernel (default: no cap)")
+    p.add_argument("--samples", type=int, default=8, help="n the kernels are compiled for (schedules serve every n; default 8)")
+    p.add_argument("--threads", type=int, help="threads the kernels are timed with = the threads they will run with "
+                                               "(default: the target's num-cores, else this machine's cores)")
+    p.add_argument("--rpc-tracker", metavar="HOST:PORT", help="measure on a device registered with TVM's RPC tracker")
+    p.add_argument("--rpc-key", help="the device key registered with the tracker")
+    p.add_argument("--timeout", type=float, default=30.0, help="seconds per build / run before a candidate fails (default 30)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _model_options(p)
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=cmd_tune)
     return parser
 
 

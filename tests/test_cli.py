@@ -159,3 +159,24 @@ def test_eval_compiled_module_writes_reports(compiled, main):
     assert {p.name for p in out.iterdir()} == {"eval.json", "eval.md", "eval_accuracy_vs_n.png", "eval_accuracy_vs_cost.png"}
     proc = main("eval", str(d / "cnn.so"), "--inputs", str(d / "nope"), "--out-dir", str(out))
     assert proc.returncode == 2 and "nope" in proc.stderr
+
+
+def test_tune_then_compile_with_the_database(compiled, main):
+    """trials 0: only the default schedules are measured and stored; compile --tuning-db replays them."""
+    d, _ = compiled
+    work = d / "tuning"
+    args = ["--calibration", d / "calib.npz", "--exclude", "fc"]
+    proc = main("tune", d / "cnn.onnx", "--work-dir", work, "--trials", "0", "--threads", "2", *args, "--json")
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(proc.stdout)
+    assert result["num_threads"] == 2 and {t["name"] for t in result["tasks"]} >= {"psb_0_conv1", "psb_1_conv2"}
+    assert all(t["default_ms"] > 0 for t in result["tasks"] if t["name"].startswith("psb_"))
+    proc = main("compile", d / "cnn.onnx", "-o", d / "tuned.so", "--samples", "8", "--tuning-db", work, *args, "--json")
+    assert proc.returncode == 0, proc.stderr
+    meta = json.loads(main("info", d / "tuned.so", "--json").stdout)
+    assert meta["schedules"]["tuned"] >= 4
+    x = np.load(d / "x.npy")
+    np.testing.assert_array_equal(psb_tvm.load(d / "tuned.so").run(x), psb_tvm.load(d / "cnn.so").run(x))
+    # the same database for another target: the command refuses it (exit 2, the reason on stderr)
+    proc = main("tune", d / "cnn.onnx", "--work-dir", work, "--trials", "0", "--target", "aarch64", *args)
+    assert proc.returncode == 2 and "target" in proc.stderr
