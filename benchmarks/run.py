@@ -7,12 +7,16 @@ Per model it builds, in this process:
 
 * ``psb_n{1,4,8,16}``: one psb_tvm module (compiled once, n chosen at run time with ``run(samples=n)``);
 * ``psb_frozen_n8``: psb_tvm compiled with ``frozen=True`` at n=8 (draw baked into constants);
+* ``psb_int8_n8``: the ``PSBConfig.preset("int8")`` module (E=3, n_max=8: int8 weights x uint8
+  activations on VNNI where the layer fits) at n=8;
 * ``tvm_fp32``: the same compiler with ``PSBConfig(include=())`` (every layer float);
 * ``ort_fp32``: ONNX Runtime, default graph optimizations;
 * ``ort_int8``: ONNX Runtime static int8 (``quant_pre_process`` then ``quantize_static``, QDQ,
   uint8 activations, per-channel int8 weights, MinMax calibration on 16 inputs).
 
-psb_tvm and TVM fp32 both use the default (untuned) schedules: tuning budget zero for both.
+With ``--tuning-trials N`` every psb_tvm module and TVM fp32 are tuned with ``psb_tvm.tune`` (MetaSchedule,
+XGBoost cost model, 2 threads), N measured candidates each, and compiled with ``tuning_db``;
+without it (the default) both use the default schedules: tuning budget zero for both.
 Timing: warm-up, then interleaved rounds (every variant once per round, order rotated each round);
 median and p10 / p90 over the rounds. Writes ``<out-dir>/latest.json``, ``<out-dir>/latest.md`` and
 (full runs) the top-level ``BENCHMARKS.md``. Progress goes to stderr.
@@ -49,7 +53,7 @@ import models as bench_models  # noqa: E402
 ALL_MODELS = ("resnet18", "mobilenetv2", "digits")
 PSB_SAMPLES = (1, 4, 8, 16)
 FROZEN_SAMPLES = 8
-PSB_VARIANTS = [f"psb_n{n}" for n in PSB_SAMPLES] + [f"psb_frozen_n{FROZEN_SAMPLES}"]
+PSB_VARIANTS = [f"psb_n{n}" for n in PSB_SAMPLES] + [f"psb_frozen_n{FROZEN_SAMPLES}", "psb_int8_n8"]
 BASELINES = ["tvm_fp32", "ort_fp32", "ort_int8"]
 VARIANTS = PSB_VARIANTS + BASELINES
 RATIO_BASES = {"vs_ort_fp32": "ort_fp32", "vs_ort_int8": "ort_int8", "vs_tvm_fp32": "tvm_fp32"}
@@ -151,14 +155,27 @@ def ort_int8_model(proto, calibration: np.ndarray, workdir: pathlib.Path) -> pat
     return dst
 
 
-def build_variants(name: str, data: dict, workdir: pathlib.Path, bar) -> tuple[dict, dict, dict, dict]:
-    """Returns (callables {variant: fn(x)}, compile seconds, errors {variant: message}, info)."""
+def build_variants(name: str, data: dict, workdir: pathlib.Path, bar, trials: int = 0) -> tuple[dict, dict, dict, dict]:
+    """Returns (callables {variant: fn(x)}, compile seconds, errors {variant: message}, info).
+
+    ``trials`` > 0: each psb_tvm / TVM fp32 module is first tuned with that many trials (tuning time is
+    included in its build time and reported separately in ``info["tuning_s"]``)."""
     import psb_tvm
 
     proto, shape = data["proto"], data["shape"]
     shapes = {"input": shape}
     x_time = data["timing"]
-    fns, compile_s, errors, info = {}, {}, {}, {}
+    fns, compile_s, errors, info = {}, {}, {}, {"tuning_s": {}}
+
+    def build(label, **kwargs):
+        """psb_tvm.compile, after psb_tvm.tune with the same arguments when a budget is given."""
+        db = None
+        if trials:
+            t = time.perf_counter()
+            db = str(workdir / f"tuning_{label}")
+            psb_tvm.tune(proto, work_dir=db, trials=trials, num_threads=THREADS, progress=False, **kwargs)
+            info["tuning_s"][label] = round(time.perf_counter() - t, 1)
+        return psb_tvm.compile(proto, tuning_db=db, **kwargs)
 
     def attempt(variants, label, fn):
         bar.set_postfix_str(f"{name}: {label}")
@@ -176,8 +193,8 @@ def build_variants(name: str, data: dict, workdir: pathlib.Path, bar) -> tuple[d
         bar.update(1)
         return result
 
-    psb = attempt(PSB_VARIANTS[:-1], "psb", lambda: psb_tvm.compile(
-        proto, samples=16, seed=0, input_shapes=shapes, calibration={"input": data["psb_calibration"]}))
+    calib = {"input": data["psb_calibration"]}
+    psb = attempt(PSB_VARIANTS[:-2], "psb", lambda: build("psb", samples=16, seed=0, input_shapes=shapes, calibration=calib))
     if psb is not None:
         for n in PSB_SAMPLES:
             fns[f"psb_n{n}"] = (lambda m, n: lambda x: m.run(x, samples=n))(psb, n)
@@ -185,13 +202,18 @@ def build_variants(name: str, data: dict, workdir: pathlib.Path, bar) -> tuple[d
         info.update(psb_additions_per_sample=int(psb.cost(samples=1)["additions"]),
                     psb_layers=len(psb_layers), linear_layers=len(psb.layers),
                     float_layers=[{"name": l["name"], "reason": l["reason"]} for l in psb.layers if l["status"] != "psb"])
-    frozen = attempt(PSB_VARIANTS[-1:], f"psb_frozen_n{FROZEN_SAMPLES}", lambda: psb_tvm.compile(
-        proto, samples=FROZEN_SAMPLES, seed=0, input_shapes=shapes, calibration={"input": data["psb_calibration"]},
-        frozen=True))
+    frozen_name = f"psb_frozen_n{FROZEN_SAMPLES}"
+    frozen = attempt([frozen_name], frozen_name, lambda: build(
+        frozen_name, samples=FROZEN_SAMPLES, seed=0, input_shapes=shapes, calibration=calib, frozen=True))
     if frozen is not None:
-        fns[PSB_VARIANTS[-1]] = frozen.run
-    fp32 = attempt(["tvm_fp32"], "tvm_fp32", lambda: psb_tvm.compile(
-        proto, input_shapes=shapes, config=psb_tvm.PSBConfig(include=())))
+        fns[frozen_name] = frozen.run
+    int8 = attempt(["psb_int8_n8"], "psb_int8_n8", lambda: build(
+        "psb_int8_n8", samples=8, seed=0, input_shapes=shapes, calibration=calib, config=psb_tvm.PSBConfig.preset("int8")))
+    if int8 is not None:
+        fns["psb_int8_n8"] = (lambda m: lambda x: m.run(x, samples=8))(int8)
+        info["int8_vnni_layers"] = sum(1 for l in int8.layers if l.get("status") == "psb" and l.get("act_dtype") == "uint8"
+                                       and l.get("q_dtype") == "int8")
+    fp32 = attempt(["tvm_fp32"], "tvm_fp32", lambda: build("tvm_fp32", input_shapes=shapes, config=psb_tvm.PSBConfig(include=())))
     if fp32 is not None:
         fns["tvm_fp32"] = fp32.run
     sess = attempt(["ort_fp32"], "ort_fp32", lambda: ort_session(proto.SerializeToString()))
@@ -206,7 +228,7 @@ def build_variants(name: str, data: dict, workdir: pathlib.Path, bar) -> tuple[d
             t = time.perf_counter()
             out = np.asarray(fns[v](x_time))
             # TVM generates the machine code of an in-process executable lazily, at the first call
-            label = "psb" if v in PSB_VARIANTS[:-1] else v  # psb_n1..n16 share one module
+            label = "psb" if v in PSB_VARIANTS[:-2] else v  # psb_n1..n16 share one module
             info["first_call_s"].setdefault(label, round(time.perf_counter() - t, 3))
             if not np.all(np.isfinite(out)):
                 raise FloatingPointError("non-finite output")
@@ -369,7 +391,7 @@ def _fmt_ratio(r) -> str:
 
 
 LABELS = {"psb_n1": "psb_tvm n=1", "psb_n4": "psb_tvm n=4", "psb_n8": "psb_tvm n=8", "psb_n16": "psb_tvm n=16",
-          "psb_frozen_n8": "psb_tvm frozen n=8", "tvm_fp32": "TVM fp32", "ort_fp32": "ORT fp32",
+          "psb_frozen_n8": "psb_tvm frozen n=8", "psb_int8_n8": "psb_tvm int8 preset n=8", "tvm_fp32": "TVM fp32", "ort_fp32": "ORT fp32",
           "ort_int8": "ORT int8 (static QDQ)"}
 
 
@@ -437,7 +459,12 @@ def markdown(results: dict) -> str:
             lines.append(row)
         cs = r.get("compile_s", {})
         lines += ["", "Build time (s): " + ", ".join(f"{k} {v:.1f}" for k, v in cs.items())
-                  + " (psb_tvm / TVM include calibration and compilation; ORT int8 includes quantization)."]
+                  + " (psb_tvm / TVM include calibration, tuning and compilation; ORT int8 includes quantization)."]
+        if r.get("tuning_s"):
+            lines.append("Tuning time (s): " + ", ".join(f"{k} {v:.0f}" for k, v in r["tuning_s"].items()) + ".")
+        if "int8_vnni_layers" in r:
+            lines.append(f"int8 preset: {r['int8_vnni_layers']} of {r.get('psb_layers', '?')} PSB layers take uint8"
+                         " activations x int8 weights (VNNI dot products where the conv fits the packed layout).")
         fc = r.get("first_call_s", {})
         if fc:
             lines.append("First call (s), not included above: " + ", ".join(f"{k} {v:.2f}" for k, v in fc.items())
@@ -466,6 +493,8 @@ def main(argv=None) -> int:
     ap.add_argument("--repeats", type=int, default=None, help="timed rounds per model (default: 30 digits, 20 big nets)")
     ap.add_argument("--models", default=None, help=f"comma-separated subset of {','.join(ALL_MODELS)}")
     ap.add_argument("--out-dir", default=str(HERE / "results"))
+    ap.add_argument("--tuning-trials", type=int, default=0,
+                    help="tune every psb_tvm module and TVM fp32 with this many MetaSchedule trials each (default 0: untuned)")
     ap.add_argument("--markdown", default=None,
                     help="also write the markdown here (default: BENCHMARKS.md at the repo root for full runs, "
                          "none for --quick); 'none' disables it")
@@ -493,8 +522,12 @@ def main(argv=None) -> int:
         "command": " ".join(["python benchmarks/run.py", *(sys.argv[1:] if argv is None else argv)]),
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "machine": machine(),
-        "tuning_budget": "none: psb_tvm and TVM fp32 both use the default (untuned) schedules, zero tuning trials"
-                         " for either; ONNX Runtime uses its hand-written MLAS kernels.",
+        "tuning_budget": (f"{args.tuning_trials} MetaSchedule trials (XGBoost cost model, 2 threads) for each psb_tvm"
+                          " module and for TVM fp32, through psb_tvm.tune, whose database starts from the default schedules;"
+                          " ONNX Runtime uses its hand-written MLAS kernels." if args.tuning_trials else
+                          "none: psb_tvm and TVM fp32 both use the default (untuned) schedules, zero tuning trials"
+                          " for either; ONNX Runtime uses its hand-written MLAS kernels."),
+        "tuning_trials": args.tuning_trials,
         "timing": f"{WARMUP} warm-up runs of every variant, then interleaved rounds: each round times every"
                   " variant once, the order rotated by one each round; before its timed run a variant runs untimed"
                   f" for >= {SETTLE_MS:.0f} ms (at least once), so that the other runtime's spin-waiting thread pool"
@@ -504,7 +537,7 @@ def main(argv=None) -> int:
         "notes": notes,
     }, "models": {}}
 
-    steps = sum(5 + repeats[n] for n in names)
+    steps = sum(6 + repeats[n] for n in names)
     with tqdm(total=steps, desc="benchmark", file=sys.stderr, dynamic_ncols=True) as bar, \
             tempfile.TemporaryDirectory(prefix="psb_bench_") as tmp:
         for name in names:
@@ -512,7 +545,7 @@ def main(argv=None) -> int:
             data = model_inputs(name, args.quick)
             workdir = pathlib.Path(tmp) / name
             workdir.mkdir()
-            fns, compile_s, errors, info = build_variants(name, data, workdir, bar)
+            fns, compile_s, errors, info = build_variants(name, data, workdir, bar, args.tuning_trials)
             bar.set_postfix_str(f"{name}: agreement")
             quality = agreement(fns, data)
             bar.set_postfix_str(f"{name}: timing")
