@@ -536,6 +536,16 @@ Metadata ParseMetadata(const std::string& json) {
   }
   md.samples = AsInt(Field(obj, "samples", "the top level"), "\"samples\"");
   md.seed = AsInt(Field(obj, "seed", "the top level"), "\"seed\"");
+  // A module compiled with a per-layer map of n: its defaults, in the order of "psb_layers".
+  if (auto ls = OptField(obj, "layer_samples")) {
+    auto per_layer = AsObject(*ls, "\"layer_samples\"");
+    auto names = AsArray(Field(obj, "psb_layers", "the top level"), "\"psb_layers\"");
+    for (size_t i = 0; i < names.size(); ++i) {
+      std::string name = AsString(names[i], "psb_layers[" + std::to_string(i) + "]");
+      auto n = OptField(per_layer, name.c_str());
+      md.layer_samples.push_back(n ? AsInt(*n, "layer_samples[\"" + name + "\"]") : md.samples);
+    }
+  }
   if (auto nm = OptField(obj, "n_max")) {
     md.n_max = AsInt(*nm, "\"n_max\"");
   } else if (auto cfg = OptField(obj, "config")) {
@@ -593,7 +603,11 @@ struct Model::Impl {
     for (const auto& h : inputs) args.emplace_back(ToRuntime(h));
     for (const auto& ra : md.runtime_args) {
       int64_t value = ra.name == "samples" ? opt.samples.value_or(md.samples) : opt.seed.value_or(md.seed);
-      if (ra.kind == "shape") {
+      bool per_layer = ra.name == "samples" && !opt.samples && ra.kind == "shape" &&
+                       md.layer_samples.size() == static_cast<size_t>(ra.length) && !md.layer_samples.empty();
+      if (per_layer) {  // no --samples: the compiled per-layer defaults
+        args.emplace_back(ffi::Shape(md.layer_samples));
+      } else if (ra.kind == "shape") {
         args.emplace_back(ffi::Shape(std::vector<int64_t>(static_cast<size_t>(ra.length), value)));
       } else {
         args.emplace_back(value);

@@ -68,6 +68,7 @@ struct Metadata {
   std::vector<std::string> outputs;  // output names (may be empty if the module does not list them)
   int64_t samples = 0;               // n and seed fixed at compile time
   int64_t seed = 0;
+  std::vector<int64_t> layer_samples;  // per-PSB-layer default n ("layer_samples"), empty: all at samples
   int64_t n_max = 0;                 // "n_max" (or config.n_max), 0 when absent
   bool frozen = false;               // the draw is baked into constants
   bool has_runtime_args = false;     // non-empty "runtime_args": samples/seed can be chosen per call

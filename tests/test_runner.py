@@ -222,6 +222,25 @@ def test_samples_alone_keeps_the_compiled_seed(psb_run, host_models, tmp_path):
     assert not np.array_equal(np.load(out), m.module.run(m.x))  # n=2 differs from the default n=8
 
 
+def test_per_layer_default_samples_are_used_without_samples_flag(psb_run, host_models, tmp_path):
+    """A module compiled with samples={layer: n, "default": n}: psb_run passes the per-layer
+    defaults like module.run() does; --samples N still sets every layer to N."""
+    m = host_models["small_cnn"]
+    calib = {"x": np.random.default_rng(0).standard_normal((16, 3, 12, 12)).astype(np.float32)}
+    module = _compile(small_cnn(), "llvm", samples={"conv1": 64, "default": 2}, calibration=calib)
+    assert len(set(module.metadata["layer_samples"].values())) > 1
+    path = tmp_path / "mixed.so"
+    module.export_library(path)
+    out = tmp_path / "y.npy"
+    proc = _run(psb_run, path, [m.x_path], [out])
+    assert proc.returncode == 0, proc.stderr
+    _assert_bitwise_equal(np.load(out), module.run(m.x), "per-layer defaults")
+    assert not np.array_equal(np.load(out), module.run(m.x, samples=2))
+    proc = _run(psb_run, path, [m.x_path], [out], "--samples", 4)
+    assert proc.returncode == 0, proc.stderr
+    _assert_bitwise_equal(np.load(out), module.run(m.x, samples=4), "--samples 4 overrides the map")
+
+
 @pytest.mark.parametrize("extra,message", [
     (("--samples", 3), "power of two"),
     (("--samples", 0), "power of two"),
