@@ -191,12 +191,16 @@ class PSBModule:
         return {"layers": rows, "additions": sum(r["additions"] for r in rows)}
 
     def attend(self, *inputs, low=2, high=16, mode="mean_entropy", fraction=1.0, dilation=0, mask=None,
-               seed=None, mask_seed=0) -> "AttentionResult":
-        """Localized refinement: a ``low``-n pass everywhere, then ``high``-n only where the entropy
-        of the last spatial PSB layer is high (``mode``/``fraction``/``dilation``, or an explicit
-        ``mask`` [N, H, W] at that layer's resolution). Conv layers compute only the masked
-        positions (the rest is not computed and keeps its low-n value); a dense layer is refined
-        for the images whose mask is not empty. See ``psb_tvm.attention``."""
+               seed=None, mask_seed=0, gate=None) -> "AttentionResult":
+        """Localized refinement: a ``low``-n pass everywhere, then ``high``-n only where a signal of
+        that pass says the network is unsure (``mode``/``fraction``/``dilation``, or an explicit
+        ``mask`` [N, H, W] at the last spatial PSB layer's resolution). Per-pixel modes:
+        ``mean_entropy``, ``max_entropy``, ``random``, ``variance`` (a second low-n draw, counted as
+        work), ``magnitude``; per-image modes on the classifier output: ``margin_gate`` (refine the
+        whole images whose low-n top-1 softmax margin is below ``fraction``), ``random_gate``.
+        ``gate=t`` keeps the mask only in the images whose margin is below ``t``. Conv layers compute
+        only the masked positions (the rest is not computed and keeps its low-n value); a dense
+        layer is refined for the images whose mask is not empty. See ``psb_tvm.attention``."""
         import time
 
         import tvm
@@ -212,53 +216,93 @@ class PSBModule:
         spatial = [i for i, shp in enumerate(shapes) if len(shp) == 4]
         if not spatial:
             raise ConfigError("attention needs at least one PSB conv layer (an entropy map over pixels)")
+        if mask is None:
+            attention.check(mode, fraction, dilation, gate)
+        else:
+            attention.check("mean_entropy", 1.0, 0, gate)
         low_n, high_n = self.resolve_samples(low), self.resolve_samples(high)
         seed = self._resolve_seed(seed)
         args = self._tensors(inputs)
         vm = self._machine()
+        adds = [info[name]["additions_per_sample"] for name in names]
         t0 = time.perf_counter()
         probe = vm["probe"](*args, tvm.runtime.ShapeTuple(low_n), tvm.runtime.ShapeTuple([seed]))
         t1 = time.perf_counter()
         low_out = PSBModule._to_numpy(probe[0])
         layer_outs = [probe[1 + l] for l in range(len(names))]
         last = shapes[spatial[-1]]
+        want = (last[0], last[2], last[3])
+        signal_adds, t_signal = 0, 0.0
+
+        def margins():
+            if isinstance(low_out, tuple):
+                raise ConfigError("an image gate needs a single-output classifier (logits [N, K])")
+            if low_out.ndim != 2 or low_out.shape[0] != want[0]:
+                raise ConfigError(f"an image gate needs classifier logits [{want[0]}, K], got shape {low_out.shape}")
+            return attention.margin(low_out)
+
         if mask is None:
-            entropy = attention.entropy_map(layer_outs[spatial[-1]].numpy())
-            mask = attention.select(entropy, mode, fraction, dilation, mask_seed)
+            feats = layer_outs[spatial[-1]].numpy()
+            if mode in attention.IMAGE_MODES:
+                images = attention.image_gate(margins(), mode, fraction, mask_seed)
+                mask = np.broadcast_to(images[:, None, None], want).copy()
+            else:
+                if mode == "variance":
+                    s0 = time.perf_counter()
+                    seed2 = (seed + attention.VARIANCE_SEED_OFFSET) % 2**32
+                    second = vm["probe"](*args, tvm.runtime.ShapeTuple(low_n), tvm.runtime.ShapeTuple([seed2]))
+                    score = attention.disagreement_map(feats, second[1 + spatial[-1]].numpy())
+                    t_signal = time.perf_counter() - s0
+                    signal_adds = sum(n * a for n, a in zip(low_n, adds))
+                elif mode == "magnitude":
+                    score = attention.magnitude_map(feats)
+                else:
+                    score = attention.entropy_map(feats)
+                mask = attention.select(score, mode, fraction, dilation, mask_seed)
         else:
             mask = np.asarray(mask)
-            want = (last[0], last[2], last[3])
             if mask.shape != want or not (mask.dtype == bool or np.isin(mask, (0, 1)).all()):
                 raise ConfigError(f"mask must be a 0/1 array of shape {want} (the last spatial PSB layer "
                                   f"{names[spatial[-1]]!r}), got {mask.dtype} {mask.shape}")
             mask = mask.astype(bool)
-        pos, slot, counts, fractions = [], [], [], []
+        if gate is not None:
+            mask = mask & (margins() < gate)[:, None, None]
+        layer_masks = []
         for shp in shapes:
             if len(shp) == 4:
-                layer_mask = attention.resize_nearest(mask, (shp[2], shp[3]))
+                layer_masks.append(attention.resize_nearest(mask, (shp[2], shp[3])))
             elif shp[0] == mask.shape[0]:
-                layer_mask = mask.reshape(mask.shape[0], -1).any(axis=1)
+                layer_masks.append(mask.reshape(mask.shape[0], -1).any(axis=1))
             else:
-                layer_mask = np.full(shp[0], bool(mask.any()))
-            p, sl, m = attention.positions(layer_mask)
-            pos.append(tvm.runtime.tensor(p, tvm.cpu()))
-            slot.append(tvm.runtime.tensor(sl, tvm.cpu()))
-            counts.append(m)
-            fractions.append(m / layer_mask.size)
+                layer_masks.append(np.full(shp[0], bool(mask.any())))
+        fractions = [float(lm.mean()) for lm in layer_masks]
         t2 = time.perf_counter()
-        out = vm["attend"](*args, tvm.runtime.ShapeTuple(high_n), tvm.runtime.ShapeTuple([seed]),
-                           tvm.runtime.ShapeTuple(counts), *layer_outs, *pos, *slot)
+        if not any(fractions):  # nothing to refine: the result is the low-n pass (bit for bit)
+            out = tuple(o.copy() for o in low_out) if isinstance(low_out, tuple) else low_out.copy()
+        elif all(f == 1.0 for f in fractions):  # everything: the plain kernels are faster (same bits)
+            out = self._to_numpy(vm["main"](*args, tvm.runtime.ShapeTuple(high_n), tvm.runtime.ShapeTuple([seed])))
+        else:
+            pos, slot, counts = [], [], []
+            for layer_mask in layer_masks:
+                p, sl, m = attention.positions(layer_mask)
+                pos.append(tvm.runtime.tensor(p, tvm.cpu()))
+                slot.append(tvm.runtime.tensor(sl, tvm.cpu()))
+                counts.append(m)
+            out = PSBModule._to_numpy(vm["attend"](*args, tvm.runtime.ShapeTuple(high_n), tvm.runtime.ShapeTuple([seed]),
+                                                   tvm.runtime.ShapeTuple(counts), *layer_outs, *pos, *slot))
         t3 = time.perf_counter()
-        adds = [info[name]["additions_per_sample"] for name in names]
         full_high = sum(n * a for n, a in zip(high_n, adds))
         high_done = sum(n * a * f for n, a, f in zip(high_n, adds, fractions))
+        low_adds = sum(n * a for n, a in zip(low_n, adds))
         return AttentionResult(
-            output=PSBModule._to_numpy(out), low_output=low_out, mask=mask,
+            output=out, low_output=low_out, mask=mask,
             layer_fractions=dict(zip(names, fractions)),
-            high_work_fraction=high_done / full_high if full_high else 0.0,
-            additions={"low_pass": sum(n * a for n, a in zip(low_n, adds)), "high_pass": high_done,
+            high_work_fraction=(high_done + signal_adds) / full_high if full_high else 0.0,
+            additions={"low_pass": low_adds, "signal_pass": signal_adds, "high_pass": high_done,
                        "full_high": full_high},
-            seconds={"low_pass": t1 - t0, "masks": t2 - t1, "high_pass": t3 - t2},
+            seconds={"low_pass": t1 - t0, "signal_pass": t_signal, "masks": t2 - t1 - t_signal,
+                     "high_pass": t3 - t2},
+            total_work_fraction=(low_adds + signal_adds + high_done) / full_high if full_high else 0.0,
         )
 
     def session(self, *inputs, samples=1, seed=None) -> "RefinementSession":
@@ -313,9 +357,10 @@ class AttentionResult:
     low_output: object
     mask: np.ndarray
     layer_fractions: dict
-    high_work_fraction: float
-    additions: dict
-    seconds: dict
+    high_work_fraction: float  # (high-n additions done + any extra signal pass) / full high-n run
+    additions: dict  # low_pass, signal_pass (e.g. the second draw of "variance"), high_pass, full_high
+    seconds: dict  # low_pass, signal_pass, masks, high_pass
+    total_work_fraction: float = 0.0  # everything (low + signal + high) / full high-n run
 
 
 class RefinementSession:
