@@ -15,9 +15,12 @@ class PSBConfig:
 
     E: exponent levels per weight group; P: threshold bits; act_bits: activation bits;
     n_max: largest sample count a module accepts; per_channel: one exponent range per output
-    channel (else per tensor); lowering: default kernel lowering ("intdot" or "shiftadd"),
-    ``lowerings`` overrides it per layer name; exclude_first_last keeps the first and last
-    convertible layers float; include (if given) converts only the named layers; exclude keeps
+    channel (else per tensor); lowering: default kernel lowering ("intdot", "shiftadd" or
+    "bitserial": popcounts of activation bit planes AND weight sign/level masks, exact at every
+    n <= n_max but costing E + 1 + log2 n levels per plane, so meant for n = 1, 2; the masked /
+    attention kernels of a bitserial layer use the intdot products), ``lowerings`` overrides it
+    per layer name; exclude_first_last keeps the first and last convertible layers float;
+    include (if given) converts only the named layers; exclude keeps
     the named layers float; calibration_fallback_samples: synthetic samples used when no
     calibration data is given.
     """

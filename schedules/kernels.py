@@ -10,6 +10,7 @@ tell the schedule rules what they are.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import tvm
@@ -19,8 +20,14 @@ from psb_tvm import numerics
 
 from .hash import layer_key, sample_bit
 
-LOWERINGS = ("intdot", "shiftadd")
+LOWERINGS = ("intdot", "shiftadd", "bitserial")
 COUNTS_DTYPE = "int16"  # counts <= n_max <= 1024
+BITSERIAL_WORD = 32  # bits per packed word of the bitserial lowering (popcount on uint32)
+
+
+def bitserial_levels(E: int, n: int) -> int:
+    """Power-of-two levels of the sampled magnitudes ``|q| <= n * 2**E``: ``E + 1 + log2 n``."""
+    return E + 1 + (int(n).bit_length() - 1)
 
 
 @dataclass(frozen=True)
@@ -212,6 +219,8 @@ def psb_layer_kernel(spec: KernelSpec, name: str, expose_acc: bool = False) -> t
     O = spec.w_shape[0]
     x, counts, sign, normal, shift, scale, bias = _layer_inputs(spec)
     n = tirx.Var("n", "int64")
+    if spec.lowering == "bitserial":
+        return _bitserial_kernel(spec, name, expose_acc, [x, counts, sign, normal, shift, scale, bias, n])
     q = _weight_stage(spec, counts, sign, normal, shift, n, spec.channels_last)
     shiftadd = spec.lowering == "shiftadd"
     inv_n = tirx.const(1.0, "float32") / n.astype("float32")
@@ -334,6 +343,126 @@ def _vnni_conv(spec: KernelSpec, name, expose_acc, params, padded, finish):
                             "psb.layout": "vnni", "op_pattern": 8})
 
 
+def _bitserial_kernel(spec: KernelSpec, name, expose_acc, params):
+    """Bit-serial layer kernel: ``acc = sum_{s,e,b} (-1)^s * sign_b * 2^(e+b) * popcount(X_b & M_se)``.
+
+    Weights are split into binary masks ``M_se`` (sign ``s``: 0 positive, 1 negative; level ``e``:
+    bit ``e`` of ``|q|``), activations into two's-complement bit planes ``X_b`` (for signed
+    activations the top plane counts ``-2^(B-1)``); the reduction over input channels is packed 32 to
+    a ``uint32`` word (zero-padded to a whole word per group), so every term is an AND and a
+    popcount. Exact for every run-time ``n <= n_max``: the level loop runs over the ``E + 1 + log2 n``
+    levels that ``n`` can reach, so the cost grows with ``log2 n`` (it is meant for n = 1, 2).
+    Sign-magnitude masks keep every partial sum within the bound that chose ``acc_dtype``.
+
+    Stages: ``q`` (per-weight plane codes, channel-padded), ``wpack`` (weight masks), ``xq`` (quantized,
+    padded activations), ``xpack`` (activation bit planes), ``acc``, ``out``.
+    """
+    x, counts, sign, normal, shift, scale, bias, n = params
+    WB, wdt, acc_t = BITSERIAL_WORD, f"uint{BITSERIAL_WORD}", spec.acc_dtype
+    xbits = tvm.DataType(spec.act_dtype).bits
+    L = bitserial_levels(spec.E, spec.n_max)
+    # levels reached at run time (n is a power of two: popcount(n - 1) = log2 n), capped by n_max
+    levels = tirx.min(tirx.popcount(n - 1) + (spec.E + 1), tirx.const(L, "int64"))
+    n32 = n.astype("int32")
+    O = spec.w_shape[0]
+    K = spec.w_shape[1]  # channels per group (conv) or input features (dense)
+    words = (K + WB - 1) // WB
+    inv_n = tirx.const(1.0, "float32") / n.astype("float32")
+
+    code_t = "int32" if 2 * L <= 31 else "int64"
+
+    def q_value(i):
+        """The plane code of weight ``i``: ``|q|`` in bits ``[0, L)`` if ``q > 0``, in ``[L, 2L)`` if ``q < 0``."""
+        mag = ((normal[i].astype("int32") * n32 + counts[i].astype("int32")) << shift[i].astype("int32")).astype(code_t)
+        return tirx.Select(sign[i] < tirx.const(0, "int8"), mag << tirx.const(L, code_t), mag * sign[i].astype(code_t))
+
+    def wbit(code, s, e):
+        """Mask bit of sign ``s`` (0: positive, 1: negative) and level ``e`` of a weight's plane code."""
+        return ((code >> (s * L + e).astype(code_t)) & tirx.const(1, code_t)).astype(wdt)
+
+    def xbit(v, b):
+        """Bit ``b`` of the two's-complement activation ``v`` (sign-extended for signed types)."""
+        return ((v.astype("int32") >> b.astype("int32")) & 1).astype(wdt)
+
+    def pack(bit_of):
+        rj = te.reduce_axis((0, WB), name="rj")
+        return te.sum(bit_of(rj) << rj.astype(wdt), axis=rj)
+
+    top = xbits - 1 if spec.act_signed else -1
+
+    def term(xw, ww, rs, re, rb):
+        mag = tirx.popcount(xw & ww).astype(acc_t) << (re.astype(acc_t) + rb.astype(acc_t))
+        neg = (rs == 1) if top < 0 else tirx.Select(rb == top, rs == 0, rs == 1)
+        return tirx.Select(neg, tirx.const(0, acc_t) - mag, mag)
+
+    rs = te.reduce_axis((0, 2), name="rs")
+    re = te.reduce_axis((0, levels), name="re")
+    rb = te.reduce_axis((0, xbits), name="rb")
+
+    def finish(o, v):
+        return _activation(spec, v.astype("float32") * (scale[o] * inv_n) + bias[o])
+
+    if spec.kind == "dense":
+        M = spec.x_shape[0]
+        zero = tirx.const(0, spec.act_dtype)
+        xq = te.compute((M, words * WB), lambda m, k: tirx.if_then_else(k < K, _quantize(spec, x[m, tirx.min(k, K - 1)]), zero),
+                        name="xq")
+        xpack = te.compute((M, words, xbits), lambda m, w, b: pack(lambda j: xbit(xq[m, w * WB + j], b)), name="xpack")
+        # weights [K, O]: the packed masks are contiguous over outputs (vectorized)
+        q = te.compute((words * WB, O), lambda k, o: tirx.if_then_else(k < K, q_value((o, tirx.min(k, K - 1))),
+                                                                      tirx.const(0, code_t)), name="q")
+        wpack = te.compute((words, 2, L, O), lambda w, s, e, o: pack(lambda j: wbit(q[w * WB + j, o], s, e)), name="wpack")
+        rw = te.reduce_axis((0, words), name="rw")
+        acc = te.compute(
+            (M, O),
+            lambda m, o: te.sum(term(xpack[m, rw, rb], wpack[rw, rs, re, o], rs, re, rb), axis=[rw, rs, re, rb]),
+            name="acc",
+        )
+        out = te.compute((M, O), lambda m, o: finish(o, acc[m, o]), name="out")
+    else:
+        N, C, H, W = spec.x_shape
+        _, Cg, KH, KW = spec.w_shape
+        pt, pl, pb, pr = spec.padding
+        sh, sw = spec.stride
+        dh, dw = spec.dilation
+        G = spec.groups
+        Og = O // G
+        Hp, Wp = H + pt + pb, W + pl + pr
+        padded = _padded(spec, x)
+        zero = tirx.const(0, spec.act_dtype)
+        # activations [N, G, Hp, C/G padded, Wp]: planes contiguous over columns (vectorized)
+        xq = te.compute(
+            (N, G, Hp, words * WB, Wp),
+            lambda b, g, h, c, w: tirx.if_then_else(c < Cg, padded(b, g * Cg + tirx.min(c, Cg - 1), h, w), zero),
+            name="xq",
+        )
+        xpack = te.compute((N, G, Hp, words, xbits, Wp),
+                           lambda b, g, h, wd, bit, w: pack(lambda j: xbit(xq[b, g, h, wd * WB + j, w], bit)),
+                           name="xpack")
+        q = te.compute((O, KH, KW, words * WB),
+                       lambda o, kh, kw, c: tirx.if_then_else(c < Cg, q_value((o, tirx.min(c, Cg - 1), kh, kw)),
+                                                              tirx.const(0, code_t)),
+                       name="q")
+        wpack = te.compute((O, KH, KW, words, 2, L),
+                           lambda o, kh, kw, wd, s, e: pack(lambda j: wbit(q[o, kh, kw, wd * WB + j], s, e)),
+                           name="wpack")
+        rh = te.reduce_axis((0, KH), name="rh")
+        rw = te.reduce_axis((0, KW), name="rw")
+        rc = te.reduce_axis((0, words), name="rc")
+
+        def conv_term(b, o, y, xx):
+            xw = xpack[b, o // Og, y * sh + rh * dh, rc, rb, xx * sw + rw * dw]
+            return term(xw, wpack[o, rh, rw, rc, rs, re], rs, re, rb)
+
+        acc = te.compute(spec.out_shape, lambda *i: te.sum(conv_term(*i), axis=[rh, rw, rc, rs, re, rb]), name="acc")
+        out = te.compute(spec.out_shape, lambda b, o, y, xx: finish(o, acc[b, o, y, xx]), name="out")
+
+    outputs = [acc, out] if expose_acc else [out]
+    func = te.create_prim_func([x, counts, sign, normal, shift, scale, bias, n] + outputs)
+    return func.with_attrs({"global_symbol": name, "psb.kind": spec.kind, "psb.lowering": "bitserial",
+                            "psb.layout": "bitserial", "op_pattern": 8})
+
+
 def psb_masked_kernel(spec: KernelSpec, name: str) -> tvm.tirx.PrimFunc:
     """Attention variant: compute only listed output positions, copy ``low`` everywhere else.
 
@@ -342,6 +471,8 @@ def psb_masked_kernel(spec: KernelSpec, name: str) -> tvm.tirx.PrimFunc:
     skipped positions cost nothing); ``slot[position] = k`` or -1. Computed positions are bit
     identical to the full kernel's.
     """
+    if spec.lowering == "bitserial":  # same integers; the masked gathers use the intdot products
+        spec = dataclasses.replace(spec, lowering="intdot")
     O = spec.w_shape[0]
     x, counts, sign, normal, shift, scale, bias = _layer_inputs(spec)
     low = te.placeholder(spec.out_shape, "float32", name="low")

@@ -23,7 +23,14 @@ from tvm import s_tir, te
 from psb_tvm import numerics as nm
 from psb_tvm.schedules import hash as tir_hash
 from psb_tvm.schedules.cpu import PSBConv2D, PSBDense, PSBSample
-from psb_tvm.schedules.kernels import LOWERINGS, KernelSpec, psb_layer_kernel, psb_sample_kernel
+from psb_tvm.schedules.kernels import (
+    LOWERINGS,
+    KernelSpec,
+    bitserial_levels,
+    psb_layer_kernel,
+    psb_masked_kernel,
+    psb_sample_kernel,
+)
 from psb_tvm.target import host_target
 
 TARGET = host_target()
@@ -50,6 +57,9 @@ CONV_CASES = {
     "mixed": ((2, 6, 11, 9), (9, 2, 3, 2), dict(stride=(2, 1), padding=(1, 0, 2, 1), dilation=(1, 2), groups=3)),
 }
 DENSE_CASES = {"1x64x10": (1, 64, 10), "3x40x8": (3, 40, 8), "5x300x17": (5, 300, 17)}
+# Lowerings exercised over every geometry and preset below; "bitserial" (meant for n <= 2) has its
+# own, smaller matrix at the end of the file.
+CLASSIC = ("intdot", "shiftadd")
 
 
 # ------------------------------------------------------------------ helpers
@@ -262,7 +272,7 @@ def test_tir_sample_bit_matches_reference(seed, layer, P):
 
 
 @pytest.mark.parametrize("n", [1, 2, 8])
-@pytest.mark.parametrize("lowering", LOWERINGS)
+@pytest.mark.parametrize("lowering", CLASSIC)
 @pytest.mark.parametrize("case", list(CONV_CASES))
 def test_conv2d_bit_exact(case, lowering, n):
     i = list(CONV_CASES).index(case)
@@ -276,7 +286,7 @@ def test_conv2d_bit_exact(case, lowering, n):
 
 
 @pytest.mark.parametrize("n", [1, 2, 8])
-@pytest.mark.parametrize("lowering", LOWERINGS)
+@pytest.mark.parametrize("lowering", CLASSIC)
 @pytest.mark.parametrize("case", list(DENSE_CASES))
 def test_dense_bit_exact(case, lowering, n):
     i = list(DENSE_CASES).index(case)
@@ -290,7 +300,7 @@ def test_dense_bit_exact(case, lowering, n):
 
 
 @pytest.mark.parametrize("act", ACTS, ids=["none", "relu", "clip"])
-@pytest.mark.parametrize("lowering", LOWERINGS)
+@pytest.mark.parametrize("lowering", CLASSIC)
 @pytest.mark.parametrize("kind", ["conv2d", "dense"])
 def test_activation_bit_exact(kind, lowering, act):
     seed, layer = 7, 2
@@ -311,7 +321,7 @@ def test_activation_bit_exact(kind, lowering, act):
 
 @pytest.mark.parametrize("act_bits,act_signed", [(8, True), (8, False), (16, True), (16, False)],
                          ids=["s8", "u8", "s16", "u16"])
-@pytest.mark.parametrize("lowering", LOWERINGS)
+@pytest.mark.parametrize("lowering", CLASSIC)
 @pytest.mark.parametrize("kind", ["conv2d", "dense"])
 def test_activation_formats_bit_exact(kind, lowering, act_bits, act_signed):
     seed, layer = 11, 5
@@ -328,7 +338,7 @@ def test_activation_formats_bit_exact(kind, lowering, act_bits, act_signed):
 # ------------------------------------------------------------------ numeric presets
 
 
-@pytest.mark.parametrize("lowering", LOWERINGS)
+@pytest.mark.parametrize("lowering", CLASSIC)
 @pytest.mark.parametrize(
     "E,P,n,per_channel",
     [(1, 16, 4, True), (3, 16, 16, True), (4, 8, 4, False), (4, 24, 2, True), (8, 30, 1, True)],
@@ -342,14 +352,14 @@ def test_presets_bit_exact(lowering, E, P, n, per_channel):
     check(spec, seed, layer, per_channel=per_channel)
 
 
-@pytest.mark.parametrize("lowering", LOWERINGS)
+@pytest.mark.parametrize("lowering", CLASSIC)
 def test_int32_weights_bit_exact(lowering):
     spec = dense_spec((2, 40, 5), lowering, 128, 9, 9, E=8)
     assert spec.q_dtype == "int32" and spec.acc_dtype == "int32"
     check(spec, 9, 9)
 
 
-@pytest.mark.parametrize("lowering", LOWERINGS)
+@pytest.mark.parametrize("lowering", CLASSIC)
 @pytest.mark.parametrize("kind", ["conv2d", "dense"])
 def test_many_samples_bit_exact(kind, lowering):
     seed, layer = 5, 4
@@ -364,7 +374,7 @@ def test_many_samples_bit_exact(kind, lowering):
 # ------------------------------------------------------------------ wide accumulators
 
 
-@pytest.mark.parametrize("lowering", LOWERINGS)
+@pytest.mark.parametrize("lowering", CLASSIC)
 @pytest.mark.parametrize("kind", ["conv2d", "dense"])
 def test_int64_accumulators_bit_exact(kind, lowering):
     seed, layer = 8, 8
@@ -400,7 +410,7 @@ AGREE = [("conv2d", c, n) for c in ("3x3_pad1", "asym_pad", "depthwise_x2", "wid
 def test_lowerings_identical(kind, case, n):
     """intdot and shiftadd give the same accumulators and outputs (reuses the cached runs above)."""
     results = []
-    for lowering in LOWERINGS:
+    for lowering in CLASSIC:
         if kind == "conv2d":
             i = list(CONV_CASES).index(case)
             seed, layer = SEEDS_LAYERS[(i + n) % len(SEEDS_LAYERS)]
@@ -446,7 +456,7 @@ def test_tir_layer_key_matches_reference():
         np.testing.assert_array_equal(out.numpy(), [int(nm.layer_key(int(v), layer)) for v in seeds])
 
 
-@pytest.mark.parametrize("lowering", LOWERINGS)
+@pytest.mark.parametrize("lowering", CLASSIC)
 def test_sample_ranges_nest(lowering):
     """counts over [0, 2n) == counts over [0, n) + counts over [n, 2n), computed by the compiled sampler."""
     spec = conv_spec("3x3_pad1", lowering, 8, 3, 1)
@@ -516,3 +526,88 @@ def test_arm_vnni_kernel_uses_dot_product_instructions(arm):
         assert ops == []
     else:
         assert ops and set(ops) == {want}, ops
+
+
+# ------------------------------------------------------------------ bitserial lowering (n = 1, 2)
+
+BITSERIAL_CONV = ["1x1", "stride2", "asym_pad", "groups2", "depthwise_x2", "mixed"]
+
+
+def test_bitserial_is_a_lowering():
+    assert LOWERINGS == ("intdot", "shiftadd", "bitserial")
+    assert bitserial_levels(4, 1) == 5 and bitserial_levels(4, 2) == 6 and bitserial_levels(3, 64) == 10
+
+
+@pytest.mark.parametrize("n", [1, 2])
+@pytest.mark.parametrize("case", BITSERIAL_CONV)
+def test_bitserial_conv_bit_exact(case, n):
+    """Popcounts of activation bit planes AND weight sign/level masks == the numpy accumulators,
+    over strides, padding, dilation, groups and depthwise; int8 and uint8 activations alternate."""
+    i = list(CONV_CASES).index(case)
+    seed, layer = SEEDS_LAYERS[(i + n) % len(SEEDS_LAYERS)]
+    spec = conv_spec(case, "bitserial", n, seed, layer, activation=ACTS[(i + n) % len(ACTS)],
+                     act_signed=(i + n) % 2 == 0)
+    check(spec, seed, layer)
+
+
+@pytest.mark.parametrize("n", [1, 2])
+@pytest.mark.parametrize("case", list(DENSE_CASES))
+def test_bitserial_dense_bit_exact(case, n):
+    i = list(DENSE_CASES).index(case)
+    act_signed = (i + n) % 2 == 1  # each n sees both int8 and uint8 activations
+    seed, layer = SEEDS_LAYERS[(i + 2 * n + act_signed) % len(SEEDS_LAYERS)]
+    spec = dense_spec(case, "bitserial", n, seed, layer, activation=ACTS[(i + n) % len(ACTS)], act_signed=act_signed)
+    check(spec, seed, layer)
+
+
+@pytest.mark.parametrize("act_signed", [True, False], ids=["s16", "u16"])
+@pytest.mark.parametrize("kind", ["conv2d", "dense"])
+def test_bitserial_16bit_activations_bit_exact(kind, act_signed):
+    seed, layer = 11, 5
+    make = conv_spec if kind == "conv2d" else dense_spec
+    spec = make("stride2" if kind == "conv2d" else "3x40x8", "bitserial", 2, seed, layer, activation=None,
+                act_bits=16, act_signed=act_signed)
+    check(spec, seed, layer)
+
+
+@pytest.mark.parametrize("kind", ["conv2d", "dense"])
+def test_bitserial_int64_accumulators_bit_exact(kind):
+    """Saturated 16-bit activations and E=10 / E=12 weights: the accumulators need int64."""
+    seed, layer = 8, 8
+    if kind == "conv2d":
+        spec = conv_spec(((1, 16, 6, 6), (8, 16, 3, 3), dict(padding=(1, 1, 1, 1))), "bitserial", 2, seed, layer,
+                         activation=None, E=10, act_bits=16)
+    else:
+        spec = dense_spec((4, 300, 6), "bitserial", 2, seed, layer, activation=None, E=12, act_bits=16)
+    assert spec.acc_dtype == "int64"
+    _, racc = check(spec, seed, layer, big=True)
+    assert np.abs(racc).max() > 2**31
+
+
+@pytest.mark.parametrize("n,n_max", [(1, 64), (8, 8)])
+@pytest.mark.parametrize("kind", ["conv2d", "dense"])
+def test_bitserial_any_n_up_to_n_max(kind, n, n_max):
+    """The level loop follows the run-time n (E + 1 + log2 n levels), so a module compiled for a
+    larger n_max is exact at every n; n > 2 is supported, only slower."""
+    seed, layer = 42, 3
+    if kind == "conv2d":
+        spec = conv_spec("groups2", "bitserial", n, seed, layer, activation="relu", E=3)
+    else:
+        spec = dense_spec("3x40x8", "bitserial", n, seed, layer, activation=None, E=3)
+    check(dataclasses.replace(spec, n_max=n_max), seed, layer, per_channel=n != 2)
+
+
+def test_bitserial_masked_kernel_uses_intdot_products():
+    """The attention (masked) kernel of a bitserial layer computes its positions with the intdot
+    products: the same integers by construction."""
+    spec = KernelSpec(**{f.name: getattr(dense_spec("3x40x8", "bitserial", 2), f.name)
+                         for f in dataclasses.fields(KernelSpec)})
+    func = psb_masked_kernel(spec, "psb_test_masked")
+    assert func.attrs["psb.lowering"] == "intdot"
+
+
+def test_bitserial_wide_plane_codes_bit_exact():
+    """E=15: 2 * (E + 2) sign/level planes no longer fit an int32 plane code (int64 codes)."""
+    spec = dense_spec("3x40x8", "bitserial", 2, 6, 6, activation=None, E=15)
+    assert 2 * bitserial_levels(spec.E, spec.n_max) > 31
+    check(spec, 6, 6)

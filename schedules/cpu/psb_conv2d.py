@@ -1,4 +1,4 @@
-"""Default (untuned) CPU schedule for PSB conv2d kernels, both lowerings."""
+"""Default (untuned) CPU schedule for PSB conv2d kernels, all lowerings."""
 
 from __future__ import annotations
 
@@ -30,6 +30,8 @@ class PSBConv2D(CPUScheduleRule):
         reductions = loops[4:]
         if func.attrs.get("psb.layout") == "vnni":
             return _schedule_vnni(sch, acc, target)
+        if func.attrs.get("psb.layout") == "bitserial":
+            schedule_bitserial_packs(sch)  # then the NCHW nest below: vectorized over output columns
         if func.attrs.get("psb.layout") == "channels_last":
             # Reduction over contiguous channels innermost: LLVM vectorizes it into dot products.
             sch.reorder(b, y, x, o, *reductions)
@@ -49,6 +51,30 @@ class PSBConv2D(CPUScheduleRule):
             sch.vectorize(sch.get_loops(init)[-1])
         parallel_vectorize(sch, sch.get_sblock("out"))
         return sch
+
+
+def schedule_bitserial_packs(sch: s_tir.Schedule) -> None:
+    """Bitserial packing stages: ``xpack`` / ``wpack`` parallel over words, vectorized over their
+    innermost spatial axis (columns / outputs) when it has a tail-free divisor, bit loop unrolled."""
+    for name in ("xpack", "wpack"):
+        block = sch.get_sblock(name)
+        loops = sch.get_loops(block)
+        spatial, rj = loops[:-1], loops[-1]
+        inner = spatial[-1]
+        lanes = largest_divisor(loop_extents(sch, [inner])[0], VECTOR_LANES)
+        vectorize = name == "xpack" or len(spatial) == 4  # conv wpack: innermost is the level axis
+        if vectorize and lanes > 1:
+            io, ii = sch.split(inner, [None, lanes])
+            sch.reorder(io, rj, ii)
+            outer = list(spatial[:-1]) + [io]
+            sch.parallel(sch.fuse(*outer) if len(outer) > 1 else outer[0])
+            sch.vectorize(ii)
+            init = sch.decompose_reduction(block, rj)
+            sch.vectorize(sch.get_loops(init)[-1])
+            sch.unroll(rj)
+        else:
+            sch.parallel(sch.fuse(*spatial) if len(spatial) > 1 else spatial[0])
+            sch.unroll(rj)
 
 
 def _has_vnni(target: Target) -> bool:

@@ -1,4 +1,4 @@
-"""Default (untuned) CPU schedule for PSB dense kernels, both lowerings."""
+"""Default (untuned) CPU schedule for PSB dense kernels, all lowerings."""
 
 from __future__ import annotations
 
@@ -6,7 +6,8 @@ from tvm import s_tir, tirx
 from tvm.s_tir.dlight.cpu.base import CPUScheduleRule
 from tvm.target import Target
 
-from .common import parallel_vectorize
+from .common import VECTOR_LANES, largest_divisor, loop_extents, parallel_vectorize
+from .psb_conv2d import schedule_bitserial_packs
 from .psb_sampling import schedule_shared_stages
 
 
@@ -25,7 +26,27 @@ class PSBDense(CPUScheduleRule):
         sch = s_tir.Schedule(func)
         schedule_shared_stages(sch)
         acc = sch.get_sblock("acc")
+        if func.attrs.get("psb.layout") == "bitserial":
+            return _schedule_bitserial(sch, acc)
         m, o = sch.get_loops(acc)[:2]
         sch.parallel(sch.fuse(m, o))
         parallel_vectorize(sch, sch.get_sblock("out"))
         return sch
+
+
+def _schedule_bitserial(sch: s_tir.Schedule, acc) -> s_tir.Schedule:
+    """Packed masks are [words, sign, level, O]: vectorize over outputs, reductions outside,
+    parallel over (row, output block)."""
+    schedule_bitserial_packs(sch)
+    m, o, *reductions = sch.get_loops(acc)
+    lanes = largest_divisor(loop_extents(sch, [o])[0], VECTOR_LANES)
+    oo, oi = sch.split(o, [None, lanes])
+    sch.reorder(m, oo, *reductions, oi)
+    sch.parallel(sch.fuse(m, oo))
+    if lanes > 1:
+        sch.vectorize(oi)
+    init = sch.decompose_reduction(acc, reductions[0])
+    if lanes > 1:
+        sch.vectorize(sch.get_loops(init)[-1])
+    parallel_vectorize(sch, sch.get_sblock("out"))
+    return sch
