@@ -8,7 +8,8 @@ reapplied with ``compile(..., tuning_db=)``) and the exception types.
 from .allocate import Allocation, allocate
 from .compiler import __version__, compile  # noqa: A004 - mirrors tvm.compile
 from .config import PSBConfig
-from .errors import ConfigError, DynamicShapeError, InputError, ModelLoadError, PSBError, UnsupportedModelError
+from .errors import (ConfigError, DynamicShapeError, InputError, ModelLoadError, PSBError, TargetMismatchError,
+                     UnsupportedModelError)
 from .evaluate import EvalReport, Preprocess, evaluate
 from .runtime import PSBModule, load
 from .tuning import TuneResult, TuningError, TuningWarning, tune
@@ -24,6 +25,7 @@ __all__ = [
     "PSBConfig",
     "PSBError",
     "PSBModule",
+    "TargetMismatchError",
     "TuneResult",
     "TuningError",
     "TuningWarning",

@@ -23,3 +23,7 @@ class ConfigError(PSBError, ValueError):
 
 class InputError(PSBError, ValueError):
     """Inputs given to ``run`` do not match the compiled model (count, shape or dtype)."""
+
+
+class TargetMismatchError(PSBError, RuntimeError):
+    """A module built for another target (an Arm board, a GPU) was asked to run on this host."""

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .abi import METADATA_FUNC
-from .errors import InputError, ModelLoadError
+from .errors import InputError, ModelLoadError, TargetMismatchError
 
 
 class PSBModule:
@@ -59,7 +59,8 @@ class PSBModule:
             from tvm import relax
 
             if self.metadata.get("target_kind", "llvm") != "llvm" or not self.metadata.get("host_runnable", True):
-                raise RuntimeError(f"this module was built for {self.metadata.get('target')}; it cannot run on this host CPU")
+                raise TargetMismatchError(f"this module was built for {self.metadata.get('target')}; it cannot run on this "
+                                          "host CPU (export it and run it there, e.g. with psb_run)")
             self._vm = relax.VirtualMachine(self._lib, tvm.cpu())
         return self._vm
 
