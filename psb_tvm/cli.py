@@ -14,6 +14,8 @@ import pathlib
 import sys
 import tempfile
 
+# "auto" + schedules.kernels.LOWERINGS (spelled out: importing the kernels loads TVM; a test checks they agree)
+LOWERING_CHOICES = ("auto", "intdot", "shiftadd", "bitserial")
 ACCURACY_KNOB = (
     "PSB represents each weight as s*2^k*(1+B/n) with B ~ Binomial(n, p): the sample count n "
     "(a power of two) is the accuracy knob. More samples = closer to float and more work."
@@ -185,7 +187,8 @@ def _model_options(p, compile_only=False):
     p.add_argument("--preset", choices=["int8", "int16"], help="numeric preset (int8: E=3, n_max=8; int16: the default)")
     p.add_argument("--exclude", action="append", metavar="LAYER[,LAYER]", help="keep these layers float (repeatable)")
     p.add_argument("--exclude-first-last", action="store_true", help="keep the first and last convertible layers float")
-    p.add_argument("--lowering", choices=["intdot", "shiftadd"], help="kernel lowering of every PSB layer")
+    p.add_argument("--lowering", choices=LOWERING_CHOICES,
+                   help="kernel lowering of every PSB layer (default auto: measured pick from --tuning-db, else intdot)")
     p.add_argument("--n-max", type=int, help="largest sample count the module accepts (power of two)")
 
 

@@ -15,7 +15,9 @@ class PSBConfig:
 
     E: exponent levels per weight group; P: threshold bits; act_bits: activation bits;
     n_max: largest sample count a module accepts; per_channel: one exponent range per output
-    channel (else per tensor); lowering: default kernel lowering ("intdot", "shiftadd" or
+    channel (else per tensor); lowering: kernel lowering of every layer ("auto": the compiler
+    picks per layer, from a measured pick in ``tuning_db`` if there is one, else its cost rule;
+    or one of "intdot", "shiftadd",
     "bitserial": popcounts of activation bit planes AND weight sign/level masks, exact at every
     n <= n_max but costing E + 1 + log2 n levels per plane, so meant for n = 1, 2; the masked /
     attention kernels of a bitserial layer use the intdot products), ``lowerings`` overrides it
@@ -30,7 +32,7 @@ class PSBConfig:
     act_bits: int = 8
     n_max: int = 64
     per_channel: bool = True
-    lowering: str = "intdot"
+    lowering: str = "auto"
     lowerings: dict = field(default_factory=dict)
     exclude_first_last: bool = False
     include: tuple | None = None
@@ -49,7 +51,7 @@ class PSBConfig:
         check(isinstance(n, int) and 1 <= n <= 1024 and not n & (n - 1),
               f"n_max must be a power of two in [1, 1024], got {n!r}")
         for name, low in [("lowering", self.lowering)] + [(f"lowerings[{k!r}]", v) for k, v in self.lowerings.items()]:
-            check(low in LOWERINGS, f"{name} must be one of {LOWERINGS}, got {low!r}")
+            check(low in LOWERINGS + ("auto",), f"{name} must be 'auto' or one of {LOWERINGS}, got {low!r}")
         check(isinstance(self.calibration_fallback_samples, int) and self.calibration_fallback_samples >= 1,
               "calibration_fallback_samples must be a positive int")
         # Normalise the name lists to tuples of str so the config stays hashable and serialisable.

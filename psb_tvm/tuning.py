@@ -267,7 +267,8 @@ def _progress_callback(total: int, tasks: list, enabled: bool):
 def tune(onnx_model, target="llvm", work_dir: str = "psb_tuning", trials: int = 256, samples: int = 8,
          seed: int = 0, input_shapes: dict | None = None, calibration=None, config=None, frozen: bool = False,
          trials_per_task: int | None = None, num_threads: int | None = None, rpc_tracker: str | None = None,
-         rpc_key: str | None = None, timeout: float = 30.0, progress: bool = True) -> TuneResult:
+         rpc_key: str | None = None, timeout: float = 30.0, progress: bool = True,
+         lowerings: tuple = ("intdot",)) -> TuneResult:
     """Tune the kernels ``compile`` would build for this model and target; resumable.
 
     ``trials`` is the total number of measured candidates in ``work_dir``'s database: a second
@@ -275,14 +276,28 @@ def tune(onnx_model, target="llvm", work_dir: str = "psb_tuning", trials: int = 
     target's ``num-cores``, else this machine's cores) is the thread count the kernels are timed
     with and must be the one they will run with. ``rpc_tracker="host:port"`` and ``rpc_key``
     measure on a remote device registered with TVM's RPC tracker. The model arguments are those
-    of ``compile``; use the same ones there with ``tuning_db=work_dir``.
+    of ``compile``; use the same ones there with ``tuning_db=work_dir``. ``lowerings``: with more
+    than one, every layer's kernel is tuned in each and the fastest is recorded per layer; a
+    compile with ``lowering="auto"`` (the default) and this ``tuning_db`` then uses it.
     """
     from .build import legalize
     from .compiler import lower
 
     if not isinstance(trials, int) or trials < 0:
         raise ConfigError(f"trials must be a non-negative int, got {trials!r}")
-    mod, _, tgt = lower(onnx_model, target, samples, seed, input_shapes, calibration, config, frozen)
+    from .config import PSBConfig
+    from .schedules.kernels import LOWERINGS
+
+    cfg = config if isinstance(config, PSBConfig) else PSBConfig.from_dict(config) if config else PSBConfig()
+    candidates = tuple(dict.fromkeys(lowerings or ("intdot",)))
+    bad = [l for l in candidates if l not in LOWERINGS]
+    if bad:
+        raise ConfigError(f"lowerings {bad} unknown; expected some of {LOWERINGS}")
+    if cfg.lowering != "auto":  # the user fixed the lowering: nothing to pick
+        candidates = (cfg.lowering,)
+    lowered = {low: lower(onnx_model, target, samples, seed, input_shapes, calibration,
+                          dataclasses.replace(cfg, lowering=low), frozen) for low in candidates}
+    tgt = next(iter(lowered.values()))[2]
     if tgt.kind.name != "llvm":
         raise TuningError(f"tuning supports CPU (llvm) targets; got {tgt.kind.name!r}")
     threads = int(num_threads or tgt.attrs.get("num-cores", 0) or os.cpu_count() or 1)
@@ -295,7 +310,21 @@ def tune(onnx_model, target="llvm", work_dir: str = "psb_tuning", trials: int = 
     if manifest.get("num_threads") != threads:
         raise TuningError(f"{work_dir} was tuned with {manifest.get('num_threads')} threads, not {threads}; "
                           "use the same num_threads or another work_dir")
-    tasks = extract_tasks(legalize(mod, tgt))
+    tasks, layer_tasks = [], {}
+    for low, (mod, md, _) in lowered.items():
+        legal = legalize(mod, tgt)
+        kernels = _layer_kernels(legal, md)
+        for wl, names in extract_tasks(legal):
+            for existing, known in tasks:
+                if tvm_ffi.structural_equal(existing, wl):
+                    known.extend(n for n in names if n not in known)
+                    wl = existing
+                    break
+            else:
+                tasks.append((wl, list(names) if low == candidates[0] else [f"{n}[{low}]" for n in names]))
+            for layer, kernel in kernels.items():
+                if kernel in names:
+                    layer_tasks.setdefault(layer, {})[low] = wl
     if not tasks:
         raise TuningError("the model has no tunable kernels")
     ms = _ms()
@@ -340,16 +369,53 @@ def tune(onnx_model, target="llvm", work_dir: str = "psb_tuning", trials: int = 
                 manifest["tasks"].setdefault(key, {"kernels": names, "default_ms": None})
                 manifest["tasks"][key]["trials"] = per_task[key]
         manifest["trials_total"] = sum(t.get("trials", 0) for t in manifest["tasks"].values())
+        if len(candidates) > 1:  # the measured pick: fastest tuned kernel per layer
+            timing = {layer: {low: _best_ms(database, wl) for low, wl in per.items()} for layer, per in layer_tasks.items()}
+            manifest["lowering_ms"] = timing
+            manifest["lowerings"] = {layer: min((ms, low) for low, ms in t.items() if ms is not None)[1]
+                                     for layer, t in timing.items() if any(v is not None for v in t.values())}
         _write_manifest(work_dir, manifest)
     reports = []
     for wl, names in tasks:
         key = str(tvm_ffi.structural_hash(wl))
         info = manifest["tasks"].get(key, {})
-        top = database.get_top_k(database.commit_workload(wl), 1) if database.has_workload(wl) else []
-        best = 1e3 * sum(float(v) for v in top[0].run_secs) / len(top[0].run_secs) if top else None
-        reports.append(TaskReport(names[0], names, info.get("default_ms"), best, info.get("trials", 0)))
+        reports.append(TaskReport(names[0], names, info.get("default_ms"), _best_ms(database, wl), info.get("trials", 0)))
     return TuneResult(os.path.abspath(work_dir), str(tgt), threads, manifest["trials_total"] - done,
                       manifest["trials_total"], time.time() - start, reports)
+
+
+def _layer_kernels(mod: tvm.IRModule, metadata: dict) -> dict:
+    """PSB layer name -> the name of its layer kernel in the legalized module."""
+    ids = {l["layer_id"]: l["name"] for l in metadata["layers"] if l.get("status") == "psb"}
+    out = {}
+    for gv, func in mod.functions.items():
+        kind = (func.attrs or {}).get("psb.kind") if isinstance(func, tirx.PrimFunc) else None
+        if kind in ("conv2d", "dense"):
+            for lid, name in ids.items():
+                if gv.name_hint.startswith(f"psb_{lid}_"):
+                    out[name] = gv.name_hint
+    return out
+
+
+def _best_ms(database, wl) -> float | None:
+    if not database.has_workload(wl):
+        return None
+    top = database.get_top_k(database.commit_workload(wl), 1)
+    return 1e3 * sum(float(v) for v in top[0].run_secs) / len(top[0].run_secs) if top else None
+
+
+def lowering_choices(tuning_db, target) -> dict | None:
+    """The per-layer lowerings ``tune(..., lowerings=...)`` measured, or ``None`` (not a work dir,
+    no pick recorded, or tuned for another target: then the database is ignored anyway)."""
+    if not isinstance(tuning_db, (str, os.PathLike)) or not os.path.isdir(tuning_db):
+        return None
+    try:
+        manifest = _read_manifest(os.fspath(tuning_db))
+    except TuningError:
+        return None
+    if not manifest or manifest.get("target") != _target_key(target):
+        return None
+    return manifest.get("lowerings") or None
 
 
 def _records_per_task(database, tasks) -> dict:

@@ -180,3 +180,9 @@ def test_tune_then_compile_with_the_database(compiled, main):
     # the same database for another target: the command refuses it (exit 2, the reason on stderr)
     proc = main("tune", d / "cnn.onnx", "--work-dir", work, "--trials", "0", "--target", "aarch64", *args)
     assert proc.returncode == 2 and "target" in proc.stderr
+
+
+def test_cli_lowering_choices_match_the_kernels():
+    from psb_tvm.schedules.kernels import LOWERINGS
+
+    assert cli.LOWERING_CHOICES == ("auto", *LOWERINGS)

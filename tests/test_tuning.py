@@ -147,3 +147,31 @@ def test_rpc_tracker_on_loopback(model, untuned, tmp_path):
     finally:
         server.terminate()
         tracker.terminate()
+
+
+def test_measured_lowering_pick_is_used_and_overridable(model, untuned, tmp_path):
+    """tune(lowerings=...) times every layer in each lowering and records the fastest; compile with
+    lowering "auto" uses it (metadata says so); config.lowerings still wins."""
+    work = str(tmp_path / "pick")
+    psb_tvm.tune(model, work_dir=work, trials=0, calibration=CAL, num_threads=2, progress=False,
+                 lowerings=("intdot", "shiftadd"))
+    manifest = json.load(open(os.path.join(work, MANIFEST)))
+    psb_layers = untuned.psb_layers
+    assert sorted(manifest["lowerings"]) == sorted(psb_layers)
+    for layer, times in manifest["lowering_ms"].items():
+        assert set(times) == {"intdot", "shiftadd"} and all(t > 0 for t in times.values())
+        assert manifest["lowerings"][layer] == min(times, key=times.get)
+    module = psb_tvm.compile(model, calibration=CAL, tuning_db=work)
+    rows = {l["name"]: l for l in module.layers if l["status"] == "psb"}
+    for layer in psb_layers:
+        assert rows[layer]["lowering"] == manifest["lowerings"][layer]
+        assert rows[layer]["lowering_source"] == "measured (tuning_db)"
+    assert module.metadata["schedules"]["tuned"] > 0
+    np.testing.assert_array_equal(module.run(X, samples=4), untuned.run(X, samples=4))  # lowerings agree bit for bit
+    first = psb_layers[0]
+    config = psb_tvm.PSBConfig(lowerings={first: "bitserial"})
+    forced = psb_tvm.compile(model, calibration=CAL, tuning_db=work, config=config)
+    row = {l["name"]: l for l in forced.layers}[first]
+    assert row["lowering"] == "bitserial" and row["lowering_source"] == "config"
+    np.testing.assert_array_equal(forced.run(X, samples=2), untuned.run(X, samples=2))
+    assert {l["lowering_source"] for l in untuned.layers if l["status"] == "psb"} == {"cost rule"}
