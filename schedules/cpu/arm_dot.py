@@ -22,8 +22,9 @@ take both operands of one sign, which is not the int8 preset's uint8 x int8, so 
 """
 
 from tvm.s_tir import TensorIntrin
-from tvm.s_tir.tensor_intrin.x86 import dot_product_16x4_u8i8i32_desc
 from tvm.script import tirx as T
+
+from .vnni import dot_product_16x4_u8i8i32_desc  # the same 16 outputs x 4 channels description
 
 PSB_ARM_SDOT_16x4 = "psb_dot_16x4_u8i8i32_arm_sdot"
 PSB_ARM_USDOT_16x4 = "psb_dot_16x4_u8i8i32_arm_usdot"

@@ -6,10 +6,28 @@ the same intrinsic with the operand types LLVM expects.
 """
 
 from tvm.s_tir import TensorIntrin
-from tvm.s_tir.tensor_intrin.x86 import dot_product_16x4_u8i8i32_desc
 from tvm.script import tirx as T
 
 PSB_VNNI_16x4 = "psb_dot_16x4_vnni"
+
+
+# The description TVM's ``tvm.s_tir.tensor_intrin.x86`` uses, written out here: importing that
+# module runs its package __init__, which registers every target's intrinsics (CUDA included) and
+# takes 30-200 s, once per process (every compile, every tuning worker).
+@T.prim_func(s_tir=True)
+def dot_product_16x4_u8i8i32_desc(
+    A: T.Buffer((4,), "uint8", offset_factor=1),
+    B: T.Buffer((16, 4), "int8", offset_factor=1),
+    C: T.Buffer((16,), "int32", offset_factor=1),
+) -> None:
+    with T.sblock("root"):
+        T.reads(C[0:16], A[0:4], B[0:16, 0:4])
+        T.writes(C[0:16])
+        for i in T.serial(0, 16):
+            for k in T.serial(0, 4):
+                with T.sblock("update"):
+                    vi, vk = T.axis.remap("SR", [i, k])
+                    C[vi] = C[vi] + T.cast(A[vk], "int32") * T.cast(B[vi, vk], "int32")
 
 
 @T.prim_func(s_tir=True)
