@@ -61,3 +61,44 @@ def test_model_facts_and_report(quick_run):
     assert results["meta"]["machine"]["threads_used"] == 2
     assert "| psb_tvm n=8 |" in (out / "latest.md").read_text()
     assert benchmarks_md_untouched  # --quick never rewrites the top-level BENCHMARKS.md
+
+
+# ---------------------------------------------------------------------------- benchmarks/roofline.py
+ROOFLINE = ROOT / "benchmarks" / "roofline.py"
+ROOFLINE_ROW_FIELDS = {"layer", "preset", "path", "macs", "ms", "gmac_per_s", "fraction_of_peak", "sample_ms",
+                       "q_stage_ms", "xq_stage_ms", "vpdpbusd_in_asm"}
+
+
+@pytest.fixture(scope="module")
+def roofline_quick(tmp_path_factory):
+    import shutil
+
+    if shutil.which("g++") is None:
+        pytest.skip("g++ not installed (the peak microbenchmark is compiled at run time)")
+    out = tmp_path_factory.mktemp("roofline")
+    proc = subprocess.run([sys.executable, str(ROOFLINE), "--quick", "--out-dir", str(out)],
+                          capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return json.loads((out / "roofline.json").read_text()), out
+
+
+def test_roofline_quick_json(roofline_quick):
+    """--quick: one small layer, both presets; no timing thresholds, only sane fields and fractions."""
+    result, out = roofline_quick
+    assert result["errors"] == {}
+    peak = result["peak"]
+    assert "error" not in peak and peak["peak_gmac_per_s"] > 0 and peak["method"]
+    assert {r["threads"] for r in peak["runs"]} == {1, 2} and {r["width"] for r in peak["runs"]} == {256, 512}
+    assert result["meta"]["threads"] == 2 and "load_average_start" in result["meta"]
+    rows = result["layers"]
+    assert sorted(r["preset"] for r in rows) == ["int16", "int8"]
+    for r in rows:
+        assert ROOFLINE_ROW_FIELDS <= set(r), sorted(ROOFLINE_ROW_FIELDS - set(r))
+        assert r["macs"] > 0 and r["ms"] > 0 and r["gmac_per_s"] > 0
+        assert 0 < r["fraction_of_peak"] <= 1.5, r
+    paths = {r["preset"]: r["path"] for r in rows}
+    assert paths == {"int8": "vnni", "int16": "channels_last"}
+    if "avx512_vnni" in result["meta"]["machine"]["simd"]:
+        assert next(r for r in rows if r["preset"] == "int8")["vpdpbusd_in_asm"] > 0
+    md = (out / "roofline.md").read_text()
+    assert "Measured 2-thread peak" in md and "| quick 3x3 32ch 14x14 | int8 | vnni |" in md

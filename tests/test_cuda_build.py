@@ -49,3 +49,66 @@ def test_generated_cuda_source_compiles_with_nvcc():
     assert cubin[:4] == b"\x7fELF"
     missing = [k for k in kernels if k.encode() not in cubin]
     assert not missing, f"kernels absent from the cubin: {missing}"
+
+
+def _gpu_check():
+    import importlib.util
+    import pathlib
+
+    path = pathlib.Path(__file__).resolve().parents[1] / "tools" / "gpu_check.py"
+    spec = importlib.util.spec_from_file_location("gpu_check", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not found (CUDA toolkit not installed)")
+def test_gpu_check_prepare_quick(tmp_path):
+    """tools/gpu_check.py prepare --quick: digits PSB / fp32 / fp16 for cuda, batch 1 and 64 (~40 s)."""
+    import json
+
+    import subprocess
+    import sys
+
+    gc = _gpu_check()
+    # a subprocess: prepare loads TVM's CUDA runtime (with a libcuda stub) and registers a build-time
+    # nvcc callback, which would change how later cuda builds in this process behave
+    subprocess.run([sys.executable, gc.__file__, "prepare", str(tmp_path), "--quick"], check=True, timeout=600)
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    assert manifest["cuda_binary"] in ("fatbin", "source")
+    assert {(m["variant"], m["batch"]) for m in manifest["modules"]} >= {("psb", 1), ("psb", 64), ("fp32", 1), ("fp32", 64)}
+    for m in manifest["modules"]:
+        data = (tmp_path / m["file"]).read_bytes()
+        assert len(data) == m["bytes"]
+        for ref in m["refs"].values():
+            assert (tmp_path / ref).is_file()
+        if manifest["cuda_binary"] == "fatbin":  # kernels precompiled: no CUDA source travels
+            assert b"__global__" not in data and bytes.fromhex("50ed55ba") in data
+    assert manifest["total_bytes"] < gc.CARRY_LIMIT
+    # a cuda module's metadata loads only where TVM's CUDA runtime can load (a driver, or prepare's
+    # libcuda stub); in a plain process here psb_tvm.load says so with ModelLoadError
+    psb = next(m for m in manifest["modules"] if m["variant"] == "psb")
+    probe = ("import ctypes, sys, psb_tvm; ctypes.CDLL(sys.argv[2], mode=ctypes.RTLD_GLOBAL); "
+             "import tvm.backend.cuda as c; c.register_backend(); m = psb_tvm.load(sys.argv[1]); "
+             "print(m.metadata['target_kind'], bool(m.metadata['runtime_args']))")
+    stub = tmp_path / "libcuda.so.1"
+    subprocess.run(["gcc", "-shared", "-fPIC", "-Wl,-soname,libcuda.so.1", "-o", str(stub), "-x", "c", "-"], check=True,
+                   input="".join(f"int {s}(void) {{ return 100; }}\n" for s in gc._CUDA_DRIVER_SYMBOLS).encode())
+    out = subprocess.run([sys.executable, "-c", probe, str(tmp_path / psb["file"]), str(stub)], check=True,
+                         capture_output=True, text=True).stdout
+    assert out.split() == ["cuda", "True"], out
+
+
+def test_gpu_check_cpu_dry_run(tmp_path):
+    """prepare and run on this CPU (llvm modules): the run path (runtime-only VM via tvm_ffi) works
+    and PSB outputs match the CPU reference exactly."""
+    import json
+
+    gc = _gpu_check()
+    assert gc.main(["prepare", str(tmp_path), "--quick", "--device", "cpu", "--batches", "1"]) == 0
+    results = tmp_path / "results.json"
+    assert gc.main(["run", str(tmp_path), "--device", "cpu", "--runs", "3", "--warmup", "1",
+                    "--budget-s", "0.1", "--results", str(results)]) == 0
+    checks = json.loads(results.read_text())["checks"]
+    assert len(checks) == 4 and all(c["ok"] for c in checks)
+    assert all(c["max_abs"] == 0 for c in checks if " psb " in c["module"])

@@ -1,0 +1,587 @@
+"""Roofline line: PSB conv kernels against this machine's measured int8 VNNI peak (2 threads).
+
+    python benchmarks/roofline.py [--quick] [--presets int8,int16] [--out-dir benchmarks/results]
+
+1. **Peak**: a C++ microbenchmark compiled at run time (``g++ -O2 -mavx512f -mavx512vnni -mavx512bw
+   -mavx512vl``; ``-mavx512vl`` for the 256-bit form) runs 16 independent ``vpdpbusd`` accumulator
+   chains (operands in registers, no memory traffic) per thread, 512-bit and 256-bit forms, on 1 and
+   2 ``std::thread``\\ s; best wall time of several repetitions. int8 MACs = vpdpbusd count x 64
+   (512-bit) or x 32 (256-bit); the better form is the peak. The theoretical figure (cores x
+   ``/proc/cpuinfo`` MHz x one 512-bit vpdpbusd per cycle x 64) is reported alongside, labelled.
+2. **Kernels**: the PSB layer kernels of the largest ResNet-18 convs and a few MobileNetV2 layers
+   (batch 1, 224x224 input), built standalone exactly as ``tests/test_kernels.py`` does (TE kernel +
+   the default CPU rule ``PSBConv2D`` for the host target), for the ``int8`` preset (E=3, n_max=8,
+   uint8 activations: the ``vpdpbusd`` path where 16 | O and 4 | C) and the default ``int16``
+   preset (E=4, n_max=64), run at n=8 with ``TVM_NUM_THREADS=2``; ``time_evaluator`` median.
+   The sampler (n=8 samples of every weight) and the kernel's two per-call preparation stages
+   (``q``: integer weights from the counts; ``xq``: quantized, padded activations) are timed
+   separately with the same stage definitions and schedules, to show where the time goes.
+3. Writes ``<out-dir>/roofline.json`` and ``<out-dir>/roofline.md`` and prints the table.
+
+Fractions are of the *measured 2-thread* peak. The int16 preset's products are not int8 MACs (int16
+weights); its "fraction" uses the same int8 peak for comparison only.
+"""
+
+from __future__ import annotations
+
+import os
+
+THREADS = 2
+# Before tvm is imported: the TVM runtime reads TVM_NUM_THREADS once.
+os.environ["TVM_NUM_THREADS"] = str(THREADS)
+os.environ.setdefault("OMP_NUM_THREADS", str(THREADS))
+
+import argparse  # noqa: E402
+import datetime  # noqa: E402
+import json  # noqa: E402
+import pathlib  # noqa: E402
+import platform  # noqa: E402
+import re  # noqa: E402
+import shutil  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import tempfile  # noqa: E402
+import time  # noqa: E402
+
+import numpy as np  # noqa: E402
+
+HERE = pathlib.Path(__file__).resolve().parent
+ROOT = HERE.parent
+
+PEAK_SOURCE = r"""
+#include <immintrin.h>
+#include <chrono>
+#include <cstdio>
+#include <cstdlib>
+#include <thread>
+#include <vector>
+// ACC independent vpdpbusd chains per thread, operands in registers: throughput-bound, not latency-bound.
+template <int ACC>
+__attribute__((noinline)) long long run512(long long iters, int seed) {
+  __m512i a = _mm512_set1_epi8((char)(seed | 1)), b = _mm512_set1_epi8((char)(seed + 3));
+  __m512i acc[ACC];
+  for (int i = 0; i < ACC; ++i) acc[i] = _mm512_set1_epi32(i + seed);
+  for (long long it = 0; it < iters; ++it) {
+#pragma GCC unroll 32
+    for (int i = 0; i < ACC; ++i) acc[i] = _mm512_dpbusd_epi32(acc[i], a, b);
+    __asm__ volatile("" : "+v"(a), "+v"(b));  // keep the operands opaque: no hoisting or folding
+  }
+  __m512i s = acc[0];
+  for (int i = 1; i < ACC; ++i) s = _mm512_add_epi32(s, acc[i]);
+  return _mm512_reduce_add_epi32(s);
+}
+template <int ACC>
+__attribute__((noinline)) long long run256(long long iters, int seed) {
+  __m256i a = _mm256_set1_epi8((char)(seed | 1)), b = _mm256_set1_epi8((char)(seed + 3));
+  __m256i acc[ACC];
+  for (int i = 0; i < ACC; ++i) acc[i] = _mm256_set1_epi32(i + seed);
+  for (long long it = 0; it < iters; ++it) {
+#pragma GCC unroll 32
+    for (int i = 0; i < ACC; ++i) acc[i] = _mm256_dpbusd_epi32(acc[i], a, b);
+    __asm__ volatile("" : "+v"(a), "+v"(b));
+  }
+  __m256i s = acc[0];
+  for (int i = 1; i < ACC; ++i) s = _mm256_add_epi32(s, acc[i]);
+  alignas(32) int v[8];
+  _mm256_store_si256((__m256i*)v, s);
+  long long t = 0;
+  for (int i = 0; i < 8; ++i) t += v[i];
+  return t;
+}
+int main(int argc, char** argv) {
+  int width = atoi(argv[1]), threads = atoi(argv[2]);
+  long long iters = atoll(argv[3]);
+  int reps = atoi(argv[4]);
+  const int ACC = 16;
+  double best = 1e30;
+  long long sink = 0;
+  for (int r = 0; r < reps; ++r) {
+    std::vector<long long> res(threads);
+    auto t0 = std::chrono::steady_clock::now();
+    std::vector<std::thread> th;
+    for (int t = 0; t < threads; ++t)
+      th.emplace_back([&, t] { res[t] = width == 512 ? run512<ACC>(iters, t + r) : run256<ACC>(iters, t + r); });
+    for (auto& x : th) x.join();
+    double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    for (auto v : res) sink += v;
+    if (s < best) best = s;
+  }
+  double macs = (double)threads * iters * ACC * (width / 8);  // 512-bit: 64 u8 x s8 products
+  printf("{\"width\": %d, \"threads\": %d, \"accumulators\": %d, \"iters\": %lld, \"reps\": %d, "
+         "\"best_s\": %.6g, \"mac_per_s\": %.6g, \"checksum\": %lld}\n",
+         width, threads, ACC, iters, reps, best, macs / best, sink);
+  return 0;
+}
+"""
+PEAK_FLAGS = ["-O2", "-mavx512f", "-mavx512vnni", "-mavx512bw", "-mavx512vl", "-pthread"]
+PEAK_METHOD = ("C++ microbenchmark (g++ " + " ".join(PEAK_FLAGS) + "): 16 independent vpdpbusd accumulator "
+               "chains per thread, operands in registers; 512-bit (64 int8 MACs each) and 256-bit (32) forms; "
+               "1 and 2 std::threads; best wall time of {reps} repetitions of {iters} iterations; peak = the "
+               "better form at 2 threads.")
+#: 512-bit vpdpbusd issued per cycle per core (Agner Fog / uops.info: 1 on Cascade Lake, Ice Lake,
+#: Sapphire Rapids and Zen 4, whose 512-bit ops are two 256-bit halves). Used only for the
+#: theoretical figure.
+VPDPBUSD_512_PER_CYCLE = 1
+
+# name -> (model, x_shape, w_shape, geometry, activation, signed activations). Batch 1, 224x224 input.
+LAYERS = {
+    "resnet18.conv1 (7x7/2 stem)": ("resnet18", (1, 3, 224, 224), (64, 3, 7, 7),
+                                    dict(stride=(2, 2), padding=(3, 3, 3, 3)), "relu", True),
+    "resnet18.layer1 3x3 64ch 56x56": ("resnet18", (1, 64, 56, 56), (64, 64, 3, 3),
+                                       dict(padding=(1, 1, 1, 1)), "relu", False),
+    "resnet18.layer2 3x3 128ch 28x28": ("resnet18", (1, 128, 28, 28), (128, 128, 3, 3),
+                                        dict(padding=(1, 1, 1, 1)), "relu", False),
+    "resnet18.layer3 3x3 256ch 14x14": ("resnet18", (1, 256, 14, 14), (256, 256, 3, 3),
+                                        dict(padding=(1, 1, 1, 1)), "relu", False),
+    "resnet18.layer4 3x3 512ch 7x7": ("resnet18", (1, 512, 7, 7), (512, 512, 3, 3),
+                                      dict(padding=(1, 1, 1, 1)), "relu", False),
+    "mobilenetv2.features.2.expand 1x1 24->144 56x56": ("mobilenetv2", (1, 24, 56, 56), (144, 24, 1, 1), {},
+                                                        ("clip", 0.0, 6.0), False),
+    "mobilenetv2.features.2.dw 3x3 dw 144ch 56x56": ("mobilenetv2", (1, 144, 56, 56), (144, 1, 3, 3),
+                                                     dict(padding=(1, 1, 1, 1), groups=144), ("clip", 0.0, 6.0),
+                                                     False),
+    "mobilenetv2.features.18 1x1 320->1280 7x7": ("mobilenetv2", (1, 320, 7, 7), (1280, 320, 1, 1), {},
+                                                  ("clip", 0.0, 6.0), False),
+}
+QUICK_LAYERS = {"quick 3x3 32ch 14x14": ("quick", (1, 32, 14, 14), (32, 32, 3, 3), dict(padding=(1, 1, 1, 1)),
+                                         "relu", False)}
+LARGE_CONV_MACS = 50_000_000  # "large conv layer" for the issue's >= 30% target
+TARGET_FRACTION = 0.30
+RUN_SAMPLES = 8
+FRAC_BITS = 4
+
+
+def log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def load_average() -> list[float] | None:
+    try:
+        return [round(v, 2) for v in os.getloadavg()]
+    except OSError:
+        return None
+
+
+# ---------------------------------------------------------------------------- peak
+def measure_peak(quick: bool) -> dict:
+    """Measured int8 VNNI MAC/s (1 and 2 threads, 512- and 256-bit) and the theoretical figure."""
+    iters, reps = (2_000_000, 3) if quick else (20_000_000, 7)
+    result = {"method": PEAK_METHOD.format(reps=reps, iters=iters), "runs": [], "theoretical": theoretical_peak()}
+    gxx = shutil.which("g++")
+    if gxx is None:
+        result["error"] = "g++ not found"
+        return result
+    with tempfile.TemporaryDirectory(prefix="psb_roofline_") as tmp:
+        src, exe = pathlib.Path(tmp) / "peak.cc", pathlib.Path(tmp) / "peak"
+        src.write_text(PEAK_SOURCE)
+        proc = subprocess.run([gxx, *PEAK_FLAGS, str(src), "-o", str(exe)], capture_output=True, text=True)
+        if proc.returncode != 0:
+            result["error"] = "compile failed: " + proc.stderr[-2000:]
+            return result
+        objdump = shutil.which("objdump")
+        if objdump:
+            asm = subprocess.run([objdump, "-d", str(exe)], capture_output=True, text=True).stdout
+            result["vpdpbusd_in_binary"] = len(re.findall(r"\bvpdpbusd\b", asm))
+        for threads in (1, THREADS):
+            for width in (512, 256):
+                out = subprocess.run([str(exe), str(width), str(threads), str(iters), str(reps)],
+                                     capture_output=True, text=True, check=True).stdout
+                run = json.loads(out)
+                run["gmac_per_s"] = run["mac_per_s"] / 1e9
+                result["runs"].append(run)
+    for threads in (1, THREADS):
+        best = max((r for r in result["runs"] if r["threads"] == threads), key=lambda r: r["mac_per_s"])
+        result[f"threads_{threads}"] = {"gmac_per_s": best["gmac_per_s"], "width": best["width"]}
+    result["peak_gmac_per_s"] = result[f"threads_{THREADS}"]["gmac_per_s"]
+    result["scaling_2_over_1"] = result[f"threads_{THREADS}"]["gmac_per_s"] / result["threads_1"]["gmac_per_s"]
+    return result
+
+
+def theoretical_peak() -> dict | None:
+    try:
+        mhz = [float(line.split(":")[1]) for line in open("/proc/cpuinfo") if line.startswith("cpu MHz")]
+    except OSError:
+        return None
+    if not mhz:
+        return None
+    ghz = max(mhz) / 1000.0
+    cores = min(THREADS, len(mhz))
+    return {"gmac_per_s": cores * ghz * VPDPBUSD_512_PER_CYCLE * 64, "cores": cores, "ghz": round(ghz, 3),
+            "vpdpbusd_512_per_cycle": VPDPBUSD_512_PER_CYCLE,
+            "label": (f"theoretical: {cores} cores x {ghz:.3f} GHz (/proc/cpuinfo 'cpu MHz', not the boost clock) "
+                      f"x {VPDPBUSD_512_PER_CYCLE} vpdpbusd zmm/cycle (assumed) x 64 MACs")}
+
+
+# ---------------------------------------------------------------------------- kernels
+def skip_gpu_tensor_intrins() -> None:
+    """Make ``import tvm.s_tir.tensor_intrin.x86`` load only that file (and what it imports).
+
+    The package's ``__init__`` registers every target's intrinsics (CUDA, ROCm, Hexagon, ...)
+    by parsing TVMScript: 30 s on an idle machine, minutes on a loaded one, paid once per process
+    by the first int8 (vnni) schedule. A package stub with the same search path skips that
+    ``__init__``; the x86 intrinsics register exactly as before, so the compiled code is the same.
+    Process-local: only this benchmark does it.
+    """
+    import importlib.util
+    import types
+
+    name = "tvm.s_tir.tensor_intrin"
+    if name in sys.modules:
+        return
+    import tvm.s_tir  # noqa: F401 - the parent package must exist
+
+    spec = importlib.util.find_spec(name)
+    stub = types.ModuleType(name)
+    stub.__path__ = list(spec.submodule_search_locations)
+    stub.__package__, stub.__spec__ = name, spec
+    sys.modules[name] = stub
+
+
+def make_spec(layer: tuple, preset: str):
+    from psb_tvm.config import PSBConfig
+    from psb_tvm.schedules.kernels import KernelSpec
+
+    _, x_shape, w_shape, geo, act, signed = layer
+    cfg = PSBConfig.preset(preset)
+    return KernelSpec(kind="conv2d", lowering="intdot", x_shape=x_shape, w_shape=w_shape, n_max=cfg.n_max,
+                      layer=1, E=cfg.E, P=cfg.P, act_bits=cfg.act_bits, act_signed=signed, frac_bits=FRAC_BITS,
+                      activation=act, **geo)
+
+
+def path_of(spec) -> str:
+    return "vnni" if spec.vnni else "channels_last" if spec.channels_last else "nchw"
+
+
+def conv_macs(spec) -> int:
+    N, O, OH, OW = spec.out_shape
+    return N * O * OH * OW * spec.reduction_size
+
+
+def _asm(lib) -> str:
+    mod = lib.mod
+    try:
+        return mod.imports[0].inspect_source("asm") if mod.imports else mod.inspect_source("asm")
+    except Exception:  # noqa: BLE001 - some runtimes cannot show assembly
+        return ""
+
+
+def _compile(func, rule, target):
+    import tvm
+
+    sch = rule.apply(func, target, False)
+    if sch is None:
+        raise RuntimeError(f"schedule rule {type(rule).__name__} did not apply")
+    return tvm.compile(sch.mod["main"], target=target)
+
+
+def _stage_funcs(spec):
+    """The layer kernel's two per-call preparation stages as standalone PrimFuncs, defined as in
+    ``schedules/kernels.py`` (layout per path) and scheduled as ``schedule_shared_stages`` does."""
+    from tvm import te, tirx
+
+    from psb_tvm.schedules.kernels import COUNTS_DTYPE, _padded
+
+    N, C, H, W = spec.x_shape
+    O, Cg, KH, KW = spec.w_shape
+    pt, pl, pb, pr = spec.padding
+    counts = te.placeholder(spec.w_shape, COUNTS_DTYPE, name="counts")
+    sign, normal, shift = (te.placeholder(spec.w_shape, "int8", name=nm) for nm in ("sign", "normal", "shift"))
+    x = te.placeholder(spec.x_shape, "float32", name="x")
+    n = tirx.Var("n", "int64")
+    n32 = n.astype("int32")
+    qdt = "int8" if spec.vnni else spec.q_dtype
+
+    def q_value(o, c, kh, kw):
+        i = (o, c, kh, kw)
+        mag = (normal[i].astype("int32") * n32 + counts[i].astype("int32")) << shift[i].astype("int32")
+        return (sign[i].astype("int32") * mag).astype(qdt)
+
+    padded = _padded(spec, x)
+    if spec.vnni:
+        q = te.compute((O // 16, KH, KW, Cg // 4, 16, 4),
+                       lambda ob, kh, kw, c4, oi, ci: q_value(ob * 16 + oi, c4 * 4 + ci, kh, kw), name="q")
+    elif spec.channels_last:
+        q = te.compute((O, KH, KW, Cg), lambda o, kh, kw, c: q_value(o, c, kh, kw), name="q")
+    else:
+        q = te.compute(spec.w_shape, q_value, name="q")
+    if spec.vnni or spec.channels_last:
+        xq = te.compute((N, H + pt + pb, W + pl + pr, C), lambda b, h, w, c: padded(b, c, h, w), name="xq")
+    else:
+        xq = te.compute((N, C, H + pt + pb, W + pl + pr), padded, name="xq")
+    qf = te.create_prim_func([counts, sign, normal, shift, n, q]).with_attr("global_symbol", "stage_q")
+    xf = te.create_prim_func([x, xq]).with_attr("global_symbol", "stage_xq")
+    return qf, xf, ([int(d) for d in q.shape], q.dtype), ([int(d) for d in xq.shape], xq.dtype)
+
+
+def _schedule_stage(func, block: str):
+    from tvm import s_tir
+
+    from psb_tvm.schedules.cpu.common import parallel_vectorize
+    from psb_tvm.schedules.cpu.psb_sampling import _parallel_spatial
+
+    sch = s_tir.Schedule(func)
+    blk = sch.get_sblock(block)
+    if block == "q":
+        _parallel_spatial(sch, blk, len(sch.get_loops(blk)))
+    else:
+        parallel_vectorize(sch, blk)
+    return sch
+
+
+def time_layer(name: str, layer: tuple, preset: str, target, number: int, repeat: int, stages: bool) -> dict:
+    import tvm
+
+    from psb_tvm import numerics as nm
+    from psb_tvm.schedules.cpu import PSBConv2D, PSBSample
+    from psb_tvm.schedules.kernels import psb_layer_kernel, psb_sample_kernel
+
+    dev = tvm.cpu()
+    spec = make_spec(layer, preset)
+    t0 = time.perf_counter()
+    layer_func = psb_layer_kernel(spec, "psb_roofline_kernel")
+    layout = layer_func.attrs.get("psb.layout", None)
+    lib = _compile(layer_func, PSBConv2D(), target)
+    sampler = _compile(psb_sample_kernel(spec, "psb_roofline_sample"), PSBSample(), target)
+    build_s = time.perf_counter() - t0
+
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal(spec.w_shape).astype(np.float32)
+    enc = nm.encode_weights(w, E=spec.E, P=spec.P, per_channel=True)
+    lo, hi = nm.act_range(spec.act_bits, spec.act_signed)
+    x = rng.uniform(lo, hi, size=spec.x_shape).astype(np.float32) / 2.0**FRAC_BITS
+    O = spec.w_shape[0]
+    counts = tvm.runtime.empty(spec.w_shape, "int16", dev)
+    thr = tvm.runtime.tensor(enc.threshold, dev)
+    sampler(thr, 0, RUN_SAMPLES, 7, counts)
+    args = [tvm.runtime.tensor(x, dev), counts] + [tvm.runtime.tensor(a, dev) for a in (
+        enc.sign, enc.normal, enc.shift, np.exp2(enc.k_lo.reshape(-1) - FRAC_BITS).astype(np.float32),
+        np.zeros(O, np.float32))]
+    out = tvm.runtime.empty(spec.out_shape, "float32", dev)
+
+    def median_ms(module, entry, *call_args):
+        timer = module.mod.time_evaluator(entry, dev, number=number, repeat=repeat)
+        res = timer(*call_args)
+        return float(np.median(res.results)) * 1e3, [round(r * 1e3, 5) for r in res.results]
+
+    ms, samples = median_ms(lib, "psb_roofline_kernel", *args, RUN_SAMPLES, out)
+    macs = conv_macs(spec)
+    asm = _asm(lib)
+    row = {
+        "layer": name, "model": layer[0], "preset": preset, "E": spec.E, "n_max": spec.n_max, "n": RUN_SAMPLES,
+        "x_shape": list(spec.x_shape), "w_shape": list(spec.w_shape), "out_shape": list(spec.out_shape),
+        "groups": spec.groups, "q_dtype": spec.q_dtype, "act_dtype": spec.act_dtype, "acc_dtype": spec.acc_dtype,
+        "path": path_of(spec), "psb_layout_attr": None if layout is None else str(layout),
+        "vpdpbusd_in_asm": len(re.findall(r"\bvpdpbusd\b", asm)), "macs": macs, "ms": ms, "ms_samples": samples,
+        "gmac_per_s": macs / (ms * 1e-3) / 1e9, "build_s": round(build_s, 2),
+    }
+    if spec.vnni:  # output pixels per register tile in _schedule_vnni = independent vpdpbusd chains
+        from psb_tvm.schedules.cpu.common import largest_divisor
+
+        row["vnni_pixel_tile"] = largest_divisor(spec.out_shape[3], 4)
+    smp_ms, _ = median_ms(sampler, "psb_roofline_sample", thr, 0, RUN_SAMPLES, 7, counts)
+    row["sample_ms"] = smp_ms
+    row["sample_ns_per_weight_sample"] = smp_ms * 1e6 / (enc.threshold.size * RUN_SAMPLES)
+    if stages:
+        qf, xf, (qshape, qdt), (xshape, xdt) = _stage_funcs(spec)
+        qlib = tvm.compile(_schedule_stage(qf, "q").mod["main"], target=target)
+        xlib = tvm.compile(_schedule_stage(xf, "xq").mod["main"], target=target)
+        qout, xout = tvm.runtime.empty(qshape, qdt, dev), tvm.runtime.empty(xshape, xdt, dev)
+        row["q_stage_ms"], _ = median_ms(qlib, "stage_q", *args[1:5], RUN_SAMPLES, qout)
+        row["xq_stage_ms"], _ = median_ms(xlib, "stage_xq", args[0], xout)
+        row["stages_fraction"] = (row["q_stage_ms"] + row["xq_stage_ms"]) / ms
+    return row
+
+
+def run_layers(layers: dict, presets: list[str], number: int, repeat: int, stages: bool) -> tuple[list, dict]:
+    from psb_tvm.target import host_target
+
+    target = host_target()
+    rows, errors = [], {}
+    for preset in presets:
+        for name, layer in layers.items():
+            log(f"[roofline] {preset} {name} ...")
+            try:
+                rows.append(time_layer(name, layer, preset, target, number, repeat, stages))
+                r = rows[-1]
+                log(f"[roofline]   {r['path']}: {r['ms']:.3f} ms, {r['gmac_per_s']:.1f} GMAC/s "
+                    f"(build {r['build_s']} s)")
+            except Exception as err:  # noqa: BLE001 - record and go on with the other layers
+                errors[f"{preset}: {name}"] = f"{type(err).__name__}: {err}"
+                log(f"[roofline]   FAILED: {errors[f'{preset}: {name}']}")
+    return rows, errors
+
+
+# ---------------------------------------------------------------------------- report
+def machine() -> dict:
+    import tvm
+
+    from psb_tvm.target import host_cpu
+
+    lscpu = {}
+    try:
+        for line in subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout.splitlines():
+            key, _, value = line.partition(":")
+            lscpu[key.strip()] = value.strip()
+    except (OSError, subprocess.CalledProcessError):
+        pass
+    flags = lscpu.get("Flags", "").split()
+    try:
+        commit = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True,
+                                text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        commit = "unknown"
+    return {
+        "cpu_model": lscpu.get("Model name", platform.processor() or "unknown"),
+        "cpu_family_model": f"family {lscpu.get('CPU family', '?')} model {lscpu.get('Model', '?')}",
+        "llvm_cpu": host_cpu(), "cpus": int(lscpu.get("CPU(s)", os.cpu_count() or 0)),
+        "hypervisor": lscpu.get("Hypervisor vendor"),
+        "simd": [f for f in ("avx2", "avx512f", "avx512bw", "avx512_vnni") if f in flags],
+        "threads_used": THREADS, "os": platform.platform(), "tvm": tvm.__version__, "git_commit": commit,
+    }
+
+
+def add_fractions(rows: list, peak: dict) -> None:
+    p = peak.get("peak_gmac_per_s")
+    for r in rows:
+        r["fraction_of_peak"] = r["gmac_per_s"] / p if p else None
+        r["large"] = r["macs"] >= LARGE_CONV_MACS and r["groups"] == 1
+
+
+def markdown(result: dict) -> str:
+    peak, rows = result["peak"], result["layers"]
+    lines = [f"# Roofline: PSB conv kernels vs int8 VNNI peak ({result['meta']['date']})", ""]
+    m = result["meta"]["machine"]
+    lines += [f"Machine: {m['cpu_model']} ({m['cpu_family_model']}, LLVM `{m['llvm_cpu']}`), {m['cpus']} vCPUs"
+              f"{', ' + m['hypervisor'] + ' guest' if m.get('hypervisor') else ''}; SIMD {', '.join(m['simd'])}; "
+              f"TVM {m['tvm']}; {THREADS} threads. Load average (1/5/15 min) at start "
+              f"{result['meta']['load_average_start']}, at end {result['meta']['load_average_end']} "
+              "(the 2 vCPUs are shared with other jobs: absolute numbers are noisy).", ""]
+    lines += ["## Peak", "", f"Method: {peak['method']}", ""]
+    if "error" in peak:
+        lines += [f"**Peak measurement failed:** {peak['error']}", ""]
+    else:
+        lines += ["| threads | 512-bit GMAC/s | 256-bit GMAC/s |", "|---|---|---|"]
+        for t in (1, THREADS):
+            g = {r["width"]: r["gmac_per_s"] for r in peak["runs"] if r["threads"] == t}
+            lines.append(f"| {t} | {g.get(512, 0):.1f} | {g.get(256, 0):.1f} |")
+        lines += ["", f"**Measured 2-thread peak: {peak['peak_gmac_per_s']:.1f} GMAC/s** "
+                      f"(2-thread / 1-thread = {peak['scaling_2_over_1']:.2f}).", ""]
+    if peak.get("theoretical"):
+        th = peak["theoretical"]
+        lines += [f"{th['label']} = **{th['gmac_per_s']:.1f} GMAC/s** (theoretical, for reference only).", ""]
+    lines += ["## Layer kernels", "",
+              f"Built standalone like `tests/test_kernels.py` (TE kernel + default `PSBConv2D` rule, host target), "
+              f"run at n={RUN_SAMPLES} with `TVM_NUM_THREADS={THREADS}`; median of `time_evaluator` "
+              f"({result['meta']['number']} calls x {result['meta']['repeat']} repeats). MACs = "
+              "N·O·OH·OW·(C/groups)·KH·KW. Fraction = achieved GMAC/s / measured 2-thread int8 peak "
+              "(int16 rows: int16 weights, compared with the same int8 peak). `q`, `xq`: the kernel's "
+              "per-call weight and activation preparation stages timed standalone; `sampler`: the separate "
+              f"sampling kernel for {RUN_SAMPLES} samples (not part of the layer time).", "",
+              "| layer | preset | path | MACs (M) | ms | GMAC/s | % of peak | q ms | xq ms | sampler ms |",
+              "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        frac = f"{100 * r['fraction_of_peak']:.1f}%" if r.get("fraction_of_peak") is not None else "n/a"
+        if r.get("large") and r.get("fraction_of_peak") is not None and r["preset"] == "int8":
+            frac += " ✓" if r["fraction_of_peak"] >= TARGET_FRACTION else " ✗"
+        path = r["path"] + ("" if r["path"] != "vnni" or r["vpdpbusd_in_asm"] else " (no vpdpbusd!)")
+        lines.append(f"| {r['layer']} | {r['preset']} | {path} | {r['macs'] / 1e6:.1f} | {r['ms']:.3f} | "
+                     f"{r['gmac_per_s']:.1f} | {frac} | {r.get('q_stage_ms', float('nan')):.3f} | "
+                     f"{r.get('xq_stage_ms', float('nan')):.3f} | {r['sample_ms']:.3f} |")
+    if result.get("errors"):
+        lines += ["", "Failed:", ""] + [f"- {k}: {v}" for k, v in result["errors"].items()]
+    lines += ["", f"✓ / ✗: int8 preset, groups=1 conv with >= {LARGE_CONV_MACS // 10**6} M MACs, against the "
+                  f"issue's target of >= {TARGET_FRACTION:.0%} of the int8 VNNI peak.", ""]
+    if result.get("analysis"):
+        lines += ["## Why", ""] + result["analysis"] + [""]
+    return "\n".join(lines)
+
+
+def analysis(rows: list) -> list[str]:
+    """Observations computed from the rows (the fixed explanation lives in the md template below)."""
+    out = []
+    large = [r for r in rows if r.get("large") and r["preset"] == "int8" and r.get("fraction_of_peak") is not None]
+    if large:
+        hit = [r for r in large if r["fraction_of_peak"] >= TARGET_FRACTION]
+        out.append(f"- {len(hit)} of {len(large)} large int8 conv layers reach {TARGET_FRACTION:.0%} of the "
+                   f"measured peak (best {max(r['fraction_of_peak'] for r in large):.1%}, worst "
+                   f"{min(r['fraction_of_peak'] for r in large):.1%}).")
+    for r in rows:
+        if r.get("stages_fraction") is not None and r["preset"] == "int8" and r["stages_fraction"] >= 0.15:
+            out.append(f"- {r['layer']} ({r['preset']}): the per-call `q` + `xq` stages take "
+                       f"{r['stages_fraction']:.0%} of the kernel time.")
+    tiles = sorted({(r["out_shape"][3], r["vnni_pixel_tile"]) for r in rows if r.get("vnni_pixel_tile")})
+    if tiles:
+        out.append("- vnni register tile (output pixels x 16 channels; = independent vpdpbusd chains): "
+                   + ", ".join(f"OW={w}: {t}" for w, t in tiles) + ".")
+    return out + STATIC_ANALYSIS
+
+
+STATIC_ANALYSIS = [
+    "- **Accumulator chains (vnni path).** `_schedule_vnni` tiles `xt = largest_divisor(OW, 4)` output pixels "
+    "x 16 channels; LLVM unrolls the whole reduction and keeps the `xt` accumulators in registers, so each "
+    "vpdpbusd waits on the previous one of its chain. OW=56 gives 4 chains, OW=14 only 2 and OW=7 only 1: "
+    "latency-bound (vpdpbusd has a multi-cycle latency at ~1 per cycle throughput; the peak microbenchmark runs 16 chains). This is why layer3 / layer4 fall behind.",
+    "- **Weight stage recomputed per call.** `q = s*(n*normal+counts) << shift` is rebuilt on every call from "
+    "four OIHW arrays into the packed `[O/16,KH,KW,C/4,16,4]` layout by a scalar (parallel, not vectorized) "
+    "gather loop. Its cost scales with the weight count, not the MACs: for 512x512x3x3 (2.4 M weights, 49 MACs "
+    "per weight) it is about as long as the whole conv (column `q ms`).",
+    "- **Sampler.** The sampling kernel (not part of the layer time) hashes every weight x sample: ~0.5 ns per "
+    "weight-sample; with n=8 it costs more than the conv itself for the 256/512-channel layers.",
+    "- **Non-vnni paths.** The 7x7/2 stem (C=3: neither 4 | C nor C >= 8) and depthwise convs use the NCHW path "
+    "(vectorized over output columns, reduction outside): no dot-product instructions, ~1-3 GMAC/s. The NCHW "
+    "activation stage `xq` is much slower per element than the NHWC one (depthwise: most of the kernel time).",
+    "- **int16 preset.** int16 weights take the channels_last path (LLVM dot products over contiguous "
+    "channels, one horizontal reduction per output): 3-4x slower than vnni on the 56x56 / 28x28 layers; on "
+    "512ch 7x7 both presets are limited by the per-call weight stage and the vnni path by its single chain.",
+    "- **Noise.** Two vCPUs shared with other jobs: a kernel of 1-3 ms whose 2 threads are split statically "
+    "loses a whole time slice when one vCPU is taken; stage and kernel times are medians but can still be off "
+    "by ~2x between runs. Compare rows of one run only.",
+]
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="one small layer, short peak run (smoke test)")
+    parser.add_argument("--presets", default="int8,int16")
+    parser.add_argument("--layers", default=None, help="comma-separated substrings of layer names to keep")
+    parser.add_argument("--number", type=int, default=None, help="calls per time_evaluator repeat")
+    parser.add_argument("--repeat", type=int, default=None, help="time_evaluator repeats (median taken)")
+    parser.add_argument("--no-stages", action="store_true", help="skip the q / xq stage timings")
+    parser.add_argument("--full-intrin-import", action="store_true",
+                        help="import all of tvm.s_tir.tensor_intrin (slow) instead of only the x86 intrinsics")
+    parser.add_argument("--out-dir", default=str(HERE / "results"))
+    args = parser.parse_args(argv)
+
+    if not args.full_intrin_import:
+        skip_gpu_tensor_intrins()
+    layers = QUICK_LAYERS if args.quick else LAYERS
+    if args.layers:
+        keys = [k.strip() for k in args.layers.split(",")]
+        layers = {n: v for n, v in layers.items() if any(k in n for k in keys)}
+    number = args.number or (2 if args.quick else 10)
+    repeat = args.repeat or (3 if args.quick else 15)
+    presets = [p.strip() for p in args.presets.split(",") if p.strip()]
+    meta = {"date": datetime.datetime.now().isoformat(timespec="seconds"), "load_average_start": load_average(),
+            "quick": args.quick, "number": number, "repeat": repeat, "n": RUN_SAMPLES, "threads": THREADS,
+            "machine": machine()}
+    log(f"[roofline] load average {meta['load_average_start']}; measuring the VNNI peak ...")
+    peak = measure_peak(args.quick)
+    if "peak_gmac_per_s" in peak:
+        log(f"[roofline] peak: 1 thread {peak['threads_1']['gmac_per_s']:.1f}, {THREADS} threads "
+            f"{peak['peak_gmac_per_s']:.1f} GMAC/s")
+    rows, errors = run_layers(layers, presets, number, repeat, not args.no_stages)
+    add_fractions(rows, peak)
+    meta["load_average_end"] = load_average()
+    result = {"meta": meta, "peak": peak, "layers": rows, "errors": errors}
+    result["analysis"] = analysis(rows)
+    out_dir = pathlib.Path(args.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "roofline.json").write_text(json.dumps(result, indent=2) + "\n")
+    md = markdown(result)
+    (out_dir / "roofline.md").write_text(md)
+    print(md)
+    return 0 if not errors else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,470 @@
+"""GPU device check: ``prepare`` here (TVM compiler, no GPU), ``run`` there (GPU, runtime only).
+
+Usage and the layout of OUT_DIR: see tools/gpu_check.sh. ``prepare`` imports psb_tvm and the full
+TVM; ``run`` imports only numpy and ``tvm_ffi`` (plus torch on cuda), loads TVM's runtime
+libraries from OUT_DIR/runtime/lib with ctypes and drives the Relax VM through its packed
+functions, so the GPU side needs no TVM compiler and no ``tvm`` Python package.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import hashlib
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SAMPLES = (1, 8, 16)  # PSB sample counts checked and timed (one module serves all: run-time n)
+SEED = 0
+CARRY_LIMIT = 64 * 2**20  # the device tool's working-tree limit; OUT_DIR travels inside it
+# libcuda symbols that libtvm_runtime_cuda.so links against (nm -D --undefined-only, TVM 0.27)
+_CUDA_DRIVER_SYMBOLS = ("cuDeviceGetName", "cuFuncSetAttribute", "cuGetErrorName", "cuGetErrorString",
+                        "cuLaunchKernelEx", "cuModuleGetFunction", "cuModuleLoadData", "cuModuleUnload",
+                        "cuTensorMapEncodeTiled")
+# pass criteria vs the CPU reference: max |err| <= rtol * max |ref|, and top-1 agreement
+TOLERANCE = {"psb": {"rtol": 2e-2, "top1": 0.98}, "fp32": {"rtol": 1e-3, "top1": 1.0},
+             "fp16": {"rtol": 5e-2, "top1": 0.95}}
+
+
+# ============================================================================ prepare (here)
+def _cuda_runtime_for_build(workdir: str) -> str:
+    """Make TVM's CUDA runtime (``libtvm_runtime_cuda.so``) load on a machine with no driver.
+
+    With it loaded, ``tvm.compile`` for cuda calls ``tvm_callback_cuda_compile`` at *build* time
+    and the exported library holds its binary output; without it the library holds CUDA source
+    that the GPU side must compile at load time (NVRTC or nvcc through a Python callback).
+    The runtime only needs ``libcuda.so.1`` to link: a stub whose functions return
+    CUDA_ERROR_NO_DEVICE is enough, since nothing is launched here. Returns "fatbin" or "source".
+    """
+    try:
+        ctypes.CDLL("libcuda.so.1", mode=ctypes.RTLD_GLOBAL)
+    except OSError:
+        cc = shutil.which("gcc") or shutil.which("cc")
+        if cc is None:
+            return "source"
+        src = os.path.join(workdir, "cuda_stub.c")
+        lib = os.path.join(workdir, "libcuda.so.1")
+        with open(src, "w") as f:
+            f.write("".join(f"int {s}(void) {{ return 100; }}\n" for s in _CUDA_DRIVER_SYMBOLS))
+        subprocess.run([cc, "-shared", "-fPIC", "-Wl,-soname,libcuda.so.1", "-o", lib, src], check=True)
+        ctypes.CDLL(lib, mode=ctypes.RTLD_GLOBAL)
+    import tvm  # noqa: F401
+    from tvm.base import _LOADED_LIBS
+
+    if "tvm_runtime_cuda" not in _LOADED_LIBS:
+        import tvm.backend.cuda as backend_cuda
+
+        backend_cuda.register_backend()
+    if "tvm_runtime_cuda" not in _LOADED_LIBS or shutil.which("nvcc") is None:
+        return "source"
+    return "fatbin"
+
+
+def _register_nvcc_callback(target, arch: str) -> None:
+    """Build-time CUDA compile: nvcc -> fatbin with SASS for ``arch`` and PTX (JIT for newer GPUs)."""
+    import tvm
+    import tvm_ffi
+    from tvm.support import nvcc
+
+    number = arch.replace("sm_", "")
+    virtual = number.rstrip("a")
+    gencode = ["-gencode", f"arch=compute_{number},code=[sm_{number},compute_{virtual if number.endswith('a') else number}]"]
+    if number.endswith("a"):  # sm_90a SASS is arch-specific; compute_90a PTX only JITs to sm_90a
+        gencode = ["-gencode", f"arch=compute_{number},code=sm_{number}",
+                   "-gencode", f"arch=compute_{virtual},code=compute_{virtual}"]
+
+    @tvm_ffi.register_global_func("tvm_callback_cuda_compile", override=True)
+    def _compile(code, *_):
+        with target:
+            return nvcc.compile_cuda(code, target_format="fatbin", arch=gencode, compiler="nvcc")
+
+    del tvm
+
+
+def _cuda_target(arch: str):
+    import tvm
+
+    config = dict(tvm.target.Target("nvidia/nvidia-h100").export())
+    config["arch"] = arch
+    config.pop("tag", None)
+    return tvm.target.Target(config)
+
+
+def _fp16(onnx_model, target, input_shapes):
+    """TVM fp16: the float module through ``relax.transform.ToMixedPrecision(out_dtype="float16")``
+    (fp16 storage and compute; the fp32 input and output are cast in the module)."""
+    from tvm import relax
+
+    from psb_tvm.build import build
+    from psb_tvm.compiler import lower
+    from psb_tvm.config import PSBConfig
+    from psb_tvm.runtime import PSBModule
+
+    mod, metadata, tgt = lower(onnx_model, target, input_shapes=input_shapes, config=PSBConfig(include=()))
+    mod = relax.transform.ToMixedPrecision(out_dtype="float16")(mod)
+    executable, metadata = build(mod, tgt, metadata=dict(metadata, precision="fp16"))
+    return PSBModule(executable, metadata, executable=executable)
+
+
+def _model_data(name: str, batch: int):
+    """(onnx model, input [batch, ...] float32, calibration [N, ...] float32)."""
+    sys.path.insert(0, REPO)
+    from benchmarks import models
+
+    if name == "digits":
+        from psb_tvm.data.digits import load_digits_split
+
+        x_train, _, x_test, _ = load_digits_split()
+        return models.digits(), np.ascontiguousarray(x_test[:batch]), x_train[:256]
+    rng = np.random.default_rng(1)
+    shape = models.IMAGE_SHAPE[1:]
+    return models.BUILDERS[name](), rng.standard_normal((batch, *shape)).astype(np.float32), \
+        rng.standard_normal((8, *shape)).astype(np.float32)
+
+
+def _float_reference(model, x):
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        return None
+    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    return sess.run(None, {"input": x})[0]
+
+
+def _copy_runtime(out: str, python_version: str) -> dict:
+    """TVM's runtime libraries (no compiler), libcudart and the apache-tvm-ffi wheel for the GPU side."""
+    import tvm
+
+    rt = os.path.join(out, "runtime")
+    os.makedirs(os.path.join(rt, "lib"), exist_ok=True)
+    tvm_lib = os.path.join(os.path.dirname(tvm.__file__), "lib")
+    copied = []
+    for name in ("libtvm_runtime.so", "libtvm_runtime_cuda.so", "libtvm_runtime_extra.so"):
+        if os.path.exists(os.path.join(tvm_lib, name)):
+            shutil.copy2(os.path.join(tvm_lib, name), os.path.join(rt, "lib", name))
+            copied.append(name)
+    for cand in ("/usr/local/cuda/lib64/libcudart.so.13", "/usr/local/cuda-13.0/lib/libcudart.so.13",
+                 "/usr/local/cuda/lib/libcudart.so.13"):
+        if os.path.exists(cand):
+            shutil.copy2(os.path.realpath(cand), os.path.join(rt, "lib", "libcudart.so.13"))
+            copied.append("libcudart.so.13")
+            break
+    from importlib.metadata import version as dist_version
+
+    version = dist_version("apache-tvm-ffi")
+    cmd = [sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--only-binary=:all:", "--python-version",
+           python_version, "--implementation", "cp", "--platform", "manylinux_2_28_x86_64", "--platform",
+           "manylinux_2_17_x86_64", "--platform", "manylinux2014_x86_64", "-d", rt, f"apache-tvm-ffi=={version}"]
+    wheel = None
+    try:
+        subprocess.run(cmd, check=True, timeout=300, capture_output=True)
+        wheel = next((f for f in os.listdir(rt) if f.endswith(".whl")), None)
+    except (subprocess.SubprocessError, OSError) as err:
+        print(f"warning: pip download of apache-tvm-ffi=={version} failed ({err}); the GPU side needs it installed",
+              file=sys.stderr)
+    return {"libs": copied, "tvm_ffi_wheel": wheel, "tvm_ffi_version": version, "tvm_version": tvm.__version__,
+            "python_version": python_version}
+
+
+def prepare(args) -> int:
+    out = os.path.abspath(args.out_dir)
+    os.makedirs(out, exist_ok=True)
+    t_start = time.time()
+    work = tempfile.mkdtemp(prefix="gpu_check_")
+    binary = "source" if args.device == "cpu" else _cuda_runtime_for_build(work)
+    import warnings
+
+    import psb_tvm
+    from psb_tvm.config import PSBConfig
+
+    if args.device == "cpu":
+        from psb_tvm.target import host_target
+
+        target = host_target()
+    else:
+        target = _cuda_target(args.arch)
+        if binary == "fatbin":
+            _register_nvcc_callback(target, args.arch)
+    manifest = {"device": args.device, "arch": args.arch if args.device == "cuda" else None,
+                "cuda_binary": binary if args.device == "cuda" else None, "target": str(target),
+                "samples": list(SAMPLES), "seed": SEED, "tolerance": TOLERANCE, "modules": [], "errors": []}
+    batches = [int(b) for b in args.batches.split(",")]
+    models = args.models.split(",")
+    for name in models:
+        for batch in batches:
+            model, x, calib = _model_data(name, batch)
+            shapes = {"input": tuple(x.shape)}
+            stem = f"{name}_b{batch}"
+            np.save(os.path.join(out, f"{stem}_input.npy"), x)
+            refs = {}
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                t0 = time.time()
+                cpu = psb_tvm.compile(model, target="llvm", samples=16, seed=SEED, input_shapes=shapes,
+                                      calibration={"input": calib})
+                for n in SAMPLES:
+                    ref = cpu.run(x, samples=n, seed=SEED)
+                    refs[f"psb_n{n}"] = f"{stem}_ref_psb_n{n}.npy"
+                    np.save(os.path.join(out, refs[f"psb_n{n}"]), ref)
+                fref = _float_reference(model, x)
+                if fref is None:
+                    fref = psb_tvm.compile(model, target="llvm", input_shapes=shapes, config=PSBConfig(include=())).run(x)
+                refs["float"] = f"{stem}_ref_float.npy"
+                np.save(os.path.join(out, refs["float"]), fref)
+                print(f"{stem}: CPU references {time.time() - t0:.1f} s", flush=True)
+                builders = {
+                    "psb": lambda: psb_tvm.compile(model, target=target, samples=16, seed=SEED, input_shapes=shapes,
+                                                   calibration={"input": calib}),
+                    "fp32": lambda: psb_tvm.compile(model, target=target, input_shapes=shapes, config=PSBConfig(include=())),
+                    "fp16": lambda: _fp16(model, target, shapes),
+                }
+                for variant in args.variants.split(","):
+                    t0 = time.time()
+                    try:
+                        module = builders[variant]()
+                        path = os.path.join(out, f"{stem}_{variant}.so")
+                        module.export_library(path)
+                    except Exception as err:  # noqa: BLE001 - report and continue (fp16 may not build)
+                        msg = f"{stem} {variant}: build failed: {type(err).__name__}: {str(err).splitlines()[0][:300]}"
+                        print(msg, flush=True)
+                        manifest["errors"].append(msg)
+                        continue
+                    entry = {"model": name, "batch": batch, "variant": variant, "file": os.path.basename(path),
+                             "input": f"{stem}_input.npy", "input_shape": list(x.shape),
+                             "refs": {k: v for k, v in refs.items() if (k == "float") != (variant == "psb")},
+                             "runtime_args": bool(module.metadata.get("runtime_args")),
+                             "n_psb_layers": len(module.psb_layers), "bytes": os.path.getsize(path),
+                             "sha256": hashlib.sha256(open(path, "rb").read()).hexdigest()}
+                    manifest["modules"].append(entry)
+                    print(f"{stem} {variant}: built {time.time() - t0:.1f} s, {entry['bytes'] / 2**20:.2f} MiB", flush=True)
+    if not args.no_runtime:
+        manifest["runtime"] = _copy_runtime(out, args.python_version)
+    total = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(out) for f in fs)
+    manifest["total_bytes"] = total
+    manifest["prepare_seconds"] = round(time.time() - t_start, 1)
+    with open(os.path.join(out, "manifest.json"), "w") as f:
+        json.dump(manifest, f, indent=1)
+    shutil.rmtree(work, ignore_errors=True)
+    print(f"wrote {out}: {len(manifest['modules'])} modules, {total / 2**20:.1f} MiB in total"
+          f" (carry limit {CARRY_LIMIT / 2**20:.0f} MiB), CUDA code as {manifest['cuda_binary']}")
+    if total > CARRY_LIMIT:
+        print(f"warning: {out} is over the device tool's {CARRY_LIMIT / 2**20:.0f} MiB carry limit", file=sys.stderr)
+    return 0 if not manifest["errors"] or all(" fp16:" in e for e in manifest["errors"]) else 1
+
+
+# ============================================================================ run (there)
+def _load_runtime(out: str, device: str):
+    """Import tvm_ffi and load TVM's runtime libraries (VM, and CUDA on cuda) without ``tvm``."""
+    import tvm_ffi
+
+    libdir = os.path.join(out, "runtime", "lib")
+    if not os.path.isdir(libdir):  # dry run here: the installed tvm's libraries
+        import importlib.util
+
+        spec = importlib.util.find_spec("tvm")
+        libdir = os.path.join(os.path.dirname(spec.origin), "lib")
+    if os.path.exists(os.path.join(libdir, "libcudart.so.13")) and device == "cuda":
+        try:
+            ctypes.CDLL("libcudart.so.13", mode=ctypes.RTLD_GLOBAL)
+        except OSError:
+            ctypes.CDLL(os.path.join(libdir, "libcudart.so.13"), mode=ctypes.RTLD_GLOBAL)
+    ctypes.CDLL(os.path.join(libdir, "libtvm_runtime.so"), mode=ctypes.RTLD_GLOBAL)
+    for extra in ("libtvm_runtime_extra.so",) + (("libtvm_runtime_cuda.so",) if device == "cuda" else ()):
+        if os.path.exists(os.path.join(libdir, extra)):
+            ctypes.CDLL(os.path.join(libdir, extra), mode=ctypes.RTLD_LOCAL)
+    if device == "cuda" and tvm_ffi.get_global_func("tvm_callback_cuda_compile", allow_missing=True) is None:
+        _register_runtime_nvcc()
+    return tvm_ffi
+
+
+def _register_runtime_nvcc():
+    """Only for modules that hold CUDA source (prepare found no way to compile here): nvcc there."""
+    import tvm_ffi
+
+    @tvm_ffi.register_global_func("tvm_callback_cuda_compile", override=True)
+    def _compile(code, *_):
+        with tempfile.TemporaryDirectory() as d:
+            src, dst = os.path.join(d, "k.cu"), os.path.join(d, "k.fatbin")
+            with open(src, "w") as f:
+                f.write(code)
+            subprocess.run(["nvcc", "--fatbin", "-O3", "-arch=native", "--use_fast_math", "-o", dst, src], check=True)
+            return bytearray(open(dst, "rb").read())
+
+
+class _Machine:
+    """The Relax VM of one exported module, driven through packed functions (no ``tvm`` package)."""
+
+    def __init__(self, ffi, path: str, device: str):
+        self.ffi, self.device = ffi, device
+        lib = ffi.load_module(path)
+        self.vm = lib["vm_load_executable"]()
+        pooled = 2
+        if device == "cuda":
+            self.vm["vm_initialization"](2, 0, pooled, 1, 0, pooled)  # kDLCUDA 0, host kDLCPU 0
+        else:
+            self.vm["vm_initialization"](1, 0, pooled)
+        self.main = self.vm["main"]
+        if device == "cuda":
+            import torch
+
+            self.torch = torch
+
+    def to_device(self, x: np.ndarray):
+        if self.device == "cuda":
+            return self.torch.from_numpy(x).cuda()
+        return self.ffi.from_dlpack(x)
+
+    def to_numpy(self, out) -> np.ndarray:
+        if self.device == "cuda":
+            return self.torch.from_dlpack(out).cpu().numpy()
+        return np.from_dlpack(out).copy()
+
+    def sync(self):
+        if self.device == "cuda":
+            self.torch.cuda.synchronize()
+
+    def time(self, args, warmup: int, runs: int, budget_s: float) -> dict:
+        for _ in range(warmup):
+            self.main(*args)
+        self.sync()
+        times, t_end = [], time.perf_counter() + budget_s
+        if self.device == "cuda":
+            torch = self.torch
+            start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            for _ in range(runs):
+                start.record()
+                self.main(*args)
+                stop.record()
+                stop.synchronize()
+                times.append(start.elapsed_time(stop))
+                if time.perf_counter() > t_end and len(times) >= 5:
+                    break
+        else:
+            for _ in range(runs):
+                t0 = time.perf_counter()
+                self.main(*args)
+                times.append((time.perf_counter() - t0) * 1e3)
+                if time.perf_counter() > t_end and len(times) >= 3:
+                    break
+        return {"median_ms": statistics.median(times), "min_ms": min(times), "runs": len(times)}
+
+
+def _compare(out: np.ndarray, ref: np.ndarray, tol: dict) -> dict:
+    out, ref = np.asarray(out, np.float64), np.asarray(ref, np.float64)
+    err = np.abs(out - ref)
+    scale = max(float(np.abs(ref).max()), 1e-12)
+    top1 = float(np.mean(out.reshape(out.shape[0], -1).argmax(-1) == ref.reshape(ref.shape[0], -1).argmax(-1)))
+    finite = bool(np.isfinite(out).all())
+    ok = finite and float(err.max()) <= tol["rtol"] * scale and top1 >= tol["top1"]
+    return {"max_abs": float(err.max()), "max_rel": float(err.max() / scale), "top1_agree": top1,
+            "finite": finite, "ok": bool(ok)}
+
+
+def run(args) -> int:
+    out = os.path.abspath(args.out_dir)
+    with open(os.path.join(out, "manifest.json")) as f:
+        manifest = json.load(f)
+    if args.device != manifest["device"]:
+        print(f"error: {out} was prepared for {manifest['device']}, not {args.device}", file=sys.stderr)
+        return 2
+    t_start = time.time()
+    ffi = _load_runtime(out, args.device)
+    rows, results = [], {"device": args.device, "manifest": {k: manifest[k] for k in ("arch", "cuda_binary", "target")},
+                         "checks": [], "timings": []}
+    if args.device == "cuda":
+        import torch
+
+        results["gpu"] = torch.cuda.get_device_name(0)
+    for entry in manifest["modules"]:
+        label = f"{entry['model']} b{entry['batch']} {entry['variant']}"
+        try:
+            t0 = time.perf_counter()
+            m = _Machine(ffi, os.path.join(out, entry["file"]), args.device)
+            x = m.to_device(np.load(os.path.join(out, entry["input"])))
+            load_s = time.perf_counter() - t0
+        except Exception as err:  # noqa: BLE001 - record and go on with the others
+            results["checks"].append({"module": label, "error": f"load: {type(err).__name__}: {err}"[:500]})
+            print(f"{label}: load failed: {err}", flush=True)
+            continue
+        tol = manifest["tolerance"][entry["variant"]]
+        variants = [(n, [x, ffi.Shape([n] * entry["n_psb_layers"]), ffi.Shape([manifest["seed"]])])
+                    for n in manifest["samples"]] if entry["runtime_args"] else [(None, [x])]
+        for n, call_args in variants:
+            key = f"psb_n{n}" if n is not None else "float"
+            name = label + (f" n={n}" if n is not None else "")
+            try:
+                got = m.to_numpy(m.main(*call_args))
+                check = _compare(got, np.load(os.path.join(out, entry["refs"][key])), tol)
+                timing = m.time(call_args, args.warmup, args.runs, args.budget_s)
+            except Exception as err:  # noqa: BLE001
+                results["checks"].append({"module": name, "error": f"{type(err).__name__}: {err}"[:500]})
+                print(f"{name}: failed: {err}", flush=True)
+                continue
+            results["checks"].append({"module": name, "load_s": round(load_s, 3), **check})
+            results["timings"].append({"model": entry["model"], "batch": entry["batch"], "variant": entry["variant"],
+                                       "samples": n, **timing})
+            rows.append((entry["model"], entry["batch"], entry["variant"] + (f" n={n}" if n else ""),
+                         f"{timing['median_ms']:.3f}", f"{timing['min_ms']:.3f}", timing["runs"],
+                         f"{check['max_abs']:.3g}", f"{check['max_rel']:.3g}", f"{check['top1_agree']:.3f}",
+                         "ok" if check["ok"] else "FAIL"))
+            print(" | ".join(str(c) for c in rows[-1]), flush=True)
+    head = ("model", "batch", "variant", "median ms", "min ms", "runs", "max abs err", "max rel err", "top-1 agree", "check")
+    table = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)] + ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
+    results["table"] = "\n".join(table)
+    results["seconds"] = round(time.time() - t_start, 1)
+    failed = [c for c in results["checks"] if "error" in c or not c.get("ok")]
+    results["passed"] = not failed
+    print(f"\n{results.get('gpu', args.device)}; {len(results['checks'])} checks, {len(failed)} failed, "
+          f"{results['seconds']} s\n")
+    print(results["table"])
+    dest = args.results or os.path.join(os.environ.get("OUT", out), "gpu_check_results.json")
+    os.makedirs(os.path.dirname(os.path.abspath(dest)), exist_ok=True)
+    with open(dest, "w") as f:
+        json.dump(results, f, indent=1)
+    with open(os.path.splitext(dest)[0] + ".md", "w") as f:
+        f.write(results["table"] + "\n")
+    print(f"\nwrote {dest}")
+    return 0 if not failed else 1
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("prepare", help="compile modules, references and runtime pieces into OUT_DIR (no GPU)")
+    p.add_argument("out_dir")
+    p.add_argument("--arch", default="sm_90", help="CUDA architecture of the fatbin's SASS (default sm_90; PTX included)")
+    p.add_argument("--models", default="digits", help="comma list from digits,resnet18 (resnet18 is > 64 MiB per module)")
+    p.add_argument("--batches", default="1,64")
+    p.add_argument("--variants", default=None, help="default psb,fp32,fp16 (cpu: psb,fp32; an fp16 llvm module crashes\n                   in its cast kernel when driven by the runtime-only libraries)")
+    p.add_argument("--device", default="cuda", choices=("cuda", "cpu"), help="cpu: llvm modules, for a dry run here")
+    p.add_argument("--quick", action="store_true", help="digits, batch 1 and 64 only (the default set) and no wheel download")
+    p.add_argument("--no-runtime", action="store_true", help="do not copy the runtime libraries / tvm-ffi wheel")
+    p.add_argument("--python-version", default="3.12", help="Python of the GPU side, for the tvm-ffi wheel")
+    r = sub.add_parser("run", help="check and time the modules of OUT_DIR (GPU side, runtime only)")
+    r.add_argument("out_dir")
+    r.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
+    r.add_argument("--warmup", type=int, default=10)
+    r.add_argument("--runs", type=int, default=200)
+    r.add_argument("--budget-s", type=float, default=3.0, help="time budget per timed configuration")
+    r.add_argument("--results", default=None, help="results JSON path (default $OUT or OUT_DIR/gpu_check_results.json)")
+    args = parser.parse_args(argv)
+    if args.command == "prepare":
+        if args.quick:
+            args.models, args.no_runtime = "digits", True
+        if args.variants is None:
+            args.variants = "psb,fp32,fp16" if args.device == "cuda" else "psb,fp32"
+        return prepare(args)
+    return run(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
