@@ -85,7 +85,7 @@ class KernelSpec:
     def channels_last(self) -> bool:
         """Dense-style conv: activations NHWC and weights OHWI, so the reduction over input
         channels is contiguous and innermost and LLVM emits packed dot products (VNNI)."""
-        return self.kind == "conv2d" and self.lowering == "intdot" and self.groups == 1 and self.w_shape[1] >= 8
+        return self.kind == "conv2d" and self.lowering == "intdot" and self.groups == 1 and self.w_shape[1] >= 3
 
     @property
     def out_shape(self) -> tuple:
