@@ -21,6 +21,13 @@ activations), calibration on separate synthetic data; for Silero also ``act_bits
 ``quant_pre_process`` + ``quantize_static`` (QDQ, per-channel int8 weights, uint8 activations,
 MinMax) with the same calibration data (``benchmarks/run.py``'s ``ort_int8_model`` for the
 single-input MTCNN nets; the same settings with a two-input reader for Silero).
+Uniform vs allocated n (``psb_tvm.allocate``): for each uniform n, its relative output error vs
+float on the calibration split (mean over ``--alloc-seeds``) is a ``kind="error"`` budget; the
+per-layer allocation found there is scored on the evaluation split with the same metrics, its cost
+(``module.cost(samples)["additions"]``) next to it. Silero: the calibration chunks with the float
+stream's LSTM state at each chunk are the inputs (state teacher-forced); the allocation is then
+scored streamed. The report ends each model with the cheapest configuration (uniform or allocated)
+within 0.5 points of float (decision agreement >= 99.5%; also: probability MAE <= 0.01).
 Writes ``<out-dir>/real_models.json`` and ``<out-dir>/real_models.md``.
 """
 
@@ -58,8 +65,65 @@ def _ort(path_or_bytes):
     return bench_run.ort_session(path_or_bytes if isinstance(path_or_bytes, bytes) else str(path_or_bytes))
 
 
+# ---------------------------------------------------------------------------- allocation
+ALLOC_SEEDS = (0, 1, 2)
+
+
+def allocation_sweep(module, calib_data: dict, calib_ref, samples, seeds, evaluate) -> dict:
+    """Uniform n vs allocated per-layer n at the same calibration error.
+
+    For each uniform n: its relative output error vs float on the calibration split (mean over
+    ``seeds``, the measure ``psb_tvm.allocate`` uses) is the budget of ``psb_tvm.allocate(...,
+    kind="error")`` on that split; ``evaluate(samples map)`` then scores the allocation on the
+    evaluation split. One sensitivity table (every PSB layer at n = 1 .. n_ref/2, others at n_ref =
+    max(samples)) serves all budgets."""
+    import psb_tvm
+    from psb_tvm.evaluate import rel_error, run_dataset
+
+    names = module.psb_layers
+    n_ref = max(samples)
+    calib_ref = [np.asarray(r) for r in calib_ref]
+    t = time.perf_counter()
+    uniform = {}
+    for n in samples:
+        err = float(np.mean([rel_error(run_dataset(module, calib_data, samples=n, seed=s), calib_ref) for s in seeds]))
+        uniform[n] = {"calib_error": err, "additions": int(module.cost(n)["additions"])}
+    sens, allocated = None, {}
+    for n in samples:
+        budget = uniform[n]["calib_error"] * (1 + 1e-6)
+        a = psb_tvm.allocate(module, calib_data, budget, kind="error", reference=calib_ref, seeds=seeds,
+                             max_samples=n_ref, sensitivity_table=sens)
+        sens = a.sensitivity
+        allocated[n] = {"budget": budget, "calib_error": a.measured_error, "predicted_error": a.predicted_error,
+                        "feasible": a.feasible, "samples": {l: int(a.samples[l]) for l in names},
+                        "additions": int(a.cost), "notes": a.notes, "metrics": evaluate(a.samples)}
+        log(f"  budget {budget:.4g} (uniform n={n}): cost {a.cost / uniform[n]['additions']:.2f}x uniform, "
+            f"samples {[a.samples[l] for l in names]}")
+    return {"layers": names, "seeds": list(seeds), "n_ref": n_ref, "uniform": uniform, "allocated": allocated,
+            "sensitivity": sens.to_dict() if sens else None, "seconds": round(time.perf_counter() - t, 1)}
+
+
+def smallest_cost(uniform_metrics: dict, sweep: dict, ok) -> dict | None:
+    """The cheapest configuration (uniform n or allocated) whose evaluation metrics satisfy ``ok``."""
+    cands = [(v["additions"], f"uniform n={n}", None, uniform_metrics[n]) for n, v in sweep["uniform"].items()]
+    cands += [(v["additions"], f"allocated (budget of n={n})", v["samples"], v["metrics"]) for n, v in sweep["allocated"].items()]
+    good = sorted((c for c in cands if ok(c[3])), key=lambda c: c[0])
+    if not good:
+        return None
+    cost, name, per_layer, metrics = good[0]
+    full = sweep["uniform"][sweep["n_ref"]]["additions"]
+    return {"config": name, "additions": cost, "fraction_of_n64": cost / full, "samples": per_layer, "metrics": metrics}
+
+
+MTCNN_CRITERIA = {"agreement >= 99.5%": lambda m: m["decision_agreement"] >= 0.995,
+                  "prob MAE <= 0.01": lambda m: m["prob_mae"] <= 0.01}
+SILERO_CRITERIA = {"agreement >= 99.5% (speech and noise)": lambda m: min(m["speech"]["decision_agreement"],
+                                                                       m["noise"]["decision_agreement"]) >= 0.995,
+                   "prob MAE <= 0.01 (speech and noise)": lambda m: max(m["speech"]["prob_mae"], m["noise"]["prob_mae"]) <= 0.01}
+
+
 # ---------------------------------------------------------------------------- MTCNN
-def bench_mtcnn(net: str, samples, quick: bool, workdir: pathlib.Path) -> dict:
+def bench_mtcnn(net: str, samples, quick: bool, workdir: pathlib.Path, alloc_seeds=ALLOC_SEEDS) -> dict:
     import onnx
 
     import psb_tvm
@@ -82,6 +146,13 @@ def bench_mtcnn(net: str, samples, quick: bool, workdir: pathlib.Path) -> dict:
     for n in samples:
         got = zoo.run_batched(lambda b: module.run(b, samples=n), x, PSB_BATCH)
         rows[f"psb_n{n}"] = zoo.mtcnn_metrics(net, ref, got)
+    log(f"  allocation ({net}) ...")
+    calib_ref = zoo.run_batched(lambda b: sess.run(None, {"input": b}), calib, 1)
+    sweep = allocation_sweep(module, {"input": calib}, calib_ref, samples, alloc_seeds,
+                             lambda alloc: zoo.mtcnn_metrics(net, ref, zoo.run_batched(
+                                 lambda b: module.run(b, samples=alloc), x, PSB_BATCH)))
+    uniform_metrics = {n: rows[f"psb_n{n}"] for n in samples}
+    best = {k: smallest_cost(uniform_metrics, sweep, f) for k, f in MTCNN_CRITERIA.items()}
     q = _ort(bench_run.ort_int8_model(onnx.load(str(one)), calib, workdir))
     rows["ort_int8"] = zoo.mtcnn_metrics(net, ref, zoo.run_batched(lambda b: q.run(None, {"input": b}), x, 1))
     names = zoo.MTCNN_OUTPUTS[net]
@@ -92,7 +163,7 @@ def bench_mtcnn(net: str, samples, quick: bool, workdir: pathlib.Path) -> dict:
             "compile_s": round(compile_s, 1), "report": module.report(),
             "additions_per_sample": int(module.cost(samples=1)["additions"]) // PSB_BATCH,
             "layers": [{k: l.get(k) for k in ("name", "op", "status", "reason")} for l in module.layers],
-            "metrics": rows}
+            "metrics": rows, "allocation": sweep, "smallest_cost": best, "cost_unit": f"batch of {PSB_BATCH} images"}
 
 
 # ---------------------------------------------------------------------------- Silero
@@ -119,7 +190,7 @@ def _step(fn):
     return lambda chunk, state: fn(chunk, state)
 
 
-def bench_silero(samples, quick: bool, workdir: pathlib.Path) -> dict:
+def bench_silero(samples, quick: bool, workdir: pathlib.Path, alloc_seeds=ALLOC_SEEDS, alloc_bits=(8, 16)) -> dict:
     import psb_tvm
     from psb_tvm import zoo
 
@@ -134,10 +205,15 @@ def bench_silero(samples, quick: bool, workdir: pathlib.Path) -> dict:
     ref = {k: zoo.vad_stream(ort_step, v) for k, v in sets.items()}
     _, calib_states = zoo.vad_stream(ort_step, calib_chunks)
     calibration = {"input": calib_chunks, "state": calib_states.reshape(-1, 2, 128)}
+    # Allocation: each calibration chunk with the float stream's state at that chunk is one input
+    # row (teacher-forced state); the error is over both outputs (probability and next state).
+    calib_out = [sess.run(None, {"input": calibration["input"][i:i + 1], "state": calibration["state"][i:i + 1]})
+                 for i in range(len(calib_chunks))]
+    calib_ref = [np.concatenate([np.asarray(o[j], np.float32) for o in calib_out]) for j in range(len(calib_out[0]))]
     result = {"model": "silero_vad (silero_vad.onnx, 16 kHz)", "audio_source": source,
               "inputs": {k: f"{len(v)} chunks of 512 samples ({len(v) * 512 / 16000:.1f} s)" for k, v in sets.items()},
               "float_speech_fraction": {k: float(np.mean(r[0] > 0.5)) for k, r in ref.items()},
-              "metrics": {}, "compile_s": {}}
+              "metrics": {}, "compile_s": {}, "allocation": {}, "smallest_cost": {}}
     for act_bits in (8, 16):
         t = time.perf_counter()
         with warnings.catch_warnings():
@@ -153,6 +229,18 @@ def bench_silero(samples, quick: bool, workdir: pathlib.Path) -> dict:
             step = (lambda m, n: lambda c, s: m.run(c, s, samples=n))(module, n)
             result["metrics"][f"psb_act{act_bits}_n{n}"] = {
                 k: zoo.vad_metrics(ref[k][0], zoo.vad_stream(step, v)[0]) for k, v in sets.items()}
+        if act_bits in alloc_bits:
+            log(f"  allocation (silero act{act_bits}) ...")
+
+            def evaluate(alloc, m=module):
+                step = lambda c, s: m.run(c, s, samples=alloc)  # noqa: E731
+                return {k: zoo.vad_metrics(ref[k][0], zoo.vad_stream(step, v)[0]) for k, v in sets.items()}
+
+            sweep = allocation_sweep(module, calibration, calib_ref, samples, alloc_seeds, evaluate)
+            result["allocation"][f"act{act_bits}"] = sweep
+            uniform_metrics = {n: result["metrics"][f"psb_act{act_bits}_n{n}"] for n in samples}
+            result["smallest_cost"][f"act{act_bits}"] = {k: smallest_cost(uniform_metrics, sweep, f)
+                                                         for k, f in SILERO_CRITERIA.items()}
     feeds = [{"input": calibration["input"][i:i + 1], "state": calibration["state"][i:i + 1]}
              for i in range(len(calib_chunks))]
     q = _ort(_ort_int8_multi(path, feeds, workdir))
@@ -203,37 +291,112 @@ def silero_variants() -> list:
 
 
 # ---------------------------------------------------------------------------- output
+def _fmt_best(best: dict | None, unit: float = 1.0) -> str:
+    if best is None:
+        return "not reached"
+    return f"{best['config']}: {best['additions'] / unit / 1e6:.2f} M additions, {best['fraction_of_n64']:.1%} of uniform n=64"
+
+
+def _alloc_rows(sweep: dict | None, n: int, unit: float):
+    """(uniform cost cells, allocated row prefix cells) for the tables."""
+    if not sweep:
+        return None, None
+    u, a = sweep["uniform"][n], sweep["allocated"][n]
+    full = sweep["uniform"][sweep["n_ref"]]["additions"]
+    ucells = f"{u['additions'] / unit / 1e6:.3f} | {u['additions'] / full:.3f} | {u['calib_error']:.4f}"
+    acells = (f"{a['additions'] / unit / 1e6:.3f} | {a['additions'] / full:.3f} | {a['calib_error']:.4f}"
+              + ("" if a["feasible"] else " (budget missed)"))
+    return ucells, acells
+
+
 def markdown(results: dict) -> str:
     lines = ["# Real models: PSB vs float vs ONNX Runtime int8", "",
              f"Generated by `python benchmarks/real_models.py{' --quick' if results['quick'] else ''}` "
              f"on {results['date']} (TVM_NUM_THREADS=2). Reference: ONNX Runtime fp32 on the same ONNX file. "
              "PSB: `PSBConfig()` defaults (E=4, 8-bit activations), seed 0, n chosen at run time. "
-             "ORT int8: static QDQ, per-channel int8 weights, uint8 activations, same calibration data.", ""]
+             "ORT int8: static QDQ, per-channel int8 weights, uint8 activations, same calibration data.", "",
+             "Uniform vs allocated n: for each uniform n, its relative output error vs float (all outputs, "
+             "L2, mean over seeds " + str(results.get("alloc_seeds")) + ") on the *calibration* split is the budget of "
+             "`psb_tvm.allocate(module, calib, budget, kind=\"error\", reference=float outputs)`; the per-layer "
+             "allocation found is then scored on the *evaluation* split (seed 0) like the uniform rows. "
+             "Cost: `module.cost(samples)[\"additions\"]` (one addition per weight, sample and output position) "
+             "per image (MTCNN) or per 32 ms chunk (Silero); 'of n=64' is the fraction of the uniform n=64 cost. "
+             "`alloc(n)` = the allocation for uniform n's calibration error; its n per PSB layer in layer order.", ""]
+    summary = []
     for r in results["mtcnn"]:
+        for crit, best in (r.get("smallest_cost") or {}).items():
+            summary.append(f"| {r['model']} | {crit} | {_fmt_best(best, r['psb_batch'])} |")
+    s = results.get("silero")
+    if s:
+        for bits, d in (s.get("smallest_cost") or {}).items():
+            for crit, best in d.items():
+                summary.append(f"| silero_vad {bits} | {crit} | {_fmt_best(best)} |")
+    if summary:
+        lines += ["## Smallest cost within 0.5 points of float", "",
+                  "Cheapest configuration (uniform n or allocated) on the evaluation split whose face/speech decision "
+                  "agreement with float is >= 99.5% (primary criterion); second criterion: mean absolute error of "
+                  "the probability <= 0.01 (1 point). Silero: on both the speech and the noise stream.", "",
+                  "| model | criterion | smallest cost |", "|---|---|---|"] + summary + [""]
+    for r in results["mtcnn"]:
+        unit = r["psb_batch"]
+        sweep = r.get("allocation")
         lines += [f"## {r['model']} (input {r['input_shape']}, {r['inputs']})", "",
                   f"Float decides 'face' on {r['float_face_rate']['faces']:.0%} of drawn faces and "
                   f"{r['float_face_rate']['non_faces']:.0%} of non-faces (max over windows). "
-                  f"PSB compile {r['compile_s']} s; {r['additions_per_sample'] / 1e6:.2f} M additions per sample and image.", ""]
+                  f"PSB compile {r['compile_s']} s; {r['additions_per_sample'] / 1e6:.2f} M additions per sample and image."
+                  + (f" Allocation (sensitivity + {len(results['samples'])} budgets + evaluation) {sweep['seconds']} s;"
+                     f" PSB layers: {', '.join(sweep['layers'])}." if sweep else ""), ""]
         has_lm = "landmark_mae" in next(iter(r["metrics"].values()))
-        lines += ["| variant | face decision agreement | face prob MAE | box MAE |" + (" landmark MAE |" if has_lm else ""),
-                  "|---|---|---|---|" + ("---|" if has_lm else "")]
-        for v, m in r["metrics"].items():
-            lines.append(f"| {v} | {m['decision_agreement']:.4f} | {m['prob_mae']:.4f} | {m['box_mae']:.4f} |"
-                         + (f" {m['landmark_mae']:.4f} |" if has_lm else ""))
+        lines += ["| variant | M additions / image | of n=64 | calib rel. error | face decision agreement | face prob MAE "
+                  "| box MAE |" + (" landmark MAE |" if has_lm else "") + " n per layer |",
+                  "|---|---|---|---|---|---|---|" + ("---|" if has_lm else "") + "---|"]
+
+        def row(name, cost, m, per_layer=""):
+            return (f"| {name} | {cost} | {m['decision_agreement']:.4f} | {m['prob_mae']:.4f} | {m['box_mae']:.4f} |"
+                    + (f" {m['landmark_mae']:.4f} |" if has_lm else "") + f" {per_layer} |")
+        for n in results["samples"]:
+            ucells, acells = _alloc_rows(sweep, n, unit)
+            lines.append(row(f"psb_n{n}", ucells or "- | - | -", r["metrics"][f"psb_n{n}"], "all " + str(n)))
+            if sweep:
+                a = sweep["allocated"][n]
+                lines.append(row(f"alloc({n})", acells, a["metrics"], ",".join(str(v) for v in a["samples"].values())))
+        lines.append(row("ort_int8", "- | - | -", r["metrics"]["ort_int8"], "int8"))
+        for crit, best in (r.get("smallest_cost") or {}).items():
+            lines.append(f"\nSmallest cost with {crit}: {_fmt_best(best, unit)}.")
         lines.append("")
-    s = results.get("silero")
     if s:
         lines += [f"## {s['model']}", "",
                   f"Audio: {s['audio_source']}; speech {s['inputs']['speech']} (float says speech on "
                   f"{s['float_speech_fraction']['speech']:.0%}), noise {s['inputs']['noise']} "
                   f"({s['float_speech_fraction']['noise']:.0%}). Streamed chunk by chunk, each model carrying "
-                  f"its own LSTM state. Compile s: {s['compile_s']}.", "",
-                  "| variant | speech: decision agreement | speech: prob MAE | speech: max err | noise: agreement | noise: prob MAE |",
-                  "|---|---|---|---|---|---|"]
-        for v, m in s["metrics"].items():
+                  f"its own LSTM state. Compile s: {s['compile_s']}. Allocation: the calibration chunks, each "
+                  "with the float stream's LSTM state at that chunk, are the module inputs (one row per chunk, "
+                  "state teacher-forced); the error is over both outputs (probability and next state); "
+                  "the allocation is then scored streamed, carrying its own state.", "",
+                  "| variant | additions / chunk (M) | of n=64 | calib rel. error | speech: decision agreement "
+                  "| speech: prob MAE | speech: max err | noise: agreement | noise: prob MAE | n per layer |",
+                  "|---|---|---|---|---|---|---|---|---|---|"]
+
+        def srow(name, cost, m, per_layer=""):
             sp, no = m["speech"], m["noise"]
-            lines.append(f"| {v} | {sp['decision_agreement']:.4f} | {sp['prob_mae']:.4f} | {sp['prob_max_err']:.3f} "
-                         f"| {no['decision_agreement']:.4f} | {no['prob_mae']:.4f} |")
+            return (f"| {name} | {cost} | {sp['decision_agreement']:.4f} | {sp['prob_mae']:.4f} | {sp['prob_max_err']:.3f} "
+                    f"| {no['decision_agreement']:.4f} | {no['prob_mae']:.4f} | {per_layer} |")
+        for bits in (8, 16):
+            sweep = (s.get("allocation") or {}).get(f"act{bits}")
+            for n in results["samples"]:
+                key = f"psb_act{bits}_n{n}"
+                if key not in s["metrics"]:
+                    continue
+                ucells, acells = _alloc_rows(sweep, n, 1)
+                lines.append(srow(key, ucells or "- | - | -", s["metrics"][key], "all " + str(n)))
+                if sweep:
+                    a = sweep["allocated"][n]
+                    lines.append(srow(f"act{bits} alloc({n})", acells, a["metrics"],
+                                      ",".join(str(v) for v in a["samples"].values())))
+        lines.append(srow("ort_int8", "- | - | -", s["metrics"]["ort_int8"], "int8"))
+        for bits, d in (s.get("smallest_cost") or {}).items():
+            for crit, best in d.items():
+                lines.append(f"\nSmallest cost ({bits}) with {crit}: {_fmt_best(best)}.")
         lines += ["", "Layers (all linear layers reached; the STFT magnitude, LSTM gates and the rest stay float glue):",
                   "", "```", s["report"], "```", ""]
     if results.get("silero_variants"):
@@ -253,23 +416,29 @@ def main(argv=None) -> int:
     parser.add_argument("--out-dir", default=str(HERE / "results"))
     parser.add_argument("--samples", default=",".join(map(str, SAMPLES)))
     parser.add_argument("--models", default="pnet,rnet,onet,silero")
+    parser.add_argument("--alloc-seeds", default=",".join(map(str, ALLOC_SEEDS)),
+                        help="seeds the allocation's calibration error is averaged over")
+    parser.add_argument("--silero-alloc-bits", default="8,16", help="Silero modules (act bits) to allocate for ('' = none)")
     args = parser.parse_args(argv)
     samples = [int(s) for s in args.samples.split(",")]
     models = args.models.split(",")
-    results = {"date": time.strftime("%Y-%m-%d"), "quick": args.quick, "samples": samples, "mtcnn": []}
+    seeds = tuple(int(v) for v in args.alloc_seeds.split(","))
+    alloc_bits = tuple(int(v) for v in args.silero_alloc_bits.split(",") if v)
+    results = {"date": time.strftime("%Y-%m-%d"), "quick": args.quick, "samples": samples, "alloc_seeds": list(seeds),
+               "mtcnn": []}
     with tempfile.TemporaryDirectory() as tmp:
         for net in ("pnet", "rnet", "onet"):
             if net in models:
                 log(f"MTCNN {net} ...")
-                results["mtcnn"].append(bench_mtcnn(net, samples, args.quick, pathlib.Path(tmp)))
+                results["mtcnn"].append(bench_mtcnn(net, samples, args.quick, pathlib.Path(tmp), seeds))
         if "silero" in models:
             log("Silero variants ...")
             results["silero_variants"] = silero_variants()
             log("Silero VAD ...")
-            results["silero"] = bench_silero(samples, args.quick, pathlib.Path(tmp))
+            results["silero"] = bench_silero(samples, args.quick, pathlib.Path(tmp), seeds, alloc_bits)
     out = pathlib.Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "real_models.json").write_text(json.dumps(results, indent=1))
+    (out / "real_models.json").write_text(json.dumps(results, indent=1, default=str))
     md = markdown(results)
     (out / "real_models.md").write_text(md)
     print(md)
