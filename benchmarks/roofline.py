@@ -35,7 +35,6 @@ import argparse  # noqa: E402
 import datetime  # noqa: E402
 import json  # noqa: E402
 import pathlib  # noqa: E402
-import platform  # noqa: E402
 import re  # noqa: E402
 import shutil  # noqa: E402
 import subprocess  # noqa: E402
@@ -213,30 +212,6 @@ def theoretical_peak() -> dict | None:
 
 
 # ---------------------------------------------------------------------------- kernels
-def skip_gpu_tensor_intrins() -> None:
-    """Make ``import tvm.s_tir.tensor_intrin.x86`` load only that file (and what it imports).
-
-    The package's ``__init__`` registers every target's intrinsics (CUDA, ROCm, Hexagon, ...)
-    by parsing TVMScript: 30 s on an idle machine, minutes on a loaded one, paid once per process
-    by the first int8 (vnni) schedule. A package stub with the same search path skips that
-    ``__init__``; the x86 intrinsics register exactly as before, so the compiled code is the same.
-    Process-local: only this benchmark does it.
-    """
-    import importlib.util
-    import types
-
-    name = "tvm.s_tir.tensor_intrin"
-    if name in sys.modules:
-        return
-    import tvm.s_tir  # noqa: F401 - the parent package must exist
-
-    spec = importlib.util.find_spec(name)
-    stub = types.ModuleType(name)
-    stub.__path__ = list(spec.submodule_search_locations)
-    stub.__package__, stub.__spec__ = name, spec
-    sys.modules[name] = stub
-
-
 def make_spec(layer: tuple, preset: str):
     from psb_tvm.config import PSBConfig
     from psb_tvm.schedules.kernels import KernelSpec
@@ -413,31 +388,11 @@ def run_layers(layers: dict, presets: list[str], number: int, repeat: int, stage
 
 # ---------------------------------------------------------------------------- report
 def machine() -> dict:
-    import tvm
+    """The machine description of the latency benchmark (benchmarks/run.py), one definition."""
+    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+    from run import machine as bench_machine
 
-    from psb_tvm.target import host_cpu
-
-    lscpu = {}
-    try:
-        for line in subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout.splitlines():
-            key, _, value = line.partition(":")
-            lscpu[key.strip()] = value.strip()
-    except (OSError, subprocess.CalledProcessError):
-        pass
-    flags = lscpu.get("Flags", "").split()
-    try:
-        commit = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True,
-                                text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        commit = "unknown"
-    return {
-        "cpu_model": lscpu.get("Model name", platform.processor() or "unknown"),
-        "cpu_family_model": f"family {lscpu.get('CPU family', '?')} model {lscpu.get('Model', '?')}",
-        "llvm_cpu": host_cpu(), "cpus": int(lscpu.get("CPU(s)", os.cpu_count() or 0)),
-        "hypervisor": lscpu.get("Hypervisor vendor"),
-        "simd": [f for f in ("avx2", "avx512f", "avx512bw", "avx512_vnni") if f in flags],
-        "threads_used": THREADS, "os": platform.platform(), "tvm": tvm.__version__, "git_commit": commit,
-    }
+    return bench_machine()
 
 
 def add_fractions(rows: list, peak: dict) -> None:
@@ -453,7 +408,7 @@ def markdown(result: dict) -> str:
     m = result["meta"]["machine"]
     lines += [f"Machine: {m['cpu_model']} ({m['cpu_family_model']}, LLVM `{m['llvm_cpu']}`), {m['cpus']} vCPUs"
               f"{', ' + m['hypervisor'] + ' guest' if m.get('hypervisor') else ''}; SIMD {', '.join(m['simd'])}; "
-              f"TVM {m['tvm']}; {THREADS} threads. Load average (1/5/15 min) at start "
+              f"TVM {m['versions']['tvm']}; {THREADS} threads. Load average (1/5/15 min) at start "
               f"{result['meta']['load_average_start']}, at end {result['meta']['load_average_end']} "
               "(the 2 vCPUs are shared with other jobs: absolute numbers are noisy).", ""]
     lines += ["## Peak", "", f"Method: {peak['method']}", ""]
@@ -517,19 +472,19 @@ def analysis(rows: list) -> list[str]:
 
 
 STATIC_ANALYSIS = [
-    "- **Accumulator chains (vnni path).** `_schedule_vnni` tiles `xt = largest_divisor(OW, 4)` output pixels "
-    "x 16 channels; LLVM unrolls the whole reduction and keeps the `xt` accumulators in registers, so each "
-    "vpdpbusd waits on the previous one of its chain. OW=56 gives 4 chains, OW=14 only 2 and OW=7 only 1: "
-    "latency-bound (vpdpbusd has a multi-cycle latency at ~1 per cycle throughput; the peak microbenchmark runs 16 chains). This is why layer3 / layer4 fall behind.",
+    "- **Accumulator chains (vnni path).** `_schedule_vnni` tiles `xt = largest_divisor(OW, 8)` output pixels "
+    "x 16 channels; LLVM unrolls the whole reduction and keeps the `xt` accumulators in registers, each an "
+    "independent vpdpbusd chain (OW=56: 8, OW=14: 7, OW=7: 7). With a cap of 4 (1-4 chains) the 14x14 and 7x7 "
+    "layers were latency-bound and up to 1.7x slower.",
     "- **Weight stage recomputed per call.** `q = s*(n*normal+counts) << shift` is rebuilt on every call from "
     "four OIHW arrays into the packed `[O/16,KH,KW,C/4,16,4]` layout by a scalar (parallel, not vectorized) "
     "gather loop. Its cost scales with the weight count, not the MACs: for 512x512x3x3 (2.4 M weights, 49 MACs "
     "per weight) it is about as long as the whole conv (column `q ms`).",
     "- **Sampler.** The sampling kernel (not part of the layer time) hashes every weight x sample: ~0.5 ns per "
     "weight-sample; with n=8 it costs more than the conv itself for the 256/512-channel layers.",
-    "- **Non-vnni paths.** The 7x7/2 stem (C=3: neither 4 | C nor C >= 8) and depthwise convs use the NCHW path "
-    "(vectorized over output columns, reduction outside): no dot-product instructions, ~1-3 GMAC/s. The NCHW "
-    "activation stage `xq` is much slower per element than the NHWC one (depthwise: most of the kernel time).",
+    "- **Non-vnni paths.** The 7x7/2 stem (C=3, not 4 | C) takes the channels_last path (a 21-element "
+    "contiguous (KW x C) reduction per kernel row, ~10 GMAC/s); depthwise convs use the NCHW path (vectorized "
+    "over output columns, reduction outside): no dot-product instructions, ~3 GMAC/s.",
     "- **int16 preset.** int16 weights take the channels_last path (LLVM dot products over contiguous "
     "channels, one horizontal reduction per output): 3-4x slower than vnni on the 56x56 / 28x28 layers; on "
     "512ch 7x7 both presets are limited by the per-call weight stage and the vnni path by its single chain.",
@@ -547,13 +502,9 @@ def main(argv=None) -> int:
     parser.add_argument("--number", type=int, default=None, help="calls per time_evaluator repeat")
     parser.add_argument("--repeat", type=int, default=None, help="time_evaluator repeats (median taken)")
     parser.add_argument("--no-stages", action="store_true", help="skip the q / xq stage timings")
-    parser.add_argument("--full-intrin-import", action="store_true",
-                        help="import all of tvm.s_tir.tensor_intrin (slow) instead of only the x86 intrinsics")
     parser.add_argument("--out-dir", default=str(HERE / "results"))
     args = parser.parse_args(argv)
 
-    if not args.full_intrin_import:
-        skip_gpu_tensor_intrins()
     layers = QUICK_LAYERS if args.quick else LAYERS
     if args.layers:
         keys = [k.strip() for k in args.layers.split(",")]
