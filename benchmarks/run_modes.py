@@ -21,18 +21,9 @@ import numpy as np  # noqa: E402
 
 import psb_tvm  # noqa: E402
 from psb_tvm.data.digits import DIGITS_ONNX, load_digits_split  # noqa: E402
+from psb_tvm.demo import median_ms  # noqa: E402
 
 BATCH = 50
-
-
-def median_ms(fn, repeats):
-    fn()
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return 1e3 * float(np.median(times))
 
 
 def main(argv=None):

@@ -26,15 +26,20 @@ def run_batched(module, x: np.ndarray) -> np.ndarray:
     return np.concatenate(outs)
 
 
-def median_latency(module, x: np.ndarray, repeats: int = 30) -> float:
-    """Median wall time in ms of one ``run`` (after a warm-up run)."""
-    module.run(x)
+def median_ms(fn, repeats: int = 30) -> float:
+    """Median wall time in ms of one call of ``fn()`` (after a warm-up call)."""
+    fn()
     times = []
     for _ in range(repeats):
         t = time.perf_counter()
-        module.run(x)
+        fn()
         times.append(time.perf_counter() - t)
     return 1e3 * float(np.median(times))
+
+
+def median_latency(module, x: np.ndarray, repeats: int = 30) -> float:
+    """Median wall time in ms of one ``run`` (after a warm-up run)."""
+    return median_ms(lambda: module.run(x), repeats)
 
 
 def digits_study(samples=DEFAULT_SAMPLES, batch: int = 50, seed: int = 0, calibration_count: int = 256,

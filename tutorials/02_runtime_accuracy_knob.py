@@ -22,12 +22,12 @@ from __future__ import annotations
 
 import argparse
 import os
-import time
 
 import numpy as np
 
 import psb_tvm
 from psb_tvm.data.digits import DIGITS_ONNX, load_digits_split
+from psb_tvm.demo import median_ms
 
 BATCH = 50
 
@@ -39,16 +39,6 @@ def predict(module, x, **run_kwargs):
 
 def accuracy(logits, y):
     return float((logits.argmax(1) == y).mean())
-
-
-def median_ms(fn, repeats):
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return 1e3 * float(np.median(times))
 
 
 def main(argv=None):

@@ -24,25 +24,14 @@ import argparse
 import os
 import pathlib
 import tempfile
-import time
 
 import numpy as np
 
 import psb_tvm
 from psb_tvm.data.digits import DIGITS_ONNX, load_digits_split
+from psb_tvm.demo import median_ms
 
 BATCH = 16
-
-
-def median_ms(module, x, n, repeats):
-    """Median wall-clock of one ``run(x, samples=n)`` in ms (after a warm-up run)."""
-    module.run(x, samples=n)
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        module.run(x, samples=n)
-        times.append(time.perf_counter() - t)
-    return 1e3 * float(np.median(times))
 
 
 def main(argv=None):
@@ -98,7 +87,8 @@ def run(args, work_dir: pathlib.Path, trials: int, threads: int):
     # ------------------------------------------------------------------ 4. latency
     repeats = 20 if args.fast else 200
     for n in ((8,) if args.fast else (1, 8, 64)):
-        t_default, t_tuned = median_ms(default, x, n, repeats), median_ms(tuned, x, n, repeats)
+        t_default = median_ms(lambda: default.run(x, samples=n), repeats)
+        t_tuned = median_ms(lambda: tuned.run(x, samples=n), repeats)
         print(f"latency n={n}: default {t_default:.3f} ms, tuned {t_tuned:.3f} ms "
               f"({t_default / t_tuned:.2f}x) over {repeats} runs, {threads} threads")
 
