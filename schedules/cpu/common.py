@@ -17,6 +17,23 @@ def largest_divisor(n: int, cap: int) -> int:
     return max(d for d in range(1, min(n, cap) + 1) if n % d == 0)
 
 
+def vectorize_below_reductions(sch: s_tir.Schedule, acc, outer: list, axis, reductions: list, n_parallel: int) -> None:
+    """Split ``axis`` into a tail-free vector part placed below the reductions, so every lane keeps
+    its own sum (no horizontal adds); parallelize the first ``n_parallel`` loops of ``outer + [axis
+    outer part]`` (fused), and split off the vectorized init block (after parallel: it needs the
+    complete reduction block)."""
+    lanes = largest_divisor(loop_extents(sch, [axis])[0], VECTOR_LANES)
+    ao, ai = sch.split(axis, [None, lanes])
+    sch.reorder(*outer, ao, *reductions, ai)
+    par = [*outer, ao][:n_parallel]
+    sch.parallel(sch.fuse(*par) if len(par) > 1 else par[0])
+    if lanes > 1:
+        sch.vectorize(ai)  # before decompose_reduction: it needs the complete reduction block
+    init = sch.decompose_reduction(acc, reductions[0])
+    if lanes > 1:
+        sch.vectorize(sch.get_loops(init)[-1])
+
+
 def parallel_vectorize(sch: s_tir.Schedule, block, lanes: int = VECTOR_LANES) -> None:
     """Elementwise nest: fuse all loops, parallelize the outer part, vectorize a tail-free inner part."""
     loops = sch.get_loops(block)

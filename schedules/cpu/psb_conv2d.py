@@ -6,7 +6,7 @@ from tvm import s_tir, tirx
 from tvm.s_tir.dlight.cpu.base import CPUScheduleRule
 from tvm.target import Target
 
-from .common import VECTOR_LANES, largest_divisor, loop_extents, parallel_vectorize
+from .common import VECTOR_LANES, largest_divisor, loop_extents, parallel_vectorize, vectorize_below_reductions
 from .psb_sampling import schedule_shared_stages
 
 
@@ -39,16 +39,7 @@ class PSBConv2D(CPUScheduleRule):
             sch.decompose_reduction(acc, reductions[0])
             parallel_vectorize(sch, sch.get_sblock("out"))
             return sch
-        ow = loop_extents(sch, [x])[0]
-        lanes = largest_divisor(ow, VECTOR_LANES)
-        xo, xi = sch.split(x, [None, lanes])
-        sch.reorder(b, o, y, xo, *reductions, xi)
-        sch.parallel(sch.fuse(b, o))
-        if lanes > 1:
-            sch.vectorize(xi)  # before decompose_reduction: it needs the complete reduction block
-        init = sch.decompose_reduction(acc, reductions[0])
-        if lanes > 1:
-            sch.vectorize(sch.get_loops(init)[-1])
+        vectorize_below_reductions(sch, acc, [b, o, y], x, reductions, n_parallel=2)  # parallel over (b, o)
         parallel_vectorize(sch, sch.get_sblock("out"))
         return sch
 

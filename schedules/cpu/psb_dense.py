@@ -6,7 +6,7 @@ from tvm import s_tir, tirx
 from tvm.s_tir.dlight.cpu.base import CPUScheduleRule
 from tvm.target import Target
 
-from .common import VECTOR_LANES, largest_divisor, loop_extents, parallel_vectorize
+from .common import parallel_vectorize, vectorize_below_reductions
 from .psb_conv2d import schedule_bitserial_packs
 from .psb_sampling import schedule_shared_stages
 
@@ -39,14 +39,6 @@ def _schedule_bitserial(sch: s_tir.Schedule, acc) -> s_tir.Schedule:
     parallel over (row, output block)."""
     schedule_bitserial_packs(sch)
     m, o, *reductions = sch.get_loops(acc)
-    lanes = largest_divisor(loop_extents(sch, [o])[0], VECTOR_LANES)
-    oo, oi = sch.split(o, [None, lanes])
-    sch.reorder(m, oo, *reductions, oi)
-    sch.parallel(sch.fuse(m, oo))
-    if lanes > 1:
-        sch.vectorize(oi)
-    init = sch.decompose_reduction(acc, reductions[0])
-    if lanes > 1:
-        sch.vectorize(sch.get_loops(init)[-1])
+    vectorize_below_reductions(sch, acc, [m], o, reductions, n_parallel=2)  # parallel over (row, output block)
     parallel_vectorize(sch, sch.get_sblock("out"))
     return sch

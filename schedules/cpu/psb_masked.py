@@ -6,7 +6,7 @@ from tvm import s_tir, tirx
 from tvm.s_tir.dlight.cpu.base import CPUScheduleRule
 from tvm.target import Target
 
-from .common import VECTOR_LANES, largest_divisor, loop_extents, parallel_vectorize
+from .common import parallel_vectorize, vectorize_below_reductions
 from .psb_sampling import schedule_shared_stages
 
 
@@ -24,14 +24,6 @@ class PSBMasked(CPUScheduleRule):
         loops = sch.get_loops(acc)
         k, o = loops[:2]
         reductions = loops[2:]
-        lanes = largest_divisor(loop_extents(sch, [o])[0], VECTOR_LANES)
-        oo, oi = sch.split(o, [None, lanes])
-        sch.reorder(k, oo, *reductions, oi)
-        sch.parallel(k)
-        if lanes > 1:
-            sch.vectorize(oi)
-        init = sch.decompose_reduction(acc, reductions[0])
-        if lanes > 1:
-            sch.vectorize(sch.get_loops(init)[-1])
+        vectorize_below_reductions(sch, acc, [k], o, reductions, n_parallel=1)  # parallel over positions
         parallel_vectorize(sch, sch.get_sblock("out"))
         return sch
