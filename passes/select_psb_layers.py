@@ -118,20 +118,51 @@ def _affine_of(binding, var, channels: int, kind: str):
     return (1.0 / c, zero) if var_first else None
 
 
-def _activation_of(binding, var):
+def _scalar_bound(binding, var, op: str):
+    """The float value ``c`` when ``binding`` is ``op(var, c)`` (either order) with a scalar constant."""
     call = binding.value
-    if not isinstance(call, relax.Call) or not call.args or not call.args[0].same_as(var):
+    if not isinstance(call, relax.Call) or getattr(call.op, "name", "") != op or len(call.args) != 2:
         return None
+    a, b = call.args
+    other = b if a.same_as(var) else a if b.same_as(var) else None
+    c = None if other is None else _const(other)
+    if c is None or c.size != 1 or c.dtype != np.float32 or not np.isfinite(c).all():
+        return None
+    return float(c.reshape(()))
+
+
+def _activation_of(binding, var, users=None):
+    """``(activation, bindings)``: the ReLU / clip applied to ``var`` and the bindings it spans.
+
+    Besides ``relu`` and ``clip``, ONNX ``Clip`` with min/max inputs imports as ``maximum(x, lo)``
+    then ``minimum(., hi)`` (or the reverse): the pair is one clip, a lone ``maximum(x, 0)`` a ReLU.
+    """
+    call = binding.value
+    if not isinstance(call, relax.Call) or not call.args:
+        return None, []
     name = getattr(call.op, "name", "")
-    if name == "relax.nn.relu":
-        return "relu"
-    if name == "relax.clip" and len(call.args) == 3:
+    if name == "relax.nn.relu" and call.args[0].same_as(var):
+        return "relu", [binding]
+    if name == "relax.clip" and len(call.args) == 3 and call.args[0].same_as(var):
         try:
             lo, hi = (float(a.value.value) for a in call.args[1:])
         except AttributeError:
-            return None
-        return ("clip", lo, hi)
-    return None
+            return None, []
+        return ("clip", lo, hi), [binding]
+    for first, second in (("relax.maximum", "relax.minimum"), ("relax.minimum", "relax.maximum")):
+        c1 = _scalar_bound(binding, var, first)
+        if c1 is None:
+            continue
+        nxt = _single_user(users, binding.var) if users is not None else None
+        c2 = None if nxt is None else _scalar_bound(nxt, binding.var, second)
+        if c2 is not None:
+            lo, hi = (c1, c2) if first == "relax.maximum" else (c2, c1)
+            # min(max(x, lo), hi) == max(min(x, hi), lo) only when lo <= hi.
+            if lo <= hi:
+                return ("clip", lo, hi), [binding, nxt]
+        if first == "relax.maximum" and c1 == 0.0:
+            return "relu", [binding]
+    return None, []
 
 
 def _check_conv2d(call) -> tuple[np.ndarray | None, str]:
@@ -201,11 +232,12 @@ def find_layer_sites(func: relax.Function) -> list[LayerSite]:
             bshape = (-1,) + (1,) * (site.weight.ndim - 1)
             site.weight = (site.weight.astype(np.float64) * scale.reshape(bshape)).astype(np.float32)
         if user is not None:
-            act = _activation_of(user, site.final_var)
+            act, spanned = _activation_of(user, site.final_var, users)
             if act is not None:
                 site.activation = act
-                site.fused_vars.append(site.final_var)
-                site.final_var = user.var
+                for b in spanned:
+                    site.fused_vars.append(site.final_var)
+                    site.final_var = b.var
     return sites
 
 

@@ -269,12 +269,15 @@ def to_relax(proto: onnx.ModelProto, inputs: list, source: str):
         raise UnsupportedModelError(
             f"{source}: TVM's ONNX importer failed: {type(err).__name__}: {msg[-1] if msg else ''}"
         ) from err
+    from psb_tvm.passes.scalar_minmax_call_tir_to_relax_ops import scalar_minmax_call_tir_to_relax_ops
+
     seq = tvm.transform.Sequential(
         [
             relax.transform.FoldConstant(),
             relax.transform.FoldBatchnormToConv2D(),
             relax.transform.DecomposeOpsForInference(),
             relax.transform.FoldConstant(),
+            scalar_minmax_call_tir_to_relax_ops,  # after folding: Clip's bounds are constants by now
             relax.transform.CanonicalizeBindings(),
             relax.transform.DeadCodeElimination(),
         ]

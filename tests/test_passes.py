@@ -76,25 +76,46 @@ def test_compiled_digits_matches_the_reference_model_layer_by_layer():
     np.testing.assert_array_equal(out.view(np.int32), y.view(np.int32))
 
 
-def test_model_with_clip_primfuncs_compiles():
-    """The importer lowers ONNX Clip (ReLU6) to PrimFuncs; the calibration probe must keep them."""
+def _conv_clip_model(bounds, rng):
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
-    rng = np.random.default_rng(0)
-    inits = [numpy_helper.from_array(rng.normal(size=(8, 3, 3, 3)).astype(np.float32), "W"),
-             numpy_helper.from_array(np.array(0, np.float32), "lo"),
-             numpy_helper.from_array(np.array(6, np.float32), "hi")]
+    inits = [numpy_helper.from_array(rng.normal(size=(8, 3, 3, 3)).astype(np.float32), "W")]
+    names = []
+    for name, value in zip(("lo", "hi"), bounds):
+        names.append("" if value is None else name)
+        if value is not None:
+            inits.append(numpy_helper.from_array(np.array(value, np.float32), name))
     graph = helper.make_graph(
         [helper.make_node("Conv", ["x", "W"], ["c"], pads=[1, 1, 1, 1], name="conv"),
-         helper.make_node("Clip", ["c", "lo", "hi"], ["y"], name="relu6")],
+         helper.make_node("Clip", ["c"] + names, ["y"], name="relu6")],
         "clip", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 8, 8])],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 8, 8, 8])], inits)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
     model.ir_version = 8
     onnx.checker.check_model(model)
-    x = rng.normal(size=(1, 3, 8, 8)).astype(np.float32)
+    return model
+
+
+@pytest.mark.parametrize("bounds, fused", [((0.0, 6.0), ["clip", 0.0, 6.0]), ((-1.0, 0.5), ["clip", -1.0, 0.5]),
+                                           ((0.0, None), "relu"), ((None, 6.0), None)])
+def test_onnx_clip_is_fused_into_the_psb_kernel(bounds, fused):
+    """The importer emits ONNX Clip (ReLU6) as call_tir of max / min PrimFuncs; the frontend turns
+    them back into Relax ops so layer selection fuses them into the kernel (no float glue left)."""
+    rng = np.random.default_rng(0)
+    model = _conv_clip_model(bounds, rng)
+    x = rng.normal(size=(4, 3, 8, 8)).astype(np.float32)
+    imported = import_onnx(model, None)
+    script = imported.mod["main"].script()
+    assert "call_tir" not in script
     module = psb_tvm.compile(model, samples=8, calibration={"x": x})
-    y = module.run(x)
-    assert module.layers[0]["status"] == "psb"
-    assert y.min() >= 0 and y.max() <= 6 and y.max() > 0
+    layer = module.layers[0]
+    assert layer["status"] == "psb"
+    assert (list(layer["activation"]) if isinstance(layer["activation"], (list, tuple)) else layer["activation"]) == fused
+    y = module.run(x[:1])
+    lo, hi = (-np.inf if bounds[0] is None else bounds[0]), (np.inf if bounds[1] is None else bounds[1])
+    assert y.min() >= lo and y.max() <= hi
+    # The same numbers as the unfused epilogue: PSB conv without activation, then numpy's clip.
+    bare = psb_tvm.compile(_conv_clip_model((None, None), np.random.default_rng(0)), samples=8,
+                           calibration={"x": x})
+    np.testing.assert_array_equal(y, np.clip(bare.run(x[:1]), lo, hi))
