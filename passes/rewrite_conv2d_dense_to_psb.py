@@ -5,7 +5,8 @@ builds the kernels and splices them in. Unchosen sites stay float. The result ha
 - sampled mode: ``main(*inputs, samples: Shape[L], seed: Shape[1])`` sampling at run time,
   ``sample(lo: Shape[L], hi: Shape[L], seed: Shape[1]) -> (counts_0, ..., counts_{L-1})`` and
   ``forward(*inputs, samples: Shape[L], counts_0, ..., counts_{L-1})`` for progressive refinement;
-- frozen mode: ``main(*inputs)`` with one draw of the counts baked in as constants;
+- frozen mode: ``main(*inputs)`` with one draw baked in as constants: for intdot layers the integer
+  weights ``q`` themselves, prepacked into the kernel's layout (no weight stage per call);
 and, for the localized refinement ("computational attention") of sampled modules,
 ``probe(*inputs, samples, seed) -> (output, layer_0, ..., layer_{L-1})`` (every PSB layer's output)
 and ``attend(*inputs, samples, seed, m: Shape[L], low_0.., pos_0.., slot_0..)`` where layer ``l``
@@ -16,12 +17,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import dataclasses
+
 import numpy as np
 import tvm
 from tvm import relax, tirx
 
-from psb_tvm.numerics import EncodedWeights
-from psb_tvm.schedules.kernels import COUNTS_DTYPE, KernelSpec, psb_layer_kernel, psb_masked_kernel, psb_sample_kernel
+from psb_tvm.numerics import EncodedWeights, weights_from_counts
+from psb_tvm.schedules.kernels import (COUNTS_DTYPE, KernelSpec, pack_weights, psb_layer_kernel, psb_masked_kernel,
+                                       psb_sample_kernel)
 
 from .select_psb_layers import find_layer_sites
 
@@ -46,7 +50,9 @@ class _Kernels:
     layer: tvm.ir.GlobalVar
     masked: tvm.ir.GlobalVar
     threshold: object
-    rest: list  # sign, normal, shift, scale, bias constants
+    encoding: list  # sign, normal, shift constants (empty when the weights are prepacked)
+    epilogue: list  # scale, bias constants
+    packed: object = None  # frozen intdot layers: the prepacked integer weights constant
 
 
 def _symbol(prefix: str, name: str, index: int) -> str:
@@ -153,16 +159,24 @@ def rewrite_to_psb(mod: tvm.IRModule, layers: list[PSBLayer], frozen: dict | Non
         if not site.convertible:
             raise ValueError(f"layer {layer.name!r} cannot be PSB: {site.reason}")
         enc = layer.enc
+        spec, packed = layer.spec, None
+        if frozen is not None and spec.lowering == "intdot":
+            spec = dataclasses.replace(spec, prepacked=True)
+            q = weights_from_counts(enc, frozen["counts"][ordinal], frozen["samples"][ordinal])
+            packed = relax.const(pack_weights(spec, q))
+
         def add(prefix, make):
             symbol = _symbol(prefix, layer.name, site.index)
-            return bb.add_func(make(layer.spec, symbol), symbol)
+            return bb.add_func(make(spec, symbol), symbol)
 
         kern = _Kernels(
             sample=add("psb_sample", psb_sample_kernel),
             layer=add("psb", psb_layer_kernel),
             masked=None if frozen is not None else add("psb_masked", psb_masked_kernel),
             threshold=relax.const(enc.threshold),
-            rest=[relax.const(a) for a in (enc.sign, enc.normal, enc.shift, layer.scale, layer.bias)],
+            encoding=[] if packed is not None else [relax.const(a) for a in (enc.sign, enc.normal, enc.shift)],
+            epilogue=[relax.const(a) for a in (layer.scale, layer.bias)],
+            packed=packed,
         )
         kernels.append(kern)
         layers_by_var[site.final_var] = (ordinal, site, layer, kern)
@@ -173,7 +187,9 @@ def rewrite_to_psb(mod: tvm.IRModule, layers: list[PSBLayer], frozen: dict | Non
     funcs = {}
     def plain_call(counts_of, n_of):
         def make(l, builder, data):
-            args = [data, counts_of(l, builder)] + kernels[l].rest + [n_of(l)]
+            kern = kernels[l]
+            weights = [kern.packed] if kern.packed is not None else [counts_of(l, builder)] + kern.encoding
+            args = [data] + weights + kern.epilogue + [n_of(l)]
             return relax.call_tir(kernels[l].layer, args, out_ty=relax.TensorType(layers[l].spec.out_shape, "float32"))
 
         return make
@@ -182,7 +198,9 @@ def rewrite_to_psb(mod: tvm.IRModule, layers: list[PSBLayer], frozen: dict | Non
         return _rewrite_main(base, main, layers_by_var, absorbed, make_call, extra, name, expose)
 
     if frozen is not None:
-        consts = [relax.const(np.asarray(c, np.int16)) for c in frozen["counts"]]
+        # counts constants only for the layers whose weights are not prepacked (shiftadd, bitserial)
+        consts = [None if k.packed is not None else relax.const(np.asarray(c, COUNTS_DTYPE))
+                  for k, c in zip(kernels, frozen["counts"])]
         funcs["main"] = rewrite(plain_call(lambda l, _b: consts[l], lambda l: _i64(frozen["samples"][l])), [], "main")
     else:
         def sampled(n, sd):
@@ -211,7 +229,8 @@ def rewrite_to_psb(mod: tvm.IRModule, layers: list[PSBLayer], frozen: dict | Non
         draw = sampled(n, sd)
 
         def masked_call(l, builder, data):
-            args = ([data, draw(l, builder)] + kernels[l].rest + [lows[l], pos[l], slot[l], _i64(n[l]), _i64(m[l])])
+            args = ([data, draw(l, builder)] + kernels[l].encoding + kernels[l].epilogue
+                    + [lows[l], pos[l], slot[l], _i64(n[l]), _i64(m[l])])
             return relax.call_tir(kernels[l].masked, args, out_ty=relax.TensorType(layers[l].spec.out_shape, "float32"))
 
         funcs["attend"] = rewrite(masked_call, [samples, seed, m_param] + lows + pos + slot, "attend")

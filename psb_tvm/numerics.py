@@ -131,7 +131,12 @@ def sample_counts(enc: EncodedWeights, n: int, seed: int, layer: int) -> np.ndar
 
 def integer_weights(enc: EncodedWeights, n: int, seed: int, layer: int) -> np.ndarray:
     """``q_i(n) = s_i * (n*normal_i + B_i(n)) * 2**shift_i`` as int64."""
-    B = sample_counts(enc, n, seed, layer)
+    return weights_from_counts(enc, sample_counts(enc, n, seed, layer), n)
+
+
+def weights_from_counts(enc: EncodedWeights, counts: np.ndarray, n: int) -> np.ndarray:
+    """``q_i = s_i * (n*normal_i + counts_i) * 2**shift_i`` (int64) for a given draw ``counts = B(n)``."""
+    B = np.asarray(counts).astype(np.int64)
     return enc.sign.astype(np.int64) * ((n * enc.normal.astype(np.int64) + B) << enc.shift.astype(np.int64))
 
 

@@ -50,6 +50,9 @@ class KernelSpec:
     padding: tuple = (0, 0, 0, 0)  # top, left, bottom, right
     dilation: tuple = (1, 1)
     groups: int = 1
+    # intdot only: the integer weights q arrive as one constant already in the kernel's layout
+    # (``pack_weights``), made at compile time from a frozen draw; no weight stage per call.
+    prepacked: bool = False
 
     @property
     def reduction_size(self) -> int:
@@ -75,11 +78,34 @@ class KernelSpec:
 
     @property
     def vnni(self) -> bool:
-        """int8 preset on x86: uint8 activations x int8 weights, 16 outputs x 4 channels per
-        ``vpdpbusd`` (weights packed [O/16, KH, KW, C/4, 16, 4], accumulators NHWC)."""
+        """int8 preset on x86: 8-bit activations (int8 ones offset to uint8) x int8 weights, 16
+        outputs x 4 channels per ``vpdpbusd`` (weights packed [O/16, KH, KW, C/4, 16, 4],
+        accumulators NHWC)."""
+        # Signed activations go in offset by +128 (see _vnni_conv): the sums then need the
+        # unsigned 8-bit bound to fit int32.
+        offset_bits = numerics.accumulator_bits(self.reduction_size, self.E, self.n_max, 8, False)
         return (self.kind == "conv2d" and self.lowering == "intdot" and self.groups == 1
-                and self.q_dtype == "int8" and self.act_dtype == "uint8" and self.acc_dtype == "int32"
-                and self.w_shape[0] % 16 == 0 and self.w_shape[1] % 4 == 0)
+                and self.q_dtype == "int8" and self.act_bits == 8 and offset_bits == 32
+                and self.w_shape[0] % 16 == 0 and self.w_shape[1] >= 3)
+
+    @property
+    def vnni_channels(self) -> int:
+        """Input channels of the VNNI layout: ``C`` rounded up to 4 (zero weights, zero activations),
+        so a 3-channel stem still takes one ``vpdpbusd`` per 16 outputs x 4 channels."""
+        return -(-self.w_shape[1] // 4) * 4
+
+    @property
+    def weight_layout(self) -> str:
+        """Layout of the integer weights ``q`` inside the layer kernel (``pack_weights`` makes it)."""
+        if self.kind == "dense":
+            return "OI"
+        return "vnni" if self.vnni else "OHWI" if self.channels_last else "OIHW"
+
+    @property
+    def packed_weight_shape(self) -> tuple:
+        O, Cg, KH, KW = self.w_shape if self.kind == "conv2d" else (*self.w_shape, 1, 1)
+        return {"OI": self.w_shape, "OIHW": self.w_shape, "OHWI": (O, KH, KW, Cg),
+                "vnni": (O // 16, KH, KW, self.vnni_channels // 4, 16, 4)}[self.weight_layout]
 
     @property
     def channels_last(self) -> bool:
@@ -140,26 +166,67 @@ def _activation(spec: KernelSpec, y):
     return tirx.max(tirx.min(y, tirx.const(float(act[2]), "float32")), tirx.const(float(act[1]), "float32"))
 
 
-def _weight_stage(spec: KernelSpec, counts, sign, normal, shift, n, channels_last: bool = False):
-    """intdot: ``q = s * (n*normal + counts) << shift``; shiftadd: the magnitude ``c = n*normal + counts``.
+def _q_value(spec: KernelSpec, counts, sign, normal, shift, n32, i):
+    """``q_i = s_i * (n*normal_i + counts_i) << shift_i`` in the kernel's weight type."""
+    mag = (normal[i].astype("int32") * n32 + counts[i].astype("int32")) << shift[i].astype("int32")
+    return (sign[i].astype("int32") * mag).astype(spec.q_dtype)
 
-    ``channels_last`` writes conv weights as [O, KH, KW, C] so the reduction over C is contiguous.
-    """
+
+def pack_weights(spec: KernelSpec, q) -> "numpy.ndarray":
+    """Integer weights ``q`` [O, C/groups, KH, KW] (dense [O, K]) rearranged into the layer kernel's
+    ``weight_layout`` and cast to ``q_dtype``: what a prepacked kernel takes in place of the counts."""
+    import numpy as np
+
+    q = np.asarray(q)
+    if q.shape != tuple(spec.w_shape):
+        raise ValueError(f"weights of shape {q.shape}, the kernel wants {tuple(spec.w_shape)}")
+    layout = spec.weight_layout
+    if layout == "OHWI":
+        q = q.transpose(0, 2, 3, 1)
+    elif layout == "vnni":
+        O, Cg, KH, KW = q.shape
+        padded = np.zeros((O, spec.vnni_channels, KH, KW), q.dtype)
+        padded[:, :Cg] = q
+        q = padded.reshape(O // 16, 16, spec.vnni_channels // 4, 4, KH, KW).transpose(0, 4, 5, 2, 1, 3)
+    out = np.ascontiguousarray(q).astype(spec.q_dtype)
+    if not np.array_equal(out.astype(np.int64), q.astype(np.int64)):
+        raise ValueError(f"weights do not fit {spec.q_dtype}")
+    return out
+
+
+def _weight_stage(spec: KernelSpec, counts, sign, normal, shift, n, layout: str | None = None):
+    """intdot: ``q`` in ``layout`` (default: the kernel's ``weight_layout``; a placeholder when
+    prepacked); shiftadd: the magnitude ``c = n*normal + counts``."""
+    if spec.prepacked:
+        return te.placeholder(spec.packed_weight_shape, spec.q_dtype, name="q")
     n32 = n.astype("int32")
 
-    def q_value(i):
-        return (
-            sign[i].astype("int32") * ((normal[i].astype("int32") * n32 + counts[i].astype("int32")) << shift[i].astype("int32"))
-        ).astype(spec.q_dtype)
+    def q_value(*i):
+        return _q_value(spec, counts, sign, normal, shift, n32, i)
 
-    if spec.lowering == "intdot" and channels_last:
-        O, Cg, KH, KW = spec.w_shape
-        return te.compute((O, KH, KW, Cg), lambda o, kh, kw, c: q_value((o, c, kh, kw)), name="q")
-    if spec.lowering == "intdot":
-        return te.compute(spec.w_shape, lambda *i: q_value(i), name="q")
-    return te.compute(
-        spec.w_shape, lambda *i: normal[i].astype("int32") * n32 + counts[i].astype("int32"), name="q"
-    )
+    layout = layout or spec.weight_layout
+    if spec.lowering != "intdot":
+        return te.compute(
+            spec.w_shape, lambda *i: normal[i].astype("int32") * n32 + counts[i].astype("int32"), name="q"
+        )
+    if layout == "OHWI":
+        return te.compute(spec.packed_weight_shape, lambda o, kh, kw, c: q_value(o, c, kh, kw), name="q")
+    if layout == "vnni":
+        Cg = spec.w_shape[1]
+
+        def packed(ob, kh, kw, c4, oi, ci):
+            c = c4 * 4 + ci
+            # channels past C (the round-up to 4) are zero weights
+            return tirx.if_then_else(c < Cg, q_value(ob * 16 + oi, tirx.min(c, Cg - 1), kh, kw),
+                                     tirx.const(0, spec.q_dtype))
+
+        return te.compute(spec.packed_weight_shape, packed, name="q")
+    return te.compute(spec.w_shape, q_value, name="q")
+
+
+def _weight_params(spec: KernelSpec, q, counts, sign, normal, shift) -> list:
+    """The weight arguments of a layer kernel: ``[q]`` when prepacked, else the draw and encoding."""
+    return [q] if spec.prepacked else [counts, sign, normal, shift]
 
 
 def _shiftadd_bits(spec: KernelSpec) -> int:
@@ -219,9 +286,12 @@ def psb_layer_kernel(spec: KernelSpec, name: str, expose_acc: bool = False) -> t
     O = spec.w_shape[0]
     x, counts, sign, normal, shift, scale, bias = _layer_inputs(spec)
     n = tirx.Var("n", "int64")
+    if spec.prepacked and spec.lowering != "intdot":
+        raise ValueError(f"prepacked weights need the intdot lowering, not {spec.lowering!r}")
     if spec.lowering == "bitserial":
         return _bitserial_kernel(spec, name, expose_acc, [x, counts, sign, normal, shift, scale, bias, n])
-    q = _weight_stage(spec, counts, sign, normal, shift, n, spec.channels_last)
+    q = _weight_stage(spec, counts, sign, normal, shift, n)
+    params = [x, *_weight_params(spec, q, counts, sign, normal, shift), scale, bias, n]
     shiftadd = spec.lowering == "shiftadd"
     inv_n = tirx.const(1.0, "float32") / n.astype("float32")
 
@@ -257,7 +327,7 @@ def psb_layer_kernel(spec: KernelSpec, name: str, expose_acc: bool = False) -> t
         rh = te.reduce_axis((0, KH), name="rh")
         rw = te.reduce_axis((0, KW), name="rw")
         if spec.vnni:
-            return _vnni_conv(spec, name, expose_acc, [x, counts, sign, normal, shift, scale, bias, n], padded, finish)
+            return _vnni_conv(spec, name, expose_acc, params, q, padded, finish)
         if spec.channels_last:
             xq = te.compute((N, H + pt + pb, W + pl + pr, C), lambda b, h, w, c: padded(b, c, h, w), name="xq")
             acc = te.compute(
@@ -271,7 +341,7 @@ def psb_layer_kernel(spec: KernelSpec, name: str, expose_acc: bool = False) -> t
             )
             out = te.compute(spec.out_shape, lambda b, o, y, xx: finish(acc, o, b, o, y, xx), name="out")
             outputs = [acc, out] if expose_acc else [out]
-            func = te.create_prim_func([x, counts, sign, normal, shift, scale, bias, n] + outputs)
+            func = te.create_prim_func(params + outputs)
             return func.with_attrs({"global_symbol": name, "psb.kind": spec.kind, "psb.lowering": spec.lowering,
                                     "psb.layout": "channels_last", "op_pattern": 8})
         xq = te.compute((N, C, H + pt + pb, W + pl + pr), padded, name="xq")
@@ -290,7 +360,7 @@ def psb_layer_kernel(spec: KernelSpec, name: str, expose_acc: bool = False) -> t
         out = te.compute(spec.out_shape, lambda b, o, y, xx: finish(acc, o, b, o, y, xx), name="out")
 
     outputs = [acc, out] if expose_acc else [out]
-    func = te.create_prim_func([x, counts, sign, normal, shift, scale, bias, n] + outputs)
+    func = te.create_prim_func(params + outputs)
     return func.with_attrs(
         {
             "global_symbol": name,
@@ -301,28 +371,35 @@ def psb_layer_kernel(spec: KernelSpec, name: str, expose_acc: bool = False) -> t
     )
 
 
-def _vnni_conv(spec: KernelSpec, name, expose_acc, params, padded, finish):
+def _vnni_conv(spec: KernelSpec, name, expose_acc, params, q, padded, finish):
     """Conv with the reduction blocked as (C/4, 4) and outputs as (O/16, 16): the shape of x86's
-    ``vpdpbusd`` (see ``schedules/cpu/psb_conv2d.py``, which tensorizes it)."""
-    x, counts, sign, normal, shift, scale, bias, n = params
+    ``vpdpbusd`` (see ``schedules/cpu/psb_conv2d.py``, which tensorizes it). ``C`` is rounded up
+    to 4 with zero activations and zero weights.
+
+    ``vpdpbusd`` multiplies unsigned by signed bytes. Signed (int8) activations are stored offset,
+    ``x + 128`` as uint8, and the offset is taken back exactly per output channel:
+    ``sum x*q = sum (x+128)*q - 128 * wsum``, ``wsum[o] = sum q[o, ...]`` (integers, no rounding;
+    ``KernelSpec.vnni`` checks that the offset sums still fit int32). Padding becomes 128 as well,
+    so the correction is the same at every output position.
+    """
     N, C, H, W = spec.x_shape
     O, Cg, KH, KW = spec.w_shape
     pt, pl, pb, pr = spec.padding
     sh, sw = spec.stride
     dh, dw = spec.dilation
-    n32 = n.astype("int32")
+    C4 = spec.vnni_channels
+    offset = spec.act_signed
 
-    def q_value(o, c, kh, kw):
-        i = (o, c, kh, kw)
-        mag = (normal[i].astype("int32") * n32 + counts[i].astype("int32")) << shift[i].astype("int32")
-        return (sign[i].astype("int32") * mag).astype("int8")
+    def xq_value(b, h, w, c):
+        v = padded(b, tirx.min(c, C - 1) if C4 != C else c, h, w)
+        if offset:
+            v = (v.astype("int32") + 128).astype("uint8")
+        return tirx.if_then_else(c < C, v, tirx.const(0, "uint8")) if C4 != C else v
 
-    q = te.compute((O // 16, KH, KW, Cg // 4, 16, 4),
-                   lambda ob, kh, kw, c4, oi, ci: q_value(ob * 16 + oi, c4 * 4 + ci, kh, kw), name="q")
-    xq = te.compute((N, H + pt + pb, W + pl + pr, C), lambda b, h, w, c: padded(b, c, h, w), name="xq")
+    xq = te.compute((N, H + pt + pb, W + pl + pr, C4), xq_value, name="xq")
     rh = te.reduce_axis((0, KH), name="rh")
     rw = te.reduce_axis((0, KW), name="rw")
-    rc = te.reduce_axis((0, Cg // 4), name="rc")
+    rc = te.reduce_axis((0, C4 // 4), name="rc")
     rk = te.reduce_axis((0, 4), name="rk")
     _, _, OH, OW = spec.out_shape
     acc = te.compute(
@@ -334,11 +411,23 @@ def _vnni_conv(spec: KernelSpec, name, expose_acc, params, padded, finish):
         ),
         name="acc",
     )
-    out = te.compute(spec.out_shape, lambda b, o, y, xx: finish(acc, o, b, y, xx, o), name="out")
+    true_acc = acc
+    if offset:
+        sh_, sw_, sc, sk = (te.reduce_axis((0, e), name=f"s{i}") for i, e in enumerate((KH, KW, C4 // 4, 4)))
+        wsum = te.compute((O // 16, 16), lambda ob, oi: te.sum(q[ob, sh_, sw_, sc, oi, sk].astype("int32"),
+                                                               axis=[sh_, sw_, sc, sk]), name="wsum")
+
+        class _Corrected:  # acc[b, y, x, o] - 128 * wsum[o], read where the epilogue reads acc
+            def __getitem__(self, idx):
+                o = idx[3]
+                return acc[idx] - wsum[o // 16, o % 16] * tirx.const(128, "int32")
+
+        true_acc = _Corrected()
+    out = te.compute(spec.out_shape, lambda b, o, y, xx: finish(true_acc, o, b, y, xx, o), name="out")
     outputs = [out]
     if expose_acc:  # the accumulators in the common NCHW layout, for tests
-        outputs = [te.compute(spec.out_shape, lambda b, o, y, xx: acc[b, y, xx, o], name="acc_nchw"), out]
-    func = te.create_prim_func([x, counts, sign, normal, shift, scale, bias, n] + outputs)
+        outputs = [te.compute(spec.out_shape, lambda b, o, y, xx: true_acc[b, y, xx, o], name="acc_nchw"), out]
+    func = te.create_prim_func(params + outputs)
     return func.with_attrs({"global_symbol": name, "psb.kind": spec.kind, "psb.lowering": spec.lowering,
                             "psb.layout": "vnni", "op_pattern": 8})
 
@@ -487,7 +576,7 @@ def psb_masked_kernel(spec: KernelSpec, name: str) -> tvm.tirx.PrimFunc:
     slot = te.placeholder(slot_shape, "int32", name="slot")
     n = tirx.Var("n", "int64")
     m = tirx.Var("m", "int64")
-    q = _weight_stage(spec, counts, sign, normal, shift, n)
+    q = _weight_stage(spec, counts, sign, normal, shift, n, layout="OI" if spec.kind == "dense" else "OIHW")
     inv_n = tirx.const(1.0, "float32") / n.astype("float32")
     rb = te.reduce_axis((0, _shiftadd_bits(spec)), name="rb") if spec.lowering == "shiftadd" else None
 

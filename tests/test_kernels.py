@@ -27,6 +27,7 @@ from psb_tvm.schedules.kernels import (
     LOWERINGS,
     KernelSpec,
     bitserial_levels,
+    pack_weights,
     psb_layer_kernel,
     psb_masked_kernel,
     psb_sample_kernel,
@@ -153,7 +154,12 @@ def execute(spec: Case, x, enc, scale, bias):
     sampler(tvm.runtime.tensor(enc.threshold, DEV), 0, spec.n, spec.seed, counts)
     np.testing.assert_array_equal(counts.numpy(), nm.sample_counts(enc, spec.n, spec.seed, spec.layer))
     base = (scale * np.float32(spec.n)).astype(np.float32)
-    args = [tvm.runtime.tensor(x, DEV), counts] + [tvm.runtime.tensor(a, DEV) for a in (enc.sign, enc.normal, enc.shift, base, bias)]
+    if spec.prepacked:  # the frozen form: integer weights from these counts, in the kernel's layout
+        q = pack_weights(spec, nm.weights_from_counts(enc, counts.numpy(), spec.n))
+        weights = [tvm.runtime.tensor(q, DEV)]
+    else:
+        weights = [counts] + [tvm.runtime.tensor(a, DEV) for a in (enc.sign, enc.normal, enc.shift)]
+    args = [tvm.runtime.tensor(x, DEV)] + weights + [tvm.runtime.tensor(a, DEV) for a in (base, bias)]
     acc = tvm.runtime.empty(spec.out_shape, spec.acc_dtype, DEV)
     out = tvm.runtime.empty(spec.out_shape, "float32", DEV)
     layer(*args, spec.n, acc, out)
@@ -481,19 +487,60 @@ VNNI_CASES = {
     "stride2_asym": ((1, 4, 11, 9), (16, 4, 3, 3), dict(stride=(2, 2), padding=(0, 1, 1, 0))),
     "dilation2": ((1, 8, 10, 10), (16, 8, 3, 3), dict(dilation=(2, 2), padding=(2, 2, 2, 2))),
     "width7": ((1, 16, 4, 7), (48, 16, 3, 3), dict(padding=(1, 1, 1, 1))),
+    # channels rounded up to 4 with zeros: an RGB stem, and 6 -> 8
+    "stem_c3": ((1, 3, 13, 11), (16, 3, 7, 7), dict(stride=(2, 2), padding=(3, 3, 3, 3))),
+    "c6": ((1, 6, 5, 6), (16, 6, 3, 3), dict(padding=(1, 1, 1, 1))),
 }
 
 
+@pytest.mark.parametrize("signed", [False, True], ids=["uint8", "int8"])
 @pytest.mark.parametrize("n,E", [(1, 4), (4, 4), (8, 3)])
 @pytest.mark.parametrize("case", list(VNNI_CASES))
-def test_vnni_conv_bit_exact(case, n, E):
-    """The int8 preset (uint8 activations, int8 weights) takes the tensorized vpdpbusd path."""
+def test_vnni_conv_bit_exact(case, n, E, signed):
+    """The int8 preset (8-bit activations, int8 weights) takes the tensorized vpdpbusd path; signed
+    activations go in offset by 128 and come out corrected by the per-channel weight sums."""
     i = list(VNNI_CASES).index(case)
     seed, layer = SEEDS_LAYERS[(i + n) % len(SEEDS_LAYERS)]
     spec = conv_spec(VNNI_CASES[case], "intdot", n, seed, layer, activation=ACTS[i % len(ACTS)], E=E,
-                     act_signed=False)
-    assert spec.vnni and spec.q_dtype == "int8" and spec.act_dtype == "uint8"
+                     act_signed=signed)
+    assert spec.vnni and spec.q_dtype == "int8" and spec.act_dtype == ("int8" if signed else "uint8")
     check(spec, seed, layer)
+
+
+PREPACKED_CASES = {  # one per weight layout: OIHW (grouped), OHWI (channels last), vnni, OI (dense)
+    "oihw_depthwise": lambda n: conv_spec("depthwise_x2", "intdot", n, 3, 1),
+    "ohwi_3x3": lambda n: conv_spec("3x3_pad1", "intdot", n, 3, 1),
+    "vnni_3x3": lambda n: conv_spec(VNNI_CASES["3x3_pad1"], "intdot", n, 3, 1, E=3, act_signed=False),
+    "vnni_stem_c3": lambda n: conv_spec(VNNI_CASES["stem_c3"], "intdot", n, 3, 1, E=3, act_signed=True),
+    "oi_dense": lambda n: dense_spec("5x300x17", "intdot", n, 3, 1),
+}
+
+
+@pytest.mark.parametrize("n", [1, 8])
+@pytest.mark.parametrize("case", list(PREPACKED_CASES))
+def test_prepacked_weights_bit_exact(case, n):
+    """Frozen modules pass q already in the kernel's layout (``pack_weights``): same bits as the
+    reference, and the kernel has no weight stage left."""
+    spec = PREPACKED_CASES[case](n)
+    spec = dataclasses.replace(spec, prepacked=True)
+    assert spec.weight_layout == {"oihw": "OIHW", "ohwi": "OHWI", "vnni": "vnni", "oi": "OI"}[case.split("_")[0]]
+    func = psb_layer_kernel(spec, "psb_test_prepacked")
+    assert [p.name for p in func.params][:2] == ["x", "q"] and len(func.params) == 6  # x q scale bias n out
+    check(spec, 3, 1)
+
+
+def test_pack_weights_rejects_wrong_shapes_and_values():
+    spec = conv_spec(VNNI_CASES["stem_c3"], "intdot", 8, 3, 1, E=3, act_signed=False)
+    q = np.ones(spec.w_shape, np.int64)
+    packed = pack_weights(spec, q)
+    assert packed.shape == (1, 7, 7, 1, 16, 4) and packed.dtype == np.int8
+    assert packed[..., :3].sum() == q.size and not packed[..., 3].any()  # the 4th channel is padding
+    with pytest.raises(ValueError, match="kernel wants"):
+        pack_weights(spec, q[:, :2])
+    with pytest.raises(ValueError, match="do not fit int8"):
+        pack_weights(spec, q * 300)
+    with pytest.raises(ValueError, match="need the intdot lowering"):
+        psb_layer_kernel(dataclasses.replace(conv_spec("1x1", "shiftadd", 4), prepacked=True), "x")
 
 
 def test_vnni_kernel_contains_vpdpbusd():

@@ -68,6 +68,16 @@ def schedule_bitserial_packs(sch: s_tir.Schedule) -> None:
             sch.unroll(rj)
 
 
+def _finish_nhwc(sch: s_tir.Schedule) -> set:
+    """The NCHW epilogue ``out`` (and the tests' ``acc_nchw``) of an NHWC accumulator; returns the
+    kernel's block names."""
+    parallel_vectorize(sch, sch.get_sblock("out"))
+    names = {sch.get(block).name_hint for block in sch.get_child_blocks(sch.get_sblock("root"))}
+    if "acc_nchw" in names:
+        parallel_vectorize(sch, sch.get_sblock("acc_nchw"))
+    return names
+
+
 def _has_vnni(target: Target) -> bool:
     mcpu = str(target.attrs.get("mcpu", "") or "")
     features = [str(f) for f in (target.attrs.get("mattr", None) or [])]
@@ -115,8 +125,12 @@ def _schedule_vnni(sch: s_tir.Schedule, acc, target: Target) -> s_tir.Schedule:
             from tvm.s_tir.tensor_intrin.x86 import AVX512_DOT_16x4_INTRIN
 
             sch.tensorize(oi, AVX512_DOT_16x4_INTRIN)
-    parallel_vectorize(sch, sch.get_sblock("out"))
-    names = {sch.get(block).name_hint for block in sch.get_child_blocks(sch.get_sblock("root"))}
-    if "acc_nchw" in names:  # the NCHW copy of the accumulators that test builds expose
-        parallel_vectorize(sch, sch.get_sblock("acc_nchw"))
+    names = _finish_nhwc(sch)
+    if "wsum" in names:  # per-channel weight sums of the signed-activation offset: 16 lanes wide
+        wsum = sch.get_sblock("wsum")
+        wo, wi, *red = sch.get_loops(wsum)
+        sch.reorder(wo, *red, wi)
+        sch.parallel(wo)
+        sch.vectorize(wi)
+        sch.vectorize(sch.get_loops(sch.decompose_reduction(wsum, red[0]))[-1])
     return sch

@@ -32,9 +32,12 @@ class PSBSample(CPUScheduleRule):
 
 
 def schedule_shared_stages(sch: s_tir.Schedule) -> None:
-    """Layer kernels: parallel weight stage ``q``, parallel + vectorized activation stage ``xq``."""
-    q = sch.get_sblock("q")
-    _parallel_spatial(sch, q, len(sch.get_loops(q)))
+    """Layer kernels: parallel weight stage ``q`` (absent when the weights are prepacked), parallel +
+    vectorized activation stage ``xq``."""
+    names = {sch.get(b).name_hint for b in sch.get_child_blocks(sch.get_sblock("root"))}
+    if "q" in names:
+        q = sch.get_sblock("q")
+        _parallel_spatial(sch, q, len(sch.get_loops(q)))
     xq = sch.get_sblock("xq")
     loops = sch.get_loops(xq)
     if sch.get(xq).name_hint == "xq" and len(loops) == 4 and loop_extents(sch, loops[3:])[0] >= 32:
