@@ -11,7 +11,7 @@
 2. **Kernels**: the PSB layer kernels of the largest ResNet-18 convs and a few MobileNetV2 layers
    (batch 1, 224x224 input), built standalone exactly as ``tests/test_kernels.py`` does (TE kernel +
    the default CPU rule ``PSBConv2D`` for the host target), for the ``int8`` preset (E=3, n_max=8,
-   uint8 activations: the ``vpdpbusd`` path where 16 | O and 4 | C) and the default ``int16``
+   8-bit activations: the ``vpdpbusd`` path where 16 | O) and the default ``int16``
    preset (E=4, n_max=64), run at n=8 with ``TVM_NUM_THREADS=2``; ``time_evaluator`` median.
    The sampler (n=8 samples of every weight) and the kernel's two per-call preparation stages
    (``q``: integer weights from the counts; ``xq``: quantized, padded activations) are timed
@@ -32,6 +32,7 @@ os.environ["TVM_NUM_THREADS"] = str(THREADS)
 os.environ.setdefault("OMP_NUM_THREADS", str(THREADS))
 
 import argparse  # noqa: E402
+import dataclasses  # noqa: E402
 import datetime  # noqa: E402
 import json  # noqa: E402
 import pathlib  # noqa: E402
@@ -134,8 +135,9 @@ LAYERS = {
                                         dict(padding=(1, 1, 1, 1)), "relu", False),
     "resnet18.layer4 3x3 512ch 7x7": ("resnet18", (1, 512, 7, 7), (512, 512, 3, 3),
                                       dict(padding=(1, 1, 1, 1)), "relu", False),
-    "mobilenetv2.features.2.expand 1x1 24->144 56x56": ("mobilenetv2", (1, 24, 56, 56), (144, 24, 1, 1), {},
-                                                        ("clip", 0.0, 6.0), False),
+    # its input is the previous block's linear projection: signed activations
+    "mobilenetv2.features.3.expand 1x1 24->144 56x56": ("mobilenetv2", (1, 24, 56, 56), (144, 24, 1, 1), {},
+                                                        ("clip", 0.0, 6.0), True),
     "mobilenetv2.features.2.dw 3x3 dw 144ch 56x56": ("mobilenetv2", (1, 144, 56, 56), (144, 1, 3, 3),
                                                      dict(padding=(1, 1, 1, 1), groups=144), ("clip", 0.0, 6.0),
                                                      False),
@@ -254,7 +256,7 @@ def _stage_funcs(spec):
     ``schedules/kernels.py`` (layout per path) and scheduled as ``schedule_shared_stages`` does."""
     from tvm import te, tirx
 
-    from psb_tvm.schedules.kernels import COUNTS_DTYPE, _padded
+    from psb_tvm.schedules.kernels import COUNTS_DTYPE, _padded, _weight_stage
 
     N, C, H, W = spec.x_shape
     O, Cg, KH, KW = spec.w_shape
@@ -263,22 +265,8 @@ def _stage_funcs(spec):
     sign, normal, shift = (te.placeholder(spec.w_shape, "int8", name=nm) for nm in ("sign", "normal", "shift"))
     x = te.placeholder(spec.x_shape, "float32", name="x")
     n = tirx.Var("n", "int64")
-    n32 = n.astype("int32")
-    qdt = "int8" if spec.vnni else spec.q_dtype
-
-    def q_value(o, c, kh, kw):
-        i = (o, c, kh, kw)
-        mag = (normal[i].astype("int32") * n32 + counts[i].astype("int32")) << shift[i].astype("int32")
-        return (sign[i].astype("int32") * mag).astype(qdt)
-
     padded = _padded(spec, x)
-    if spec.vnni:
-        q = te.compute((O // 16, KH, KW, Cg // 4, 16, 4),
-                       lambda ob, kh, kw, c4, oi, ci: q_value(ob * 16 + oi, c4 * 4 + ci, kh, kw), name="q")
-    elif spec.channels_last:
-        q = te.compute((O, KH, KW, Cg), lambda o, kh, kw, c: q_value(o, c, kh, kw), name="q")
-    else:
-        q = te.compute(spec.w_shape, q_value, name="q")
+    q = _weight_stage(spec, counts, sign, normal, shift, n)
     if spec.vnni or spec.channels_last:
         xq = te.compute((N, H + pt + pb, W + pl + pr, C), lambda b, h, w, c: padded(b, c, h, w), name="xq")
     else:
@@ -308,7 +296,7 @@ def time_layer(name: str, layer: tuple, preset: str, target, number: int, repeat
 
     from psb_tvm import numerics as nm
     from psb_tvm.schedules.cpu import PSBConv2D, PSBSample
-    from psb_tvm.schedules.kernels import psb_layer_kernel, psb_sample_kernel
+    from psb_tvm.schedules.kernels import pack_weights, psb_layer_kernel, psb_sample_kernel
 
     dev = tvm.cpu()
     spec = make_spec(layer, preset)
@@ -352,7 +340,16 @@ def time_layer(name: str, layer: tuple, preset: str, target, number: int, repeat
     if spec.vnni:  # output pixels per register tile in _schedule_vnni = independent vpdpbusd chains
         from psb_tvm.schedules.cpu.common import largest_divisor
 
-        row["vnni_pixel_tile"] = largest_divisor(spec.out_shape[3], 4)
+        row["vnni_pixel_tile"] = largest_divisor(spec.out_shape[3], 8)
+    # The frozen form: the same draw's integer weights prepacked at compile time (no weight stage).
+    pp_spec = dataclasses.replace(spec, prepacked=True)
+    pp_lib = _compile(psb_layer_kernel(pp_spec, "psb_roofline_prepacked"), PSBConv2D(), target)
+    packed = pack_weights(pp_spec, nm.weights_from_counts(enc, counts.numpy(), RUN_SAMPLES))
+    pp_out = tvm.runtime.empty(spec.out_shape, "float32", dev)
+    pp_args = [args[0]] + [tvm.runtime.tensor(a, dev) for a in packed] + args[5:]
+    row["prepacked_ms"], _ = median_ms(pp_lib, "psb_roofline_prepacked", *pp_args, RUN_SAMPLES, pp_out)
+    np.testing.assert_array_equal(pp_out.numpy(), out.numpy())  # same draw, same bits
+    row["prepacked_gmac_per_s"] = macs / (row["prepacked_ms"] * 1e-3) / 1e9
     smp_ms, _ = median_ms(sampler, "psb_roofline_sample", thr, 0, RUN_SAMPLES, 7, counts)
     row["sample_ms"] = smp_ms
     row["sample_ns_per_weight_sample"] = smp_ms * 1e6 / (enc.threshold.size * RUN_SAMPLES)
@@ -399,6 +396,7 @@ def add_fractions(rows: list, peak: dict) -> None:
     p = peak.get("peak_gmac_per_s")
     for r in rows:
         r["fraction_of_peak"] = r["gmac_per_s"] / p if p else None
+        r["prepacked_fraction_of_peak"] = r["prepacked_gmac_per_s"] / p if p and "prepacked_gmac_per_s" in r else None
         r["large"] = r["macs"] >= LARGE_CONV_MACS and r["groups"] == 1
 
 
@@ -429,19 +427,30 @@ def markdown(result: dict) -> str:
               f"run at n={RUN_SAMPLES} with `TVM_NUM_THREADS={THREADS}`; median of `time_evaluator` "
               f"({result['meta']['number']} calls x {result['meta']['repeat']} repeats). MACs = "
               "N·O·OH·OW·(C/groups)·KH·KW. Fraction = achieved GMAC/s / measured 2-thread int8 peak "
-              "(int16 rows: int16 weights, compared with the same int8 peak). `q`, `xq`: the kernel's "
-              "per-call weight and activation preparation stages timed standalone; `sampler`: the separate "
-              f"sampling kernel for {RUN_SAMPLES} samples (not part of the layer time).", "",
-              "| layer | preset | path | MACs (M) | ms | GMAC/s | % of peak | q ms | xq ms | sampler ms |",
-              "|---|---|---|---|---|---|---|---|---|---|"]
+              "(int16 rows: int16 weights, compared with the same int8 peak). *Sampled*: the kernel of a module with "
+              "run-time n (builds its integer weights from the counts on every call); *frozen*: the kernel of a "
+              "`frozen=True` module, same draw, integer weights prepacked at compile time (outputs checked equal). "
+              "`q`, `xq`: the sampled kernel's per-call weight and activation preparation stages timed "
+              f"standalone; `sampler`: the separate sampling kernel for {RUN_SAMPLES} samples (sampled modules "
+              "only; not part of the layer time).", "",
+              "| layer | preset | path | MACs (M) | sampled ms | GMAC/s | % of peak | frozen (prepacked) ms | GMAC/s | "
+              "% of peak | q ms | xq ms | sampler ms |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+
+    def frac(r, key):
+        f = r.get(key)
+        if f is None:
+            return "n/a"
+        mark = (" ✓" if f >= TARGET_FRACTION else " ✗") if r.get("large") and r["preset"] == "int8" else ""
+        return f"{100 * f:.1f}%{mark}"
+
     for r in rows:
-        frac = f"{100 * r['fraction_of_peak']:.1f}%" if r.get("fraction_of_peak") is not None else "n/a"
-        if r.get("large") and r.get("fraction_of_peak") is not None and r["preset"] == "int8":
-            frac += " ✓" if r["fraction_of_peak"] >= TARGET_FRACTION else " ✗"
         path = r["path"] + ("" if r["path"] != "vnni" or r["vpdpbusd_in_asm"] else " (no vpdpbusd!)")
         lines.append(f"| {r['layer']} | {r['preset']} | {path} | {r['macs'] / 1e6:.1f} | {r['ms']:.3f} | "
-                     f"{r['gmac_per_s']:.1f} | {frac} | {r.get('q_stage_ms', float('nan')):.3f} | "
-                     f"{r.get('xq_stage_ms', float('nan')):.3f} | {r['sample_ms']:.3f} |")
+                     f"{r['gmac_per_s']:.1f} | {frac(r, 'fraction_of_peak')} | {r.get('prepacked_ms', float('nan')):.3f} | "
+                     f"{r.get('prepacked_gmac_per_s', float('nan')):.1f} | {frac(r, 'prepacked_fraction_of_peak')} | "
+                     f"{r.get('q_stage_ms', float('nan')):.3f} | {r.get('xq_stage_ms', float('nan')):.3f} | "
+                     f"{r['sample_ms']:.3f} |")
     if result.get("errors"):
         lines += ["", "Failed:", ""] + [f"- {k}: {v}" for k, v in result["errors"].items()]
     lines += ["", f"✓ / ✗: int8 preset, groups=1 conv with >= {LARGE_CONV_MACS // 10**6} M MACs, against the "
@@ -455,11 +464,12 @@ def analysis(rows: list) -> list[str]:
     """Observations computed from the rows (the fixed explanation lives in the md template below)."""
     out = []
     large = [r for r in rows if r.get("large") and r["preset"] == "int8" and r.get("fraction_of_peak") is not None]
-    if large:
-        hit = [r for r in large if r["fraction_of_peak"] >= TARGET_FRACTION]
-        out.append(f"- {len(hit)} of {len(large)} large int8 conv layers reach {TARGET_FRACTION:.0%} of the "
-                   f"measured peak (best {max(r['fraction_of_peak'] for r in large):.1%}, worst "
-                   f"{min(r['fraction_of_peak'] for r in large):.1%}).")
+    for key, label in (("prepacked_fraction_of_peak", "frozen (prepacked)"), ("fraction_of_peak", "sampled")):
+        rs = [r for r in large if r.get(key) is not None]
+        if rs:
+            hit = [r for r in rs if r[key] >= TARGET_FRACTION]
+            out.append(f"- {label}: {len(hit)} of {len(rs)} large int8 conv layers reach {TARGET_FRACTION:.0%} of "
+                       f"the measured peak (best {max(r[key] for r in rs):.1%}, worst {min(r[key] for r in rs):.1%}).")
     for r in rows:
         if r.get("stages_fraction") is not None and r["preset"] == "int8" and r["stages_fraction"] >= 0.15:
             out.append(f"- {r['layer']} ({r['preset']}): the per-call `q` + `xq` stages take "
@@ -475,19 +485,21 @@ STATIC_ANALYSIS = [
     "- **Accumulator chains (vnni path).** `_schedule_vnni` tiles `xt = largest_divisor(OW, 8)` output pixels "
     "x 16 channels; LLVM unrolls the whole reduction and keeps the `xt` accumulators in registers, each an "
     "independent vpdpbusd chain (OW=56: 8, OW=14: 7, OW=7: 7). With a cap of 4 (1-4 chains) the 14x14 and 7x7 "
-    "layers were latency-bound and up to 1.7x slower.",
-    "- **Weight stage recomputed per call.** `q = s*(n*normal+counts) << shift` is rebuilt on every call from "
-    "four OIHW arrays into the packed `[O/16,KH,KW,C/4,16,4]` layout by a scalar (parallel, not vectorized) "
-    "gather loop. Its cost scales with the weight count, not the MACs: for 512x512x3x3 (2.4 M weights, 49 MACs "
-    "per weight) it is about as long as the whole conv (column `q ms`).",
-    "- **Sampler.** The sampling kernel (not part of the layer time) hashes every weight x sample: ~0.5 ns per "
+    "layers were latency-bound and up to 1.7x slower. The epilogue (scale, bias, activation, NHWC -> NCHW) runs "
+    "right after each tile while its accumulators are hot; as a separate pass it cost 1.4-3.6x more.",
+    "- **Weight stage (sampled modules).** `q = s*(n*normal+counts) << shift` is rebuilt on every call from "
+    "four OIHW arrays into the packed `[O/16,KH,KW,C/4,16,4]` layout (column `q ms`). Its cost scales with the "
+    "weight count, not the MACs: for 512x512x3x3 (2.4 M weights, 49 MACs per weight) it is most of the kernel. "
+    "Frozen modules take `q` prepacked at compile time, which is the gap between the two timing columns.",
+    "- **Sampler.** The sampling kernel (sampled modules only) hashes every weight x sample: ~0.5 ns per "
     "weight-sample; with n=8 it costs more than the conv itself for the 256/512-channel layers.",
-    "- **Non-vnni paths.** The 7x7/2 stem (C=3, not 4 | C) takes the channels_last path (a 21-element "
-    "contiguous (KW x C) reduction per kernel row, ~10 GMAC/s); depthwise convs use the NCHW path (vectorized "
-    "over output columns, reduction outside): no dot-product instructions, ~3 GMAC/s.",
+    "- **Stem and signed activations.** The 7x7/2 stem has C=3: the vnni layout rounds C up to 4 with zero "
+    "weights; its input is signed, so the activations go in offset to uint8 (+128) and each output channel is "
+    "corrected by -128 x its weight sum (exact). Depthwise convs use the NCHW path (vectorized over output "
+    "columns, reduction outside): no dot-product instructions (an NHWC variant vectorized over channels "
+    "measured no faster: the layout transposes cost what the contiguous loads save).",
     "- **int16 preset.** int16 weights take the channels_last path (LLVM dot products over contiguous "
-    "channels, one horizontal reduction per output): 3-4x slower than vnni on the 56x56 / 28x28 layers; on "
-    "512ch 7x7 both presets are limited by the per-call weight stage and the vnni path by its single chain.",
+    "channels, one horizontal reduction per output): 3-4x slower than vnni on the 56x56 / 28x28 layers.",
     "- **Noise.** Two vCPUs shared with other jobs: a kernel of 1-3 ms whose 2 threads are split statically "
     "loses a whole time slice when one vCPU is taken; stage and kernel times are medians but can still be off "
     "by ~2x between runs. Compare rows of one run only.",

@@ -7,8 +7,10 @@ Per model it builds, in this process:
 
 * ``psb_n{1,4,8,16}``: one psb_tvm module (compiled once, n chosen at run time with ``run(samples=n)``);
 * ``psb_frozen_n8``: psb_tvm compiled with ``frozen=True`` at n=8 (draw baked into constants);
-* ``psb_int8_n8``: the ``PSBConfig.preset("int8")`` module (E=3, n_max=8: int8 weights x uint8
+* ``psb_int8_n8``: the ``PSBConfig.preset("int8")`` module (E=3, n_max=8: int8 weights x 8-bit
   activations on VNNI where the layer fits) at n=8;
+* ``psb_int8_frozen_n8``: the int8 preset compiled with ``frozen=True`` at n=8 (integer weights
+  prepacked at compile time: the deployment form);
 * ``tvm_fp32``: the same compiler with ``PSBConfig(include=())`` (every layer float);
 * ``ort_fp32``: ONNX Runtime, default graph optimizations;
 * ``ort_int8``: ONNX Runtime static int8 (``quant_pre_process`` then ``quantize_static``, QDQ,
@@ -53,7 +55,8 @@ import models as bench_models  # noqa: E402
 ALL_MODELS = ("resnet18", "mobilenetv2", "digits")
 PSB_SAMPLES = (1, 4, 8, 16)
 FROZEN_SAMPLES = 8
-PSB_VARIANTS = [f"psb_n{n}" for n in PSB_SAMPLES] + [f"psb_frozen_n{FROZEN_SAMPLES}", "psb_int8_n8"]
+SAMPLED_VARIANTS = [f"psb_n{n}" for n in PSB_SAMPLES]  # one module, n chosen at run time
+PSB_VARIANTS = SAMPLED_VARIANTS + [f"psb_frozen_n{FROZEN_SAMPLES}", "psb_int8_n8", "psb_int8_frozen_n8"]
 BASELINES = ["tvm_fp32", "ort_fp32", "ort_int8"]
 VARIANTS = PSB_VARIANTS + BASELINES
 RATIO_BASES = {"vs_ort_fp32": "ort_fp32", "vs_ort_int8": "ort_int8", "vs_tvm_fp32": "tvm_fp32"}
@@ -194,7 +197,7 @@ def build_variants(name: str, data: dict, workdir: pathlib.Path, bar, trials: in
         return result
 
     calib = {"input": data["psb_calibration"]}
-    psb = attempt(PSB_VARIANTS[:-2], "psb", lambda: build("psb", samples=16, seed=0, input_shapes=shapes, calibration=calib))
+    psb = attempt(SAMPLED_VARIANTS, "psb", lambda: build("psb", samples=16, seed=0, input_shapes=shapes, calibration=calib))
     if psb is not None:
         for n in PSB_SAMPLES:
             fns[f"psb_n{n}"] = (lambda m, n: lambda x: m.run(x, samples=n))(psb, n)
@@ -211,8 +214,12 @@ def build_variants(name: str, data: dict, workdir: pathlib.Path, bar, trials: in
         "psb_int8_n8", samples=8, seed=0, input_shapes=shapes, calibration=calib, config=psb_tvm.PSBConfig.preset("int8")))
     if int8 is not None:
         fns["psb_int8_n8"] = (lambda m: lambda x: m.run(x, samples=8))(int8)
-        info["int8_vnni_layers"] = sum(1 for l in int8.layers if l.get("status") == "psb" and l.get("act_dtype") == "uint8"
-                                       and l.get("q_dtype") == "int8")
+        info["int8_vnni_layers"] = sum(1 for l in int8.layers if l.get("weight_layout") == "vnni")
+    int8_frozen = attempt(["psb_int8_frozen_n8"], "psb_int8_frozen_n8", lambda: build(
+        "psb_int8_frozen_n8", samples=8, seed=0, input_shapes=shapes, calibration=calib, frozen=True,
+        config=psb_tvm.PSBConfig.preset("int8")))
+    if int8_frozen is not None:
+        fns["psb_int8_frozen_n8"] = int8_frozen.run
     fp32 = attempt(["tvm_fp32"], "tvm_fp32", lambda: build("tvm_fp32", input_shapes=shapes, config=psb_tvm.PSBConfig(include=())))
     if fp32 is not None:
         fns["tvm_fp32"] = fp32.run
@@ -228,7 +235,7 @@ def build_variants(name: str, data: dict, workdir: pathlib.Path, bar, trials: in
             t = time.perf_counter()
             out = np.asarray(fns[v](x_time))
             # TVM generates the machine code of an in-process executable lazily, at the first call
-            label = "psb" if v in PSB_VARIANTS[:-2] else v  # psb_n1..n16 share one module
+            label = "psb" if v in SAMPLED_VARIANTS else v  # psb_n1..n16 share one module
             info["first_call_s"].setdefault(label, round(time.perf_counter() - t, 3))
             if not np.all(np.isfinite(out)):
                 raise FloatingPointError("non-finite output")
@@ -391,7 +398,8 @@ def _fmt_ratio(r) -> str:
 
 
 LABELS = {"psb_n1": "psb_tvm n=1", "psb_n4": "psb_tvm n=4", "psb_n8": "psb_tvm n=8", "psb_n16": "psb_tvm n=16",
-          "psb_frozen_n8": "psb_tvm frozen n=8", "psb_int8_n8": "psb_tvm int8 preset n=8", "tvm_fp32": "TVM fp32", "ort_fp32": "ORT fp32",
+          "psb_frozen_n8": "psb_tvm frozen n=8", "psb_int8_n8": "psb_tvm int8 preset n=8",
+          "psb_int8_frozen_n8": "psb_tvm int8 preset frozen n=8", "tvm_fp32": "TVM fp32", "ort_fp32": "ORT fp32",
           "ort_int8": "ORT int8 (static QDQ)"}
 
 
@@ -418,7 +426,9 @@ def markdown(results: dict) -> str:
         f"- **Timing**: {meta['timing']}",
         "- **Variants**: `psb_tvm n=k` is ONE module compiled once (default n=16) and run with"
         " `run(x, samples=k)`, sampling the weights at run time; `frozen n=8` is compiled with `frozen=True`"
-        " (the n=8 draw baked into constants, no sampling at run time); `TVM fp32` is the same compiler with"
+        " (the n=8 draw baked into constants, no sampling at run time, integer weights prepacked in the kernels'"
+        " layouts); `int8 preset` uses `PSBConfig.preset(\"int8\")` (E=3, n_max=8: int8 weights, 8-bit activations,"
+        " VNNI dot products), sampled at run time or `frozen`; `TVM fp32` is the same compiler with"
         " `PSBConfig(include=())` (all layers float); `ORT fp32` is ONNX Runtime with all graph optimizations;"
         " `ORT int8` is `quant_pre_process` + `quantize_static` (QDQ, per-channel int8 weights, uint8 activations,"
         f" MinMax calibration on {ORT_CALIBRATION_COUNT} inputs). U8S8 is the fast path of ONNX Runtime's x86 VNNI"
@@ -463,8 +473,9 @@ def markdown(results: dict) -> str:
         if r.get("tuning_s"):
             lines.append("Tuning time (s): " + ", ".join(f"{k} {v:.0f}" for k, v in r["tuning_s"].items()) + ".")
         if "int8_vnni_layers" in r:
-            lines.append(f"int8 preset: {r['int8_vnni_layers']} of {r.get('psb_layers', '?')} PSB layers take uint8"
-                         " activations x int8 weights (VNNI dot products where the conv fits the packed layout).")
+            lines.append(f"int8 preset: {r['int8_vnni_layers']} of {r.get('psb_layers', '?')} PSB layers run on VNNI"
+                         " dot products (8-bit activations x int8 weights packed for `vpdpbusd`; the others: depthwise"
+                         " convs, 16 ∤ out channels, dense, use the plain integer kernels).")
         fc = r.get("first_call_s", {})
         if fc:
             lines.append("First call (s), not included above: " + ", ".join(f"{k} {v:.2f}" for k, v in fc.items())

@@ -52,7 +52,7 @@ class _Kernels:
     threshold: object
     encoding: list  # sign, normal, shift constants (empty when the weights are prepacked)
     epilogue: list  # scale, bias constants
-    packed: object = None  # frozen intdot layers: the prepacked integer weights constant
+    packed: list | None = None  # frozen intdot layers: the prepacked weight constants (pack_weights)
 
 
 def _symbol(prefix: str, name: str, index: int) -> str:
@@ -163,7 +163,7 @@ def rewrite_to_psb(mod: tvm.IRModule, layers: list[PSBLayer], frozen: dict | Non
         if frozen is not None and spec.lowering == "intdot":
             spec = dataclasses.replace(spec, prepacked=True)
             q = weights_from_counts(enc, frozen["counts"][ordinal], frozen["samples"][ordinal])
-            packed = relax.const(pack_weights(spec, q))
+            packed = [relax.const(a) for a in pack_weights(spec, q)]
 
         def add(prefix, make):
             symbol = _symbol(prefix, layer.name, site.index)
@@ -188,7 +188,7 @@ def rewrite_to_psb(mod: tvm.IRModule, layers: list[PSBLayer], frozen: dict | Non
     def plain_call(counts_of, n_of):
         def make(l, builder, data):
             kern = kernels[l]
-            weights = [kern.packed] if kern.packed is not None else [counts_of(l, builder)] + kern.encoding
+            weights = kern.packed if kern.packed is not None else [counts_of(l, builder)] + kern.encoding
             args = [data] + weights + kern.epilogue + [n_of(l)]
             return relax.call_tir(kernels[l].layer, args, out_ty=relax.TensorType(layers[l].spec.out_shape, "float32"))
 

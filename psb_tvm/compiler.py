@@ -166,7 +166,11 @@ def lower(onnx_model, target="llvm", samples: int = 16, seed: int = 0, input_sha
         bias = site.bias if site.bias is not None else np.zeros(site.weight.shape[0], np.float32)
         layers.append(PSBLayer(site.index, site.name, spec, enc, numerics.output_scale(enc.k_lo, frac, 1),
                                bias.astype(np.float32)))
-        info[site.index] = {"lowering": lowering, "lowering_source": lowering_source, "frac_bits": frac, "act_dtype": spec.act_dtype,
+        info[site.index] = {"lowering": lowering, "lowering_source": lowering_source,
+                            # the integer weights' layout in the kernel; "vnni": packed for vpdpbusd / sdot
+                            "weight_layout": spec.weight_layout if lowering == "intdot" else lowering,
+                            "prepacked": bool(frozen and lowering == "intdot"),
+                            "frac_bits": frac, "act_dtype": spec.act_dtype,
                             "acc_dtype": spec.acc_dtype, "q_dtype": spec.q_dtype, "act_max_abs": st.max_abs,
                             "layer_id": site.index, "out_shape": list(spec.out_shape),
                             # the paper's cost: one addition per weight, sample and output position

@@ -236,7 +236,14 @@ def _make_runner(rpc_tracker, rpc_key, threads, timeout):
         raise ConfigError("rpc_key is required with rpc_tracker (the key the device's RPC server registered)")
     config = ms.runner.RPCConfig(tracker_host=host, tracker_port=int(port), tracker_key=rpc_key,
                                  session_timeout_sec=timeout)
-    return ms.runner.RPCRunner(rpc_config=config, evaluator_config=evaluator, max_workers=1)
+    runner = ms.runner.RPCRunner(rpc_config=config, evaluator_config=evaluator, max_workers=1)
+    # TVM's RPCRunner measures in a worker pool without a timeout: once the device's server drops
+    # out, the tracker request in the worker blocks forever and so does tuning. With a timeout the
+    # worker is killed and the measurement reported as failed, like any other failed candidate.
+    from tvm.support.popen_pool import PopenPoolExecutor
+
+    runner.pool = PopenPoolExecutor(max_workers=1, timeout=timeout)
+    return runner
 
 
 def _progress_callback(total: int, tasks: list, enabled: bool):
@@ -268,7 +275,7 @@ def tune(onnx_model, target="llvm", work_dir: str = "psb_tuning", trials: int = 
          seed: int = 0, input_shapes: dict | None = None, calibration=None, config=None, frozen: bool = False,
          trials_per_task: int | None = None, num_threads: int | None = None, rpc_tracker: str | None = None,
          rpc_key: str | None = None, timeout: float = 30.0, progress: bool = True,
-         lowerings: tuple = ("intdot",)) -> TuneResult:
+         lowerings: tuple = ("intdot",), builder=None, runner=None) -> TuneResult:
     """Tune the kernels ``compile`` would build for this model and target; resumable.
 
     ``trials`` is the total number of measured candidates in ``work_dir``'s database: a second
@@ -279,6 +286,13 @@ def tune(onnx_model, target="llvm", work_dir: str = "psb_tuning", trials: int = 
     of ``compile``; use the same ones there with ``tuning_db=work_dir``. ``lowerings``: with more
     than one, every layer's kernel is tuned in each and the fastest is recorded per layer; a
     compile with ``lowering="auto"`` (the default) and this ``tuning_db`` then uses it.
+
+    Faults do not abort a run: a candidate that fails to build or run, or times out (``timeout``
+    seconds, per build and per measurement), or a dropped RPC server is recorded as a failed
+    trial and the search goes on; a task whose default schedule could not be measured warns
+    (``TuningWarning``) and keeps its default schedule at compile time. ``builder`` / ``runner``:
+    MetaSchedule ``Builder`` / ``Runner`` objects replacing the local builder and the local or RPC
+    runner (a build farm, a custom device session).
     """
     from .build import legalize
     from .compiler import lower
@@ -331,8 +345,8 @@ def tune(onnx_model, target="llvm", work_dir: str = "psb_tuning", trials: int = 
     start = time.time()
     with _env("TVM_NUM_THREADS", str(threads)):
         database = _open_json_database(work_dir)
-        builder = _make_builder(threads, timeout)
-        runner = _make_runner(rpc_tracker, rpc_key, threads, timeout)
+        builder = builder or _make_builder(threads, timeout)
+        runner = runner or _make_runner(rpc_tracker, rpc_key, threads, timeout)
         # 1. the default schedule of every task not in the database yet, measured and stored.
         todo = [(wl, names) for wl, names in tasks if not database.has_workload(wl)]
         if todo:

@@ -172,26 +172,32 @@ def _q_value(spec: KernelSpec, counts, sign, normal, shift, n32, i):
     return (sign[i].astype("int32") * mag).astype(spec.q_dtype)
 
 
-def pack_weights(spec: KernelSpec, q) -> "numpy.ndarray":
-    """Integer weights ``q`` [O, C/groups, KH, KW] (dense [O, K]) rearranged into the layer kernel's
-    ``weight_layout`` and cast to ``q_dtype``: what a prepacked kernel takes in place of the counts."""
+def pack_weights(spec: KernelSpec, q) -> list:
+    """The weight arguments of a prepacked kernel (what it takes in place of the counts), from the
+    integer weights ``q`` [O, C/groups, KH, KW] (dense [O, K]): ``q`` rearranged into the kernel's
+    ``weight_layout`` and cast to ``q_dtype``, and for the VNNI conv of signed activations the
+    offset correction ``wsum[o] = -128 * sum q[o, ...]`` (int32, see ``_vnni_conv``)."""
     import numpy as np
 
     q = np.asarray(q)
     if q.shape != tuple(spec.w_shape):
         raise ValueError(f"weights of shape {q.shape}, the kernel wants {tuple(spec.w_shape)}")
+    extra = []
+    if spec.vnni and spec.act_signed:
+        extra = [(-128 * q.reshape(q.shape[0], -1).astype(np.int64).sum(axis=1)).astype(np.int32)]
     layout = spec.weight_layout
+    packed = q
     if layout == "OHWI":
-        q = q.transpose(0, 2, 3, 1)
+        packed = q.transpose(0, 2, 3, 1)
     elif layout == "vnni":
         O, Cg, KH, KW = q.shape
         padded = np.zeros((O, spec.vnni_channels, KH, KW), q.dtype)
         padded[:, :Cg] = q
-        q = padded.reshape(O // 16, 16, spec.vnni_channels // 4, 4, KH, KW).transpose(0, 4, 5, 2, 1, 3)
-    out = np.ascontiguousarray(q).astype(spec.q_dtype)
-    if not np.array_equal(out.astype(np.int64), q.astype(np.int64)):
+        packed = padded.reshape(O // 16, 16, spec.vnni_channels // 4, 4, KH, KW).transpose(0, 4, 5, 2, 1, 3)
+    out = np.ascontiguousarray(packed).astype(spec.q_dtype)
+    if not np.array_equal(out.astype(np.int64), packed.astype(np.int64)):
         raise ValueError(f"weights do not fit {spec.q_dtype}")
-    return out
+    return [out] + extra
 
 
 def _weight_stage(spec: KernelSpec, counts, sign, normal, shift, n, layout: str | None = None):
@@ -225,8 +231,13 @@ def _weight_stage(spec: KernelSpec, counts, sign, normal, shift, n, layout: str 
 
 
 def _weight_params(spec: KernelSpec, q, counts, sign, normal, shift) -> list:
-    """The weight arguments of a layer kernel: ``[q]`` when prepacked, else the draw and encoding."""
-    return [q] if spec.prepacked else [counts, sign, normal, shift]
+    """The weight arguments of a layer kernel: those of ``pack_weights`` when prepacked (``q`` and,
+    for the VNNI conv of signed activations, ``wsum``), else the draw and the encoding."""
+    if not spec.prepacked:
+        return [counts, sign, normal, shift]
+    if spec.vnni and spec.act_signed:
+        return [q, te.placeholder((spec.w_shape[0],), "int32", name="wsum")]
+    return [q]
 
 
 def _shiftadd_bits(spec: KernelSpec) -> int:
@@ -344,15 +355,34 @@ def psb_layer_kernel(spec: KernelSpec, name: str, expose_acc: bool = False) -> t
             func = te.create_prim_func(params + outputs)
             return func.with_attrs({"global_symbol": name, "psb.kind": spec.kind, "psb.lowering": spec.lowering,
                                     "psb.layout": "channels_last", "op_pattern": 8})
-        xq = te.compute((N, C, H + pt + pb, W + pl + pr), padded, name="xq")
         axes = [rc, rh, rw]
         rb = None
         if shiftadd:
             rb = te.reduce_axis((0, _shiftadd_bits(spec)), name="rb")
             axes = [rc, rh, rw, rb]
+        # Rows of xq are padded with zeros (never read) to a multiple of 16 columns: the
+        # activation stage is vectorized along rows, and an odd row width (30 = 15 lanes) made a
+        # 192-channel 28x28 depthwise conv 10x slower per MAC than a 14x14 one.
+        def row(width):
+            return -(-width // 16) * 16
+
+        if sw > 1 and dw == 1:
+            # Strided conv: columns split by phase, xq[b, c, h, p, j] = column s*j + p, so the
+            # vectorized reads of consecutive output columns are contiguous (a stride-2 depthwise
+            # conv spent most of its time in gathers).
+            xq = te.compute((N, C, H + pt + pb, sw, row(-(-(W + pl + pr) // sw))),
+                            lambda b, c, h, ph, j: padded(b, c, h, j * sw + ph), name="xq")
+
+            def x_at(b, c, h, xx, r):
+                return xq[b, c, h, r % sw, xx + r // sw]
+        else:
+            xq = te.compute((N, C, H + pt + pb, row(W + pl + pr)), padded, name="xq")
+
+            def x_at(b, c, h, xx, r):
+                return xq[b, c, h, xx * sw + r * dw]
 
         def term(b, o, y, xx):
-            xv = xq[b, (o // Og) * Cg + rc, y * sh + rh * dh, xx * sw + rw * dw]
+            xv = x_at(b, (o // Og) * Cg + rc, y * sh + rh * dh, xx, rw)
             w = (o, rc, rh, rw)
             return _product(spec, xv, q[w], sign[w], shift[w], rb)
 
@@ -378,9 +408,10 @@ def _vnni_conv(spec: KernelSpec, name, expose_acc, params, q, padded, finish):
 
     ``vpdpbusd`` multiplies unsigned by signed bytes. Signed (int8) activations are stored offset,
     ``x + 128`` as uint8, and the offset is taken back exactly per output channel:
-    ``sum x*q = sum (x+128)*q - 128 * wsum``, ``wsum[o] = sum q[o, ...]`` (integers, no rounding;
+    ``sum x*q = wsum + sum (x+128)*q``, ``wsum[o] = -128 * sum q[o, ...]`` (integers, no rounding;
     ``KernelSpec.vnni`` checks that the offset sums still fit int32). Padding becomes 128 as well,
-    so the correction is the same at every output position.
+    so the correction is the same at every output position. ``wsum`` is a block of the kernel, or
+    a compile-time constant argument when the weights are prepacked.
     """
     N, C, H, W = spec.x_shape
     O, Cg, KH, KW = spec.w_shape
@@ -413,14 +444,17 @@ def _vnni_conv(spec: KernelSpec, name, expose_acc, params, q, padded, finish):
     )
     true_acc = acc
     if offset:
-        sh_, sw_, sc, sk = (te.reduce_axis((0, e), name=f"s{i}") for i, e in enumerate((KH, KW, C4 // 4, 4)))
-        wsum = te.compute((O // 16, 16), lambda ob, oi: te.sum(q[ob, sh_, sw_, sc, oi, sk].astype("int32"),
-                                                               axis=[sh_, sw_, sc, sk]), name="wsum")
+        if spec.prepacked:  # a compile-time constant next to q (pack_weights)
+            wsum = params[2]
+        else:
+            sh_, sw_, sc, sk = (te.reduce_axis((0, e), name=f"s{i}") for i, e in enumerate((KH, KW, C4 // 4, 4)))
+            wsum = te.compute((O,), lambda o: te.sum(
+                q[o // 16, sh_, sw_, sc, o % 16, sk].astype("int32") * tirx.const(-128, "int32"),
+                axis=[sh_, sw_, sc, sk]), name="wsum")
 
-        class _Corrected:  # acc[b, y, x, o] - 128 * wsum[o], read where the epilogue reads acc
+        class _Corrected:  # acc[b, y, x, o] + wsum[o], read where the epilogue reads acc
             def __getitem__(self, idx):
-                o = idx[3]
-                return acc[idx] - wsum[o // 16, o % 16] * tirx.const(128, "int32")
+                return acc[idx] + wsum[idx[3]]
 
         true_acc = _Corrected()
     out = te.compute(spec.out_shape, lambda b, o, y, xx: finish(true_acc, o, b, y, xx, o), name="out")

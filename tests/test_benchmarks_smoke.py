@@ -15,8 +15,9 @@ pytest.importorskip("onnxruntime")
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 RUN = ROOT / "benchmarks" / "run.py"
-VARIANTS = ["psb_n1", "psb_n4", "psb_n8", "psb_n16", "psb_frozen_n8", "psb_int8_n8", "tvm_fp32", "ort_fp32", "ort_int8"]
-PSB_VARIANTS = VARIANTS[:6]
+VARIANTS = ["psb_n1", "psb_n4", "psb_n8", "psb_n16", "psb_frozen_n8", "psb_int8_n8", "psb_int8_frozen_n8", "tvm_fp32",
+            "ort_fp32", "ort_int8"]
+PSB_VARIANTS = VARIANTS[:7]
 RATIOS = ["vs_ort_fp32", "vs_ort_int8", "vs_tvm_fp32"]
 
 
@@ -56,7 +57,8 @@ def test_model_facts_and_report(quick_run):
     results, out, benchmarks_md_untouched = quick_run
     digits = results["models"]["digits"]
     assert digits["float_macs"] > 0 and digits["psb_additions_per_sample"] > 0
-    assert set(digits["compile_s"]) >= {"psb", "psb_frozen_n8", "psb_int8_n8", "tvm_fp32", "ort_fp32", "ort_int8"}
+    assert set(digits["compile_s"]) >= {"psb", "psb_frozen_n8", "psb_int8_n8", "psb_int8_frozen_n8", "tvm_fp32", "ort_fp32",
+                                          "ort_int8"}
     assert set(digits["quality"]["top1_agreement_with_ort_fp32"]) == set(VARIANTS)
     assert results["meta"]["machine"]["threads_used"] == 2
     assert "| psb_tvm n=8 |" in (out / "latest.md").read_text()
@@ -96,6 +98,7 @@ def test_roofline_quick_json(roofline_quick):
         assert ROOFLINE_ROW_FIELDS <= set(r), sorted(ROOFLINE_ROW_FIELDS - set(r))
         assert r["macs"] > 0 and r["ms"] > 0 and r["gmac_per_s"] > 0
         assert 0 < r["fraction_of_peak"] <= 1.5, r
+        assert r["prepacked_ms"] > 0 and 0 < r["prepacked_fraction_of_peak"] <= 1.5, r  # frozen kernel, same bits
     paths = {r["preset"]: r["path"] for r in rows}
     assert paths == {"int8": "vnni", "int16": "channels_last"}
     if "avx512_vnni" in result["meta"]["machine"]["simd"]:

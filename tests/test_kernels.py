@@ -155,8 +155,8 @@ def execute(spec: Case, x, enc, scale, bias):
     np.testing.assert_array_equal(counts.numpy(), nm.sample_counts(enc, spec.n, spec.seed, spec.layer))
     base = (scale * np.float32(spec.n)).astype(np.float32)
     if spec.prepacked:  # the frozen form: integer weights from these counts, in the kernel's layout
-        q = pack_weights(spec, nm.weights_from_counts(enc, counts.numpy(), spec.n))
-        weights = [tvm.runtime.tensor(q, DEV)]
+        packed = pack_weights(spec, nm.weights_from_counts(enc, counts.numpy(), spec.n))
+        weights = [tvm.runtime.tensor(a, DEV) for a in packed]
     else:
         weights = [counts] + [tvm.runtime.tensor(a, DEV) for a in (enc.sign, enc.normal, enc.shift)]
     args = [tvm.runtime.tensor(x, DEV)] + weights + [tvm.runtime.tensor(a, DEV) for a in (base, bias)]
@@ -525,16 +525,20 @@ def test_prepacked_weights_bit_exact(case, n):
     spec = dataclasses.replace(spec, prepacked=True)
     assert spec.weight_layout == {"oihw": "OIHW", "ohwi": "OHWI", "vnni": "vnni", "oi": "OI"}[case.split("_")[0]]
     func = psb_layer_kernel(spec, "psb_test_prepacked")
-    assert [p.name for p in func.params][:2] == ["x", "q"] and len(func.params) == 6  # x q scale bias n out
+    wsum = ["wsum"] if case == "vnni_stem_c3" else []  # signed activations: the offset correction
+    assert [p.name for p in func.params] == ["x", "q", *wsum, "scale", "bias", "n", "out"]
     check(spec, 3, 1)
 
 
-def test_pack_weights_rejects_wrong_shapes_and_values():
-    spec = conv_spec(VNNI_CASES["stem_c3"], "intdot", 8, 3, 1, E=3, act_signed=False)
+def test_pack_weights_layout_and_errors():
+    spec = conv_spec(VNNI_CASES["stem_c3"], "intdot", 8, 3, 1, E=3, act_signed=True)
     q = np.ones(spec.w_shape, np.int64)
-    packed = pack_weights(spec, q)
+    q[5] = -2
+    packed, wsum = pack_weights(spec, q)
     assert packed.shape == (1, 7, 7, 1, 16, 4) and packed.dtype == np.int8
-    assert packed[..., :3].sum() == q.size and not packed[..., 3].any()  # the 4th channel is padding
+    assert packed[..., :3].sum() == q.sum() and not packed[..., 3].any()  # the 4th channel is padding
+    assert wsum.dtype == np.int32 and wsum[0] == -128 * 147 and wsum[5] == 128 * 2 * 147
+    assert len(pack_weights(dataclasses.replace(spec, act_signed=False), q)) == 1  # no offset, no wsum
     with pytest.raises(ValueError, match="kernel wants"):
         pack_weights(spec, q[:, :2])
     with pytest.raises(ValueError, match="do not fit int8"):

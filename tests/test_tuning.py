@@ -175,3 +175,82 @@ def test_measured_lowering_pick_is_used_and_overridable(model, untuned, tmp_path
     assert row["lowering"] == "bitserial" and row["lowering_source"] == "config"
     np.testing.assert_array_equal(forced.run(X, samples=2), untuned.run(X, samples=2))
     assert {l["lowering_source"] for l in untuned.layers if l["status"] == "psb"} == {"cost rule"}
+
+
+def test_failing_candidates_do_not_abort_tuning(model, untuned, tmp_path):
+    """A builder whose every other result is an error: tuning finishes, records only what built,
+    and the compiled module is still bit-identical."""
+    from tvm.s_tir import meta_schedule as ms
+    from tvm.ir.utils import derived_object
+
+    from psb_tvm.tuning import _make_builder
+
+    calls = {"ok": 0, "failed": 0}
+
+    @derived_object
+    class FlakyBuilder(ms.builder.PyBuilder):
+        def __init__(self):
+            super().__init__()
+            self.inner = _make_builder(2, 30.0)
+
+        def build(self, build_inputs):
+            results = self.inner.build(build_inputs)
+            out = []
+            for i, r in enumerate(results):
+                if i % 2:
+                    calls["failed"] += 1
+                    out.append(ms.builder.BuilderResult(None, "injected build failure"))
+                else:
+                    calls["ok"] += 1
+                    out.append(r)
+            return out
+
+    work = str(tmp_path / "flaky")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", TuningWarning)  # some default schedules are among the failures
+        result = psb_tvm.tune(model, work_dir=work, trials=TRIALS, calibration=CAL, num_threads=2, progress=False,
+                              builder=FlakyBuilder())
+    assert calls["failed"] > 0 and calls["ok"] > 0
+    assert result.trials_total > 0
+    module = psb_tvm.compile(model, calibration=CAL, tuning_db=work)
+    np.testing.assert_array_equal(module.run(X, samples=8), untuned.run(X, samples=8))
+
+
+def test_build_timeouts_do_not_abort_tuning(model, untuned, tmp_path):
+    """Every build times out (timeout far below a build's time): tuning completes with warnings and
+    compiling with its database uses the default schedules."""
+    work = str(tmp_path / "timeout")
+    with pytest.warns(TuningWarning, match="did not build"):
+        result = psb_tvm.tune(model, work_dir=work, trials=4, calibration=CAL, num_threads=2, progress=False,
+                              timeout=0.01)
+    assert all(t.default_ms is None and t.best_ms is None for t in result.tasks)
+    module = psb_tvm.compile(model, calibration=CAL, tuning_db=work)
+    assert module.metadata["schedules"]["tuned"] == 0
+    np.testing.assert_array_equal(module.run(X, samples=8), untuned.run(X, samples=8))
+
+
+def test_dropped_rpc_server_does_not_abort_tuning(model, untuned, tmp_path):
+    """The device's RPC server registers with the tracker, then dies: every measurement fails
+    after ``timeout``, tuning still completes and the database falls back to defaults."""
+    pytest.importorskip("tornado", reason="TVM's RPC tracker needs tornado (in the test extra)")
+    import time
+
+    from tvm import rpc
+    from tvm.rpc.tracker import Tracker
+
+    tracker = Tracker(host="127.0.0.1", port=_free_port(), port_end=65000, silent=True)
+    server = rpc.Server(host="127.0.0.1", port=_free_port(), port_end=65000, key="psb-drop",
+                        tracker_addr=("127.0.0.1", tracker.port), silent=True)
+    try:
+        time.sleep(0.5)  # registered
+        server.terminate()
+        work = str(tmp_path / "drop")
+        with pytest.warns(TuningWarning, match="did not run"):
+            result = psb_tvm.tune(model, work_dir=work, trials=1, calibration=CAL, num_threads=2, progress=False,
+                                  rpc_tracker=f"127.0.0.1:{tracker.port}", rpc_key="psb-drop", timeout=1.0)
+        assert all(t.best_ms is None for t in result.tasks)
+        module = psb_tvm.compile(model, calibration=CAL, tuning_db=work)
+        assert module.metadata["schedules"]["tuned"] == 0
+        np.testing.assert_array_equal(module.run(X, samples=8), untuned.run(X, samples=8))
+    finally:
+        tracker.terminate()

@@ -28,6 +28,13 @@ class Elementwise(CPUScheduleRule):
                 return None
             if len(sch.get_loops(block)) != len(iters):
                 return None
-        for block in blocks:
+        # Inline every block into its consumer (a fused add + ReLU is one pass over memory, not two
+        # with a temporary); blocks that cannot be inlined (func outputs) keep their own loops.
+        for block in blocks[:-1]:
+            try:
+                sch.compute_inline(block)
+            except s_tir.ScheduleError:
+                pass
+        for block in sch.get_child_blocks(sch.get_sblock("root")):
             parallel_vectorize(sch, block)
         return sch

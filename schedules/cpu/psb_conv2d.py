@@ -68,16 +68,6 @@ def schedule_bitserial_packs(sch: s_tir.Schedule) -> None:
             sch.unroll(rj)
 
 
-def _finish_nhwc(sch: s_tir.Schedule) -> set:
-    """The NCHW epilogue ``out`` (and the tests' ``acc_nchw``) of an NHWC accumulator; returns the
-    kernel's block names."""
-    parallel_vectorize(sch, sch.get_sblock("out"))
-    names = {sch.get(block).name_hint for block in sch.get_child_blocks(sch.get_sblock("root"))}
-    if "acc_nchw" in names:
-        parallel_vectorize(sch, sch.get_sblock("acc_nchw"))
-    return names
-
-
 def _has_vnni(target: Target) -> bool:
     mcpu = str(target.attrs.get("mcpu", "") or "")
     features = [str(f) for f in (target.attrs.get("mattr", None) or [])]
@@ -113,6 +103,19 @@ def _schedule_vnni(sch: s_tir.Schedule, acc, target: Target) -> s_tir.Schedule:
     init = sch.decompose_reduction(acc, rh)
     sch.vectorize(sch.get_loops(init)[-1])
     sch.unroll(xi)
+    # The epilogue right after each (pixels x 16 channels) tile, while its accumulators are hot:
+    # as a separate NHWC -> NCHW pass over the whole output it cost 1.4-3.6x more (1x1 convs at
+    # 56-112 px most, where the conv itself is cheap).
+    # (Not when the signed-activation correction ``wsum`` is a block of this kernel: a producer of
+    # ``out`` outside the tile loop, which reverse_compute_at refuses; prepacked kernels take it
+    # as an argument.)
+    names = {sch.get(block).name_hint for block in sch.get_child_blocks(sch.get_sblock("root"))}
+    out = sch.get_sblock("out")
+    if "wsum" in names:
+        parallel_vectorize(sch, out)
+    else:
+        sch.reverse_compute_at(out, ob)
+        sch.vectorize(sch.get_loops(out)[-1])
     if arm:
         if arm_intrin is not None:
             sch.tensorize(oi, arm_intrin)
@@ -125,10 +128,12 @@ def _schedule_vnni(sch: s_tir.Schedule, acc, target: Target) -> s_tir.Schedule:
             from tvm.s_tir.tensor_intrin.x86 import AVX512_DOT_16x4_INTRIN
 
             sch.tensorize(oi, AVX512_DOT_16x4_INTRIN)
-    names = _finish_nhwc(sch)
+    if "acc_nchw" in names:  # the NCHW copy of the accumulators that test builds expose
+        parallel_vectorize(sch, sch.get_sblock("acc_nchw"))
     if "wsum" in names:  # per-channel weight sums of the signed-activation offset: 16 lanes wide
         wsum = sch.get_sblock("wsum")
-        wo, wi, *red = sch.get_loops(wsum)
+        o, *red = sch.get_loops(wsum)
+        wo, wi = sch.split(o, [None, 16])
         sch.reorder(wo, *red, wi)
         sch.parallel(wo)
         sch.vectorize(wi)

@@ -40,15 +40,16 @@ def schedule_shared_stages(sch: s_tir.Schedule) -> None:
         _parallel_spatial(sch, q, len(sch.get_loops(q)))
     xq = sch.get_sblock("xq")
     loops = sch.get_loops(xq)
-    if sch.get(xq).name_hint == "xq" and len(loops) == 4 and loop_extents(sch, loops[3:])[0] >= 32:
+    if sch.get(xq).name_hint == "xq" and len(loops) in (4, 5) and loop_extents(sch, loops[-1:])[0] >= 32:
         # Padded NCHW/NHWC rows: parallel over rows, vectorize along the row. Fusing everything
         # (parallel_vectorize) turns the padding test into per-lane div/mod and gathers: measured
         # ~10x slower on a 144-channel 56x56 depthwise input.
-        sch.parallel(sch.fuse(*loops[:3]))
-        width = loop_extents(sch, loops[3:])[0]
+        # (5 loops: the phase-split rows of a strided conv, see kernels.py)
+        sch.parallel(sch.fuse(*loops[:-1]))
+        width = loop_extents(sch, loops[-1:])[0]
         lanes = largest_divisor(width, VECTOR_LANES)
         if lanes >= 4:
-            _, inner = sch.split(loops[3], [None, lanes])
+            _, inner = sch.split(loops[-1], [None, lanes])
             sch.vectorize(inner)
     else:
         parallel_vectorize(sch, xq)
