@@ -114,11 +114,12 @@ class Allocation:
 class _Evaluator:
     """Runs a module over a data set at per-layer sample counts; caches by (allocation, seed)."""
 
-    def __init__(self, module, data: dict, reference: list, labels, seeds):
+    def __init__(self, module, data: dict, reference: list, labels, seeds, metric=None):
         from .evaluate import run_dataset
 
         self._run = run_dataset
         self.module, self.data, self.reference, self.labels, self.seeds = module, data, reference, labels, list(seeds)
+        self.metric = metric
         self._ref_norm_sq = sum(float(np.sum(np.square(r, dtype=np.float64))) for r in reference)
         self._cache = {}
 
@@ -137,11 +138,25 @@ class _Evaluator:
             for seed in self.seeds:
                 out = self.outputs(samples, seed)
                 errs.append(self.err_sq(out))
-                if self.labels is not None:
+                if self.metric is not None:
+                    accs.append(self.score(out))
+                elif self.labels is not None:
                     accs.append(top1_accuracy(out[0], self.labels))
             self._cache[key] = {"error": float(np.mean(np.sqrt(errs))), "error_sq": float(np.mean(errs)),
                                 "accuracy": float(np.mean(accs)) if accs else None}
         return self._cache[key]
+
+
+    def score(self, outputs) -> float:
+        """The user's metric of one run's outputs (higher is better), checked to be a finite number."""
+        value = self.metric(list(outputs))
+        try:
+            value = float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"metric must return a number, got {type(value).__name__}") from None
+        if not np.isfinite(value):
+            raise ConfigError(f"metric returned {value}")
+        return value
 
 
 def top1_accuracy(output: np.ndarray, labels: np.ndarray) -> float:
@@ -215,7 +230,7 @@ def greedy_path(sens: Sensitivity, min_samples: int | None = None) -> list:
         path.append(dict(cur))
 
 
-def _make_evaluator(module, calibration_inputs, reference, labels, seeds):
+def _make_evaluator(module, calibration_inputs, reference, labels, seeds, metric=None):
     from .evaluate import as_input_dict, run_dataset
 
     if not module.psb_layers:
@@ -246,12 +261,15 @@ def _make_evaluator(module, calibration_inputs, reference, labels, seeds):
         n = len(next(iter(data.values())))
         if len(labels) != n:
             raise ConfigError(f"labels has {len(labels)} rows, the calibration inputs {n}")
-    return _Evaluator(module, data, ref, labels, seeds), desc
+    if metric is not None and not callable(metric):
+        raise ConfigError(f"metric must be a callable (outputs list -> number), got {type(metric).__name__}")
+    return _Evaluator(module, data, ref, labels, seeds, metric), desc
 
 
 def allocate(module, calibration_inputs, budget: float, kind: str = "error", labels=None, reference=None,
              seeds=(0, 1, 2), min_samples: int = 1, max_samples: int | None = None,
-             sensitivity_table: Sensitivity | None = None, progress: bool = False, _evaluator=None) -> Allocation:
+             sensitivity_table: Sensitivity | None = None, progress: bool = False, metric=None,
+             _evaluator=None) -> Allocation:
     """Choose per-layer sample counts for ``module`` on ``calibration_inputs``.
 
     ``kind="error"``: the cheapest allocation (``module.cost``) whose relative output error vs
@@ -259,6 +277,13 @@ def allocate(module, calibration_inputs, budget: float, kind: str = "error", lab
     the cheapest allocation whose top-1 accuracy is >= reference accuracy - ``budget`` (the
     reference accuracy: of ``reference`` outputs, else of all layers at ``max_samples``).
     ``kind="cost"``: the lowest-error allocation costing <= ``budget`` additions.
+
+    ``metric``: for ``kind="accuracy"``, the task's own score in place of top-1 accuracy:
+    ``metric(outputs) -> float`` (higher is better; ``outputs`` is the list of the model's outputs
+    over the calibration inputs), e.g. the fraction of face / speech decisions that agree with the
+    float model. The layer ordering still comes from the output-error sensitivities; the budget
+    is checked with the metric (reference score: ``metric(reference)`` when a reference is given,
+    else the score with every layer at ``max_samples``).
 
     ``calibration_inputs``: an array (single-input model), ``{input name: array [N, ...]}``, a
     file or folder, or a loader (see ``psb_tvm.evaluate.load_inputs``). ``reference``: float
@@ -271,9 +296,11 @@ def allocate(module, calibration_inputs, budget: float, kind: str = "error", lab
         raise ConfigError(f"kind must be one of {KINDS}, got {kind!r}")
     if not isinstance(budget, (int, float, np.floating, np.integer)) or not np.isfinite(budget) or budget < 0:
         raise ConfigError(f"budget must be a non-negative number, got {budget!r}")
-    if kind == "accuracy" and labels is None:
-        raise ConfigError("an accuracy budget needs labels")
-    ev, ref_desc = _evaluator or _make_evaluator(module, calibration_inputs, reference, labels, seeds)
+    if kind == "accuracy" and labels is None and metric is None:
+        raise ConfigError("an accuracy budget needs labels or a metric")
+    if metric is not None and kind != "accuracy":
+        raise ConfigError(f"metric applies to kind='accuracy', not {kind!r}")
+    ev, ref_desc = _evaluator or _make_evaluator(module, calibration_inputs, reference, labels, seeds, metric)
     sens = sensitivity_table or sensitivity(module, None, seeds=seeds, min_samples=min_samples,
                                             max_samples=max_samples, progress=progress, _evaluator=ev)
     names = sens.layers
@@ -285,7 +312,7 @@ def allocate(module, calibration_inputs, budget: float, kind: str = "error", lab
 
     if kind == "accuracy":
         if reference is not None:
-            ref_acc = top1_accuracy(ev.reference[0], ev.labels)
+            ref_acc = ev.score(ev.reference) if metric is not None else top1_accuracy(ev.reference[0], ev.labels)
         else:
             ref_acc = ev.measure({l: sens.n_ref for l in names})["accuracy"]
             notes.append(f"accuracy budget relative to all layers at n={sens.n_ref} (no reference given)")

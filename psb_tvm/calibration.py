@@ -52,12 +52,18 @@ def normalize_calibration(calibration, inputs: list, fallback_samples: int, seed
                 batch[name] = np.zeros((fallback_samples,) + tuple(shape[1:]), dtype)
         warnings.warn(FALLBACK_NOTE.format(n=fallback_samples), stacklevel=3)
         return [batch], True
+    if isinstance(calibration, np.ndarray):  # the single input's samples, stacked on axis 0
+        if len(names) != 1:
+            raise ConfigError(f"calibration is one array but the model has {len(names)} inputs {names}; "
+                              "pass a dict {input name: array}")
+        calibration = {names[0]: calibration}
     if isinstance(calibration, Mapping):
         batches = [calibration]
     elif isinstance(calibration, Iterable) and not isinstance(calibration, (str, bytes, np.ndarray)):
         batches = list(calibration)
     else:
-        raise ConfigError(f"calibration must be a dict {{input name: array}} or an iterable of such dicts, got {type(calibration).__name__}")
+        raise ConfigError("calibration must be an array (single-input models), a dict {input name: array} or an "
+                          f"iterable of such dicts, got {type(calibration).__name__}")
     if not batches:
         raise ConfigError("calibration is empty")
     result = []

@@ -21,7 +21,8 @@ def host_target() -> tvm.target.Target:
 
 
 def resolve_target(target) -> tvm.target.Target:
-    """Accept a ``tvm.target.Target``, a dict, or one of the shorthands in ``SHORTHANDS``."""
+    """Accept a ``tvm.target.Target``, a dict, a TVM target string with options (``"llvm -mcpu=..."``)
+    or one of the shorthands in ``SHORTHANDS``."""
     if isinstance(target, tvm.target.Target):
         return target
     if isinstance(target, dict):
@@ -35,7 +36,23 @@ def resolve_target(target) -> tvm.target.Target:
         return tvm.target.Target({"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mattr": ["+neon", "+dotprod"]})
     if target == "cuda":
         return tvm.target.Target("nvidia/nvidia-h100")
-    raise ConfigError(f"unknown target {target!r}: pass a tvm.target.Target, a dict, or one of {SHORTHANDS}")
+    if isinstance(target, str) and " " in target.strip() and target.split()[0] in ("llvm", "cuda", "c"):
+        # The classic TVM string form ("llvm -mcpu=znver4 -num-cores=2"), which TVM 0.27 only
+        # accepts as a dict: "-key=value" options, comma lists for mattr / keys / libs.
+        kind, *opts = target.split()
+        config = {"kind": kind}
+        for opt in opts:
+            key, sep, value = opt.lstrip("-").partition("=")
+            if not opt.startswith("-") or not sep or not key:
+                raise ConfigError(f"invalid target string {target!r}: option {opt!r} is not -key=value")
+            config[key] = (value.split(",") if key in ("mattr", "keys", "libs")
+                           else int(value) if value.lstrip("-").isdigit() else value)
+        try:
+            return tvm.target.Target(config)
+        except Exception as err:  # noqa: BLE001 - TVM raises several types here
+            raise ConfigError(f"invalid target string {target!r}: {err}") from err
+    raise ConfigError(f"unknown target {target!r}: pass a tvm.target.Target, a dict, a TVM target string "
+                      f"(\"llvm -mcpu=...\"), or one of {SHORTHANDS}")
 
 
 def is_host_cpu(target: tvm.target.Target) -> bool:

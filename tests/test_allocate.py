@@ -72,6 +72,31 @@ def test_accuracy_and_cost_budgets(digits):
     assert c.measured_error < c.uniform["error"] and c.uniform["samples"] == 4
 
 
+def test_metric_budget_uses_the_task_score(digits):
+    """A decision metric (top-1 agreement with the float model) in place of labels: the allocation
+    meets it, and the scores the metric saw are exactly the agreement of those runs."""
+    m, ref = digits["module"], digits["ref"]
+    float_top1 = run_dataset(ref, {"input": digits["fit"]})[0].argmax(1)
+    calls = []
+
+    def agreement(outputs):
+        calls.append(len(outputs))
+        return float((outputs[0].argmax(1) == float_top1).mean())
+
+    a = psb_tvm.allocate(m, digits["fit"], budget=0.02, kind="accuracy", metric=agreement, reference=ref,
+                         seeds=SEEDS, sensitivity_table=digits["sens"])
+    assert calls and all(c == 1 for c in calls)  # one output tensor per run
+    assert a.feasible and a.measured_accuracy >= 1.0 - 0.02  # the reference agrees with itself
+    runs = [agreement(run_dataset(m, {"input": digits["fit"]}, samples=a.samples, seed=s)) for s in SEEDS]
+    assert a.measured_accuracy == pytest.approx(float(np.mean(runs)))
+    assert a.cost <= a.uniform["cost"] < m.cost(64)["additions"]
+    with pytest.raises(ConfigError, match="metric must return a number"):
+        psb_tvm.allocate(m, digits["fit"], budget=0.02, kind="accuracy", metric=lambda out: "high",
+                         reference=ref, seeds=SEEDS, sensitivity_table=digits["sens"])
+    with pytest.raises(ConfigError, match="metric applies to kind='accuracy'"):
+        psb_tvm.allocate(m, digits["fit"], budget=0.1, kind="error", metric=agreement, reference=ref)
+
+
 def test_infeasible_budget_recommends_keeping_layers_float(digits):
     a = psb_tvm.allocate(digits["module"], digits["fit"], budget=1e-4, reference=digits["ref"], seeds=SEEDS,
                          sensitivity_table=digits["sens"])
@@ -85,7 +110,7 @@ def test_bad_arguments(digits):
     m = digits["module"]
     with pytest.raises(ConfigError, match="kind"):
         psb_tvm.allocate(m, digits["fit"], budget=0.1, kind="latency")
-    with pytest.raises(ConfigError, match="labels"):
+    with pytest.raises(ConfigError, match="labels or a metric"):
         psb_tvm.allocate(m, digits["fit"], budget=0.01, kind="accuracy")
     with pytest.raises(ConfigError, match="budget"):
         psb_tvm.allocate(m, digits["fit"], budget=-1)

@@ -326,6 +326,14 @@ def test_calibration_from_a_generator_with_a_known_range():
         _check_frac_bits(layer)
 
 
+def test_single_input_calibration_may_be_a_bare_array():
+    a = psb_tvm.compile(om.small_cnn(), calibration=CALIB["x"])
+    b = psb_tvm.compile(om.small_cnn(), calibration=CALIB)
+    assert [l["frac_bits"] for l in a.layers] == [l["frac_bits"] for l in b.layers]
+    x = _x((1, 3, 12, 12))
+    np.testing.assert_array_equal(a.run(x), b.run(x))
+
+
 def test_calibration_count_not_a_multiple_of_the_model_batch():
     calib = _x((5, 3, 12, 12), seed=9)
     calib[4] *= 10  # the largest sample is the last, in the partial batch
@@ -347,7 +355,7 @@ def test_calibration_count_not_a_multiple_of_the_model_batch():
         ({"x": CALIB["x"][:0]}, ["'x'", "(0, 3, 12, 12)"]),
         ([], ["empty"]),
         ([{"x": CALIB["x"]}, CALIB["x"]], ["item 1", "ndarray"]),
-        (CALIB["x"], ["dict", "ndarray"]),
+        (CALIB["x"][:, :2], ["'x'", "(16, 2, 12, 12)"]),  # a bare array names the single input
         ("x", ["dict", "str"]),
     ],
 )

@@ -25,6 +25,13 @@ def test_dict_and_target_objects_pass_through():
     assert resolve_target(target) is target
 
 
+def test_target_strings_with_options():
+    target = resolve_target("llvm -mcpu=skylake-avx512 -num-cores=2")
+    assert str(target.attrs["mcpu"]) == "skylake-avx512" and int(target.attrs["num-cores"]) == 2
+    with pytest.raises(psb_tvm.ConfigError, match="invalid target string"):
+        resolve_target("llvm -no-such-option=1")
+
+
 def test_unknown_target_is_a_config_error():
     with pytest.raises(psb_tvm.ConfigError, match="unknown target 'tpu'"):
         resolve_target("tpu")
