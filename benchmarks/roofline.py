@@ -138,7 +138,7 @@ LAYERS = {
     # its input is the previous block's linear projection: signed activations
     "mobilenetv2.features.3.expand 1x1 24->144 56x56": ("mobilenetv2", (1, 24, 56, 56), (144, 24, 1, 1), {},
                                                         ("clip", 0.0, 6.0), True),
-    "mobilenetv2.features.2.dw 3x3 dw 144ch 56x56": ("mobilenetv2", (1, 144, 56, 56), (144, 1, 3, 3),
+    "mobilenetv2.features.3.dw 3x3 dw 144ch 56x56": ("mobilenetv2", (1, 144, 56, 56), (144, 1, 3, 3),
                                                      dict(padding=(1, 1, 1, 1), groups=144), ("clip", 0.0, 6.0),
                                                      False),
     "mobilenetv2.features.18 1x1 320->1280 7x7": ("mobilenetv2", (1, 320, 7, 7), (1280, 320, 1, 1), {},
@@ -269,8 +269,8 @@ def _stage_funcs(spec):
     q = _weight_stage(spec, counts, sign, normal, shift, n)
     if spec.vnni or spec.channels_last:
         xq = te.compute((N, H + pt + pb, W + pl + pr, C), lambda b, h, w, c: padded(b, c, h, w), name="xq")
-    else:
-        xq = te.compute((N, C, H + pt + pb, W + pl + pr), padded, name="xq")
+    else:  # rows padded to 16 columns, as in the kernel (unit stride)
+        xq = te.compute((N, C, H + pt + pb, -(-(W + pl + pr) // 16) * 16), padded, name="xq")
     qf = te.create_prim_func([counts, sign, normal, shift, n, q]).with_attr("global_symbol", "stage_q")
     xf = te.create_prim_func([x, xq]).with_attr("global_symbol", "stage_xq")
     return qf, xf, ([int(d) for d in q.shape], q.dtype), ([int(d) for d in xq.shape], xq.dtype)
@@ -279,15 +279,14 @@ def _stage_funcs(spec):
 def _schedule_stage(func, block: str):
     from tvm import s_tir
 
-    from psb_tvm.schedules.cpu.common import parallel_vectorize
-    from psb_tvm.schedules.cpu.psb_sampling import _parallel_spatial
+    from psb_tvm.schedules.cpu.psb_sampling import _parallel_spatial, schedule_shared_stages
 
     sch = s_tir.Schedule(func)
-    blk = sch.get_sblock(block)
     if block == "q":
+        blk = sch.get_sblock(block)
         _parallel_spatial(sch, blk, len(sch.get_loops(blk)))
     else:
-        parallel_vectorize(sch, blk)
+        schedule_shared_stages(sch)  # the kernel's own activation-stage schedule
     return sch
 
 
