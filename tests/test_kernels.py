@@ -554,6 +554,17 @@ def test_vnni_kernel_contains_vpdpbusd():
     assert "vpdpbusd" in asm
 
 
+def test_int16_kernel_uses_vnni_word_dot_products():
+    """The int16 preset (int16 weights, channels last): LLVM turns the contiguous channel reduction
+    into AVX-512 VNNI word dot products (``vpdpwssd``)."""
+    spec = conv_spec("3x3_pad1", "intdot", 64, 1, 0, E=4, act_signed=False)
+    spec = dataclasses.replace(spec, x_shape=(1, 32, 8, 8), w_shape=(32, 32, 3, 3))
+    assert spec.q_dtype == "int16" and spec.weight_layout == "OHWI"
+    _, layer = build(spec)
+    asm = layer.mod.imports[0].inspect_source("asm") if layer.mod.imports else layer.mod.inspect_source("asm")
+    assert "vpdpwssd" in asm
+
+
 ARM_MATTRS = {"dotprod": (["+neon", "+dotprod"], "sdot"), "i8mm": (["+neon", "+dotprod", "+i8mm"], "usdot"),
               "neon": (["+neon"], None)}
 
