@@ -13,7 +13,7 @@ import pytest
 import psb_tvm
 from psb_tvm.tuning import MANIFEST, TuningError, TuningWarning
 
-from onnx_models import small_cnn
+from onnx_models import conv_model, small_cnn
 
 CAL = {"x": np.random.default_rng(0).standard_normal((8, 3, 12, 12)).astype(np.float32)}
 X = np.random.default_rng(1).standard_normal((1, 3, 12, 12)).astype(np.float32)
@@ -177,6 +177,17 @@ def test_measured_lowering_pick_is_used_and_overridable(model, untuned, tmp_path
     assert {l["lowering_source"] for l in untuned.layers if l["status"] == "psb"} == {"cost rule"}
 
 
+# The fault tests tune a one-conv model (one task): every fault costs its timeout per task.
+TINY_CAL = {"x": np.random.default_rng(2).standard_normal((8, 4, 10, 10)).astype(np.float32)}
+TINY_X = TINY_CAL["x"][:1]
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    model = conv_model(seed=4)
+    return model, psb_tvm.compile(model, calibration=TINY_CAL)
+
+
 def test_failing_candidates_do_not_abort_tuning(model, untuned, tmp_path):
     """A builder whose every other result is an error: tuning finishes, records only what built,
     and the compiled module is still bit-identical."""
@@ -208,7 +219,7 @@ def test_failing_candidates_do_not_abort_tuning(model, untuned, tmp_path):
     work = str(tmp_path / "flaky")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", TuningWarning)  # some default schedules are among the failures
-        result = psb_tvm.tune(model, work_dir=work, trials=TRIALS, calibration=CAL, num_threads=2, progress=False,
+        result = psb_tvm.tune(model, work_dir=work, trials=4, calibration=CAL, num_threads=2, progress=False,
                               builder=FlakyBuilder())
     assert calls["failed"] > 0 and calls["ok"] > 0
     assert result.trials_total > 0
@@ -216,22 +227,24 @@ def test_failing_candidates_do_not_abort_tuning(model, untuned, tmp_path):
     np.testing.assert_array_equal(module.run(X, samples=8), untuned.run(X, samples=8))
 
 
-def test_build_timeouts_do_not_abort_tuning(model, untuned, tmp_path):
+def test_build_timeouts_do_not_abort_tuning(tiny, tmp_path):
     """Every build times out (timeout far below a build's time): tuning completes with warnings and
     compiling with its database uses the default schedules."""
+    model, untuned = tiny
     work = str(tmp_path / "timeout")
     with pytest.warns(TuningWarning, match="did not build"):
-        result = psb_tvm.tune(model, work_dir=work, trials=4, calibration=CAL, num_threads=2, progress=False,
+        result = psb_tvm.tune(model, work_dir=work, trials=4, calibration=TINY_CAL, num_threads=2, progress=False,
                               timeout=0.01)
     assert all(t.default_ms is None and t.best_ms is None for t in result.tasks)
-    module = psb_tvm.compile(model, calibration=CAL, tuning_db=work)
+    module = psb_tvm.compile(model, calibration=TINY_CAL, tuning_db=work)
     assert module.metadata["schedules"]["tuned"] == 0
-    np.testing.assert_array_equal(module.run(X, samples=8), untuned.run(X, samples=8))
+    np.testing.assert_array_equal(module.run(TINY_X, samples=8), untuned.run(TINY_X, samples=8))
 
 
-def test_dropped_rpc_server_does_not_abort_tuning(model, untuned, tmp_path):
+def test_dropped_rpc_server_does_not_abort_tuning(tiny, tmp_path):
     """The device's RPC server registers with the tracker, then dies: every measurement fails
     after ``timeout``, tuning still completes and the database falls back to defaults."""
+    model, untuned = tiny
     pytest.importorskip("tornado", reason="TVM's RPC tracker needs tornado (in the test extra)")
     import time
 
@@ -246,11 +259,11 @@ def test_dropped_rpc_server_does_not_abort_tuning(model, untuned, tmp_path):
         server.terminate()
         work = str(tmp_path / "drop")
         with pytest.warns(TuningWarning, match="did not run"):
-            result = psb_tvm.tune(model, work_dir=work, trials=1, calibration=CAL, num_threads=2, progress=False,
+            result = psb_tvm.tune(model, work_dir=work, trials=1, calibration=TINY_CAL, num_threads=2, progress=False,
                                   rpc_tracker=f"127.0.0.1:{tracker.port}", rpc_key="psb-drop", timeout=1.0)
         assert all(t.best_ms is None for t in result.tasks)
-        module = psb_tvm.compile(model, calibration=CAL, tuning_db=work)
+        module = psb_tvm.compile(model, calibration=TINY_CAL, tuning_db=work)
         assert module.metadata["schedules"]["tuned"] == 0
-        np.testing.assert_array_equal(module.run(X, samples=8), untuned.run(X, samples=8))
+        np.testing.assert_array_equal(module.run(TINY_X, samples=8), untuned.run(TINY_X, samples=8))
     finally:
         tracker.terminate()
