@@ -256,7 +256,7 @@ def _stage_funcs(spec):
     ``schedules/kernels.py`` (layout per path) and scheduled as ``schedule_shared_stages`` does."""
     from tvm import te, tirx
 
-    from psb_tvm.schedules.kernels import COUNTS_DTYPE, _padded, _weight_stage
+    from psb_tvm.schedules.kernels import COUNTS_DTYPE, _padded, _weight_stage, xq_row_width
 
     N, C, H, W = spec.x_shape
     O, Cg, KH, KW = spec.w_shape
@@ -269,8 +269,8 @@ def _stage_funcs(spec):
     q = _weight_stage(spec, counts, sign, normal, shift, n)
     if spec.vnni or spec.channels_last:
         xq = te.compute((N, H + pt + pb, W + pl + pr, C), lambda b, h, w, c: padded(b, c, h, w), name="xq")
-    else:  # rows padded to 16 columns, as in the kernel (unit stride)
-        xq = te.compute((N, C, H + pt + pb, -(-(W + pl + pr) // 16) * 16), padded, name="xq")
+    else:  # rows padded as in the kernel (unit stride)
+        xq = te.compute((N, C, H + pt + pb, xq_row_width(W + pl + pr)), padded, name="xq")
     qf = te.create_prim_func([counts, sign, normal, shift, n, q]).with_attr("global_symbol", "stage_q")
     xf = te.create_prim_func([x, xq]).with_attr("global_symbol", "stage_xq")
     return qf, xf, ([int(d) for d in q.shape], q.dtype), ([int(d) for d in xq.shape], xq.dtype)

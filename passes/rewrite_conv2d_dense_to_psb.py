@@ -15,9 +15,8 @@ computes only its ``m_l`` listed positions and copies ``low_l`` elsewhere.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import dataclasses
+from dataclasses import dataclass
 
 import numpy as np
 import tvm

@@ -146,7 +146,6 @@ class _Evaluator:
                                 "accuracy": float(np.mean(accs)) if accs else None}
         return self._cache[key]
 
-
     def score(self, outputs) -> float:
         """The user's metric of one run's outputs (higher is better), checked to be a finite number."""
         value = self.metric(list(outputs))

@@ -125,6 +125,17 @@ class KernelSpec:
         return (N, O, OH, OW)
 
 
+#: Columns an NCHW activation row of ``xq`` is padded to (zeros, never read): its stage is
+#: vectorized along rows, and an odd row width (30 = 15 lanes) made a 192-channel 28x28 depthwise
+#: conv 10x slower per MAC than a 14x14 one.
+XQ_ROW_MULTIPLE = 16
+
+
+def xq_row_width(width: int) -> int:
+    """``width`` rounded up to ``XQ_ROW_MULTIPLE``."""
+    return -(-width // XQ_ROW_MULTIPLE) * XQ_ROW_MULTIPLE
+
+
 def _flat_index(shape, idx):
     flat = idx[0]
     for dim, i in zip(shape[1:], idx[1:]):
@@ -360,23 +371,18 @@ def psb_layer_kernel(spec: KernelSpec, name: str, expose_acc: bool = False) -> t
         if shiftadd:
             rb = te.reduce_axis((0, _shiftadd_bits(spec)), name="rb")
             axes = [rc, rh, rw, rb]
-        # Rows of xq are padded with zeros (never read) to a multiple of 16 columns: the
-        # activation stage is vectorized along rows, and an odd row width (30 = 15 lanes) made a
-        # 192-channel 28x28 depthwise conv 10x slower per MAC than a 14x14 one.
-        def row(width):
-            return -(-width // 16) * 16
-
+        # xq rows padded to xq_row_width columns
         if sw > 1 and dw == 1:
             # Strided conv: columns split by phase, xq[b, c, h, p, j] = column s*j + p, so the
             # vectorized reads of consecutive output columns are contiguous (a stride-2 depthwise
             # conv spent most of its time in gathers).
-            xq = te.compute((N, C, H + pt + pb, sw, row(-(-(W + pl + pr) // sw))),
+            xq = te.compute((N, C, H + pt + pb, sw, xq_row_width(-(-(W + pl + pr) // sw))),
                             lambda b, c, h, ph, j: padded(b, c, h, j * sw + ph), name="xq")
 
             def x_at(b, c, h, xx, r):
                 return xq[b, c, h, r % sw, xx + r // sw]
         else:
-            xq = te.compute((N, C, H + pt + pb, row(W + pl + pr)), padded, name="xq")
+            xq = te.compute((N, C, H + pt + pb, xq_row_width(W + pl + pr)), padded, name="xq")
 
             def x_at(b, c, h, xx, r):
                 return xq[b, c, h, xx * sw + r * dw]

@@ -12,6 +12,11 @@ def loop_extents(sch: s_tir.Schedule, loops) -> list[int]:
     return [int(sch.get(loop).extent) for loop in loops]
 
 
+def block_names(sch: s_tir.Schedule) -> set:
+    """Names of the top-level blocks of the scheduled function (which optional stages it has)."""
+    return {sch.get(block).name_hint for block in sch.get_child_blocks(sch.get_sblock("root"))}
+
+
 def largest_divisor(n: int, cap: int) -> int:
     """The largest divisor of ``n`` that is at most ``cap`` (vectorizing needs no tail)."""
     return max(d for d in range(1, min(n, cap) + 1) if n % d == 0)

@@ -6,7 +6,8 @@ from tvm import s_tir, tirx
 from tvm.s_tir.dlight.cpu.base import CPUScheduleRule
 from tvm.target import Target
 
-from .common import VECTOR_LANES, largest_divisor, loop_extents, parallel_vectorize, vectorize_below_reductions
+from .common import (VECTOR_LANES, block_names, largest_divisor, loop_extents, parallel_vectorize,
+                     vectorize_below_reductions)
 from .psb_sampling import schedule_shared_stages
 
 
@@ -109,7 +110,7 @@ def _schedule_vnni(sch: s_tir.Schedule, acc, target: Target) -> s_tir.Schedule:
     # (Not when the signed-activation correction ``wsum`` is a block of this kernel: a producer of
     # ``out`` outside the tile loop, which reverse_compute_at refuses; prepacked kernels take it
     # as an argument.)
-    names = {sch.get(block).name_hint for block in sch.get_child_blocks(sch.get_sblock("root"))}
+    names = block_names(sch)
     out = sch.get_sblock("out")
     if "wsum" in names:
         parallel_vectorize(sch, out)

@@ -6,7 +6,7 @@ from tvm import s_tir, tirx
 from tvm.s_tir.dlight.cpu.base import CPUScheduleRule
 from tvm.target import Target
 
-from .common import VECTOR_LANES, largest_divisor, loop_extents, parallel_vectorize
+from .common import VECTOR_LANES, block_names, largest_divisor, loop_extents, parallel_vectorize
 
 
 def _parallel_spatial(sch: s_tir.Schedule, block, n_spatial: int) -> None:
@@ -34,8 +34,7 @@ class PSBSample(CPUScheduleRule):
 def schedule_shared_stages(sch: s_tir.Schedule) -> None:
     """Layer kernels: parallel weight stage ``q`` (absent when the weights are prepacked), parallel +
     vectorized activation stage ``xq``."""
-    names = {sch.get(b).name_hint for b in sch.get_child_blocks(sch.get_sblock("root"))}
-    if "q" in names:
+    if "q" in block_names(sch):
         q = sch.get_sblock("q")
         _parallel_spatial(sch, q, len(sch.get_loops(q)))
     xq = sch.get_sblock("xq")
