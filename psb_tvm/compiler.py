@@ -74,10 +74,10 @@ def _default_samples(samples, names: list) -> tuple[int, list]:
     return int(samples.get("default", max(per_layer, default=16))), per_layer
 
 
-def _spec(site, lowering, config, frac_bits, signed) -> KernelSpec:
+def _spec(site, lowering, config, frac_bits, signed, gpu: bool) -> KernelSpec:
     common = dict(kind=site.kind, lowering=lowering, w_shape=tuple(site.weight.shape), n_max=config.n_max,
                   layer=site.index, E=config.E, P=config.P, act_bits=config.act_bits, act_signed=signed,
-                  frac_bits=frac_bits, activation=site.activation)
+                  frac_bits=frac_bits, activation=site.activation, gpu=gpu)
     shape = tuple(int(v) for v in site.data.ty.shape.values)
     if site.kind == "dense":
         rows = int(np.prod(shape[:-1]))
@@ -161,13 +161,14 @@ def lower(onnx_model, target="llvm", samples: int = 16, seed: int = 0, input_sha
     for site, st in zip(chosen, stats):
         frac = numerics.choose_frac_bits(st.max_abs, config.act_bits, st.signed)
         lowering, lowering_source = _lowering(site, config, lowering_choices, tgt)
-        spec = _spec(site, lowering, config, frac, st.signed)
+        spec = _spec(site, lowering, config, frac, st.signed, gpu=tgt.kind.name == "cuda")
         enc = numerics.encode_weights(site.weight, config.E, config.P, config.per_channel)
         bias = site.bias if site.bias is not None else np.zeros(site.weight.shape[0], np.float32)
         layers.append(PSBLayer(site.index, site.name, spec, enc, numerics.output_scale(enc.k_lo, frac, 1),
                                bias.astype(np.float32)))
         info[site.index] = {"lowering": lowering, "lowering_source": lowering_source,
-                            # the integer weights' layout in the kernel; "vnni": packed for vpdpbusd / sdot
+                            # the integer weights' layout in the kernel; "vnni": packed for vpdpbusd /
+                            # sdot, "dp4a": the same packing for CUDA's __dp4a
                             "weight_layout": spec.weight_layout if lowering == "intdot" else lowering,
                             "prepacked": bool(frozen and lowering == "intdot"),
                             "frac_bits": frac, "act_dtype": spec.act_dtype,

@@ -53,6 +53,9 @@ class KernelSpec:
     # intdot only: the integer weights q arrive as one constant already in the kernel's layout
     # (``pack_weights``), made at compile time from a frozen draw; no weight stage per call.
     prepacked: bool = False
+    # The kernel is built for a GPU (CUDA): the int8 preset's packed conv takes the ``dp4a`` layout
+    # (signed bytes on both sides) instead of x86's ``vnni`` one (unsigned x signed).
+    gpu: bool = False
 
     @property
     def reduction_size(self) -> int:
@@ -76,17 +79,47 @@ class KernelSpec:
         bits = 8 if self.act_bits <= 8 else 16 if self.act_bits <= 16 else 32
         return f"{'' if self.act_signed else 'u'}int{bits}"
 
+    def _packed_int8_conv(self, act_signed_bound: bool, any_outputs: bool) -> bool:
+        """The int8 preset's conv (8-bit activations x int8 weights, 16 outputs x 4 channels per
+        packed step), when its sums in the packed domain still fit int32 (and, unless
+        ``any_outputs``, the output channels come in 16s)."""
+        bits = numerics.accumulator_bits(self.reduction_size, self.E, self.n_max, 8, act_signed_bound)
+        return (self.kind == "conv2d" and self.lowering == "intdot" and self.groups == 1
+                and self.q_dtype == "int8" and self.act_bits == 8 and bits == 32
+                and (any_outputs or self.w_shape[0] % 16 == 0) and self.w_shape[1] >= 3)
+
     @property
     def vnni(self) -> bool:
-        """int8 preset on x86: 8-bit activations (int8 ones offset to uint8) x int8 weights, 16
+        """int8 preset on CPUs: 8-bit activations (int8 ones offset to uint8) x int8 weights, 16
         outputs x 4 channels per ``vpdpbusd`` (weights packed [O/16, KH, KW, C/4, 16, 4],
         accumulators NHWC)."""
         # Signed activations go in offset by +128 (see _vnni_conv): the sums then need the
         # unsigned 8-bit bound to fit int32.
-        offset_bits = numerics.accumulator_bits(self.reduction_size, self.E, self.n_max, 8, False)
-        return (self.kind == "conv2d" and self.lowering == "intdot" and self.groups == 1
-                and self.q_dtype == "int8" and self.act_bits == 8 and offset_bits == 32
-                and self.w_shape[0] % 16 == 0 and self.w_shape[1] >= 3)
+        return not self.gpu and self._packed_int8_conv(act_signed_bound=False, any_outputs=False)
+
+    @property
+    def dp4a(self) -> bool:
+        """int8 preset on GPUs: the ``vnni`` blocking with both operands signed bytes (uint8
+        activations offset to int8), for CUDA's ``__dp4a`` (4 int8 x int8 products per step).
+        Output channels are padded to ``packed_outputs`` with zero weights (MobileNet's 24 / 40)."""
+        return self.gpu and self._packed_int8_conv(act_signed_bound=True, any_outputs=True)
+
+    @property
+    def packed_outputs(self) -> int:
+        """Output channels of the packed layouts: ``O`` rounded up to 16 (``dp4a`` pads; ``vnni``
+        needs 16 | O)."""
+        return -(-self.w_shape[0] // 16) * 16
+
+    @property
+    def dot_offset(self) -> int:
+        """What the packed int8 conv adds to every activation so both operands have the signedness
+        its instruction wants (``vpdpbusd``: unsigned x signed, ``dp4a``: signed x signed); the
+        kernel takes ``offset * sum q`` back per output channel (``wsum``)."""
+        if self.vnni and self.act_signed:
+            return 128
+        if self.dp4a and not self.act_signed:
+            return -128
+        return 0
 
     @property
     def vnni_channels(self) -> int:
@@ -99,13 +132,14 @@ class KernelSpec:
         """Layout of the integer weights ``q`` inside the layer kernel (``pack_weights`` makes it)."""
         if self.kind == "dense":
             return "OI"
-        return "vnni" if self.vnni else "OHWI" if self.channels_last else "OIHW"
+        return "vnni" if self.vnni else "dp4a" if self.dp4a else "OHWI" if self.channels_last else "OIHW"
 
     @property
     def packed_weight_shape(self) -> tuple:
         O, Cg, KH, KW = self.w_shape if self.kind == "conv2d" else (*self.w_shape, 1, 1)
         return {"OI": self.w_shape, "OIHW": self.w_shape, "OHWI": (O, KH, KW, Cg),
-                "vnni": (O // 16, KH, KW, self.vnni_channels // 4, 16, 4)}[self.weight_layout]
+                "vnni": (O // 16, KH, KW, self.vnni_channels // 4, 16, 4),
+                "dp4a": (self.packed_outputs // 16, KH, KW, self.vnni_channels // 4, 16, 4)}[self.weight_layout]
 
     @property
     def channels_last(self) -> bool:
@@ -187,24 +221,25 @@ def pack_weights(spec: KernelSpec, q) -> list:
     """The weight arguments of a prepacked kernel (what it takes in place of the counts), from the
     integer weights ``q`` [O, C/groups, KH, KW] (dense [O, K]): ``q`` rearranged into the kernel's
     ``weight_layout`` and cast to ``q_dtype``, and for the VNNI conv of signed activations the
-    offset correction ``wsum[o] = -128 * sum q[o, ...]`` (int32, see ``_vnni_conv``)."""
+    offset correction ``wsum[o] = -dot_offset * sum q[o, ...]`` (int32, see ``_vnni_conv``)."""
     import numpy as np
 
     q = np.asarray(q)
     if q.shape != tuple(spec.w_shape):
         raise ValueError(f"weights of shape {q.shape}, the kernel wants {tuple(spec.w_shape)}")
     extra = []
-    if spec.vnni and spec.act_signed:
-        extra = [(-128 * q.reshape(q.shape[0], -1).astype(np.int64).sum(axis=1)).astype(np.int32)]
+    if spec.dot_offset:
+        extra = [(-spec.dot_offset * q.reshape(q.shape[0], -1).astype(np.int64).sum(axis=1)).astype(np.int32)]
     layout = spec.weight_layout
     packed = q
     if layout == "OHWI":
         packed = q.transpose(0, 2, 3, 1)
-    elif layout == "vnni":
+    elif layout in ("vnni", "dp4a"):
         O, Cg, KH, KW = q.shape
-        padded = np.zeros((O, spec.vnni_channels, KH, KW), q.dtype)
-        padded[:, :Cg] = q
-        packed = padded.reshape(O // 16, 16, spec.vnni_channels // 4, 4, KH, KW).transpose(0, 4, 5, 2, 1, 3)
+        Op = spec.packed_outputs
+        padded = np.zeros((Op, spec.vnni_channels, KH, KW), q.dtype)
+        padded[:O, :Cg] = q
+        packed = padded.reshape(Op // 16, 16, spec.vnni_channels // 4, 4, KH, KW).transpose(0, 4, 5, 2, 1, 3)
     out = np.ascontiguousarray(packed).astype(spec.q_dtype)
     if not np.array_equal(out.astype(np.int64), packed.astype(np.int64)):
         raise ValueError(f"weights do not fit {spec.q_dtype}")
@@ -228,13 +263,17 @@ def _weight_stage(spec: KernelSpec, counts, sign, normal, shift, n, layout: str 
         )
     if layout == "OHWI":
         return te.compute(spec.packed_weight_shape, lambda o, kh, kw, c: q_value(o, c, kh, kw), name="q")
-    if layout == "vnni":
+    if layout in ("vnni", "dp4a"):
         Cg = spec.w_shape[1]
 
+        O = spec.w_shape[0]
+
         def packed(ob, kh, kw, c4, oi, ci):
-            c = c4 * 4 + ci
-            # channels past C (the round-up to 4) are zero weights
-            return tirx.if_then_else(c < Cg, q_value(ob * 16 + oi, tirx.min(c, Cg - 1), kh, kw),
+            c, o = c4 * 4 + ci, ob * 16 + oi
+            # channels past C (the round-up to 4) and outputs past O (dp4a's round-up to 16) are
+            # zero weights
+            inside = tirx.all(c < Cg, o < O) if spec.packed_outputs != O else c < Cg
+            return tirx.if_then_else(inside, q_value(tirx.min(o, O - 1), tirx.min(c, Cg - 1), kh, kw),
                                      tirx.const(0, spec.q_dtype))
 
         return te.compute(spec.packed_weight_shape, packed, name="q")
@@ -243,10 +282,10 @@ def _weight_stage(spec: KernelSpec, counts, sign, normal, shift, n, layout: str 
 
 def _weight_params(spec: KernelSpec, q, counts, sign, normal, shift) -> list:
     """The weight arguments of a layer kernel: those of ``pack_weights`` when prepacked (``q`` and,
-    for the VNNI conv of signed activations, ``wsum``), else the draw and the encoding."""
+    for the packed int8 conv of offset activations, ``wsum``), else the draw and the encoding."""
     if not spec.prepacked:
         return [counts, sign, normal, shift]
-    if spec.vnni and spec.act_signed:
+    if spec.dot_offset:
         return [q, te.placeholder((spec.w_shape[0],), "int32", name="wsum")]
     return [q]
 
@@ -348,24 +387,30 @@ def psb_layer_kernel(spec: KernelSpec, name: str, expose_acc: bool = False) -> t
         rc = te.reduce_axis((0, Cg), name="rc")
         rh = te.reduce_axis((0, KH), name="rh")
         rw = te.reduce_axis((0, KW), name="rw")
-        if spec.vnni:
+        if spec.vnni or spec.dp4a:
             return _vnni_conv(spec, name, expose_acc, params, q, padded, finish)
         if spec.channels_last:
             xq = te.compute((N, H + pt + pb, W + pl + pr, C), lambda b, h, w, c: padded(b, c, h, w), name="xq")
-            acc = te.compute(
-                spec.out_shape,
-                lambda b, o, y, xx: te.sum(
-                    xq[b, y * sh + rh * dh, xx * sw + rw * dw, rc].astype(spec.acc_dtype)
-                    * q[o, rh, rw, rc].astype(spec.acc_dtype),
-                    axis=[rh, rw, rc],
-                ),
-                name="acc",
-            )
-            out = te.compute(spec.out_shape, lambda b, o, y, xx: finish(acc, o, b, o, y, xx), name="out")
-            outputs = [acc, out] if expose_acc else [out]
+
+            def channels_last_term(b, y, xx, o):
+                return te.sum(xq[b, y * sh + rh * dh, xx * sw + rw * dw, rc].astype(spec.acc_dtype)
+                              * q[o, rh, rw, rc].astype(spec.acc_dtype), axis=[rh, rw, rc])
+
+            if spec.gpu:  # acc[o, m] over flattened output pixels (see _flat_pixels)
+                M, unflat, view = _flat_pixels(spec)
+                acc = te.compute((O, M), lambda o, m: channels_last_term(*unflat(m), o), name="acc")
+                true_acc = view(acc, lambda b, o, y, xx: (b, y, xx, o))
+                layout = "gemm"
+            else:
+                acc = te.compute(spec.out_shape, lambda b, o, y, xx: channels_last_term(b, y, xx, o), name="acc")
+                true_acc, layout = acc, "channels_last"
+            out = te.compute(spec.out_shape, lambda b, o, y, xx: finish(true_acc, o, b, o, y, xx), name="out")
+            outputs = [acc, out] if expose_acc and not spec.gpu else [out]
+            if expose_acc and spec.gpu:
+                outputs = [te.compute(spec.out_shape, lambda *i: true_acc[i], name="acc_nchw"), out]
             func = te.create_prim_func(params + outputs)
             return func.with_attrs({"global_symbol": name, "psb.kind": spec.kind, "psb.lowering": spec.lowering,
-                                    "psb.layout": "channels_last", "op_pattern": 8})
+                                    "psb.layout": layout, "op_pattern": 8})
         axes = [rc, rh, rw]
         rb = None
         if shiftadd:
@@ -407,6 +452,36 @@ def psb_layer_kernel(spec: KernelSpec, name: str, expose_acc: bool = False) -> t
     )
 
 
+#: GPU convs round their flattened pixel count up to a multiple of this (see _flat_pixels).
+GPU_PIXEL_MULTIPLE = 16
+
+
+def _flat_pixels(spec: KernelSpec):
+    """GPU convs accumulate ``acc[o, m]`` over flattened output pixels ``m = (b*OH + y)*OW + x``:
+    the GPU schedules tile ``m``, and a tile of ``m`` is a rectangle of ``acc`` only in this form;
+    with ``m`` innermost the NCHW epilogue reads ``acc`` in runs of ``OH*OW`` (coalesced).
+    ``m`` runs to a multiple of ``GPU_PIXEL_MULTIPLE`` (the extra rows repeat the last pixel and
+    are never read), so tiles divide it and the tensorized block needs no bounds predicate.
+    Returns ``(M, m -> (b, y, x), view)`` where ``view(acc, idx_map)`` reads ``acc`` by
+    ``idx_map``'s (b, y, x, o) as if it were a 4-d tensor."""
+    N, _, OH, OW = spec.out_shape
+    M = N * OH * OW
+
+    def unflat(m):
+        m = tirx.min(m, M - 1)
+        return m // (OH * OW), m // OW % OH, m % OW
+
+    class _View:
+        def __init__(self, acc, idx_map):
+            self.acc, self.idx_map = acc, idx_map
+
+        def __getitem__(self, idx):
+            b, y, xx, o = self.idx_map(*idx)
+            return self.acc[o, (b * OH + y) * OW + xx]
+
+    return -(-M // GPU_PIXEL_MULTIPLE) * GPU_PIXEL_MULTIPLE, unflat, _View
+
+
 def _vnni_conv(spec: KernelSpec, name, expose_acc, params, q, padded, finish):
     """Conv with the reduction blocked as (C/4, 4) and outputs as (O/16, 16): the shape of x86's
     ``vpdpbusd`` (see ``schedules/cpu/psb_conv2d.py``, which tensorizes it). ``C`` is rounded up
@@ -418,6 +493,10 @@ def _vnni_conv(spec: KernelSpec, name, expose_acc, params, q, padded, finish):
     ``KernelSpec.vnni`` checks that the offset sums still fit int32). Padding becomes 128 as well,
     so the correction is the same at every output position. ``wsum`` is a block of the kernel, or
     a compile-time constant argument when the weights are prepacked.
+
+    The GPU's ``dp4a`` layout is the same conv with signed bytes on both sides: unsigned
+    activations are stored ``x - 128`` as int8 and ``wsum[o] = +128 * sum q[o, ...]``
+    (``KernelSpec.dot_offset``); signed ones go in unchanged.
     """
     N, C, H, W = spec.x_shape
     O, Cg, KH, KW = spec.w_shape
@@ -425,13 +504,14 @@ def _vnni_conv(spec: KernelSpec, name, expose_acc, params, q, padded, finish):
     sh, sw = spec.stride
     dh, dw = spec.dilation
     C4 = spec.vnni_channels
-    offset = spec.act_signed
+    offset = spec.dot_offset
+    xq_dtype = "uint8" if spec.vnni else "int8"
 
     def xq_value(b, h, w, c):
         v = padded(b, tirx.min(c, C - 1) if C4 != C else c, h, w)
         if offset:
-            v = (v.astype("int32") + 128).astype("uint8")
-        return tirx.if_then_else(c < C, v, tirx.const(0, "uint8")) if C4 != C else v
+            v = (v.astype("int32") + offset).astype(xq_dtype)
+        return tirx.if_then_else(c < C, v, tirx.const(0, xq_dtype)) if C4 != C else v
 
     xq = te.compute((N, H + pt + pb, W + pl + pr, C4), xq_value, name="xq")
     rh = te.reduce_axis((0, KH), name="rh")
@@ -439,15 +519,17 @@ def _vnni_conv(spec: KernelSpec, name, expose_acc, params, q, padded, finish):
     rc = te.reduce_axis((0, C4 // 4), name="rc")
     rk = te.reduce_axis((0, 4), name="rk")
     _, _, OH, OW = spec.out_shape
-    acc = te.compute(
-        (N, OH, OW, O),
-        lambda b, y, xx, o: te.sum(
-            xq[b, y * sh + rh * dh, xx * sw + rw * dw, rc * 4 + rk].astype("int32")
-            * q[o // 16, rh, rw, rc, o % 16, rk].astype("int32"),
-            axis=[rh, rw, rc, rk],
-        ),
-        name="acc",
-    )
+
+    def term(b, y, xx, o):
+        return te.sum(xq[b, y * sh + rh * dh, xx * sw + rw * dw, rc * 4 + rk].astype("int32")
+                      * q[o // 16, rh, rw, rc, o % 16, rk].astype("int32"), axis=[rh, rw, rc, rk])
+
+    if spec.dp4a:  # acc[o, m] over flattened output pixels (see _flat_pixels)
+        M, unflat, view = _flat_pixels(spec)
+        # outputs padded to 16 (zero weights; the epilogue reads o < O only)
+        acc = view(te.compute((spec.packed_outputs, M), lambda o, m: term(*unflat(m), o), name="acc"), lambda *i: i)
+    else:  # acc[b, y, x, o]
+        acc = te.compute((N, OH, OW, O), term, name="acc")
     true_acc = acc
     if offset:
         if spec.prepacked:  # a compile-time constant next to q (pack_weights)
@@ -455,7 +537,7 @@ def _vnni_conv(spec: KernelSpec, name, expose_acc, params, q, padded, finish):
         else:
             sh_, sw_, sc, sk = (te.reduce_axis((0, e), name=f"s{i}") for i, e in enumerate((KH, KW, C4 // 4, 4)))
             wsum = te.compute((O,), lambda o: te.sum(
-                q[o // 16, sh_, sw_, sc, o % 16, sk].astype("int32") * tirx.const(-128, "int32"),
+                q[o // 16, sh_, sw_, sc, o % 16, sk].astype("int32") * tirx.const(-offset, "int32"),
                 axis=[sh_, sw_, sc, sk]), name="wsum")
 
         class _Corrected:  # acc[b, y, x, o] + wsum[o], read where the epilogue reads acc
@@ -469,7 +551,7 @@ def _vnni_conv(spec: KernelSpec, name, expose_acc, params, q, padded, finish):
         outputs = [te.compute(spec.out_shape, lambda b, o, y, xx: true_acc[b, y, xx, o], name="acc_nchw"), out]
     func = te.create_prim_func(params + outputs)
     return func.with_attrs({"global_symbol": name, "psb.kind": spec.kind, "psb.lowering": spec.lowering,
-                            "psb.layout": "vnni", "op_pattern": 8})
+                            "psb.layout": spec.weight_layout, "op_pattern": 8})
 
 
 def _bitserial_kernel(spec: KernelSpec, name, expose_acc, params):

@@ -96,12 +96,18 @@ def dense_spec(case, lowering, n, seed=0, layer=0, activation=None, E=4, P=16, a
 
 @functools.lru_cache(maxsize=None)
 def build(spec: KernelSpec):
-    """(sampler, layer kernel) compiled with the default CPU rules; n and seed are run-time."""
+    """(sampler, layer kernel) compiled with the default CPU rules; n and seed are run-time.
+
+    A spec built for a GPU (``gpu=True``: its kernel definitions, e.g. the dp4a layout) compiles
+    unscheduled for the CPU here: the numerics of the definition, not the GPU schedule, are tested."""
     spec = KernelSpec(**{f.name: getattr(spec, f.name) for f in dataclasses.fields(KernelSpec)})
     compiled = []
     for func, rule in [(psb_sample_kernel(spec, "psb_test_sample"), PSBSample()),
                        (psb_layer_kernel(spec, "psb_test_kernel", expose_acc=True),
                         PSBConv2D() if spec.kind == "conv2d" else PSBDense())]:
+        if spec.gpu and func.attrs["psb.kind"] != "sample":
+            compiled.append(tvm.compile(func, target=TARGET))
+            continue
         sch = rule.apply(func, TARGET, False)
         assert sch is not None, "default CPU rule did not apply"
         compiled.append(tvm.compile(sch.mod["main"], target=TARGET))
@@ -505,6 +511,40 @@ def test_vnni_conv_bit_exact(case, n, E, signed):
                      act_signed=signed)
     assert spec.vnni and spec.q_dtype == "int8" and spec.act_dtype == ("int8" if signed else "uint8")
     check(spec, seed, layer)
+
+
+GPU_DP4A_CASES = {**{k: VNNI_CASES[k] for k in ("3x3_pad1", "stride2_asym", "stem_c3", "width7")},
+                  # output channels padded to 16 (MobileNet's 24-channel projections)
+                  "o24": ((2, 8, 5, 6), (24, 8, 3, 3), dict(padding=(1, 1, 1, 1)))}
+
+
+@pytest.mark.parametrize("prepacked", [False, True], ids=["sampled", "prepacked"])
+@pytest.mark.parametrize("signed", [False, True], ids=["uint8", "int8"])
+@pytest.mark.parametrize("case", list(GPU_DP4A_CASES))
+def test_gpu_dp4a_conv_definition_bit_exact(case, signed, prepacked):
+    """The GPU's int8 conv (``dp4a`` layout: signed bytes on both sides, unsigned activations stored
+    ``x - 128`` and corrected by ``+128 * sum q``; accumulators over flattened pixels, outputs
+    padded to 16), run on the CPU: same bits as the reference."""
+    i = list(GPU_DP4A_CASES).index(case)
+    seed, layer = SEEDS_LAYERS[(i + 2 * signed) % len(SEEDS_LAYERS)]
+    spec = dataclasses.replace(conv_spec(GPU_DP4A_CASES[case], "intdot", 8, seed, layer, activation=ACTS[i % len(ACTS)],
+                                         E=3, act_signed=signed), gpu=True, prepacked=prepacked)
+    assert spec.dp4a and not spec.vnni and spec.weight_layout == "dp4a"
+    assert spec.dot_offset == (0 if signed else -128)
+    func = psb_layer_kernel(spec, "psb_test_dp4a")
+    assert func.attrs["psb.layout"] == "dp4a"
+    if prepacked:  # unsigned activations: the offset correction travels next to q
+        assert [p.name for p in func.params] == ["x", "q", *([] if signed else ["wsum"]), "scale", "bias", "n", "out"]
+    check(spec, seed, layer)
+
+
+@pytest.mark.parametrize("case", ["3x3_pad1", "stride2", "dilation2"])
+def test_gpu_gemm_conv_definition_bit_exact(case):
+    """The GPU's channels-last conv (int16 preset; accumulators over flattened pixels)."""
+    spec = dataclasses.replace(conv_spec(case, "intdot", 16, 3, 1, E=4, act_signed=False), gpu=True)
+    assert spec.channels_last and not spec.dp4a and spec.q_dtype == "int16"
+    assert psb_layer_kernel(spec, "psb_test_gemm").attrs["psb.layout"] == "gemm"
+    check(spec, 3, 1)
 
 
 PREPACKED_CASES = {  # one per weight layout: OIHW (grouped), OHWI (channels last), vnni, OI (dense)

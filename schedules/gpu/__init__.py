@@ -1,11 +1,13 @@
-"""Default GPU schedule rules for PSB kernels (thread binding; no tuning yet)."""
+"""Default GPU schedule rules for PSB kernels (dlight style, one rule per file)."""
 
 from .psb_fallback import PSBGpuFallback
+from .psb_intdot_tiled import PSBIntdotTiled
 
 
 def default_rules():
-    """Rules applied to PSB PrimFuncs before TVM's own GPU rules see the module."""
-    return [PSBGpuFallback()]
+    """Rules applied to PSB PrimFuncs before TVM's own GPU rules see the module: the tiled
+    integer-dot-product kernels first, thread binding for every other PSB kernel."""
+    return [PSBIntdotTiled(), PSBGpuFallback()]
 
 
-__all__ = ["PSBGpuFallback", "default_rules"]
+__all__ = ["PSBGpuFallback", "PSBIntdotTiled", "default_rules"]
