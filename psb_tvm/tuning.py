@@ -97,11 +97,11 @@ def _is_scalar(param) -> bool:
         return False
 
 
-def extract_tasks(mod: tvm.IRModule) -> list:
+def extract_tasks(mod: tvm.IRModule, psb_only: bool = False) -> list:
     """``[(workload module, [kernel names])]``, identical kernels grouped into one task."""
     tasks = []
     for gv, func in mod.functions.items():
-        if not is_tunable(func):
+        if not is_tunable(func) or (psb_only and "psb.kind" not in (func.attrs or {})):
             continue
         wl = canonical(func)
         for existing, names in tasks:
@@ -167,7 +167,10 @@ def _env(name: str, value: str):
 
 def _default_trace(wl: tvm.IRModule, target: tvm.target.Target):
     """Our default rule's schedule of a workload (``None`` if no rule applies)."""
-    from .schedules.cpu import default_rules
+    if target.kind.name == "cuda":
+        from .schedules.gpu import default_rules
+    else:
+        from .schedules.cpu import default_rules
 
     func = wl["main"]
     with target:
@@ -222,6 +225,13 @@ def _measure(schedules, target, builder, runner) -> list:
         if b.artifact_path and os.path.exists(b.artifact_path):
             os.remove(b.artifact_path)
     return secs
+
+
+def _require_local_gpu() -> None:
+    """A GPU target measured locally needs a CUDA device here (else: rpc_tracker or runner=)."""
+    if not tvm.cuda(0).exist:
+        raise TuningError("tuning for cuda measures on a GPU, and this machine has none: pass rpc_tracker= and "
+                          "rpc_key= of a GPU host's RPC server, or a MetaSchedule runner=")
 
 
 def _make_runner(rpc_tracker, rpc_key, threads, timeout):
@@ -312,23 +322,30 @@ def tune(onnx_model, target="llvm", work_dir: str = "psb_tuning", trials: int = 
     lowered = {low: lower(onnx_model, target, samples, seed, input_shapes, calibration,
                           dataclasses.replace(cfg, lowering=low), frozen) for low in candidates}
     tgt = next(iter(lowered.values()))[2]
-    if tgt.kind.name != "llvm":
-        raise TuningError(f"tuning supports CPU (llvm) targets; got {tgt.kind.name!r}")
+    gpu = tgt.kind.name == "cuda"
+    if tgt.kind.name not in ("llvm", "cuda"):
+        raise TuningError(f"tuning supports CPU (llvm) and CUDA targets; got {tgt.kind.name!r}")
+    if gpu and rpc_tracker is None and runner is None:
+        _require_local_gpu()
+    # CPU: the kernels' thread count (timed with it, part of the target); GPU: builder processes
     threads = int(num_threads or tgt.attrs.get("num-cores", 0) or os.cpu_count() or 1)
-    tgt = _with_threads(tgt, threads)
+    if not gpu:
+        tgt = _with_threads(tgt, threads)
     os.makedirs(work_dir, exist_ok=True)
-    manifest = _read_manifest(work_dir) or {"target": _target_key(tgt), "num_threads": threads, "tasks": {}}
+    manifest = _read_manifest(work_dir) or {"target": _target_key(tgt), "num_threads": None if gpu else threads,
+                                            "tasks": {}}
     if manifest["target"] != _target_key(tgt):
         raise TuningError(f"{work_dir} holds tuning for target {manifest['target']}, not {_target_key(tgt)}; "
                           "use another work_dir")
-    if manifest.get("num_threads") != threads:
+    if not gpu and manifest.get("num_threads") != threads:
         raise TuningError(f"{work_dir} was tuned with {manifest.get('num_threads')} threads, not {threads}; "
                           "use the same num_threads or another work_dir")
     tasks, layer_tasks = [], {}
     for low, (mod, md, _) in lowered.items():
-        legal = legalize(mod, tgt)
+        # GPU: only the PSB kernels are tasks (the float glue gets TVM's GPU rules at build)
+        legal = mod if gpu else legalize(mod, tgt)
         kernels = _layer_kernels(legal, md)
-        for wl, names in extract_tasks(legal):
+        for wl, names in extract_tasks(legal, psb_only=gpu):
             for existing, known in tasks:
                 if tvm_ffi.structural_equal(existing, wl):
                     known.extend(n for n in names if n not in known)
@@ -474,6 +491,10 @@ def apply_database(mod: tvm.IRModule, target: tvm.target.Target, tuning_db) -> t
     """Replay the best record of every tunable kernel found in the database; returns the module
     and the names of the kernels it scheduled. A record that does not replay is skipped with a
     warning (that kernel keeps the default schedule)."""
+    if target.kind.name == "cuda":
+        # GPU records name TVM's tensor-core intrinsics (wmma, mma), which must be registered
+        # before their traces parse; the import takes ~30 s, so only GPU databases pay it.
+        import tvm.s_tir.tensor_intrin  # noqa: F401
     database = open_database(tuning_db, target)
     if database is None:
         return mod, set()

@@ -110,5 +110,77 @@ def test_gpu_check_cpu_dry_run(tmp_path):
     assert gc.main(["run", str(tmp_path), "--device", "cpu", "--runs", "3", "--warmup", "1",
                     "--budget-s", "0.1", "--results", str(results)]) == 0
     checks = json.loads(results.read_text())["checks"]
-    assert len(checks) == 4 and all(c["ok"] for c in checks)
-    assert all(c["max_abs"] == 0 for c in checks if " psb " in c["module"])
+    assert len(checks) == 5 and all(c["ok"] for c in checks)  # psb at n = 1, 8, 16; psb_int8; fp32
+    assert all(c["max_abs"] == 0 for c in checks if " psb" in c["module"])
+
+
+def _nvcc_compiles(module) -> str:
+    """The CUDA source of a compiled psb_tvm module, checked to compile with nvcc; returns it."""
+    from tvm.support import nvcc
+
+    source = _cuda_modules(module._executable.mod)[0].inspect_source()
+    target = tvm.target.Target(module.metadata["target"])
+    with target:
+        cubin = bytes(nvcc.compile_cuda(source, target_format="cubin", arch=str(target.attrs["arch"]), compiler="nvcc"))
+    assert cubin[:4] == b"\x7fELF"
+    return source
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not found (CUDA toolkit not installed)")
+def test_int8_preset_cuda_kernels_use_dp4a_and_shared_memory():
+    """The int8 preset on CUDA: convs with 16k output channels take the dp4a layout, and the tiled
+    default schedule stages weights in shared memory and multiplies with __dp4a."""
+    import numpy as np
+
+    from onnx_models import conv_model
+
+    model = conv_model(in_ch=8, out_ch=32, hw=9)
+    cal = np.random.default_rng(0).standard_normal((4, 8, 9, 9)).astype(np.float32)
+    for frozen in (False, True):
+        module = psb_tvm.compile(model, target="cuda", samples=8, calibration=cal, frozen=frozen,
+                                 config=psb_tvm.PSBConfig.preset("int8"))
+        layer = next(l for l in module.layers if l["status"] == "psb")
+        assert layer["weight_layout"] == "dp4a" and layer["prepacked"] == frozen
+        source = _nvcc_compiles(module)
+        assert "__dp4a(" in source and "__shared__" in source
+        # a frozen module has no run-time arguments: its kernels replay as one CUDA graph
+        assert module.metadata["cuda_graph"] == frozen
+        assert ("vm.builtin.cuda_graph.run_or_capture" in module._executable.as_text()) == frozen
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not found (CUDA toolkit not installed)")
+def test_gpu_tuning_builds_candidates_and_replays(tmp_path):
+    """tune(target="cuda") without a GPU here: a runner that reports every searched candidate
+    faster than the default schedule stands in for the device. MetaSchedule's CUDA search space
+    for the PSB conv builds with nvcc, compile(tuning_db=) replays the best record, and the tuned
+    module's CUDA source compiles with nvcc. (Timings need a GPU host: rpc_tracker= / runner=.)"""
+    import numpy as np
+    from tvm.ir.utils import derived_object
+    from tvm.s_tir import meta_schedule as ms
+
+    from onnx_models import conv_model
+    from psb_tvm.tuning import TuningError
+
+    model = conv_model(in_ch=8, out_ch=16, hw=6, seed=5)
+    cal = np.random.default_rng(0).standard_normal((4, 8, 6, 6)).astype(np.float32)
+    config = psb_tvm.PSBConfig.preset("int8")
+    calls = []
+
+    @derived_object
+    class StandInRunner(ms.runner.PyRunner):
+        def run(self, runner_inputs):
+            calls.append(len(runner_inputs))
+            secs = 1.0 if len(calls) == 1 else 1e-3  # the first call measures the default schedule
+            return [ms.runner.LocalRunnerFuture(res=[secs], error_message=None) for _ in runner_inputs]
+
+    if not tvm.cuda(0).exist:
+        with pytest.raises(TuningError, match="rpc_tracker"):
+            psb_tvm.tune(model, target="cuda", work_dir=str(tmp_path / "x"), trials=1, calibration=cal, config=config)
+    work = str(tmp_path / "gpu")
+    result = psb_tvm.tune(model, target="cuda", work_dir=work, trials=2, samples=8, calibration=cal, config=config,
+                          progress=False, runner=StandInRunner())
+    assert len(result.tasks) == 1 and result.tasks[0].default_ms == 1000.0
+    assert result.tasks[0].best_ms == 1.0 and result.trials_total >= 1
+    module = psb_tvm.compile(model, target="cuda", samples=8, calibration=cal, config=config, tuning_db=work)
+    assert module.metadata["schedules"]["tuned"] == 1
+    _nvcc_compiles(module)
