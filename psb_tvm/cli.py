@@ -179,7 +179,7 @@ def _calibration(path, model, input_shapes):
 
 
 def _model_options(p, compile_only=False):
-    p.add_argument("--target", default="llvm", help="TVM target: 'llvm' (this host's CPU), 'aarch64', or a target string")
+    p.add_argument("--target", default="llvm", help="TVM target: 'llvm' (this host's CPU), 'aarch64', 'cuda', or a target string")
     p.add_argument("--input-shape", action="append", type=_input_shape, default=[], metavar="NAME=D0,D1,...",
                    help="fix an input's shape (repeatable), e.g. input=1,3,224,224")
     p.add_argument("--calibration", metavar="FILE", help=".npz {input name: array [N, ...]}, .npy (single input) or a folder: "

@@ -12,6 +12,7 @@ default and the search starts from it.
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import json
 import os
 import time
@@ -480,7 +481,16 @@ def open_database(tuning_db, target: tvm.target.Target):
         if not os.path.exists(os.path.join(work_dir, name)):
             raise TuningError(f"tuning_db {work_dir!r} has no {name} (pass the work_dir of psb_tvm.tune)")
     try:
-        return _open_json_database(work_dir)
+        try:
+            return _open_json_database(work_dir)
+        except Exception as err:  # noqa: BLE001
+            if "TensorIntrin" not in str(err):
+                raise
+            # GPU records can name TVM's tensor-core intrinsics (wmma, mma), which must be
+            # registered before their traces parse; the import takes ~30 s, so only such
+            # databases pay it.
+            importlib.import_module("tvm.s_tir.tensor_intrin")
+            return _open_json_database(work_dir)
     except Exception as err:  # noqa: BLE001 - TVM raises plain errors for corrupt JSON lines
         warnings.warn(f"tuning_db {work_dir} is unreadable ({str(err).splitlines()[-1][:200]}); "
                       "using the default schedules", TuningWarning, stacklevel=3)
@@ -491,10 +501,6 @@ def apply_database(mod: tvm.IRModule, target: tvm.target.Target, tuning_db) -> t
     """Replay the best record of every tunable kernel found in the database; returns the module
     and the names of the kernels it scheduled. A record that does not replay is skipped with a
     warning (that kernel keeps the default schedule)."""
-    if target.kind.name == "cuda":
-        # GPU records name TVM's tensor-core intrinsics (wmma, mma), which must be registered
-        # before their traces parse; the import takes ~30 s, so only GPU databases pay it.
-        import tvm.s_tir.tensor_intrin  # noqa: F401
     database = open_database(tuning_db, target)
     if database is None:
         return mod, set()

@@ -64,7 +64,7 @@ def _gpu_check():
 
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not found (CUDA toolkit not installed)")
 def test_gpu_check_prepare_quick(tmp_path):
-    """tools/gpu_check.py prepare --quick: digits PSB / fp32 / fp16 for cuda, batch 1 and 64 (~40 s)."""
+    """tools/gpu_check.py prepare --quick: digits PSB / PSB int8 / fp32 for cuda, batch 1 and 64 (~45 s)."""
     import json
 
     import subprocess
@@ -73,7 +73,8 @@ def test_gpu_check_prepare_quick(tmp_path):
     gc = _gpu_check()
     # a subprocess: prepare loads TVM's CUDA runtime (with a libcuda stub) and registers a build-time
     # nvcc callback, which would change how later cuda builds in this process behave
-    subprocess.run([sys.executable, gc.__file__, "prepare", str(tmp_path), "--quick"], check=True, timeout=600)
+    subprocess.run([sys.executable, gc.__file__, "prepare", str(tmp_path), "--quick", "--variants", "psb,psb_int8,fp32"],
+                   check=True, timeout=600)
     manifest = json.loads((tmp_path / "manifest.json").read_text())
     assert manifest["cuda_binary"] in ("fatbin", "source")
     assert {(m["variant"], m["batch"]) for m in manifest["modules"]} >= {("psb", 1), ("psb", 64), ("fp32", 1), ("fp32", 64)}
@@ -145,40 +146,84 @@ def test_int8_preset_cuda_kernels_use_dp4a_and_shared_memory():
         assert "__dp4a(" in source and "__shared__" in source
         # a frozen module has no run-time arguments: its kernels replay as one CUDA graph
         assert module.metadata["cuda_graph"] == frozen
-        assert ("vm.builtin.cuda_graph.run_or_capture" in module._executable.as_text()) == frozen
 
 
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not found (CUDA toolkit not installed)")
-def test_gpu_tuning_builds_candidates_and_replays(tmp_path):
-    """tune(target="cuda") without a GPU here: a runner that reports every searched candidate
-    faster than the default schedule stands in for the device. MetaSchedule's CUDA search space
-    for the PSB conv builds with nvcc, compile(tuning_db=) replays the best record, and the tuned
-    module's CUDA source compiles with nvcc. (Timings need a GPU host: rpc_tracker= / runner=.)"""
-    import numpy as np
+def test_frozen_cuda_module_replays_a_cuda_graph():
+    """Frozen (no run-time n / seed): the VM captures the kernel sequence once and replays it;
+    sampled: kernels launched one by one (n and the seed change per call)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for frozen in (True, False):
+            module = psb_tvm.compile(small_cnn(), target="cuda", samples=8, frozen=frozen,
+                                     config=psb_tvm.PSBConfig.preset("int8"))
+            text = module._executable.as_text()
+            assert module.metadata["cuda_graph"] == frozen
+            assert ("vm.builtin.cuda_graph.run_or_capture" in text) == frozen
+
+
+def _stand_in_runner(calls: list):
+    """A MetaSchedule runner for a machine without a GPU: reports 1 s for the first batch (the
+    default schedules) and 1 ms for every later candidate, so any searched candidate wins."""
     from tvm.ir.utils import derived_object
     from tvm.s_tir import meta_schedule as ms
-
-    from onnx_models import conv_model
-    from psb_tvm.tuning import TuningError
-
-    model = conv_model(in_ch=8, out_ch=16, hw=6, seed=5)
-    cal = np.random.default_rng(0).standard_normal((4, 8, 6, 6)).astype(np.float32)
-    config = psb_tvm.PSBConfig.preset("int8")
-    calls = []
 
     @derived_object
     class StandInRunner(ms.runner.PyRunner):
         def run(self, runner_inputs):
             calls.append(len(runner_inputs))
-            secs = 1.0 if len(calls) == 1 else 1e-3  # the first call measures the default schedule
+            secs = 1.0 if len(calls) == 1 else 1e-3
             return [ms.runner.LocalRunnerFuture(res=[secs], error_message=None) for _ in runner_inputs]
 
+    return StandInRunner()
+
+
+def _gpu_tuning_case():
+    import numpy as np
+
+    from onnx_models import conv_model
+
+    model = conv_model(in_ch=8, out_ch=16, hw=6, seed=5)
+    cal = np.random.default_rng(0).standard_normal((4, 8, 6, 6)).astype(np.float32)
+    return model, cal, psb_tvm.PSBConfig.preset("int8")
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not found (CUDA toolkit not installed)")
+def test_gpu_tuning_database_round_trip(tmp_path):
+    """tune(target="cuda", trials=0) without a GPU here: the PSB conv is the one task, its default
+    GPU schedule builds with nvcc and is stored for the cuda target, compile(tuning_db=) replays
+    it, and the replayed module's CUDA source compiles. Without a GPU, rpc_tracker or runner,
+    tuning for cuda says what to pass."""
+    from psb_tvm.tuning import TuningError, TuningWarning
+
+    model, cal, config = _gpu_tuning_case()
     if not tvm.cuda(0).exist:
         with pytest.raises(TuningError, match="rpc_tracker"):
             psb_tvm.tune(model, target="cuda", work_dir=str(tmp_path / "x"), trials=1, calibration=cal, config=config)
+    calls = []
+    work = str(tmp_path / "gpu")
+    result = psb_tvm.tune(model, target="cuda", work_dir=work, trials=0, samples=8, calibration=cal, config=config,
+                          progress=False, runner=_stand_in_runner(calls))
+    assert calls == [1] and [t.kernels for t in result.tasks] == [["psb_0_conv"]]
+    assert result.tasks[0].default_ms == 1000.0
+    module = psb_tvm.compile(model, target="cuda", samples=8, calibration=cal, config=config, tuning_db=work)
+    assert module.metadata["schedules"]["tuned_kernels"] == ["psb_0_conv"]
+    assert "__dp4a(" in _nvcc_compiles(module)
+    with pytest.warns(TuningWarning, match="tuned for"):  # a CPU module ignores it
+        psb_tvm.compile(model, samples=8, calibration=cal, config=config, tuning_db=work)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not found (CUDA toolkit not installed)")
+def test_gpu_tuning_search_builds_candidates_and_replays(tmp_path):
+    """The MetaSchedule search for cuda (~3 min on 2 cores: the CUDA space includes tensor-core
+    candidates, and their intrinsics take ~30 s to register): searched candidates build with
+    nvcc, the stand-in runner makes one of them the best record, compile replays it and its CUDA
+    source compiles. (Timings need a GPU host: rpc_tracker= / runner=.)"""
+    model, cal, config = _gpu_tuning_case()
     work = str(tmp_path / "gpu")
     result = psb_tvm.tune(model, target="cuda", work_dir=work, trials=2, samples=8, calibration=cal, config=config,
-                          progress=False, runner=StandInRunner())
+                          progress=False, runner=_stand_in_runner([]))
     assert len(result.tasks) == 1 and result.tasks[0].default_ms == 1000.0
     assert result.tasks[0].best_ms == 1.0 and result.trials_total >= 1
     module = psb_tvm.compile(model, target="cuda", samples=8, calibration=cal, config=config, tuning_db=work)

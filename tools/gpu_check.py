@@ -31,8 +31,15 @@ _CUDA_DRIVER_SYMBOLS = ("cuDeviceGetName", "cuFuncSetAttribute", "cuGetErrorName
                         "cuLaunchKernelEx", "cuModuleGetFunction", "cuModuleLoadData", "cuModuleUnload",
                         "cuTensorMapEncodeTiled")
 # pass criteria vs the CPU reference: max |err| <= rtol * max |ref|, and top-1 agreement
-TOLERANCE = {"psb": {"rtol": 2e-2, "top1": 0.98}, "fp32": {"rtol": 1e-3, "top1": 1.0},
-             "fp16": {"rtol": 5e-2, "top1": 0.95}}
+TOLERANCE = {"psb": {"rtol": 2e-2, "top1": 0.98}, "psb_int8": {"rtol": 2e-2, "top1": 0.98},
+             "fp32": {"rtol": 1e-3, "top1": 1.0}, "fp16": {"rtol": 5e-2, "top1": 0.95}}
+#: psb: sampled at run time (n = SAMPLES); psb_int8: the int8 preset frozen at INT8_SAMPLES (weights
+#: prepacked for __dp4a); fp32 / fp16: TVM's float module of the same model.
+VARIANTS = ("psb", "psb_int8", "fp32", "fp16")
+INT8_SAMPLES = 8
+INPUT_GRID = 32  # image inputs are int8 codes / INPUT_GRID (see _model_data)
+# MobileNetV2's fp32 module only at batch 64: with it at batch 1 too the check is over 64 MiB
+DEFAULT_MODELS = "digits,mobilenetv2:psb_int8+fp16+fp32@64"
 
 
 # ============================================================================ prepare (here)
@@ -127,7 +134,13 @@ def _model_data(name: str, batch: int):
         return models.digits(), np.ascontiguousarray(x_test[:batch]), x_train[:256]
     rng = np.random.default_rng(1)
     shape = models.IMAGE_SHAPE[1:]
-    return models.BUILDERS[name](), rng.standard_normal((batch, *shape)).astype(np.float32), \
+    model = models.BUILDERS[name]()
+    for value in (model.graph.input[0], model.graph.output[0]):  # batch-1 graphs: make the batch free
+        value.type.tensor_type.shape.dim[0].dim_param = "N"
+    # Inputs on a 1/32 grid (int8 codes / 32, exact in float32): they travel as int8, a quarter of
+    # the carry limit's bytes (a float32 batch of 64 images is 38 MB).
+    codes = np.clip(np.rint(rng.standard_normal((batch, *shape)) * INPUT_GRID), -128, 127)
+    return model, (codes / INPUT_GRID).astype(np.float32), \
         rng.standard_normal((8, *shape)).astype(np.float32)
 
 
@@ -175,6 +188,26 @@ def _copy_runtime(out: str, python_version: str) -> dict:
             "python_version": python_version}
 
 
+def _model_variants(models: str, variants: str) -> list:
+    """``"digits,mobilenetv2:psb_int8+fp16@64"`` -> [("digits", [default variants]), ("mobilenetv2",
+    ["psb_int8", "fp16@64"])]: a variant with ``@b/b`` is built at those batches only; unknown
+    names are errors."""
+    sys.path.insert(0, REPO)
+    from benchmarks.models import BUILDERS
+
+    out = []
+    for item in models.split(","):
+        name, _, own = item.partition(":")
+        chosen = own.split("+") if own else variants.split(",")
+        if name not in BUILDERS:
+            raise SystemExit(f"unknown model {name!r}; expected one of {sorted(BUILDERS)}")
+        bad = sorted({c.partition("@")[0] for c in chosen} - set(VARIANTS))
+        if bad:
+            raise SystemExit(f"unknown variants {bad} for {name}; expected some of {list(VARIANTS)}")
+        out.append((name, chosen))
+    return out
+
+
 def prepare(args) -> int:
     out = os.path.abspath(args.out_dir)
     os.makedirs(out, exist_ok=True)
@@ -198,36 +231,56 @@ def prepare(args) -> int:
                 "cuda_binary": binary if args.device == "cuda" else None, "target": str(target),
                 "samples": list(SAMPLES), "seed": SEED, "tolerance": TOLERANCE, "modules": [], "errors": []}
     batches = [int(b) for b in args.batches.split(",")]
-    models = args.models.split(",")
-    for name in models:
+    for name, variants in _model_variants(args.models, args.variants):
         for batch in batches:
             model, x, calib = _model_data(name, batch)
             shapes = {"input": tuple(x.shape)}
             stem = f"{name}_b{batch}"
-            np.save(os.path.join(out, f"{stem}_input.npy"), x)
+            codes = x * INPUT_GRID
+            if name != "digits" and np.array_equal(codes, np.rint(codes)) and np.abs(codes).max() <= 128:
+                np.save(os.path.join(out, f"{stem}_input.npy"), codes.astype(np.int8))  # run divides by INPUT_GRID
+                input_scale = 1.0 / INPUT_GRID
+            else:
+                np.save(os.path.join(out, f"{stem}_input.npy"), x)
+                input_scale = None
             refs = {}
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 t0 = time.time()
-                cpu = psb_tvm.compile(model, target="llvm", samples=16, seed=SEED, input_shapes=shapes,
-                                      calibration={"input": calib})
-                for n in SAMPLES:
-                    ref = cpu.run(x, samples=n, seed=SEED)
-                    refs[f"psb_n{n}"] = f"{stem}_ref_psb_n{n}.npy"
-                    np.save(os.path.join(out, refs[f"psb_n{n}"]), ref)
-                fref = _float_reference(model, x)
-                if fref is None:
-                    fref = psb_tvm.compile(model, target="llvm", input_shapes=shapes, config=PSBConfig(include=())).run(x)
-                refs["float"] = f"{stem}_ref_float.npy"
-                np.save(os.path.join(out, refs["float"]), fref)
+                wanted = {v.partition("@")[0] for v in variants
+                          if not v.partition("@")[2] or str(batch) in v.partition("@")[2].split("/")}
+                if "psb" in wanted:
+                    cpu = psb_tvm.compile(model, target="llvm", samples=16, seed=SEED, input_shapes=shapes,
+                                          calibration={"input": calib})
+                    for n in SAMPLES:
+                        refs[f"psb_n{n}"] = f"{stem}_ref_psb_n{n}.npy"
+                        np.save(os.path.join(out, refs[f"psb_n{n}"]), cpu.run(x, samples=n, seed=SEED))
+                if "psb_int8" in wanted:  # the same frozen int8 module, built for the CPU
+                    cpu = psb_tvm.compile(model, target="llvm", samples=INT8_SAMPLES, seed=SEED, input_shapes=shapes,
+                                          calibration={"input": calib}, config=PSBConfig.preset("int8"), frozen=True)
+                    refs["psb_int8"] = f"{stem}_ref_psb_int8.npy"
+                    np.save(os.path.join(out, refs["psb_int8"]), cpu.run(x))
+                if {"fp32", "fp16"} & wanted:
+                    fref = _float_reference(model, x)
+                    if fref is None:
+                        fref = psb_tvm.compile(model, target="llvm", input_shapes=shapes,
+                                               config=PSBConfig(include=())).run(x)
+                    refs["float"] = f"{stem}_ref_float.npy"
+                    np.save(os.path.join(out, refs["float"]), fref)
                 print(f"{stem}: CPU references {time.time() - t0:.1f} s", flush=True)
                 builders = {
                     "psb": lambda: psb_tvm.compile(model, target=target, samples=16, seed=SEED, input_shapes=shapes,
                                                    calibration={"input": calib}),
+                    "psb_int8": lambda: psb_tvm.compile(model, target=target, samples=INT8_SAMPLES, seed=SEED,
+                                                        input_shapes=shapes, calibration={"input": calib},
+                                                        config=PSBConfig.preset("int8"), frozen=True),
                     "fp32": lambda: psb_tvm.compile(model, target=target, input_shapes=shapes, config=PSBConfig(include=())),
                     "fp16": lambda: _fp16(model, target, shapes),
                 }
-                for variant in args.variants.split(","):
+                for variant in variants:
+                    variant, _, only = variant.partition("@")
+                    if only and str(batch) not in only.split("/"):
+                        continue
                     t0 = time.time()
                     try:
                         module = builders[variant]()
@@ -238,11 +291,13 @@ def prepare(args) -> int:
                         print(msg, flush=True)
                         manifest["errors"].append(msg)
                         continue
+                    ref_keys = {"psb": [f"psb_n{n}" for n in SAMPLES], "psb_int8": ["psb_int8"]}.get(variant, ["float"])
                     entry = {"model": name, "batch": batch, "variant": variant, "file": os.path.basename(path),
-                             "input": f"{stem}_input.npy", "input_shape": list(x.shape),
-                             "refs": {k: v for k, v in refs.items() if (k == "float") != (variant == "psb")},
+                             "input": f"{stem}_input.npy", "input_shape": list(x.shape), "input_scale": input_scale,
+                             "refs": {k: refs[k] for k in ref_keys},
                              "runtime_args": bool(module.metadata.get("runtime_args")),
                              "n_psb_layers": len(module.psb_layers), "bytes": os.path.getsize(path),
+                             "layouts": sorted({l.get("weight_layout") for l in module.layers if l["status"] == "psb"}),
                              "sha256": hashlib.sha256(open(path, "rb").read()).hexdigest()}
                     manifest["modules"].append(entry)
                     print(f"{stem} {variant}: built {time.time() - t0:.1f} s, {entry['bytes'] / 2**20:.2f} MiB", flush=True)
@@ -358,6 +413,64 @@ class _Machine:
         return {"median_ms": statistics.median(times), "min_ms": min(times), "runs": len(times)}
 
 
+def _profile(machine: "_Machine", args, iters: int = 5, top: int = 12) -> list:
+    """Per-kernel GPU time of one call (torch.profiler / CUPTI sees every kernel in the process,
+    TVM's too): ``[{kernel, us_per_call, launches_per_call}]``, largest first."""
+    from torch.profiler import ProfilerActivity, profile
+
+    machine.main(*args)
+    machine.sync()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(iters):
+            machine.main(*args)
+        machine.sync()
+    rows = {}
+    for ev in prof.key_averages():
+        t = getattr(ev, "device_time_total", None) or getattr(ev, "cuda_time_total", 0)
+        if t > 0:
+            rows[ev.key] = (t / iters, ev.count / iters)
+    total = sum(t for t, _ in rows.values())
+    ranked = sorted(rows.items(), key=lambda kv: -kv[1][0])
+    return [{"kernel": k[:80], "us_per_call": round(t, 2), "share": round(t / total, 4) if total else 0.0,
+             "launches_per_call": c} for k, (t, c) in ranked[:top]] + [{"kernel": "(all kernels)",
+                                                                        "us_per_call": round(total, 2)}]
+
+
+#: torchvision models of the same architecture as benchmarks/models.py (not the same weights):
+#: cuDNN's timings as context for TVM's, where torchvision is installed.
+TORCH_MODELS = {"mobilenetv2": "mobilenet_v2", "resnet18": "resnet18"}
+
+
+def _torch_baseline(name: str, batch: int, warmup: int, runs: int, budget_s: float) -> list:
+    """Time torchvision's ``name`` in fp32 and fp16 (channels last, cuDNN autotuned) at ``batch``."""
+    import torch
+    import torchvision
+
+    rows = []
+    torch.backends.cudnn.benchmark = True
+    for dtype in (torch.float32, torch.float16):
+        model = getattr(torchvision.models, TORCH_MODELS[name])(weights=None).eval().cuda()
+        model = model.to(dtype=dtype, memory_format=torch.channels_last)
+        x = torch.randn(batch, 3, 224, 224, device="cuda", dtype=dtype).to(memory_format=torch.channels_last)
+        with torch.inference_mode():
+            for _ in range(warmup):
+                model(x)
+            torch.cuda.synchronize()
+            start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            times, t_end = [], time.perf_counter() + budget_s
+            for _ in range(runs):
+                start.record()
+                model(x)
+                stop.record()
+                stop.synchronize()
+                times.append(start.elapsed_time(stop))
+                if time.perf_counter() > t_end and len(times) >= 5:
+                    break
+        rows.append({"model": name, "batch": batch, "variant": f"torch {str(dtype).split('.')[-1]} (cuDNN)",
+                     "median_ms": statistics.median(times), "min_ms": min(times), "runs": len(times)})
+    return rows
+
+
 def _compare(out: np.ndarray, ref: np.ndarray, tol: dict) -> dict:
     out, ref = np.asarray(out, np.float64), np.asarray(ref, np.float64)
     err = np.abs(out - ref)
@@ -389,7 +502,10 @@ def run(args) -> int:
         try:
             t0 = time.perf_counter()
             m = _Machine(ffi, os.path.join(out, entry["file"]), args.device)
-            x = m.to_device(np.load(os.path.join(out, entry["input"])))
+            x = np.load(os.path.join(out, entry["input"]))
+            if entry.get("input_scale"):  # int8 codes on a grid: exact float32 values
+                x = (x.astype(np.float32) * np.float32(entry["input_scale"])).astype(np.float32)
+            x = m.to_device(np.ascontiguousarray(x))
             load_s = time.perf_counter() - t0
         except Exception as err:  # noqa: BLE001 - record and go on with the others
             results["checks"].append({"module": label, "error": f"load: {type(err).__name__}: {err}"[:500]})
@@ -399,7 +515,7 @@ def run(args) -> int:
         variants = [(n, [x, ffi.Shape([n] * entry["n_psb_layers"]), ffi.Shape([manifest["seed"]])])
                     for n in manifest["samples"]] if entry["runtime_args"] else [(None, [x])]
         for n, call_args in variants:
-            key = f"psb_n{n}" if n is not None else "float"
+            key = f"psb_n{n}" if n is not None else next(iter(entry["refs"]))
             name = label + (f" n={n}" if n is not None else "")
             try:
                 got = m.to_numpy(m.main(*call_args))
@@ -409,6 +525,13 @@ def run(args) -> int:
                 results["checks"].append({"module": name, "error": f"{type(err).__name__}: {err}"[:500]})
                 print(f"{name}: failed: {err}", flush=True)
                 continue
+            if args.profile and args.device == "cuda" and entry["variant"] in args.profile.split(","):
+                try:
+                    results.setdefault("profiles", {})[name] = _profile(m, call_args)
+                    print(f"{name}: " + "; ".join(f"{r['kernel']} {r['us_per_call']} us"
+                                                  for r in results["profiles"][name][:6]), flush=True)
+                except Exception as err:  # noqa: BLE001 - the profile is extra information
+                    print(f"{name}: profile failed: {err}", flush=True)
             results["checks"].append({"module": name, "load_s": round(load_s, 3), **check})
             results["timings"].append({"model": entry["model"], "batch": entry["batch"], "variant": entry["variant"],
                                        "samples": n, **timing})
@@ -417,6 +540,16 @@ def run(args) -> int:
                          f"{check['max_abs']:.3g}", f"{check['max_rel']:.3g}", f"{check['top1_agree']:.3f}",
                          "ok" if check["ok"] else "FAIL"))
             print(" | ".join(str(c) for c in rows[-1]), flush=True)
+    if args.torch_baseline and args.device == "cuda":
+        for model, batch in sorted({(e["model"], e["batch"]) for e in manifest["modules"] if e["model"] in TORCH_MODELS}):
+            try:
+                for row in _torch_baseline(model, batch, args.warmup, args.runs, args.budget_s):
+                    results.setdefault("baselines", []).append(row)
+                    rows.append((model, batch, row["variant"], f"{row['median_ms']:.3f}", f"{row['min_ms']:.3f}",
+                                 row["runs"], "-", "-", "-", "other weights"))
+                    print(" | ".join(str(c) for c in rows[-1]), flush=True)
+            except Exception as err:  # noqa: BLE001 - context only (torchvision may be missing)
+                print(f"torch baseline {model} b{batch}: {type(err).__name__}: {err}", flush=True)
     head = ("model", "batch", "variant", "median ms", "min ms", "runs", "max abs err", "max rel err", "top-1 agree", "check")
     table = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)] + ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
     results["table"] = "\n".join(table)
@@ -442,9 +575,12 @@ def main(argv=None) -> int:
     p = sub.add_parser("prepare", help="compile modules, references and runtime pieces into OUT_DIR (no GPU)")
     p.add_argument("out_dir")
     p.add_argument("--arch", default="sm_90", help="CUDA architecture of the fatbin's SASS (default sm_90; PTX included)")
-    p.add_argument("--models", default="digits", help="comma list from digits,resnet18 (resnet18 is > 64 MiB per module)")
+    p.add_argument("--models", default=DEFAULT_MODELS,
+                   help="comma list of models from benchmarks/models.py, each optionally with its own variants "
+                        f"(name:v+v); default {DEFAULT_MODELS} (resnet18 modules are over the 64 MiB carry limit)")
     p.add_argument("--batches", default="1,64")
-    p.add_argument("--variants", default=None, help="default psb,fp32,fp16 (cpu: psb,fp32; an fp16 llvm module crashes\n                   in its cast kernel when driven by the runtime-only libraries)")
+    p.add_argument("--variants", default=None, help="default psb,psb_int8,fp32,fp16 (cpu: psb,psb_int8,fp32; an fp16 llvm "
+                                                    "module crashes in its cast kernel when driven by the runtime-only libraries)")
     p.add_argument("--device", default="cuda", choices=("cuda", "cpu"), help="cpu: llvm modules, for a dry run here")
     p.add_argument("--quick", action="store_true", help="digits, batch 1 and 64 only (the default set) and no wheel download")
     p.add_argument("--no-runtime", action="store_true", help="do not copy the runtime libraries / tvm-ffi wheel")
@@ -455,13 +591,16 @@ def main(argv=None) -> int:
     r.add_argument("--warmup", type=int, default=10)
     r.add_argument("--runs", type=int, default=200)
     r.add_argument("--budget-s", type=float, default=3.0, help="time budget per timed configuration")
+    r.add_argument("--profile", default="", help="comma list of variants to profile per kernel (torch.profiler), e.g. psb_int8")
+    r.add_argument("--torch-baseline", action="store_true",
+                   help="also time torchvision's model of the same architecture (fp32/fp16, cuDNN) as context")
     r.add_argument("--results", default=None, help="results JSON path (default $OUT or OUT_DIR/gpu_check_results.json)")
     args = parser.parse_args(argv)
     if args.command == "prepare":
         if args.quick:
             args.models, args.no_runtime = "digits", True
         if args.variants is None:
-            args.variants = "psb,fp32,fp16" if args.device == "cuda" else "psb,fp32"
+            args.variants = "psb,psb_int8,fp32,fp16" if args.device == "cuda" else "psb,psb_int8,fp32"
         return prepare(args)
     return run(args)
 

@@ -5,16 +5,19 @@
 #   tools/gpu_check.sh run     [OUT_DIR] [options]   # THERE: GPU machine, no internet, no TVM compiler
 #
 # OUT_DIR defaults to .gpu_check (in the repo root; added to .git/info/exclude so it travels only
-# when carried). prepare compiles, for the digits CNN at batch 1 and 64 (--models digits,resnet18
-# --batches 1,64 --variants psb,fp32,fp16 --arch sm_90): the PSB module (calibrated, run-time n,
-# seed 0), TVM fp32 (psb_tvm.compile with PSBConfig(include=())) and TVM fp16
+# when carried). prepare compiles (--models digits,mobilenetv2:psb_int8+fp16+fp32@64 --batches 1,64
+# --arch sm_90; a model's own variants after ':', '@64' (or '@1/64'): those batches only; else --variants
+# psb,psb_int8,fp32,fp16): the PSB
+# module (calibrated, run-time n, seed 0), the int8 preset frozen at n=8 (psb_int8: weights
+# prepacked for __dp4a), TVM fp32 (psb_tvm.compile with PSBConfig(include=())) and TVM fp16
 # (relax.transform.ToMixedPrecision(out_dtype="float16")), exported as .so with the CUDA kernels
 # already compiled by nvcc into a fatbin (SASS for --arch plus PTX), so the GPU side needs neither
-# NVRTC nor nvcc. It saves the inputs and CPU references (.npy: PSB llvm build at n = 1, 8, 16, same
-# seed; onnxruntime fp32 for the float variants), TVM's runtime libraries (libtvm_runtime*.so,
-# libcudart.so.13) and the apache-tvm-ffi wheel for Python 3.12 (the GPU image's), and manifest.json.
-# About 7 MiB for digits. ResNet-18 does not fit the device tool's 64 MiB carry limit: one PSB
-# module is ~84 MB (7 bytes per weight), fp32 ~47 MB.
+# NVRTC nor nvcc. It saves the inputs and CPU references (.npy: the same PSB modules built for
+# llvm, PSB at n = 1, 8, 16 with the same seed; onnxruntime fp32 for the float variants), TVM's
+# runtime libraries (libtvm_runtime*.so, libcudart.so.13) and the apache-tvm-ffi wheel for Python
+# 3.12 (the GPU image's), and manifest.json. About 55 MiB with the default models (MobileNetV2's
+# batch-1 and batch-64 modules each hold their weights). ResNet-18 does not fit the device tool's
+# 64 MiB carry limit: one sampled PSB module is ~84 MB (7 bytes per weight), fp32 ~47 MB.
 #
 # run loads each module with the tvm_ffi wheel and the carried runtime libraries only (no `tvm`
 # package: the Relax VM is driven through its packed functions; inputs/outputs go through torch

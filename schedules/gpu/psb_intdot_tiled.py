@@ -6,8 +6,8 @@ Applies to the intdot conv in the ``dp4a`` layout (int8 preset: four int8 x int8
 tile of accumulators in registers, and each step of the reduction stages the block's slice of the
 weights (and of a dense layer's activations) in shared memory, reused by every thread of the
 block; a conv's activations are read from global memory (one 4-byte load per pixel and step,
-shared by the thread's TN channels). The epilogue (scale, bias, activation, layout change) is a
-separate elementwise kernel.
+shared by the thread's TN channels). The epilogue (scale, bias, activation, NCHW layout) runs on
+the register tiles.
 """
 
 from __future__ import annotations
@@ -95,10 +95,22 @@ class PSBIntdotTiled(GPUScheduleRule):
         tx, ty = BN // TN, BM // TM
         assert tx * ty == THREADS, (BM, BN, TM, TN)
 
-        # Accumulators in registers, written back once per tile. (The epilogue stays a separate
-        # elementwise kernel: inlining it into the write-back is refused because it also reads
-        # scale and bias, and placing it per tile needs a rectangular region of the fused pixels.)
-        acc_out = sch.cache_write(acc, 0, "local")
+        # Accumulators in registers. A conv's epilogue is computed per register tile: its NCHW
+        # loops (b, o, y, x) are re-indexed to acc's (o, m = (b*OH + y)*OW + x), where a tile is a
+        # rectangle, so each thread writes its outputs straight from registers (no int32 round
+        # trip through global memory). Dense layers, convs whose offset correction ``wsum`` is a
+        # block of the kernel (sampled, not prepacked: a producer outside the tile, which
+        # reverse_compute_at refuses) and test builds exposing the accumulators write acc back
+        # per tile and run the epilogue as its own kernel.
+        fuse_epilogue = kind != "dense" and not {"acc_nchw", "wsum"} & names
+        if fuse_epilogue:
+            out = sch.get_sblock("out")
+            _, _, OH, OW = loop_extents(sch, sch.get_loops(out))
+            sch.transform_block_layout(out, lambda b, o_, y, x: (o_, (b * OH + y) * OW + x))
+            sch.set_scope(acc, 0, "local")
+            acc_out = out
+        else:
+            acc_out = sch.cache_write(acc, 0, "local")
 
         mo, mt, mi = sch.split(m, [None, ty, TM])
         oo, ot, oi = sch.split(o, [None, tx, TN])
@@ -148,6 +160,6 @@ class PSBIntdotTiled(GPUScheduleRule):
 
         # The other stages: one thread per element (the weight-sum reduction stays serial).
         for name in ("xq", "q", "wsum", "out", "acc_nchw"):
-            if name in names and name in block_names(sch):
+            if name in names and name in block_names(sch) and not (name == "out" and fuse_epilogue):
                 bind_spatial(sch, sch.get_sblock(name))
         return sch
