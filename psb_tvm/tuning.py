@@ -304,6 +304,10 @@ def tune(onnx_model, target="llvm", work_dir: str = "psb_tuning", trials: int = 
     (``TuningWarning``) and keeps its default schedule at compile time. ``builder`` / ``runner``:
     MetaSchedule ``Builder`` / ``Runner`` objects replacing the local builder and the local or RPC
     runner (a build farm, a custom device session).
+
+    ``target="cuda"`` tunes the PSB kernels only (the float glue keeps TVM's GPU rules) and
+    measures on a GPU: locally if this machine has one, else through ``rpc_tracker`` / ``runner``
+    (without either it raises ``TuningError``); ``num_threads`` then only sizes the builder.
     """
     from .build import legalize
     from .compiler import lower
