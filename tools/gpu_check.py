@@ -208,6 +208,16 @@ def _model_variants(models: str, variants: str) -> list:
     return out
 
 
+def _variants_at(variants: list, batch: int) -> list:
+    """The variant names of ``variants`` (``name`` or ``name@b/b``) built at ``batch``, in order."""
+    out = []
+    for v in variants:
+        name, _, only = v.partition("@")
+        if not only or str(batch) in only.split("/"):
+            out.append(name)
+    return out
+
+
 def prepare(args) -> int:
     out = os.path.abspath(args.out_dir)
     os.makedirs(out, exist_ok=True)
@@ -247,8 +257,7 @@ def prepare(args) -> int:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 t0 = time.time()
-                wanted = {v.partition("@")[0] for v in variants
-                          if not v.partition("@")[2] or str(batch) in v.partition("@")[2].split("/")}
+                wanted = _variants_at(variants, batch)
                 if "psb" in wanted:
                     cpu = psb_tvm.compile(model, target="llvm", samples=16, seed=SEED, input_shapes=shapes,
                                           calibration={"input": calib})
@@ -260,7 +269,7 @@ def prepare(args) -> int:
                                           calibration={"input": calib}, config=PSBConfig.preset("int8"), frozen=True)
                     refs["psb_int8"] = f"{stem}_ref_psb_int8.npy"
                     np.save(os.path.join(out, refs["psb_int8"]), cpu.run(x))
-                if {"fp32", "fp16"} & wanted:
+                if {"fp32", "fp16"} & set(wanted):
                     fref = _float_reference(model, x)
                     if fref is None:
                         fref = psb_tvm.compile(model, target="llvm", input_shapes=shapes,
@@ -277,10 +286,7 @@ def prepare(args) -> int:
                     "fp32": lambda: psb_tvm.compile(model, target=target, input_shapes=shapes, config=PSBConfig(include=())),
                     "fp16": lambda: _fp16(model, target, shapes),
                 }
-                for variant in variants:
-                    variant, _, only = variant.partition("@")
-                    if only and str(batch) not in only.split("/"):
-                        continue
+                for variant in wanted:
                     t0 = time.time()
                     try:
                         module = builders[variant]()
