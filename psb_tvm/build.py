@@ -25,19 +25,21 @@ def legalize(mod: tvm.IRModule, target: tvm.target.Target) -> tvm.IRModule:
 
 
 def schedule(mod: tvm.IRModule, target: tvm.target.Target, tuning_db=None) -> tuple[tvm.IRModule, dict]:
-    """Apply the tuning database (where it has a record) then our default rules to the rest.
+    """Apply the tuning database (where it has a record) then our default rules (CPU or GPU, by
+    ``target``) to the rest.
 
-    Returns the module and ``{primfunc name: "tuned" | "default"}`` for the metadata.
+    Returns the module and the ``schedules`` entry of the metadata (tuned / default counts and
+    the tuned kernels' names).
     """
-    tuned = {}
+    tuned = set()
     if tuning_db is not None:
         from .tuning import apply_database  # imports MetaSchedule only when a database is given
 
         mod, tuned = apply_database(mod, target, tuning_db)
     with target:
-        mod = dlight.ApplyDefaultSchedule(*default_rules())(mod)
+        mod = dlight.ApplyDefaultSchedule(*(gpu_rules() if target.kind.name == "cuda" else default_rules()))(mod)
     names = [gv.name_hint for gv, f in mod.functions.items() if isinstance(f, tvm.tirx.PrimFunc)]
-    return mod, {name: "tuned" if name in tuned else "default" for name in sorted(names)}
+    return mod, {"tuned": len(tuned), "default": len(names) - len(tuned), "tuned_kernels": sorted(tuned)}
 
 
 def _finish_pipeline(target: tvm.target.Target) -> tvm.transform.Pass:
@@ -58,19 +60,11 @@ def build(mod: tvm.IRModule, target: tvm.target.Target, tuning_db=None, metadata
     """
     metadata = dict(metadata or {})
     if target.kind.name == "cuda":
-        # PSB kernels: tuned schedules where the database has them, else our GPU rules (tiled
-        # dp4a / integer GEMM kernels, thread binding for the rest); all are marked scheduled, so
-        # TVM's CUDA pipeline leaves them alone and gives only the float glue its default rules.
-        tuned = set()
-        if tuning_db is not None:
-            from .tuning import apply_database
-
-            mod, tuned = apply_database(mod, target, tuning_db)
-        with target:
-            mod = dlight.ApplyDefaultSchedule(*gpu_rules())(mod)
-        psb = sorted(gv.name_hint for gv, f in mod.functions.items()
-                     if isinstance(f, tvm.tirx.PrimFunc) and "psb.kind" in (f.attrs or {}))
-        metadata["schedules"] = {"tuned": len(tuned), "default": len(psb) - len(tuned), "tuned_kernels": sorted(tuned)}
+        # PSB kernels (the module's PrimFuncs before legalization): tuned schedules where the
+        # database has them, else our GPU rules (tiled dp4a / integer GEMM kernels, thread binding
+        # for the rest); all are marked scheduled, so TVM's CUDA pipeline leaves them alone and
+        # gives only the float glue its default rules.
+        mod, metadata["schedules"] = schedule(mod, target, tuning_db)
         # Modules without run-time arguments besides the inputs (frozen, or all float) replay their
         # kernel sequence as one CUDA graph (captured on the first call): a MobileNetV2 is ~150
         # kernel launches, which at batch 1 cost more than the kernels. Sampled modules take n and
@@ -84,10 +78,7 @@ def build(mod: tvm.IRModule, target: tvm.target.Target, tuning_db=None, metadata
             return tvm.compile(mod, target=target), metadata
     if target.kind.name != "llvm":
         raise NotImplementedError(f"target kind {target.kind.name!r} is not supported; use llvm (CPU) or cuda")
-    mod, sources = schedule(legalize(mod, target), target, tuning_db)
-    n_tuned = sum(v == "tuned" for v in sources.values())
-    metadata["schedules"] = {"tuned": n_tuned, "default": len(sources) - n_tuned,
-                             "tuned_kernels": sorted(k for k, v in sources.items() if v == "tuned")}
+    mod, metadata["schedules"] = schedule(legalize(mod, target), target, tuning_db)
     mod = attach_string(mod, METADATA_FUNC, json.dumps(metadata))
     return tvm.compile(mod, target=target, relax_pipeline=_finish_pipeline(target)), metadata
 

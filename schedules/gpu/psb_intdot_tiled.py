@@ -16,7 +16,7 @@ from tvm import s_tir, tirx
 from tvm.s_tir.dlight.gpu.base import GPUScheduleRule
 from tvm.target import Target
 
-from ..cpu.common import block_names, loop_extents
+from ..cpu.common import block_names, largest_divisor, loop_extents
 from .common import bind_spatial
 
 #: Threads per block of the tiled kernels.
@@ -43,12 +43,8 @@ def choose_tile(m: int, o: int) -> tuple[int, int, int, int]:
 
 
 def _reduction_chunk(extent: int, bytes_per_step: int) -> int:
-    """Largest divisor of ``extent`` whose staged slices stay within ``SHARED_BYTES``."""
-    best = 1
-    for d in range(1, extent + 1):
-        if extent % d == 0 and d * bytes_per_step <= SHARED_BYTES:
-            best = d
-    return best
+    """Largest divisor of ``extent`` whose staged slices stay within ``SHARED_BYTES`` (at least 1)."""
+    return largest_divisor(extent, max(1, SHARED_BYTES // bytes_per_step))
 
 
 def _stage(sch: s_tir.Schedule, block, read_index: int, at, tx: int, ty: int, vector: int) -> None:
@@ -159,7 +155,7 @@ class PSBIntdotTiled(GPUScheduleRule):
             sch.tensorize(sch.get_loops(acc)[-1], PSB_DP4A_GLOBAL_SHARED)
 
         # The other stages: one thread per element (the weight-sum reduction stays serial).
-        for name in ("xq", "q", "wsum", "out", "acc_nchw"):
-            if name in names and name in block_names(sch) and not (name == "out" and fuse_epilogue):
+        for name in ("xq", "q", "wsum", "acc_nchw") + (() if fuse_epilogue else ("out",)):
+            if name in names:
                 bind_spatial(sch, sch.get_sblock(name))
         return sch
