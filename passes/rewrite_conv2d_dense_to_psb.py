@@ -124,7 +124,13 @@ def _shape_var(name: str, length: int, prefix: str):
     return relax.Var(name, relax.ShapeType(values)), values
 
 
-def _rewrite_main(mod, main, layers_by_var, absorbed, make_call, extra_params, name, expose_layers=False):
+def rewrite_main(mod, main, layers_by_var, absorbed, make_call, extra_params, name, expose_layers=False,
+                 expose_inputs: dict | None = None):
+    """``main`` with each site of ``layers_by_var`` replaced by ``make_call(ordinal, builder, data)``.
+
+    ``expose_layers``: return ``(output, layer_0, ...)``; with ``expose_inputs`` (a dict that
+    ``make_call`` fills with each layer's input) ``(output, in_0, out_0, in_1, out_1, ...)``.
+    """
     if expose_layers:  # layer outputs must outlive the dataflow block to be returned
         main = relax.transform.ToNonDataflow()(tvm.IRModule({"main": main}))["main"]
         sites = {s.index: s for s in find_layer_sites(main)}
@@ -135,7 +141,10 @@ def _rewrite_main(mod, main, layers_by_var, absorbed, make_call, extra_params, n
     new = rewriter.visit_expr(main)
     body = new.body
     if expose_layers:
-        outs = relax.Tuple([body.body] + [rewriter.layer_outputs[l] for l in range(len(rewriter.layer_outputs))])
+        layer_outs = [rewriter.layer_outputs[l] for l in range(len(rewriter.layer_outputs))]
+        if expose_inputs is not None:
+            layer_outs = [v for l, out in enumerate(layer_outs) for v in (expose_inputs[l], out)]
+        outs = relax.Tuple([body.body] + layer_outs)
         body = relax.SeqExpr(body.blocks, outs)
     func = relax.Function(list(new.params) + extra_params, body, ret_ty=body.body.ty if expose_layers else new.ret_ty,
                           is_pure=new.is_pure, attrs=new.attrs)
@@ -194,7 +203,7 @@ def rewrite_to_psb(mod: tvm.IRModule, layers: list[PSBLayer], frozen: dict | Non
         return make
 
     def rewrite(make_call, extra, name, expose=False):
-        return _rewrite_main(base, main, layers_by_var, absorbed, make_call, extra, name, expose)
+        return rewrite_main(base, main, layers_by_var, absorbed, make_call, extra, name, expose)
 
     if frozen is not None:
         # counts constants only for the layers whose weights are not prepacked (shiftadd, bitserial)

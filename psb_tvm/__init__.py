@@ -1,13 +1,14 @@
 """psb_tvm: compile pretrained ONNX models into progressive stochastic binarized (PSB) networks.
 
 Public API: ``compile``, ``load``, ``PSBConfig``, ``PSBModule``, ``evaluate`` (accuracy and cost
-vs n), ``allocate`` (per-layer sample counts for a budget), ``tune`` (MetaSchedule + XGBoost;
+vs n), ``diagnose`` (per-layer error vs what sampling and activation rounding explain), ``allocate`` (per-layer sample counts for a budget), ``tune`` (MetaSchedule + XGBoost;
 reapplied with ``compile(..., tuning_db=)``) and the exception types.
 """
 
 from .allocate import Allocation, allocate
 from .compiler import __version__, compile  # noqa: A004 - mirrors tvm.compile
 from .config import PSBConfig
+from .diagnose import Diagnosis, LayerDiagnosis, diagnose
 from .errors import (ConfigError, DynamicShapeError, InputError, ModelLoadError, PSBError, TargetMismatchError,
                      UnsupportedModelError)
 from .evaluate import EvalReport, Preprocess, evaluate
@@ -19,8 +20,10 @@ __all__ = [
     "EvalReport",
     "Preprocess",
     "ConfigError",
+    "Diagnosis",
     "DynamicShapeError",
     "InputError",
+    "LayerDiagnosis",
     "ModelLoadError",
     "PSBConfig",
     "PSBError",
@@ -33,6 +36,7 @@ __all__ = [
     "__version__",
     "allocate",
     "compile",
+    "diagnose",
     "evaluate",
     "load",
     "tune",

@@ -1,7 +1,9 @@
 """Activation statistics for every PSB layer input, from user calibration data or a fallback.
 
 The fixed-point scale of each PSB layer input is ``2**f`` with the largest ``f`` that keeps the
-observed range inside the activation integers (``numerics.choose_frac_bits``).
+chosen range (the largest ``|x|`` or a percentile, times a headroom) inside the activation integers
+(``numerics.choose_frac_bits``). A subsample of every layer input is kept to estimate percentiles,
+how much of the calibration data saturates, and the rounding error of each width.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import numpy as np
 import tvm
 from tvm import relax
 
+from . import numerics
 from .build import build
 from .errors import ConfigError
 from .passes import expose_layer_inputs
@@ -27,16 +30,57 @@ FALLBACK_NOTE = (
 )
 
 
+#: Values of each layer input kept for percentiles and error estimates (a strided subsample).
+SAMPLE_VALUES = 1 << 18
+
+
 @dataclass(frozen=True)
 class ActStats:
-    """Observed range of one layer input."""
+    """Observed range of one layer input and a subsample of its values."""
 
     max_abs: float
     min: float
+    sample: np.ndarray | None = None
 
     @property
     def signed(self) -> bool:
         return self.min < 0
+
+    def range(self, mode: str = "max", percentile: float = 99.99, headroom: float = 1.0) -> float:
+        """The ``|x|`` the fixed point must hold: the max or a percentile, times ``headroom``."""
+        r = self.max_abs
+        if mode == "percentile" and self.sample is not None and self.sample.size:
+            r = min(r, float(np.percentile(np.abs(self.sample), percentile)))
+        return r * headroom
+
+    def saturated_fraction(self, frac_bits: int, bits: int) -> float:
+        """Fraction of the calibration values (estimated on the subsample) outside the integer range."""
+        if self.sample is None or not self.sample.size:
+            return 0.0
+        lo, hi = numerics.act_range(bits, self.signed)
+        xs = self.sample.astype(np.float32) * np.float32(2.0 ** frac_bits)
+        return float(np.mean((xs > hi + 0.5) | (xs < lo - 0.5)))
+
+    def rounding_error(self, frac_bits: int, bits: int) -> float:
+        """Relative L2 error of the fixed-point values (rounding and clipping) on the subsample."""
+        if self.sample is None or not self.sample.size:
+            return 0.0
+        x = self.sample.astype(np.float64)
+        xq = numerics.quantize_activations(self.sample, frac_bits, bits, self.signed) * 2.0 ** -frac_bits
+        den = float(np.sum(x * x))
+        return float(np.sqrt(np.sum((xq - x) ** 2) / den)) if den > 0 else 0.0
+
+
+def choose_width(stats: ActStats, bits, mode: str, percentile: float, headroom: float, max_error: float) -> tuple[int, int]:
+    """``(bits, frac_bits)`` of one layer input: ``bits`` 8 / 16, or ``"auto"``: 8 when its rounding
+    error on the calibration data is at most ``max_error``, else 16."""
+    r = stats.range(mode, percentile, headroom)
+    if bits == "auto":
+        f8 = numerics.choose_frac_bits(r, 8, stats.signed)
+        if stats.rounding_error(f8, 8) <= max_error:
+            return 8, f8
+        bits = 16
+    return bits, numerics.choose_frac_bits(r, bits, stats.signed)
 
 
 def normalize_calibration(calibration, inputs: list, fallback_samples: int, seed: int = 0) -> tuple[list, bool]:
@@ -97,6 +141,7 @@ def collect_stats(mod: tvm.IRModule, site_indices: list[int], batches: list, inp
     vm = relax.VirtualMachine(build(probe, host_target())[0], tvm.cpu())
     max_abs = np.zeros(len(site_indices))
     mins = np.full(len(site_indices), np.inf)
+    samples = [[] for _ in site_indices]
     for batch in batches:
         count = next(iter(batch.values())).shape[0]
         model_batch = inputs[0][1][0]
@@ -108,4 +153,13 @@ def collect_stats(mod: tvm.IRModule, site_indices: list[int], batches: list, inp
                 x = outs[i].numpy()
                 max_abs[i] = max(max_abs[i], float(np.abs(x).max()))
                 mins[i] = min(mins[i], float(x.min()))
-    return [ActStats(float(a), float(m)) for a, m in zip(max_abs, mins)]
+                flat = x.reshape(-1)
+                samples[i].append(flat[:: max(1, flat.size // (SAMPLE_VALUES // 8))].astype(np.float32))
+    rng = np.random.default_rng(0)
+    stats = []
+    for a, m, parts in zip(max_abs, mins, samples):
+        sample = np.concatenate(parts)
+        if sample.size > SAMPLE_VALUES:
+            sample = rng.choice(sample, SAMPLE_VALUES, replace=False)
+        stats.append(ActStats(float(a), float(m), sample))
+    return stats

@@ -118,6 +118,19 @@ def _require_out_dir(path) -> None:
         raise UsageError(f"cannot write {path}: directory {directory} does not exist")
 
 
+def _act_bits(text: str):
+    if text not in ("8", "16", "auto"):
+        raise argparse.ArgumentTypeError(f"expected 8, 16 or auto, got {text!r}")
+    return text if text == "auto" else int(text)
+
+
+def _layer_bits(text: str):
+    name, sep, bits = text.rpartition("=")
+    if not sep or not name or bits not in ("8", "16"):
+        raise argparse.ArgumentTypeError(f"expected LAYER=8 or LAYER=16, got {text!r}")
+    return name, int(bits)
+
+
 def _config(args):
     from .config import PSBConfig
 
@@ -130,6 +143,11 @@ def _config(args):
         fields["lowering"] = args.lowering
     if getattr(args, "n_max", None):
         fields["n_max"] = args.n_max
+    for name in ("act_bits", "act_range", "act_percentile", "act_headroom"):
+        if getattr(args, name, None) is not None:
+            fields[name] = getattr(args, name)
+    if getattr(args, "layer_act_bits", None):
+        fields["layer_act_bits"] = dict(args.layer_act_bits)
     if getattr(args, "preset", None):
         return PSBConfig.preset(args.preset, **fields)
     return PSBConfig(**fields)
@@ -190,6 +208,15 @@ def _model_options(p, compile_only=False):
     p.add_argument("--lowering", choices=LOWERING_CHOICES,
                    help="kernel lowering of every PSB layer (default auto: measured pick from --tuning-db, else intdot)")
     p.add_argument("--n-max", type=int, help="largest sample count the module accepts (power of two)")
+    p.add_argument("--act-bits", type=_act_bits, help="activation width of every PSB layer: 8 (default), 16 or auto "
+                                                      "(per layer, 8 where its rounding error stays small)")
+    p.add_argument("--layer-act-bits", action="append", type=_layer_bits, metavar="LAYER=BITS",
+                   help="activation width of one layer, 8 or 16 (repeatable)")
+    p.add_argument("--act-range", choices=["max", "percentile"],
+                   help="activation range from calibration: the largest |x| (default) or a percentile of |x|")
+    p.add_argument("--act-percentile", type=float, help="percentile of |x| for --act-range percentile (default 99.99)")
+    p.add_argument("--act-headroom", type=float, help="multiply the calibrated range by this (>= 1 leaves room for "
+                                                       "inputs beyond calibration; default 1)")
 
 
 # ---------------------------------------------------------------------------- commands
@@ -382,6 +409,31 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def cmd_diagnose(args) -> int:
+    from .diagnose import diagnose
+    from .evaluate import Preprocess
+
+    model = _require_file(args.model, "ONNX model")
+    if not os.path.isdir(args.out_dir):
+        raise UsageError(f"output directory {args.out_dir} does not exist")
+    if not os.path.exists(args.inputs):
+        raise UsageError(f"input set not found: {args.inputs}")
+    shapes = dict(args.input_shape) or None
+    report = diagnose(model, args.inputs, samples=args.samples, seed=args.seed, input_shapes=shapes,
+                      calibration=_calibration(args.calibration, model, shapes), config=_config(args),
+                      tolerance=args.tolerance, max_inputs=args.max_inputs,
+                      preprocess=Preprocess(size=tuple(args.resize) if args.resize else None, mean=args.mean,
+                                            std=args.std, scale=1.0 / args.scale, layout=args.layout),
+                      progress=not args.json and not args.no_progress)
+    files = report.write(args.out_dir, plots=not args.no_plots)
+    if args.json:
+        _emit(args, report.to_dict())
+    else:
+        print(report.markdown())
+        print("wrote " + ", ".join(files.values()))
+    return 3 if report.first_excess and args.fail_on_excess else 0
+
+
 def _repo_benchmarks():
     root = pathlib.Path(__file__).resolve().parent.parent / "benchmarks"
     return root if (root / "run.py").is_file() else None
@@ -544,6 +596,31 @@ def build_parser() -> argparse.ArgumentParser:
     _model_options(p)
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("diagnose", help="per-layer error vs what sampling and activation rounding explain; saturation",
+                       description="Compile for this host and compare, per PSB layer and at the outputs, the compiled "
+                                   "error with the scheme's own (sampled weights, float activations) and with activation "
+                                   "rounding alone; count inputs outside the calibrated range. Writes diagnosis.json, "
+                                   "diagnosis.md and diagnosis.png.")
+    p.add_argument("model", help="ONNX model file")
+    p.add_argument("--inputs", required=True, help="input set: a folder (.npy files or images), .npy or .npz")
+    p.add_argument("--samples", type=_samples_spec, default=16, help=f"{SAMPLES_HELP} (default 16)")
+    p.add_argument("--seed", type=int, default=0, help="draw of the sample stream (default 0)")
+    p.add_argument("--tolerance", type=float, default=0.25,
+                   help="flag layers whose error exceeds (1 + tolerance) x (scheme + activation) (default 0.25)")
+    p.add_argument("--max-inputs", type=int, help="use only the first N inputs")
+    p.add_argument("--resize", type=_ints, metavar="H,W", help="images: resize to H,W (default: the model input's)")
+    p.add_argument("--mean", type=_floats, default=(0.0,), help="images: per-channel mean after scaling")
+    p.add_argument("--std", type=_floats, default=(1.0,), help="images: per-channel std")
+    p.add_argument("--scale", type=float, default=255.0, help="images: pixel values are divided by this (default 255)")
+    p.add_argument("--layout", choices=["NCHW", "NHWC"], default="NCHW", help="images: model input layout (default NCHW)")
+    p.add_argument("--out-dir", default=".", help="where diagnosis.json, .md and .png go (default .)")
+    p.add_argument("--no-plots", action="store_true", help="no PNG plot")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--fail-on-excess", action="store_true", help="exit 3 when some error is not explained")
+    _model_options(p)
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=cmd_diagnose)
 
     p = sub.add_parser("bench", help="median latency of a .so at given n (or the repository benchmarks)",
                        description="With a compiled module: median latency per n on random inputs. Without: "

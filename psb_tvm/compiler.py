@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 
 import numpy as np
 
 from . import numerics
 from .build import build
-from .calibration import collect_stats, normalize_calibration
+from .calibration import choose_width, collect_stats, normalize_calibration
 from .config import PSBConfig
 from .errors import ConfigError
 from .frontend import import_onnx
@@ -19,13 +20,18 @@ from .target import is_host_cpu, resolve_target
 __version__ = "0.1.0"
 
 
-def _check_args(samples, seed, config) -> PSBConfig:
+def _as_config(config) -> PSBConfig:
     if config is None:
         config = PSBConfig()
     elif isinstance(config, dict):
         config = PSBConfig.from_dict(config)
     elif not isinstance(config, PSBConfig):
         raise ConfigError(f"config must be a PSBConfig or dict, got {type(config).__name__}")
+    return config
+
+
+def _check_args(samples, seed, config) -> PSBConfig:
+    config = _as_config(config)
     try:
         for n in (samples.values() if isinstance(samples, dict) else [samples]):
             numerics.check_samples(n, config.n_max)
@@ -74,9 +80,9 @@ def _default_samples(samples, names: list) -> tuple[int, list]:
     return int(samples.get("default", max(per_layer, default=16))), per_layer
 
 
-def _spec(site, lowering, config, frac_bits, signed, gpu: bool) -> KernelSpec:
+def _spec(site, lowering, config, act_bits, frac_bits, signed, gpu: bool) -> KernelSpec:
     common = dict(kind=site.kind, lowering=lowering, w_shape=tuple(site.weight.shape), n_max=config.n_max,
-                  layer=site.index, E=config.E, P=config.P, act_bits=config.act_bits, act_signed=signed,
+                  layer=site.index, E=config.E, P=config.P, act_bits=act_bits, act_signed=signed,
                   frac_bits=frac_bits, activation=site.activation, gpu=gpu)
     shape = tuple(int(v) for v in site.data.ty.shape.values)
     if site.kind == "dense":
@@ -136,15 +142,30 @@ def _lowering(site, config: PSBConfig, choices: dict | None, target) -> tuple[st
     return default_lowering(target), "cost rule"
 
 
-def lower(onnx_model, target="llvm", samples: int = 16, seed: int = 0, input_shapes: dict | None = None,
-          calibration=None, config: PSBConfig | dict | None = None, frozen: bool = False,
-          lowering_choices: dict | None = None):
-    """Everything ``compile`` does before code generation: ``(relax module, metadata, target)``
-    (the metadata is attached to the module by ``build``, once it knows the schedules).
+@dataclass
+class Plan:
+    """Everything decided before the PSB rewrite: the imported model, its linear layer sites, which
+    become PSB (``reasons[i] == ""``), their encoded weights and activation scales (``layers``)."""
 
-    ``tune`` uses it so that tuning sees exactly the PrimFuncs that ``compile`` will build.
-    """
-    config = _check_args(samples, seed, config)
+    imported: object
+    sites: list
+    reasons: dict
+    layers: list
+    info: dict
+    stats: list
+    fallback: bool
+    config: PSBConfig
+    target: object
+
+
+def plan(onnx_model, target="llvm", seed: int = 0, input_shapes: dict | None = None, calibration=None,
+         config: PSBConfig | dict | None = None, lowering_choices: dict | None = None) -> Plan:
+    """Import, select layers, calibrate and encode the weights (no code is generated)."""
+    config = _as_config(config)
+    try:
+        numerics.check_seed(seed)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
     tgt = resolve_target(target)
     imported = import_onnx(onnx_model, input_shapes)
     sites = find_layer_sites(imported.mod["main"])
@@ -158,10 +179,15 @@ def lower(onnx_model, target="llvm", samples: int = 16, seed: int = 0, input_sha
     stats = collect_stats(imported.mod, [s.index for s in chosen], batches, imported.inputs)
 
     layers, info = [], {}
+    unknown = sorted(set(config.layer_act_bits) - {s.name for s in sites})
+    if unknown:
+        raise ConfigError(f"config.layer_act_bits names unknown layers {unknown}; the model's linear layers are "
+                          f"{[s.name for s in sites]}")
     for site, st in zip(chosen, stats):
-        frac = numerics.choose_frac_bits(st.max_abs, config.act_bits, st.signed)
+        act_bits, frac = choose_width(st, config.layer_act_bits.get(site.name, config.act_bits), config.act_range,
+                                      config.act_percentile, config.act_headroom, config.act_auto_error)
         lowering, lowering_source = _lowering(site, config, lowering_choices, tgt)
-        spec = _spec(site, lowering, config, frac, st.signed, gpu=tgt.kind.name == "cuda")
+        spec = _spec(site, lowering, config, act_bits, frac, st.signed, gpu=tgt.kind.name == "cuda")
         enc = numerics.encode_weights(site.weight, config.E, config.P, config.per_channel)
         bias = site.bias if site.bias is not None else np.zeros(site.weight.shape[0], np.float32)
         layers.append(PSBLayer(site.index, site.name, spec, enc, numerics.output_scale(enc.k_lo, frac, 1),
@@ -170,12 +196,40 @@ def lower(onnx_model, target="llvm", samples: int = 16, seed: int = 0, input_sha
                             # the integer weights' layout in the kernel; "vnni": packed for vpdpbusd /
                             # sdot, "dp4a": the same packing for CUDA's __dp4a
                             "weight_layout": spec.weight_layout if lowering == "intdot" else lowering,
-                            "prepacked": bool(frozen and lowering == "intdot"),
                             "frac_bits": frac, "act_dtype": spec.act_dtype,
                             "acc_dtype": spec.acc_dtype, "q_dtype": spec.q_dtype, "act_max_abs": st.max_abs,
+                            "act_bits": act_bits,
+                            # the |x| the fixed point holds (max or percentile, times the headroom)
+                            "act_range": st.range(config.act_range, config.act_percentile, config.act_headroom),
+                            # estimated on a subsample of the calibration data
+                            "calibration_saturated": st.saturated_fraction(frac, act_bits),
+                            "act_rounding_error": st.rounding_error(frac, act_bits),
                             "layer_id": site.index, "out_shape": list(spec.out_shape),
                             # the paper's cost: one addition per weight, sample and output position
                             "additions_per_sample": int(np.prod(spec.out_shape)) * spec.reduction_size}
+    return Plan(imported, sites, reasons, layers, info, stats, fallback, config, tgt)
+
+
+def lower(onnx_model, target="llvm", samples: int = 16, seed: int = 0, input_shapes: dict | None = None,
+          calibration=None, config: PSBConfig | dict | None = None, frozen: bool = False,
+          lowering_choices: dict | None = None):
+    """Everything ``compile`` does before code generation: ``(relax module, metadata, target)``
+    (the metadata is attached to the module by ``build``, once it knows the schedules).
+
+    ``tune`` uses it so that tuning sees exactly the PrimFuncs that ``compile`` will build.
+    """
+    config = _check_args(samples, seed, config)
+    p = plan(onnx_model, target, seed, input_shapes, calibration, config, lowering_choices)
+    return lower_plan(p, samples, seed, frozen)
+
+
+def lower_plan(p: Plan, samples: int | dict = 16, seed: int = 0, frozen: bool = False):
+    """The PSB rewrite and metadata of a :func:`plan`: ``(relax module, metadata, target)``."""
+    config, tgt, imported, sites, reasons, layers = p.config, p.target, p.imported, p.sites, p.reasons, p.layers
+    _check_args(samples, seed, config)
+    info = {i: {**v, "prepacked": bool(frozen and v["lowering"] == "intdot")} for i, v in p.info.items()}
+    chosen = [s for s in sites if not reasons[s.index]]
+    fallback = p.fallback
     samples, layer_samples = _default_samples(samples, [l.name for l in layers])
     frozen_draw = None
     if frozen:

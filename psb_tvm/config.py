@@ -38,6 +38,11 @@ class PSBConfig:
     include: tuple | None = None
     exclude: tuple = ()
     calibration_fallback_samples: int = 8
+    layer_act_bits: dict = field(default_factory=dict)
+    act_range: str = "max"
+    act_percentile: float = 99.99
+    act_headroom: float = 1.0
+    act_auto_error: float = 0.01
 
     def __post_init__(self):
         def check(cond, msg):
@@ -46,7 +51,16 @@ class PSBConfig:
 
         check(isinstance(self.E, int) and 1 <= self.E <= 16, f"E must be an int in [1, 16], got {self.E!r}")
         check(isinstance(self.P, int) and 1 <= self.P <= 30, f"P must be an int in [1, 30], got {self.P!r}")
-        check(self.act_bits in (8, 16), f"act_bits must be 8 or 16, got {self.act_bits!r}")
+        check(self.act_bits in (8, 16, "auto"), f"act_bits must be 8, 16 or 'auto', got {self.act_bits!r}")
+        for k, v in dict(self.layer_act_bits).items():
+            check(isinstance(k, str) and v in (8, 16), f"layer_act_bits[{k!r}] must be 8 or 16, got {v!r}")
+        check(self.act_range in ("max", "percentile"), f"act_range must be 'max' or 'percentile', got {self.act_range!r}")
+        check(isinstance(self.act_percentile, (int, float)) and 50 <= self.act_percentile <= 100,
+              f"act_percentile must be a number in [50, 100], got {self.act_percentile!r}")
+        check(isinstance(self.act_headroom, (int, float)) and 1 <= self.act_headroom <= 2 ** 16,
+              f"act_headroom must be a number in [1, 65536], got {self.act_headroom!r}")
+        check(isinstance(self.act_auto_error, (int, float)) and 0 < self.act_auto_error < 1,
+              f"act_auto_error must be a number in (0, 1), got {self.act_auto_error!r}")
         n = self.n_max
         check(isinstance(n, int) and 1 <= n <= 1024 and not n & (n - 1),
               f"n_max must be a power of two in [1, 1024], got {n!r}")
@@ -65,6 +79,7 @@ class PSBConfig:
             check(all(isinstance(v, str) for v in value), f"{name} must list layer names (str)")
             object.__setattr__(self, name, value)
         object.__setattr__(self, "lowerings", dict(self.lowerings))
+        object.__setattr__(self, "layer_act_bits", dict(self.layer_act_bits))
 
     @classmethod
     def preset(cls, name: str, **overrides) -> "PSBConfig":

@@ -163,6 +163,18 @@ class PSBModule:
         extra = self._runtime_args(samples, seed)
         return self._to_numpy(self._machine()["main"](*self._tensors(inputs), *extra))
 
+    def layer_outputs(self, *inputs, samples=None, seed=None) -> tuple:
+        """``(outputs, [output of every PSB layer])`` for one run: what ``psb_tvm.diagnose`` compares
+        layer by layer (conv outputs NCHW, dense outputs flattened to ``[rows, out]``). Needs a
+        module with run-time sampling (not frozen)."""
+        from .errors import ConfigError
+
+        if not self.metadata.get("runtime_args"):
+            raise ConfigError("layer outputs need a module compiled with run-time sampling (not frozen, with PSB layers)")
+        out = self._machine()["probe"](*self._tensors(inputs), *self._runtime_args(samples, seed))
+        result = self._to_numpy(out[0])
+        return (result if isinstance(result, tuple) else (result,)), [o.numpy() for o in list(out)[1:]]
+
     def sample_stats(self, *inputs, draws: int = 8, samples=None, seed: int = 0) -> dict:
         """Monte-Carlo statistics over ``draws`` independent draws (seeds ``seed .. seed+draws-1``).
 

@@ -4,6 +4,8 @@
   the class definitions of ``models/mtcnn.py`` (only the three ``nn.Module`` classes are executed,
   not the module, so torchvision is not needed), exported to ONNX with ``torch.onnx.export`` at
   fixed shapes. Needs torch (``pip install 'psb-tvm[real]'``).
+* PP-OCR (text detector, recognizer, direction classifier) from the ``rapidocr-onnxruntime`` wheel,
+  with rendered text lines and pages as inputs (:func:`render_text_lines`, :func:`text_pages`).
 * Silero VAD from the ``silero-vad`` wheel (``silero_vad/data/*.onnx``), as shipped
   (:func:`silero_vad_path`) or made importable (:func:`silero_vad_onnx`): the sample rate bound to
   a constant, shapes fixed, constant ``If`` branches inlined and ``LSTM`` unrolled
@@ -36,6 +38,15 @@ from .errors import PSBError
 
 FACENET = ("facenet-pytorch", "2.6.0")
 SILERO = ("silero-vad", "6.2.3")
+RAPIDOCR = ("rapidocr-onnxruntime", "1.4.4")
+#: PP-OCR models of the rapidocr wheel and their input shapes (NCHW).
+PPOCR_FILES = {"det": "ch_PP-OCRv4_det_infer.onnx", "rec": "ch_PP-OCRv4_rec_infer.onnx",
+               "cls": "ch_ppocr_mobile_v2.0_cls_infer.onnx"}
+PPOCR_SHAPES = {"det": (1, 3, 320, 320), "rec": (1, 3, 48, 320), "cls": (1, 3, 48, 192)}
+#: Words the rendered OCR lines are made of (English, so the recognizer's dictionary covers them).
+OCR_WORDS = ("invoice", "total", "amount", "order", "date", "number", "street", "city", "phone", "email",
+             "price", "quantity", "item", "paid", "balance", "account", "customer", "product", "tax", "due",
+             "Model", "Compiler", "Sample", "Kernel", "Tensor", "Layer", "Vector", "Binary", "Shift", "Scale")
 
 #: MTCNN input shapes used by default (NCHW; PNet is fully convolutional, any size >= 12 works).
 MTCNN_SHAPES = {"pnet": (1, 3, 48, 48), "rnet": (1, 3, 24, 24), "onet": (1, 3, 48, 48)}
@@ -433,6 +444,174 @@ def noise_audio(seconds: float, sample_rate: int = 16000, seed: int = 0) -> np.n
     hum = 0.1 * np.sin(2 * np.pi * 50 * t) + 0.05 * np.sin(2 * np.pi * 150 * t) + rng.normal(0, 0.01, quarter)
     silence = rng.normal(0, 1e-3, n - 3 * quarter)
     return np.concatenate([white, pink, hum, silence]).astype(np.float32)
+
+
+# ---------------------------------------------------------------------------- PP-OCR
+def ppocr_path(model: str) -> pathlib.Path:
+    """One PP-OCR ONNX file of the ``rapidocr-onnxruntime`` wheel: ``"det"``, ``"rec"`` or ``"cls"``."""
+    if model not in PPOCR_FILES:
+        raise ValueError(f"model must be one of {sorted(PPOCR_FILES)}, got {model!r}")
+    path = extract_wheel(*RAPIDOCR) / "rapidocr_onnxruntime" / "models" / PPOCR_FILES[model]
+    if not path.exists():
+        raise FetchError(f"{RAPIDOCR[0]} {RAPIDOCR[1]} has no {PPOCR_FILES[model]}")
+    return path
+
+
+def ppocr_labels() -> list[str]:
+    """The recognizer's CTC labels: blank, the dictionary in the model's ``character`` metadata, space."""
+    import onnx
+
+    proto = onnx.load(str(ppocr_path("rec")), load_external_data=False)
+    meta = {p.key: p.value for p in proto.metadata_props}
+    if "character" not in meta:
+        raise FetchError(f"{ppocr_path('rec')} has no 'character' metadata (the recognizer's dictionary)")
+    return ["<blank>"] + meta["character"].splitlines() + [" "]
+
+
+def ctc_greedy_decode(logits: np.ndarray, labels: list[str]) -> list[str]:
+    """Best-path CTC decoding of ``[batch, T, classes]``: argmax, merge repeats, drop blanks (0)."""
+    best = np.asarray(logits).argmax(axis=-1)
+    out = []
+    for row in best:
+        keep = np.concatenate([[True], row[1:] != row[:-1]]) & (row != 0)
+        out.append("".join(labels[i] for i in row[keep]))
+    return out
+
+
+def edit_distance(a: str, b: str) -> int:
+    """Levenshtein distance between two strings."""
+    prev = list(range(len(b) + 1))
+    for i, ca in enumerate(a, 1):
+        cur = [i]
+        for j, cb in enumerate(b, 1):
+            cur.append(min(prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + (ca != cb)))
+        prev = cur
+    return prev[-1]
+
+
+def cer(predictions: list[str], truths: list[str]) -> float:
+    """Character error rate: total edit distance over total reference length."""
+    errors = sum(edit_distance(p, t) for p, t in zip(predictions, truths, strict=True))
+    return errors / max(1, sum(len(t) for t in truths))
+
+
+def _text_strings(count: int, rng) -> list[str]:
+    words = OCR_WORDS
+    out = []
+    for _ in range(count):
+        k = int(rng.integers(1, 4))
+        parts = [words[i] for i in rng.integers(0, len(words), k)]
+        if rng.random() < 0.5:
+            parts.insert(int(rng.integers(0, k + 1)), str(int(rng.integers(0, 10000))))
+        out.append(" ".join(parts))
+    return out
+
+
+def render_text_lines(count: int, width: int = 320, height: int = 48, seed: int = 0,
+                      texts: list[str] | None = None, rotate_odd: bool = False) -> tuple[np.ndarray, list[str], np.ndarray]:
+    """``(images [count, 3, height, width] float32, texts, flipped [count] bool)``: known strings
+    drawn in black on a light background with Pillow's scalable default font (random size, shade,
+    margins), resized to ``height`` keeping the aspect ratio, scaled ``(x/255 - 0.5)/0.5`` and padded
+    on the right with zeros to ``width``, as PP-OCR's recognizer and classifier expect. With
+    ``rotate_odd`` every odd line is rotated by 180 degrees and marked in ``flipped`` (the
+    classifier's label)."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    rng = np.random.default_rng(seed)
+    texts = list(texts) if texts is not None else _text_strings(count, rng)
+    images = np.zeros((len(texts), 3, height, width), np.float32)
+    flipped = (np.arange(len(texts)) % 2 == 1) & rotate_odd
+    for i, text in enumerate(texts):
+        font = ImageFont.load_default(size=int(rng.integers(22, 34)))
+        x0, y0, x1, y1 = font.getbbox(text)
+        pad = int(rng.integers(3, 9))
+        bg = int(rng.integers(200, 256))
+        img = Image.new("L", (x1 - x0 + 2 * pad, y1 - y0 + 2 * pad), bg)
+        ImageDraw.Draw(img).text((pad - x0, pad - y0), text, fill=int(rng.integers(0, 60)), font=font)
+        if flipped[i]:
+            img = img.rotate(180)
+        w = min(width, max(1, int(round(img.width * height / img.height))))
+        arr = np.asarray(img.resize((w, height), Image.BILINEAR), np.float32)
+        images[i, :, :, :w] = ((arr / 255.0 - 0.5) / 0.5)[None]
+    return images, texts, flipped
+
+
+def text_pages(count: int, size: int = 320, seed: int = 0) -> tuple[np.ndarray, list]:
+    """``(images [count, 3, size, size] float32, boxes)``: a few text lines per light page, in the
+    detector's normalisation (ImageNet mean/std on RGB in [0, 1]); ``boxes`` per page lists
+    ``(x0, y0, x1, y1)`` of each drawn line."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    rng = np.random.default_rng(seed)
+    mean = np.array([0.485, 0.456, 0.406], np.float32).reshape(3, 1, 1)
+    std = np.array([0.229, 0.224, 0.225], np.float32).reshape(3, 1, 1)
+    images, boxes = np.zeros((count, 3, size, size), np.float32), []
+    for i in range(count):
+        img = Image.new("RGB", (size, size), tuple(int(v) for v in rng.integers(200, 256, 3)))
+        draw, page, y = ImageDraw.Draw(img), [], int(rng.integers(8, 30))
+        for text in _text_strings(int(rng.integers(2, 6)), rng):
+            font = ImageFont.load_default(size=int(rng.integers(16, 30)))
+            x = int(rng.integers(5, 40))
+            x0, y0, x1, y1 = draw.textbbox((x, y), text, font=font)
+            if y1 > size - 5:
+                break
+            draw.text((x, y), text, fill=tuple(int(v) for v in rng.integers(0, 70, 3)), font=font)
+            page.append((x0, y0, min(x1, size - 1), y1))
+            y = y1 + int(rng.integers(10, 30))
+        arr = np.asarray(img, np.float32).transpose(2, 0, 1) / 255.0
+        images[i] = (arr - mean) / std
+        boxes.append(page)
+    return images, boxes
+
+
+def detection_boxes(prob_map: np.ndarray, threshold: float = 0.3, min_area: int = 16) -> list:
+    """Axis-aligned boxes ``(x0, y0, x1, y1)`` of the connected regions of ``prob_map > threshold``
+    ([H, W], 4-connectivity) with at least ``min_area`` pixels: a simple stand-in for DB post-processing."""
+    mask = np.asarray(prob_map) > threshold
+    label = np.zeros(mask.shape, np.int32)
+    boxes, current = [], 0
+    for sy, sx in zip(*np.nonzero(mask)):
+        if label[sy, sx]:
+            continue
+        current += 1
+        stack, ys, xs = [(sy, sx)], [], []
+        label[sy, sx] = current
+        while stack:
+            y, x = stack.pop()
+            ys.append(y)
+            xs.append(x)
+            for ny, nx in ((y + 1, x), (y - 1, x), (y, x + 1), (y, x - 1)):
+                if 0 <= ny < mask.shape[0] and 0 <= nx < mask.shape[1] and mask[ny, nx] and not label[ny, nx]:
+                    label[ny, nx] = current
+                    stack.append((ny, nx))
+        if len(ys) >= min_area:
+            boxes.append((min(xs), min(ys), max(xs) + 1, max(ys) + 1))
+    return boxes
+
+
+def box_iou(a, b) -> float:
+    """Intersection over union of two ``(x0, y0, x1, y1)`` boxes."""
+    ix = max(0, min(a[2], b[2]) - max(a[0], b[0]))
+    iy = max(0, min(a[3], b[3]) - max(a[1], b[1]))
+    inter = ix * iy
+    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
+    return inter / union if union > 0 else 0.0
+
+
+def box_agreement(reference: list, boxes: list, iou: float = 0.5) -> float:
+    """F1 of ``boxes`` against ``reference`` (greedy one-to-one matching at ``iou``); 1.0 when both are empty."""
+    if not reference and not boxes:
+        return 1.0
+    used, matched = set(), 0
+    for r in reference:
+        best, arg = iou, None
+        for j, b in enumerate(boxes):
+            if j not in used and box_iou(r, b) >= best:
+                best, arg = box_iou(r, b), j
+        if arg is not None:
+            used.add(arg)
+            matched += 1
+    return 2 * matched / (len(reference) + len(boxes))
 
 
 # ---------------------------------------------------------------------------- evaluation helpers

@@ -251,6 +251,61 @@ def unknown_op_model(seed=0):
     return _model("unknown_op", nodes, [1, 3, 8, 8], [1, 4, 8, 8], inits)
 
 
+def mobile_block_model(seed=0, hw=16):
+    """A MobileNetV3 / PP-LCNet-style net with the patterns of the PP-OCR models (opset 14):
+    stem conv + BatchNormalization + HardSwish; depthwise conv + scalar Mul/Add (a learnable affine)
+    + Clip (ReLU6); squeeze-excite (GlobalAveragePool, 1x1 convs on a 1x1 map, Relu, HardSigmoid
+    with Paddle's slope 0.2, Mul); a pointwise conv whose batch norm is decomposed into per-channel
+    Mul + Add, then HardSwish written as ``x * Clip(x + 3, 0, 6) / 6``; a strided 5x5 depthwise
+    conv; global pooling and a Gemm head. x[1, 3, hw, hw] -> y[1, 10]."""
+    rng = np.random.default_rng(seed)
+    c1, c2 = 8, 16
+    inits = [_t("stem_W", _conv_w(rng, c1, 3, 3)), *_bn_params(rng, "stem_bn", c1),
+             _t("dw_W", _conv_w(rng, c1, c1, 3, groups=c1)), _t("dw_B", _bias(rng, c1)),
+             _t("lab_s", np.array(1.3, np.float32)), _t("lab_b", np.array(-0.2, np.float32)),
+             _t("relu6_lo", np.array(0.0, np.float32)), _t("relu6_hi", np.array(6.0, np.float32)),
+             _t("se1_W", _conv_w(rng, 4, c1, 1)), _t("se1_B", _bias(rng, 4)),
+             _t("se2_W", _conv_w(rng, c1, 4, 1)), _t("se2_B", _bias(rng, c1)),
+             _t("pw_W", _conv_w(rng, c2, c1, 1)),
+             _t("pw_scale", rng.uniform(0.5, 1.5, (1, c2, 1, 1)).astype(np.float32)),
+             _t("pw_shift", (rng.standard_normal((1, c2, 1, 1)) * 0.1).astype(np.float32)),
+             _t("three", np.array(3.0, np.float32)), _t("six", np.array(6.0, np.float32)),
+             _t("dw2_W", _conv_w(rng, c2, c2, 5, groups=c2)), _t("dw2_B", _bias(rng, c2)),
+             _t("fc_W", _he(rng, (10, c2), c2)), _t("fc_B", _bias(rng, 10))]
+    bn_names = [f"stem_bn_{k}" for k in ("scale", "bias", "mean", "var")]
+    nodes = [
+        helper.make_node("Conv", ["x", "stem_W"], ["stem"], name="stem", kernel_shape=[3, 3], strides=[2, 2],
+                         pads=[1, 1, 1, 1]),
+        helper.make_node("BatchNormalization", ["stem"] + bn_names, ["stem_bn"], name="stem_bn", epsilon=1e-5),
+        helper.make_node("HardSwish", ["stem_bn"], ["a1"], name="hswish1"),
+        helper.make_node("Conv", ["a1", "dw_W", "dw_B"], ["dw"], name="dw", kernel_shape=[3, 3], pads=[1, 1, 1, 1],
+                         group=c1),
+        helper.make_node("Mul", ["dw", "lab_s"], ["dw_s"], name="lab_mul"),
+        helper.make_node("Add", ["dw_s", "lab_b"], ["dw_a"], name="lab_add"),
+        helper.make_node("Clip", ["dw_a", "relu6_lo", "relu6_hi"], ["a2"], name="relu6"),
+        helper.make_node("GlobalAveragePool", ["a2"], ["se_pool"], name="se_pool"),
+        helper.make_node("Conv", ["se_pool", "se1_W", "se1_B"], ["se1"], name="se1", kernel_shape=[1, 1]),
+        helper.make_node("Relu", ["se1"], ["se1_r"], name="se_relu"),
+        helper.make_node("Conv", ["se1_r", "se2_W", "se2_B"], ["se2"], name="se2", kernel_shape=[1, 1]),
+        helper.make_node("HardSigmoid", ["se2"], ["se_gate"], name="se_gate", alpha=0.2, beta=0.5),
+        helper.make_node("Mul", ["a2", "se_gate"], ["a3"], name="se_mul"),
+        helper.make_node("Conv", ["a3", "pw_W"], ["pw"], name="pw", kernel_shape=[1, 1]),
+        helper.make_node("Mul", ["pw", "pw_scale"], ["pw_m"], name="pw_bn_mul"),
+        helper.make_node("Add", ["pw_m", "pw_shift"], ["pw_bn"], name="pw_bn_add"),
+        helper.make_node("Add", ["pw_bn", "three"], ["hs_a"], name="hs_add"),
+        helper.make_node("Clip", ["hs_a", "relu6_lo", "six"], ["hs_c"], name="hs_clip"),
+        helper.make_node("Mul", ["pw_bn", "hs_c"], ["hs_m"], name="hs_mul"),
+        helper.make_node("Div", ["hs_m", "six"], ["a4"], name="hs_div"),
+        helper.make_node("Conv", ["a4", "dw2_W", "dw2_B"], ["dw2"], name="dw2", kernel_shape=[5, 5], strides=[2, 2],
+                         pads=[2, 2, 2, 2], group=c2),
+        helper.make_node("Relu", ["dw2"], ["a5"], name="relu5"),
+        helper.make_node("GlobalAveragePool", ["a5"], ["pool"], name="pool"),
+        helper.make_node("Flatten", ["pool"], ["flat"], name="flatten"),
+        helper.make_node("Gemm", ["flat", "fc_W", "fc_B"], ["y"], name="fc", transB=1),
+    ]
+    return _model("mobile_block_model", nodes, [1, 3, hw, hw], [1, 10], inits, opset=14)
+
+
 def save(model, path):
     """Write the serialized model to ``path`` and return the path."""
     with open(path, "wb") as f:
