@@ -1,81 +1,73 @@
 """Rewrite chosen layers into float Relax ops that emulate PSB numerics: the diagnosis' references.
 
-Each chosen site (with its fused bias and activation) becomes
-``act(conv(x', w') + bias)`` where ``x'`` is the input, optionally rounded to the layer's fixed
-point (``clip(round(x * 2^f), lo, hi) / 2^f``), and ``w'`` the float weights or the represented
-sampled weights ``w~``. With both the scheme is emulated in float: the compiled integer kernel
-must agree with it up to float summation order, so a larger difference is a kernel or rewrite
-defect, not sampling. ``main`` returns ``(output, layer_input_0, layer_output_0, ...)``.
+Each chosen site (with its fused bias and activation) becomes ``act(conv(x', w) + bias)`` where
+``w`` is a run-time weight argument (float weights, or the represented sampled weights ``w~`` of
+any n and seed) and ``x'`` the input, optionally rounded to a run-time fixed point:
+``x' = q * clip(round(x * s), lo, hi) / s + (1 - q) * x`` with ``(s, lo, hi, q)`` the layer's row
+of a run-time ``act`` tensor. One build thus emulates every sample count, seed and activation
+width: with both weights and rounding it is the scheme in float, which the compiled integer
+kernels must match up to float summation order. ``main(*inputs, act: [L, 4], w_0, ..., w_{L-1})``
+returns ``(output, in_0, out_0, in_1, out_1, ...)``.
 """
 
 from __future__ import annotations
-
-from dataclasses import dataclass
 
 import numpy as np
 import tvm
 from tvm import relax
 
-from psb_tvm import numerics
-
 from .rewrite_conv2d_dense_to_psb import PSBLayer, rewrite_main
 from .select_psb_layers import find_layer_sites
 
 
-@dataclass
-class SimulatedLayer:
-    """One layer of the emulation: its PSB layer and what to emulate."""
-
-    layer: PSBLayer
-    weight: np.ndarray  # conv OIHW / dense [out, in]: float or represented sampled weights
-    quantize: bool  # round the input to the layer's fixed point
+def emulation_weight_shape(layer: PSBLayer) -> tuple:
+    """Shape of a layer's weight argument: OIHW for convs, ``[in, out]`` for dense layers."""
+    shape = tuple(layer.spec.w_shape)
+    return (shape[1], shape[0]) if layer.spec.kind == "dense" else shape
 
 
-def _f32(value) -> relax.Expr:
-    return relax.const(np.float32(value))
-
-
-def _emulate(sim: SimulatedLayer, site, builder, data) -> relax.Expr:
-    spec = sim.layer.spec
-    x = data
-    if sim.quantize:
-        lo, hi = numerics.act_range(spec.act_bits, spec.act_signed)
-        scaled = builder.emit(relax.op.multiply(x, _f32(2.0 ** spec.frac_bits)))
-        # TVM's round is half away from zero, the kernel's nearbyint half to even: they differ
-        # only on exact ties, which float inputs times 2^f hit with negligible frequency.
-        rounded = builder.emit(relax.op.clip(relax.op.round(scaled), lo, hi))
-        x = builder.emit(relax.op.multiply(rounded, _f32(2.0 ** -spec.frac_bits)))
-    w = sim.weight.astype(np.float32)
+def _emulate(layer: PSBLayer, ordinal: int, site, builder, data, act, weight) -> relax.Expr:
+    spec = layer.spec
+    row = builder.emit(relax.op.take(act, relax.const(ordinal, "int64"), axis=0))
+    s, lo, hi, q = (builder.emit(relax.op.take(row, relax.const(i, "int64"), axis=0)) for i in range(4))
+    scaled = builder.emit(relax.op.round(relax.op.multiply(data, s)))
+    # TVM's round is half away from zero, the kernel's nearbyint half to even: they differ only on
+    # exact ties, which float inputs times 2^f hit with negligible frequency.
+    fixed = builder.emit(relax.op.divide(relax.op.minimum(relax.op.maximum(scaled, lo), hi), s))
+    x = builder.emit(relax.op.add(relax.op.multiply(fixed, q),
+                                  relax.op.multiply(data, relax.op.subtract(relax.const(np.float32(1)), q))))
     if spec.kind == "dense":
-        y = builder.emit(relax.op.matmul(x, relax.const(np.ascontiguousarray(w.T))))
+        y = builder.emit(relax.op.matmul(x, weight))
         bias_shape = (1, -1)
     else:
-        y = builder.emit(relax.Call(site.call.op, [x, relax.const(w)], site.call.attrs))
+        y = builder.emit(relax.Call(site.call.op, [x, weight], site.call.attrs))
         bias_shape = (1, -1, 1, 1)
-    y = builder.emit(relax.op.add(y, relax.const(sim.layer.bias.reshape(bias_shape).astype(np.float32))))
-    act = spec.activation
-    if act == "relu":
+    y = builder.emit(relax.op.add(y, relax.const(layer.bias.reshape(bias_shape).astype(np.float32))))
+    act_fn = spec.activation
+    if act_fn == "relu":
         return relax.op.nn.relu(y)
-    if isinstance(act, tuple) and act[0] == "clip":
-        return relax.op.clip(y, float(act[1]), float(act[2]))
+    if isinstance(act_fn, tuple) and act_fn[0] == "clip":
+        return relax.op.clip(y, float(act_fn[1]), float(act_fn[2]))
     return y
 
 
-def simulate_psb(mod: tvm.IRModule, sims: list[SimulatedLayer]) -> tvm.IRModule:
-    """A float module whose ``main`` emulates ``sims`` and returns
-    ``(output, in_0, out_0, in_1, out_1, ...)`` for every simulated layer, in order."""
+def simulate_psb(mod: tvm.IRModule, layers: list[PSBLayer]) -> tvm.IRModule:
+    """A float module emulating ``layers`` with run-time weights and activation rounding (see above)."""
     sites = {s.index: s for s in find_layer_sites(mod["main"])}
+    act = relax.Var("act", relax.TensorType((len(layers), 4), "float32"))
+    weights = [relax.Var(f"w_{l}", relax.TensorType(emulation_weight_shape(layer), "float32"))
+               for l, layer in enumerate(layers)]
     inputs = {}
 
     def make_call(l, builder, data):
         inputs[l] = data
-        return _emulate(sims[l], sites[sims[l].layer.site_index], builder, data)
+        return _emulate(layers[l], l, sites[layers[l].site_index], builder, data, act, weights[l])
 
-    layers_by_var = {sites[s.layer.site_index].final_var: (l, sites[s.layer.site_index], s.layer, None)
-                     for l, s in enumerate(sims)}
-    absorbed = {v for s in sims for v in sites[s.layer.site_index].fused_vars}
-    func = rewrite_main(mod, mod["main"], layers_by_var, absorbed, make_call, [], "main", expose_layers=True,
-                        expose_inputs=inputs)
+    layers_by_var = {sites[layer.site_index].final_var: (l, sites[layer.site_index], layer, None)
+                     for l, layer in enumerate(layers)}
+    absorbed = {v for layer in layers for v in sites[layer.site_index].fused_vars}
+    func = rewrite_main(mod, mod["main"], layers_by_var, absorbed, make_call, [act] + weights, "main",
+                        expose_layers=True, expose_inputs=inputs)
     out = tvm.IRModule({gv: f for gv, f in mod.functions.items() if gv.name_hint != "main"})
     out["main"] = func
     return relax.transform.DeadCodeElimination(["main"])(out)

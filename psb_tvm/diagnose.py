@@ -20,19 +20,16 @@ import pathlib
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
-import tvm
-from tvm import relax
 
 from . import numerics
 from .build import build
 from .compiler import lower_plan, plan
+from .emulate import Emulator
 from .errors import ConfigError
 from .evaluate import _chunks, load_inputs
-from .passes import SimulatedLayer, simulate_psb
 from .runtime import PSBModule
-from .target import host_target
 
-#: Emulated variants: (sampled weights, rounded activations).
+#: Emulated variants (``psb_tvm.emulate``): (sampled weights, rounded activations).
 VARIANTS = {"float": (False, False), "scheme": (True, False), "activation": (False, True), "emulation": (True, True)}
 #: Relative error below which no layer is flagged (float32 summation-order differences).
 ERROR_FLOOR = 1e-4
@@ -205,7 +202,7 @@ def diagnose(model, inputs, *, samples=16, seed: int = 0, input_shapes: dict | N
 
     if not isinstance(tolerance, (int, float)) or not tolerance >= 0:
         raise ConfigError(f"tolerance must be a number >= 0, got {tolerance!r}")
-    steps = tqdm(total=2 + len(VARIANTS), desc="diagnose", disable=not progress, leave=False)
+    steps = tqdm(total=3, desc="diagnose", disable=not progress, leave=False)
     p = plan(model, "llvm", seed, input_shapes, calibration, config)
     if not p.layers:
         raise ConfigError("the model has no PSB layer to diagnose (every linear layer stays float)")
@@ -217,34 +214,20 @@ def diagnose(model, inputs, *, samples=16, seed: int = 0, input_shapes: dict | N
         data = {k: v[:max_inputs] for k, v in data.items()}
     per_layer = module.resolve_samples(samples)
     seed = module._resolve_seed(seed)
-
-    machines = {}
-    for variant, (sampled, quantize) in VARIANTS.items():
-        sims = []
-        for layer, n in zip(p.layers, per_layer):
-            w = p.sites[layer.site_index].weight
-            if sampled:
-                q = numerics.integer_weights(layer.enc, n, seed, layer.site_index)
-                w = numerics.weight_values(layer.enc, q, n)
-            sims.append(SimulatedLayer(layer, w, quantize))
-        lib = build(simulate_psb(p.imported.mod, sims), host_target())[0]
-        machines[variant] = relax.VirtualMachine(lib, tvm.cpu())
-        steps.update()
+    emulator = Emulator(p)
+    steps.update()
 
     L = len(p.layers)
+    compiled_bits = emulator.compiled_bits
+    variants = {name: (per_layer if sampled else [None] * L, compiled_bits if rounded else [None] * L)
+                for name, (sampled, rounded) in VARIANTS.items()}
     names = ("compiled", "scheme", "activation", "emulation")
     layer_sums = [{k: _Sums() for k in names + ("kernel",)} for _ in range(L)]
     out_sums = {k: _Sums() for k in names + ("kernel",)}
     saturated, elements, observed = [0] * L, [0] * L, [0.0] * L
     count = 0
     for chunk, valid in _chunks(module, data):
-        args = [tvm.runtime.tensor(a, tvm.cpu()) for a in chunk]
-        runs = {}
-        for variant, vm in machines.items():
-            res = list(vm["main"](*args))
-            head = res[0]
-            outs = [head.numpy()] if hasattr(head, "numpy") else [o.numpy() for o in head]
-            runs[variant] = (outs, [r.numpy() for r in res[1::2]], [r.numpy() for r in res[2::2]])
+        runs = {name: emulator.run(chunk, n, seed, bits) for name, (n, bits) in variants.items()}
         c_outs, c_layers = module.layer_outputs(*chunk, samples=samples, seed=seed)
         runs["compiled"] = (list(c_outs), None, c_layers)
         batch = len(chunk[0])

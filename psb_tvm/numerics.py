@@ -126,7 +126,11 @@ def check_seed(seed) -> int:
 def sample_counts(enc: EncodedWeights, n: int, seed: int, layer: int) -> np.ndarray:
     """``B_i(n)``: number of ones among the first ``n`` samples of every weight."""
     check_samples(n)
-    return sample_bits(enc, seed, layer, 0, n).sum(axis=0, dtype=np.int64)
+    counts = np.zeros(enc.shape, np.int64)
+    step = max(1, (1 << 22) // max(1, enc.threshold.size))  # bounded memory for large layers
+    for start in range(0, n, step):
+        counts += sample_bits(enc, seed, layer, start, min(n, start + step)).sum(axis=0, dtype=np.int64)
+    return counts
 
 
 def integer_weights(enc: EncodedWeights, n: int, seed: int, layer: int) -> np.ndarray:
