@@ -28,8 +28,8 @@ def emulation_weight_shape(layer: PSBLayer) -> tuple:
 
 def _emulate(layer: PSBLayer, ordinal: int, site, builder, data, act, weight) -> relax.Expr:
     spec = layer.spec
-    row = builder.emit(relax.op.take(act, relax.const(ordinal, "int64"), axis=0))
-    s, lo, hi, q = (builder.emit(relax.op.take(row, relax.const(i, "int64"), axis=0)) for i in range(4))
+    s, lo, hi, q = (builder.emit(relax.op.reshape(relax.op.strided_slice(act, [0, 1], [ordinal, i], [ordinal + 1, i + 1]),
+                                                  ())) for i in range(4))
     scaled = builder.emit(relax.op.round(relax.op.multiply(data, s)))
     # TVM's round is half away from zero, the kernel's nearbyint half to even: they differ only on
     # exact ties, which float inputs times 2^f hit with negligible frequency.

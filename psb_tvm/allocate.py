@@ -22,11 +22,15 @@ budget cannot be met even at ``n_ref``, the most sensitive layers are reported i
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 
 import numpy as np
 
+from .compiler import plan as compile_plan
+from .config import PSBConfig
+from .emulate import Emulator
 from .errors import ConfigError
 
 KINDS = ("error", "accuracy", "cost")
@@ -43,6 +47,7 @@ class Sensitivity:
     base_sq: float          # mean squared relative error with every layer at n_ref
     delta_sq: dict          # {layer: {n: added squared error}} (0 at n_ref, non-increasing in n)
     additions_per_sample: dict  # {layer: additions per sample (module.cost)}
+    act_delta_sq: dict = field(default_factory=dict)  # {layer: added squared error at 8-bit activations}
 
     def predict(self, samples: dict) -> float:
         """Predicted relative output error of a per-layer allocation ``{layer: n}``."""
@@ -53,7 +58,7 @@ class Sensitivity:
         return {"layers": self.layers, "levels": self.levels, "n_ref": self.n_ref, "seeds": self.seeds,
                 "base_error": math.sqrt(max(self.base_sq, 0.0)),
                 "delta_sq": {l: {str(n): v for n, v in d.items()} for l, d in self.delta_sq.items()},
-                "additions_per_sample": self.additions_per_sample}
+                "additions_per_sample": self.additions_per_sample, "act_delta_sq": self.act_delta_sq}
 
 
 @dataclass
@@ -74,6 +79,14 @@ class Allocation:
     notes: list = field(default_factory=list)
     sensitivity: Sensitivity | None = None
     path: list = field(default_factory=list)  # the greedy path: [{"samples", "cost", "predicted_error"}]
+    act_bits: dict | None = None  # {layer: 8 or 16} when widths were allocated too (cost in 8-bit additions)
+
+    def config(self, base: PSBConfig | None = None) -> PSBConfig:
+        """``base`` (default ``PSBConfig()``) with this allocation's activation widths per layer."""
+        base = base or PSBConfig()
+        if not self.act_bits:
+            return base
+        return dataclasses.replace(base, layer_act_bits=dict(self.act_bits))
 
     @property
     def savings(self) -> float | None:
@@ -83,8 +96,8 @@ class Allocation:
         return 1.0 - self.cost / self.uniform["cost"]
 
     def to_dict(self) -> dict:
-        d = {k: getattr(self, k) for k in ("samples", "kind", "budget", "cost", "predicted_error", "measured_error",
-                                          "measured_accuracy", "feasible", "uniform", "reference",
+        d = {k: getattr(self, k) for k in ("samples", "act_bits", "kind", "budget", "cost", "predicted_error",
+                                          "measured_error", "measured_accuracy", "feasible", "uniform", "reference",
                                           "recommend_exclude", "notes")}
         d["savings_vs_uniform"] = self.savings
         d["sensitivity"] = self.sensitivity.to_dict() if self.sensitivity else None
@@ -94,9 +107,11 @@ class Allocation:
         lines = [f"Allocation for {self.kind} budget {self.budget:g} (error vs {self.reference}):"]
         width = max(len(l) for l in self.samples) if self.samples else 5
         for name, n in self.samples.items():
-            lines.append(f"  {name.ljust(width)}  n={n}")
+            bits = f"  act {self.act_bits[name]}-bit" if self.act_bits else ""
+            lines.append(f"  {name.ljust(width)}  n={n}{bits}")
         acc = f", accuracy {100 * self.measured_accuracy:.2f}%" if self.measured_accuracy is not None else ""
-        lines.append(f"cost {self.cost:,} additions, error {self.measured_error:.4f} measured "
+        unit = "8-bit additions" if self.act_bits else "additions"
+        lines.append(f"cost {self.cost:,} {unit}, error {self.measured_error:.4f} measured "
                      f"({self.predicted_error:.4f} predicted){acc}" + ("" if self.feasible else "  [budget NOT met]"))
         if self.uniform:
             lines.append(f"uniform n={self.uniform['samples']} meeting the same budget: cost {self.uniform['cost']:,}, "
@@ -134,17 +149,20 @@ class _Evaluator:
         """Mean over seeds: relative error, its square, accuracy (with labels)."""
         key = tuple(sorted(samples.items()))
         if key not in self._cache:
-            errs, accs = [], []
-            for seed in self.seeds:
-                out = self.outputs(samples, seed)
-                errs.append(self.err_sq(out))
-                if self.metric is not None:
-                    accs.append(self.score(out))
-                elif self.labels is not None:
-                    accs.append(top1_accuracy(out[0], self.labels))
-            self._cache[key] = {"error": float(np.mean(np.sqrt(errs))), "error_sq": float(np.mean(errs)),
-                                "accuracy": float(np.mean(accs)) if accs else None}
+            self._cache[key] = self._measure(samples)
         return self._cache[key]
+
+    def _measure(self, samples: dict) -> dict:
+        errs, accs = [], []
+        for seed in self.seeds:
+            out = self.outputs(samples, seed)
+            errs.append(self.err_sq(out))
+            if self.metric is not None:
+                accs.append(self.score(out))
+            elif self.labels is not None:
+                accs.append(top1_accuracy(out[0], self.labels))
+        return {"error": float(np.mean(np.sqrt(errs))), "error_sq": float(np.mean(errs)),
+                "accuracy": float(np.mean(accs)) if accs else None}
 
     def score(self, outputs) -> float:
         """The user's metric of one run's outputs (higher is better), checked to be a finite number."""
@@ -268,7 +286,7 @@ def _make_evaluator(module, calibration_inputs, reference, labels, seeds, metric
 def allocate(module, calibration_inputs, budget: float, kind: str = "error", labels=None, reference=None,
              seeds=(0, 1, 2), min_samples: int = 1, max_samples: int | None = None,
              sensitivity_table: Sensitivity | None = None, progress: bool = False, metric=None,
-             _evaluator=None) -> Allocation:
+             act_bits=None, input_shapes: dict | None = None, config=None, _evaluator=None) -> Allocation:
     """Choose per-layer sample counts for ``module`` on ``calibration_inputs``.
 
     ``kind="error"``: the cheapest allocation (``module.cost``) whose relative output error vs
@@ -290,7 +308,20 @@ def allocate(module, calibration_inputs, budget: float, kind: str = "error", lab
     or None (the module's own mean output at n_max). ``sensitivity_table`` reuses an earlier
     analysis of the same module and data. The result's ``samples`` is a ``{layer: n}`` map for
     ``module.run(x, samples=...)`` or ``psb_tvm.compile(..., samples=...)``.
+
+    ``act_bits=(8, 16)``: choose each layer's activation width together with its n. Widths are
+    fixed at compile time, so ``module`` is then the ONNX model (with ``input_shapes`` and a base
+    ``config``), see :func:`allocate_with_widths`; the result's ``act_bits`` and ``config()`` give
+    the widths to compile with.
     """
+    if act_bits is not None:
+        if tuple(sorted(set(act_bits))) != (8, 16):
+            raise ConfigError(f"act_bits must be (8, 16) (the widths to choose from), got {act_bits!r}")
+        if hasattr(module, "metadata"):
+            raise ConfigError("allocating activation widths needs the ONNX model (widths are fixed at compile time), "
+                              "not a compiled module")
+        return allocate_with_widths(module, calibration_inputs, budget, kind, labels, reference, seeds, min_samples,
+                                    max_samples, metric, input_shapes, config, progress)
     if kind not in KINDS:
         raise ConfigError(f"kind must be one of {KINDS}, got {kind!r}")
     if not isinstance(budget, (int, float, np.floating, np.integer)) or not np.isfinite(budget) or budget < 0:
@@ -396,3 +427,192 @@ def allocate(module, calibration_inputs, budget: float, kind: str = "error", lab
                       measured_accuracy=m["accuracy"], feasible=feasible, uniform=uniform, reference=ref_desc,
                       recommend_exclude=recommend, notes=notes, sensitivity=sens,
                       path=[{"samples": p, "cost": c, "predicted_error": sens.predict(p)} for p, c in zip(path, costs)])
+
+
+# ---------------------------------------------------------------------------- n and activation width together
+class _EmulatedEvaluator(_Evaluator):
+    """``_Evaluator`` over the float emulation of a compile plan: allocations are ``(samples, bits)``."""
+
+    def __init__(self, emulator: Emulator, data: dict, reference: list, labels, seeds, metric=None):
+        self.emulator = emulator
+        super().__init__(None, data, reference, labels, seeds, metric)
+        self.bits = None
+
+    def outputs(self, samples, seed):
+        from .evaluate import _chunks
+
+        names = [l.name for l in self.emulator.layers]
+        n = [samples[name] for name in names]
+        bits = [self.bits[name] for name in names]
+        outs = []
+        for chunk, valid in _chunks(self.emulator.plan.imported.inputs, self.data):
+            outs.append([o[:valid] for o in self.emulator.run(chunk, n, seed, bits)[0]])
+        return [np.concatenate([o[i] for o in outs]) for i in range(len(outs[0]))]
+
+    def measure_with(self, samples: dict, bits: dict) -> dict:
+        """``measure`` of the allocation ``(samples, bits)`` (cached)."""
+        key = (tuple(sorted(samples.items())), tuple(sorted(bits.items())))
+        if key not in self._cache:
+            self.bits = bits
+            self._cache[key] = self._measure(samples)
+        return self._cache[key]
+
+
+def _width_cost(apc: dict, samples: dict, bits: dict) -> int:
+    """Work in 8-bit additions: one per weight, sample and output position, twice for 16-bit inputs
+    (the bit-plane count of the bitserial lowering, and the operand width of the dot products)."""
+    return int(sum(apc[l] * samples[l] * bits[l] // 8 for l in samples))
+
+
+def _width_path(sens: Sensitivity, lo: int) -> list:
+    """Greedy (samples, bits) path from every layer at (n_ref, 16 bits): each step halves one
+    layer's n or drops one layer to 8-bit activations, whichever adds the least predicted squared
+    error per 8-bit addition saved."""
+    cur = {l: sens.n_ref for l in sens.layers}
+    bits = {l: 16 for l in sens.layers}
+    path = [(dict(cur), dict(bits))]
+    apc = sens.additions_per_sample
+    while True:
+        best = None
+        for l in sens.layers:
+            n = cur[l]
+            moves = []
+            if n // 2 >= lo and n // 2 in sens.delta_sq[l]:
+                moves.append(("n", sens.delta_sq[l][n // 2] - sens.delta_sq[l][n], apc[l] * (n - n // 2) * bits[l] // 8))
+            if bits[l] == 16:
+                moves.append(("bits", sens.act_delta_sq[l], apc[l] * n))
+            for kind, added, saved in moves:
+                score = added / max(saved, 1)
+                if best is None or score < best[0] or (score == best[0] and saved > best[1]):
+                    best = (score, saved, l, kind)
+        if best is None:
+            return path
+        if best[3] == "n":
+            cur[best[2]] //= 2
+        else:
+            bits[best[2]] = 8
+        path.append((dict(cur), dict(bits)))
+
+
+def _predict(sens: Sensitivity, samples: dict, bits: dict) -> float:
+    extra = sum(sens.act_delta_sq.get(l, 0.0) for l, b in bits.items() if b == 8)
+    return math.sqrt(max(sens.predict(samples) ** 2 + extra, 0.0))
+
+
+def allocate_with_widths(model, calibration_inputs, budget: float, kind: str = "error", labels=None, reference=None,
+                         seeds=(0, 1, 2), min_samples: int = 1, max_samples: int | None = None, metric=None,
+                         input_shapes: dict | None = None, config=None, progress: bool = False) -> Allocation:
+    """Per-layer n *and* activation width (8 or 16 bits) for an ONNX ``model``: ``allocate(model,
+    ..., act_bits=(8, 16))``. Sensitivities and the budget check run on the float emulation of the
+    scheme (``psb_tvm.emulate``: the compiled kernels equal it up to float rounding), so no
+    allocation is compiled while searching. ``calibration_inputs`` (an array or ``{input: array}``)
+    also sets the activation ranges; cost is in 8-bit additions (``_width_cost``). Compile the
+    result with ``psb_tvm.compile(model, samples=a.samples, config=a.config(config), ...)``.
+    """
+    from tqdm import tqdm
+
+    from .calibration import normalize_calibration
+
+    if kind not in KINDS:
+        raise ConfigError(f"kind must be one of {KINDS}, got {kind!r}")
+    if not isinstance(budget, (int, float, np.floating, np.integer)) or not np.isfinite(budget) or budget < 0:
+        raise ConfigError(f"budget must be a non-negative number, got {budget!r}")
+    if kind == "accuracy" and labels is None and metric is None:
+        raise ConfigError("an accuracy budget needs labels or a metric")
+    if not isinstance(calibration_inputs, (dict, np.ndarray)):
+        raise ConfigError("allocating activation widths needs calibration_inputs as an array or {input name: array}")
+    base = config if isinstance(config, PSBConfig) else PSBConfig.from_dict(config) if isinstance(config, dict) \
+        else PSBConfig() if config is None else None
+    if base is None:
+        raise ConfigError(f"config must be a PSBConfig or dict, got {type(config).__name__}")
+    p = compile_plan(model, "llvm", 0, input_shapes, calibration_inputs, dataclasses.replace(base, act_bits=16,
+                                                                                           layer_act_bits={}))
+    names = [l.name for l in p.layers]
+    if not names:
+        raise ConfigError("the model has no PSB layers: nothing to allocate")
+    data = normalize_calibration(calibration_inputs, p.imported.inputs, 1)[0][0]
+    emulator = Emulator(p)
+    count = len(next(iter(data.values())))
+    if reference is None:
+        float_ev = _EmulatedEvaluator(emulator, data, [np.zeros(1)], None, [0])
+        float_ev.bits = {l: None for l in names}
+        ref = [o.astype(np.float64) for o in float_ev.outputs({l: None for l in names}, 0)]
+        ref_desc = "float (the emulation with float weights and activations)"
+    else:
+        ref = [np.asarray(r, np.float64) for r in (reference if isinstance(reference, (tuple, list)) else [reference])]
+        if any(len(r) != count for r in ref):
+            raise ConfigError(f"reference outputs must have {count} rows (one per calibration input), got {[len(r) for r in ref]}")
+        ref_desc = "given reference outputs"
+    if labels is not None and len(labels) != count:
+        raise ConfigError(f"labels has {len(labels)} rows, the calibration inputs {count}")
+    ev = _EmulatedEvaluator(emulator, data, ref, None if labels is None else np.asarray(labels), [int(s) for s in seeds],
+                            metric)
+    n_ref = _pow2(max_samples if max_samples is not None else base.n_max, "max_samples", base.n_max)
+    lo = _pow2(min_samples, "min_samples", base.n_max)
+    levels = [n for n in _levels(lo, n_ref) if n < n_ref]
+    top = ({l: n_ref for l in names}, {l: 16 for l in names})
+    base_sq = ev.measure_with(*top)["error_sq"]
+    delta, act_delta = {}, {}
+    with tqdm(total=len(names) * (len(levels) + 1), desc="sensitivity", disable=not progress, leave=False) as bar:
+        for name in names:
+            d = {n_ref: 0.0}
+            for n in sorted(levels, reverse=True):
+                d[n] = max(ev.measure_with({**top[0], name: n}, top[1])["error_sq"] - base_sq, d[2 * n] if 2 * n in d else 0.0)
+                bar.update()
+            delta[name] = dict(sorted(d.items()))
+            act_delta[name] = max(ev.measure_with(top[0], {**top[1], name: 8})["error_sq"] - base_sq, 0.0)
+            bar.update()
+    apc = {l.name: int(p.info[l.site_index]["additions_per_sample"]) for l in p.layers}
+    sens = Sensitivity(layers=names, levels=levels, n_ref=n_ref, seeds=list(ev.seeds), base_sq=base_sq, delta_sq=delta,
+                       additions_per_sample=apc, act_delta_sq=act_delta)
+    path = _width_path(sens, lo)
+    costs = [_width_cost(apc, s, b) for s, b in path]
+    notes = ["measured on the float emulation of the scheme; compile with samples=allocation.samples, "
+             "config=allocation.config()"]
+    if kind == "accuracy":
+        ref_acc = ev.score(ref) if metric is not None else top1_accuracy(ref[0], ev.labels)
+
+        def ok(i):
+            return ev.measure_with(*path[i])["accuracy"] >= ref_acc - budget - 1e-12
+    elif kind == "error":
+        def ok(i):
+            return ev.measure_with(*path[i])["error"] <= budget
+    else:
+        def ok(i):
+            return costs[i] <= budget
+    if kind == "cost":
+        affordable = [i for i, c in enumerate(costs) if c <= budget]
+        feasible = bool(affordable)
+        idx = affordable[0] if feasible else len(path) - 1
+    else:
+        feasible, idx = ok(0), 0
+        if feasible:
+            lo_i, hi_i = 0, len(path) - 1
+            while lo_i < hi_i:
+                mid = (lo_i + hi_i + 1) // 2
+                if ok(mid):
+                    lo_i = mid
+                else:
+                    hi_i = mid - 1
+            idx = lo_i
+        else:
+            notes.append(f"budget not met even with every layer at n={n_ref} and 16-bit activations")
+    samples, bits = path[idx]
+    m = ev.measure_with(samples, bits)
+    uniform = None
+    for n in sorted({n_ref, *levels}):  # the cheapest uniform n (16-bit activations) meeting the same budget
+        alloc = ({l: n for l in names}, {l: 16 for l in names})
+        um = ev.measure_with(*alloc)
+        good = (um["error"] <= budget if kind == "error" else
+                um["accuracy"] >= ref_acc - budget - 1e-12 if kind == "accuracy" else _width_cost(apc, *alloc) <= budget)
+        if good and kind != "cost":
+            uniform = {"samples": n, "cost": _width_cost(apc, *alloc), "error": um["error"], "accuracy": um["accuracy"]}
+            break
+        if good:
+            uniform = {"samples": n, "cost": _width_cost(apc, *alloc), "error": um["error"], "accuracy": um["accuracy"]}
+    return Allocation(samples=dict(samples), kind=kind, budget=float(budget), cost=costs[idx],
+                      predicted_error=_predict(sens, samples, bits), measured_error=m["error"],
+                      measured_accuracy=m["accuracy"], feasible=feasible, uniform=uniform, reference=ref_desc,
+                      notes=notes, sensitivity=sens, act_bits=dict(bits),
+                      path=[{"samples": s, "act_bits": b, "cost": c, "predicted_error": _predict(sens, s, b)}
+                            for (s, b), c in zip(path, costs)])

@@ -29,7 +29,7 @@ class PSBConfig:
 
     E: int = 4
     P: int = 16
-    act_bits: int = 8
+    act_bits: int | str = "auto"
     n_max: int = 64
     per_channel: bool = True
     lowering: str = "auto"
@@ -85,8 +85,9 @@ class PSBConfig:
     def preset(cls, name: str, **overrides) -> "PSBConfig":
         """Named numeric presets (DESIGN.md section 2): ``"int8"`` (E=3, n_max=8: every sampled
         weight fits int8, so uint8 activations x int8 weights run on VNNI / dot-product units) and
-        ``"int16"`` (E=4, n_max=64, the default: int16 weights, more precision per sample)."""
-        presets = {"int8": dict(E=3, n_max=8, act_bits=8), "int16": dict(E=4, n_max=64, act_bits=8)}
+        ``"int16"`` (E=4, n_max=64, ``act_bits="auto"``: the default: int16 weights, more precision per
+        sample, 16-bit activations where 8 bits would round too coarsely)."""
+        presets = {"int8": dict(E=3, n_max=8, act_bits=8), "int16": dict(E=4, n_max=64, act_bits="auto")}
         if name not in presets:
             raise ConfigError(f"unknown preset {name!r}; expected one of {sorted(presets)}")
         return cls(**{**presets[name], **overrides})

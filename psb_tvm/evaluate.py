@@ -241,9 +241,9 @@ def as_input_dict(source, module, preprocess: Preprocess | None = None) -> dict:
     return load_inputs(source, module, preprocess)[0]
 
 
-def _chunks(module, data: dict):
-    """Yield (chunk arrays in input order, valid rows) in the module's compiled batch (last padded)."""
-    specs = module.inputs
+def _chunks(module_or_specs, data: dict):
+    """Yield (chunk arrays in input order, valid rows) in the compiled batch (last chunk padded)."""
+    specs = _input_specs(module_or_specs)
     batch = specs[0][1][0]
     n = len(data[specs[0][0]])
     for start in range(0, n, batch):

@@ -153,3 +153,28 @@ def test_cli_diagnose(mobile, tmp_path, capsys):
     assert len(data["layers"]) == 7 and data["config"]["act_bits"] == "auto"
     assert (tmp_path / "diagnosis.md").exists() and (tmp_path / "diagnosis.json").exists()
     assert cli_main(["diagnose", str(model), "--inputs", str(tmp_path / "missing.npy")]) == 2
+
+
+def test_allocate_n_and_activation_width_together(mobile):
+    """allocate(model, ..., act_bits=(8, 16)) picks n and width per layer on the emulation; the
+    compiled module with that allocation has the error the emulation measured, for less work than
+    the cheapest uniform n meeting the same budget."""
+    from psb_tvm.evaluate import rel_error, run_dataset
+
+    calib = _images(24, 2)
+    tight = psb_tvm.allocate(mobile, {"x": calib}, 0.03, act_bits=(8, 16), seeds=(0, 1))
+    loose = psb_tvm.allocate(mobile, {"x": calib}, 0.05, act_bits=(8, 16), seeds=(0, 1))
+    for a in (tight, loose):
+        assert a.feasible and a.measured_error <= a.budget
+        assert set(a.act_bits) == set(a.samples) and set(a.act_bits.values()) <= {8, 16}
+        assert a.uniform is not None and a.cost < a.uniform["cost"]
+    assert 16 in tight.act_bits.values() and loose.cost < tight.cost
+    assert sum(b == 8 for b in loose.act_bits.values()) >= sum(b == 8 for b in tight.act_bits.values())
+    m = psb_tvm.compile(mobile, samples=tight.samples, calibration={"x": calib}, config=tight.config())
+    assert {l["name"]: l["act_bits"] for l in m.layers} == tight.act_bits
+    names = tuple(l["name"] for l in m.layers)
+    ref = run_dataset(psb_tvm.compile(mobile, calibration={"x": calib}, config=PSBConfig(exclude=names)), {"x": calib})
+    compiled = np.mean([rel_error(run_dataset(m, {"x": calib}, samples=tight.samples, seed=s), ref) for s in (0, 1)])
+    assert compiled == pytest.approx(tight.measured_error, rel=1e-3)
+    with pytest.raises(ConfigError, match="ONNX model"):
+        psb_tvm.allocate(m, {"x": calib}, 0.05, act_bits=(8, 16))
