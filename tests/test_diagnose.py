@@ -49,7 +49,8 @@ def test_mobile_block_layers_match_their_emulation(mobile):
         assert l.saturated == 0
     assert d.output["kernel"] < 1e-5 and 0 < d.output["compiled"] < 0.2
     # act_bits=8: rounding is now visible per layer, and still explains the error
-    d8 = psb_tvm.diagnose(mobile, {"x": x}, samples=64, calibration={"x": calib}, progress=False)
+    d8 = psb_tvm.diagnose(mobile, {"x": x}, samples=64, calibration={"x": calib}, config=PSBConfig(act_bits=8),
+                          progress=False)
     assert all(l.activation > 1e-4 for l in d8.layers) and max(l.activation for l in d8.layers) > 0.01
     assert all(l.compiled <= 1.25 * l.explained + 1e-4 for l in d8.layers), d8.markdown()
     # and the compiled module at high n is close to ONNX Runtime float
