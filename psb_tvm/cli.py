@@ -262,7 +262,8 @@ def cmd_compile(args) -> int:
 
 
 def _layer_rows(module) -> list:
-    keys = ("name", "op", "status", "reason", "lowering", "frac_bits", "act_dtype", "weight_shape", "additions_per_sample")
+    keys = ("name", "op", "status", "reason", "lowering", "frac_bits", "act_bits", "act_dtype", "weight_shape",
+            "additions_per_sample")
     return [{k: l.get(k) for k in keys} for l in module.layers]
 
 

@@ -50,6 +50,10 @@ class PSBModule:
         per_layer = self.metadata.get("layer_samples")
         n_text = f"n={self.samples}" if not per_layer else "n per layer " + ", ".join(f"{k}={v}" for k, v in per_layer.items())
         lines.append(f"{psb} of {len(self.layers)} linear layers are PSB ({n_text}, seed={self.metadata['seed']})")
+        clipped = [f"{l['name']} {100 * l['calibration_saturated']:.2g}%" for l in self.layers
+                   if l.get("calibration_saturated")]
+        if clipped:
+            lines.append("calibration inputs outside the fixed-point range (saturated): " + ", ".join(clipped))
         return "\n".join(lines)
 
     # ------------------------------------------------------------------ run

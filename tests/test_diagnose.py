@@ -179,3 +179,15 @@ def test_allocate_n_and_activation_width_together(mobile):
     assert compiled == pytest.approx(tight.measured_error, rel=1e-3)
     with pytest.raises(ConfigError, match="ONNX model"):
         psb_tvm.allocate(m, {"x": calib}, 0.05, act_bits=(8, 16))
+
+
+def test_percentile_range_saturates_a_known_fraction_and_says_so(mobile):
+    calib = _images(8, 2)
+    by_max = psb_tvm.compile(mobile, samples=8, calibration={"x": calib}, config=PSBConfig(act_bits=8))
+    by_pct = psb_tvm.compile(mobile, samples=8, calibration={"x": calib},
+                             config=PSBConfig(act_bits=8, act_range="percentile", act_percentile=99.0))
+    for a, b in zip(by_max.layers, by_pct.layers):
+        assert b["frac_bits"] >= a["frac_bits"] and b["act_range"] <= a["act_range"]
+        assert a["calibration_saturated"] == 0 and b["calibration_saturated"] < 0.011
+    assert any(l["calibration_saturated"] > 0 for l in by_pct.layers)
+    assert "saturated" in by_pct.report() and "saturated" not in by_max.report()

@@ -152,3 +152,41 @@ def test_silero_psb_speech_agreement():
     assert m[64]["speech"]["decision_agreement"] >= 0.9, m
     assert m[64]["noise"]["decision_agreement"] >= 0.95, m
     assert m[64]["speech"]["prob_mae"] < m[1]["speech"]["prob_mae"], m
+
+
+# ---------------------------------------------------------------------------- PP-OCR
+def test_ppocr_rendered_inputs_are_meaningful_for_the_float_models():
+    """The rendered lines and pages are what the PP-OCR models expect: float recognizes the strings,
+    tells upright from upside-down lines and finds the drawn lines (ONNX Runtime only)."""
+    rec = _session(_fetch(zoo.ppocr_path, "rec"))
+    x, texts, _ = zoo.render_text_lines(12, 320, seed=1)
+    out = np.concatenate([rec.run(None, {"x": x[i:i + 1]})[0] for i in range(len(x))])
+    assert zoo.cer(zoo.ctc_greedy_decode(out, zoo.ppocr_labels()), texts) < 0.05
+    cls = _session(zoo.ppocr_path("cls"))
+    x, _, flipped = zoo.render_text_lines(24, 192, seed=2, rotate_odd=True)
+    assert flipped.sum() == 12
+    assert np.mean(cls.run(None, {"x": x})[0].argmax(1) == flipped) >= 0.95
+    det = _session(zoo.ppocr_path("det"))
+    pages, boxes = zoo.text_pages(2, 320, seed=3)
+    prob = det.run(None, {"x": pages})[0]
+    for page, drawn in zip(prob, boxes):
+        found = zoo.detection_boxes(page[0])
+        # DB shrinks text regions: a found box lies inside its drawn line
+        assert len(found) == len(drawn)
+        assert all(any(zoo.box_iou(d, f) > 0.3 for f in found) for d in drawn)
+
+
+@pytest.mark.slow
+def test_ppocr_classifier_compiled_error_is_the_schemes():
+    """PP-OCR's direction classifier (MobileNetV3: HardSwish, squeeze-excite, depthwise): every
+    PSB layer's compiled error is what sampling and activation rounding explain, the kernels match
+    their float emulation, and n=64 keeps the decisions."""
+    path = _fetch(zoo.ppocr_path, "cls")
+    x, _, flipped = zoo.render_text_lines(16, 192, seed=2, rotate_odd=True)
+    calib, _, _ = zoo.render_text_lines(16, 192, seed=100, rotate_odd=True)
+    d16, d64 = psb_tvm.diagnose(str(path), {"x": x}, samples=[16, 64], input_shapes={"x": (1, 3, 48, 192)},
+                                calibration={"x": calib}, progress=False)
+    for d in (d16, d64):
+        assert not any(l.excess for l in d.layers), d.markdown()
+        assert max(l.kernel for l in d.layers) < 1e-5
+    assert d64.output["scheme"] < d16.output["scheme"]
