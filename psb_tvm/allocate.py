@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from .compiler import as_config
 from .compiler import plan as compile_plan
 from .config import PSBConfig
 from .emulate import Emulator
@@ -283,6 +284,17 @@ def _make_evaluator(module, calibration_inputs, reference, labels, seeds, metric
     return _Evaluator(module, data, ref, labels, seeds, metric), desc
 
 
+def _check_budget(kind: str, budget, labels, metric) -> None:
+    if kind not in KINDS:
+        raise ConfigError(f"kind must be one of {KINDS}, got {kind!r}")
+    if not isinstance(budget, (int, float, np.floating, np.integer)) or not np.isfinite(budget) or budget < 0:
+        raise ConfigError(f"budget must be a non-negative number, got {budget!r}")
+    if kind == "accuracy" and labels is None and metric is None:
+        raise ConfigError("an accuracy budget needs labels or a metric")
+    if metric is not None and kind != "accuracy":
+        raise ConfigError(f"metric applies to kind='accuracy', not {kind!r}")
+
+
 def allocate(module, calibration_inputs, budget: float, kind: str = "error", labels=None, reference=None,
              seeds=(0, 1, 2), min_samples: int = 1, max_samples: int | None = None,
              sensitivity_table: Sensitivity | None = None, progress: bool = False, metric=None,
@@ -314,6 +326,7 @@ def allocate(module, calibration_inputs, budget: float, kind: str = "error", lab
     ``config``), see :func:`allocate_with_widths`; the result's ``act_bits`` and ``config()`` give
     the widths to compile with.
     """
+    _check_budget(kind, budget, labels, metric)
     if act_bits is not None:
         if tuple(sorted(set(act_bits))) != (8, 16):
             raise ConfigError(f"act_bits must be (8, 16) (the widths to choose from), got {act_bits!r}")
@@ -322,14 +335,6 @@ def allocate(module, calibration_inputs, budget: float, kind: str = "error", lab
                               "not a compiled module")
         return allocate_with_widths(module, calibration_inputs, budget, kind, labels, reference, seeds, min_samples,
                                     max_samples, metric, input_shapes, config, progress)
-    if kind not in KINDS:
-        raise ConfigError(f"kind must be one of {KINDS}, got {kind!r}")
-    if not isinstance(budget, (int, float, np.floating, np.integer)) or not np.isfinite(budget) or budget < 0:
-        raise ConfigError(f"budget must be a non-negative number, got {budget!r}")
-    if kind == "accuracy" and labels is None and metric is None:
-        raise ConfigError("an accuracy budget needs labels or a metric")
-    if metric is not None and kind != "accuracy":
-        raise ConfigError(f"metric applies to kind='accuracy', not {kind!r}")
     ev, ref_desc = _evaluator or _make_evaluator(module, calibration_inputs, reference, labels, seeds, metric)
     sens = sensitivity_table or sensitivity(module, None, seeds=seeds, min_samples=min_samples,
                                             max_samples=max_samples, progress=progress, _evaluator=ev)
@@ -513,18 +518,10 @@ def allocate_with_widths(model, calibration_inputs, budget: float, kind: str = "
 
     from .calibration import normalize_calibration
 
-    if kind not in KINDS:
-        raise ConfigError(f"kind must be one of {KINDS}, got {kind!r}")
-    if not isinstance(budget, (int, float, np.floating, np.integer)) or not np.isfinite(budget) or budget < 0:
-        raise ConfigError(f"budget must be a non-negative number, got {budget!r}")
-    if kind == "accuracy" and labels is None and metric is None:
-        raise ConfigError("an accuracy budget needs labels or a metric")
+    _check_budget(kind, budget, labels, metric)
     if not isinstance(calibration_inputs, (dict, np.ndarray)):
         raise ConfigError("allocating activation widths needs calibration_inputs as an array or {input name: array}")
-    base = config if isinstance(config, PSBConfig) else PSBConfig.from_dict(config) if isinstance(config, dict) \
-        else PSBConfig() if config is None else None
-    if base is None:
-        raise ConfigError(f"config must be a PSBConfig or dict, got {type(config).__name__}")
+    base = as_config(config)
     p = compile_plan(model, "llvm", 0, input_shapes, calibration_inputs, dataclasses.replace(base, act_bits=16,
                                                                                            layer_act_bits={}))
     names = [l.name for l in p.layers]

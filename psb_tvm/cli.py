@@ -196,6 +196,22 @@ def _calibration(path, model, input_shapes):
     return data
 
 
+def _input_set_options(p):
+    p.add_argument("--max-inputs", type=int, help="use only the first N inputs")
+    p.add_argument("--resize", type=_ints, metavar="H,W", help="images: resize to H,W (default: the model input's)")
+    p.add_argument("--mean", type=_floats, default=(0.0,), help="images: per-channel mean after scaling, e.g. 0.485,0.456,0.406")
+    p.add_argument("--std", type=_floats, default=(1.0,), help="images: per-channel std, e.g. 0.229,0.224,0.225")
+    p.add_argument("--scale", type=float, default=255.0, help="images: pixel values are divided by this (default 255)")
+    p.add_argument("--layout", choices=["NCHW", "NHWC"], default="NCHW", help="images: model input layout (default NCHW)")
+
+
+def _preprocess(args):
+    from .evaluate import Preprocess
+
+    return Preprocess(size=tuple(args.resize) if args.resize else None, mean=args.mean, std=args.std,
+                      scale=1.0 / args.scale, layout=args.layout)
+
+
 def _model_options(p, compile_only=False):
     p.add_argument("--target", default="llvm", help="TVM target: 'llvm' (this host's CPU), 'aarch64', 'cuda', or a target string")
     p.add_argument("--input-shape", action="append", type=_input_shape, default=[], metavar="NAME=D0,D1,...",
@@ -365,7 +381,7 @@ def cmd_run(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from .evaluate import Preprocess, evaluate
+    from .evaluate import evaluate
 
     if not os.path.isdir(args.out_dir):
         raise UsageError(f"output directory {args.out_dir} does not exist")
@@ -393,26 +409,29 @@ def cmd_eval(args) -> int:
         model = _load(model)
     elif args.calibration:
         calibration = _calibration(args.calibration, model, shapes)
-    pre = Preprocess(size=tuple(args.resize) if args.resize else None, mean=args.mean, std=args.std,
-                     scale=1.0 / args.scale, layout=args.layout)
+    pre = _preprocess(args)
     report = evaluate(model, inputs, labels, metric=args.metric, samples=args.samples, seeds=args.seeds,
                       target=args.target, input_shapes=shapes, calibration=calibration,
                       config=None if compiled else _config(args), preprocess=pre, attention=not args.no_attention,
                       attention_fractions=args.attention_fractions, allocate=args.allocate, out_dir=None,
                       plots=not args.no_plots, progress=not args.json and not args.no_progress,
                       max_inputs=args.max_inputs)
+    _write_report(args, report)
+    return 0
+
+
+def _write_report(args, report) -> None:
+    """Write an eval / diagnosis report into ``--out-dir``; print it (markdown) or its JSON."""
     files = report.write(args.out_dir, plots=not args.no_plots)
     if args.json:
         _emit(args, report.to_dict())
     else:
         print(report.markdown())
         print("wrote " + ", ".join(files.values()))
-    return 0
 
 
 def cmd_diagnose(args) -> int:
     from .diagnose import diagnose
-    from .evaluate import Preprocess
 
     model = _require_file(args.model, "ONNX model")
     if not os.path.isdir(args.out_dir):
@@ -422,16 +441,9 @@ def cmd_diagnose(args) -> int:
     shapes = dict(args.input_shape) or None
     report = diagnose(model, args.inputs, samples=args.samples, seed=args.seed, input_shapes=shapes,
                       calibration=_calibration(args.calibration, model, shapes), config=_config(args),
-                      tolerance=args.tolerance, max_inputs=args.max_inputs,
-                      preprocess=Preprocess(size=tuple(args.resize) if args.resize else None, mean=args.mean,
-                                            std=args.std, scale=1.0 / args.scale, layout=args.layout),
+                      tolerance=args.tolerance, max_inputs=args.max_inputs, preprocess=_preprocess(args),
                       progress=not args.json and not args.no_progress)
-    files = report.write(args.out_dir, plots=not args.no_plots)
-    if args.json:
-        _emit(args, report.to_dict())
-    else:
-        print(report.markdown())
-        print("wrote " + ", ".join(files.values()))
+    _write_report(args, report)
     return 3 if report.first_excess and args.fail_on_excess else 0
 
 
@@ -581,12 +593,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="default: accuracy with labels, else top-1 agreement with float")
     p.add_argument("--samples", type=_samples_list, default=None, help="n values, e.g. 1,2,4,8 (default: powers of two to n_max)")
     p.add_argument("--seeds", type=_ints, default=(0,), help="draws averaged per point, e.g. 0,1,2 (default 0)")
-    p.add_argument("--max-inputs", type=int, help="use only the first N inputs")
-    p.add_argument("--resize", type=_ints, metavar="H,W", help="images: resize to H,W (default: the model input's)")
-    p.add_argument("--mean", type=_floats, default=(0.0,), help="images: per-channel mean after scaling, e.g. 0.485,0.456,0.406")
-    p.add_argument("--std", type=_floats, default=(1.0,), help="images: per-channel std, e.g. 0.229,0.224,0.225")
-    p.add_argument("--scale", type=float, default=255.0, help="images: pixel values are divided by this (default 255)")
-    p.add_argument("--layout", choices=["NCHW", "NHWC"], default="NCHW", help="images: model input layout (default NCHW)")
+    _input_set_options(p)
     p.add_argument("--no-attention", action="store_true", help="skip the computational attention points")
     p.add_argument("--attention-fractions", type=_floats, default=(0.8, 1.0, 1.2), help="attention thresholds (default 0.8,1,1.2)")
     p.add_argument("--allocate", action="store_true", help="add automatic per-layer allocations (psb_tvm.allocate) "
@@ -609,12 +616,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="draw of the sample stream (default 0)")
     p.add_argument("--tolerance", type=float, default=0.25,
                    help="flag layers whose error exceeds (1 + tolerance) x (scheme + activation) (default 0.25)")
-    p.add_argument("--max-inputs", type=int, help="use only the first N inputs")
-    p.add_argument("--resize", type=_ints, metavar="H,W", help="images: resize to H,W (default: the model input's)")
-    p.add_argument("--mean", type=_floats, default=(0.0,), help="images: per-channel mean after scaling")
-    p.add_argument("--std", type=_floats, default=(1.0,), help="images: per-channel std")
-    p.add_argument("--scale", type=float, default=255.0, help="images: pixel values are divided by this (default 255)")
-    p.add_argument("--layout", choices=["NCHW", "NHWC"], default="NCHW", help="images: model input layout (default NCHW)")
+    _input_set_options(p)
     p.add_argument("--out-dir", default=".", help="where diagnosis.json, .md and .png go (default .)")
     p.add_argument("--no-plots", action="store_true", help="no PNG plot")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")

@@ -20,7 +20,8 @@ from .target import is_host_cpu, resolve_target
 __version__ = "0.1.0"
 
 
-def _as_config(config) -> PSBConfig:
+def as_config(config) -> PSBConfig:
+    """``config`` (None, a dict or a PSBConfig) as a PSBConfig."""
     if config is None:
         config = PSBConfig()
     elif isinstance(config, dict):
@@ -31,7 +32,7 @@ def _as_config(config) -> PSBConfig:
 
 
 def _check_args(samples, seed, config) -> PSBConfig:
-    config = _as_config(config)
+    config = as_config(config)
     try:
         for n in (samples.values() if isinstance(samples, dict) else [samples]):
             numerics.check_samples(n, config.n_max)
@@ -161,7 +162,7 @@ class Plan:
 def plan(onnx_model, target="llvm", seed: int = 0, input_shapes: dict | None = None, calibration=None,
          config: PSBConfig | dict | None = None, lowering_choices: dict | None = None) -> Plan:
     """Import, select layers, calibrate and encode the weights (no code is generated)."""
-    config = _as_config(config)
+    config = as_config(config)
     try:
         numerics.check_seed(seed)
     except ValueError as err:
