@@ -35,7 +35,8 @@ per-layer allocation found there is scored on the evaluation split with the same
 stream's LSTM state at each chunk are the inputs (state teacher-forced); the allocation is then
 scored streamed. The report ends each model with the cheapest configuration (uniform or allocated)
 within 0.5 points of float (decision agreement >= 99.5%; also: probability MAE <= 0.01).
-Writes ``<out-dir>/real_models.json`` and ``<out-dir>/real_models.md``.
+Writes ``<out-dir>/real_models.json`` and ``<out-dir>/real_models.md``. ``--diagnose-only`` runs only
+``psb_tvm.diagnose`` at n = 4, 16, 64 on each listed model (``diagnosis.json`` / ``.md``).
 """
 
 from __future__ import annotations
@@ -174,7 +175,8 @@ def bench_mtcnn(net: str, samples, quick: bool, workdir: pathlib.Path, alloc_see
 
 
 # ---------------------------------------------------------------------------- Silero
-def _ort_int8_multi(path: pathlib.Path, feeds: list, workdir: pathlib.Path, name: str = "silero") -> pathlib.Path:
+def _ort_int8_multi(path: pathlib.Path, feeds: list, workdir: pathlib.Path, name: str = "silero",
+                    symbolic_shapes: bool = True) -> pathlib.Path:
     """``benchmarks/run.py``'s int8 recipe (QDQ, per-channel, U8S8) for a model with several inputs."""
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
@@ -187,7 +189,8 @@ def _ort_int8_multi(path: pathlib.Path, feeds: list, workdir: pathlib.Path, name
             return next(self._it, None)
 
     pre, dst = workdir / f"{name}_pre.onnx", workdir / f"{name}_int8.onnx"
-    quant_pre_process(str(path), str(pre))
+    # ORT's symbolic shape inference asserts on PP-OCR's Concat nodes; their shapes are static anyway
+    quant_pre_process(str(path), str(pre), skip_symbolic_shape=not symbolic_shapes)
     quantize_static(str(pre), str(dst), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
                     activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
     return dst
@@ -301,7 +304,78 @@ def silero_variants() -> list:
 
 # ---------------------------------------------------------------------------- PP-OCR
 PPOCR_CONFIGS = {"act8": dict(act_bits=8), "auto (default)": dict(), "act16": dict(act_bits=16)}
-PPOCR_DIAG_SAMPLES = (4, 16, 64)
+DIAG_SAMPLES = (4, 16, 64)
+
+
+def diagnosis_rows(path, inputs: dict, calibration: dict, input_shapes=None) -> dict:
+    """``psb_tvm.diagnose`` (default config) at n = 4, 16, 64: {n: output errors, ratio, worst layer}."""
+    import psb_tvm
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        diags = psb_tvm.diagnose(str(path), inputs, samples=list(DIAG_SAMPLES), input_shapes=input_shapes,
+                                 calibration=calibration, progress=False)
+    rows = {}
+    for n, d in zip(DIAG_SAMPLES, diags):
+        o = d.output
+        rows[n] = {"compiled": o["compiled"], "scheme": o["scheme"], "activation": o["activation"],
+                   "kernel": o["kernel"], "ratio": o["compiled"] / max(o["scheme"] + o["activation"], 1e-12),
+                   "first_excess": d.first_excess,
+                   "max_layer_ratio": max(l.compiled / max(l.explained, 1e-12) for l in d.layers),
+                   "max_layer_kernel": max(l.kernel for l in d.layers), "saturated_layers": d.saturated_layers,
+                   "layers": len(d.layers), "inputs": d.inputs}
+    return rows
+
+
+def diagnose_only(models: list) -> dict:
+    """The diagnosis of every listed real model on the same data as its benchmark (fewer inputs)."""
+    from psb_tvm import zoo
+
+    out = {}
+    for net in ("pnet", "rnet", "onet"):
+        if net in models:
+            log(f"diagnosis {net} ...")
+            shape = zoo.MTCNN_SHAPES[net]
+            x, _ = zoo.synthetic_faces(32, shape[2], seed=1)
+            calib, _ = zoo.synthetic_faces(64, shape[2], seed=5)
+            out[f"mtcnn_{net}"] = diagnosis_rows(zoo.mtcnn_onnx(net, shape), {"input": x}, {"input": calib})
+    if "silero" in models:
+        log("diagnosis silero ...")
+        path = zoo.silero_vad_onnx("silero_vad.onnx", 16000)
+        sess = _ort(path)
+        step = lambda c, st: sess.run(None, {"input": c, "state": st})  # noqa: E731
+        calib_audio, _ = zoo.speech_audio(16000, seed=7, texts=("A different sentence, used only to calibrate.",))
+        calib = np.concatenate([zoo.vad_chunks(calib_audio), zoo.vad_chunks(zoo.noise_audio(2.0, seed=9))])
+        _, calib_states = zoo.vad_stream(step, calib)
+        speech, _ = zoo.speech_audio(16000, seed=0, texts=zoo.SPEECH_TEXTS[:2])
+        chunks = zoo.vad_chunks(speech)[:120]
+        _, states = zoo.vad_stream(step, chunks)  # teacher-forced: each chunk with the float stream's state
+        out["silero_vad"] = diagnosis_rows(path, {"input": chunks, "state": states[:, 0]},
+                                           {"input": calib, "state": calib_states[:, 0]})
+    for which in ("cls", "rec", "det"):
+        if which in models:
+            log(f"diagnosis ppocr {which} ...")
+            x, calib, _ = _ppocr_data(which, True)
+            shape = zoo.PPOCR_SHAPES[which]
+            out[f"ppocr_{which}"] = diagnosis_rows(zoo.ppocr_path(which), {"x": x[:8]}, {"x": calib}, {"x": shape})
+    return out
+
+
+def diagnosis_markdown(diag: dict, date: str) -> str:
+    lines = ["# Real models: compiled error vs the scheme's own", "",
+             f"Generated by `python benchmarks/real_models.py --diagnose-only` on {date}. `psb_tvm.diagnose` with "
+             "the default config (activation width 'auto'), seed 0: relative L2 error of the outputs vs float for the "
+             "compiled module, the scheme's own error (the same sampled weights, float activations) and activation "
+             "rounding alone (float weights); kernel: compiled vs the float emulation of both. Ratio = compiled / "
+             "(scheme + activation); target <= 1.25. Worst layer: the largest per-layer ratio.", "",
+             "| model | n | compiled | scheme | activation | ratio | worst layer ratio | kernel (max layer) | first excess |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for model, rows in diag.items():
+        for n, d in rows.items():
+            lines.append(f"| {model} | {n} | {d['compiled']:.4f} | {d['scheme']:.4f} | {d['activation']:.4f} | "
+                         f"{d['ratio']:.2f} | {d['max_layer_ratio']:.2f} | {d['kernel']:.1e} ({d['max_layer_kernel']:.1e}) "
+                         f"| {d['first_excess'] or '-'} |")
+    return "\n".join(lines) + "\n"
 
 
 def _ppocr_data(which: str, quick: bool):
@@ -378,23 +452,17 @@ def bench_ppocr(which: str, samples, quick: bool, workdir: pathlib.Path, seeds=(
             result["report"] = module.report()
             result["additions_per_sample"] = int(module.cost(samples=1)["additions"])
     fixed = workdir / f"ppocr_{which}_static.onnx"
-    onnx.save(set_input_shapes(onnx.load(str(path)), {"x": shape}), str(fixed))
-    q = _ort(_ort_int8_multi(fixed, [{"x": calib[i:i + 1]} for i in range(len(calib))], workdir, f"ppocr_{which}"))
+    proto = set_input_shapes(onnx.load(str(path)), {"x": shape})
+    if max(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")) < 13:
+        # per-channel QDQ puts an axis on DequantizeLinear, which needs opset 13
+        proto = onnx.version_converter.convert_version(proto, 13)
+    onnx.save(proto, str(fixed))
+    q = _ort(_ort_int8_multi(fixed, [{"x": calib[i:i + 1]} for i in range(len(calib))], workdir, f"ppocr_{which}",
+                             symbolic_shapes=False))
     q_out = zoo.run_batched(lambda b: q.run(None, {"x": b}), x, 1)[0]
     result["metrics"]["ort_int8"] = {"metric": metric(q_out), "rel_error": rel(q_out)}
     log(f"  {which} diagnosis ...")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        diags = psb_tvm.diagnose(str(path), {"x": x[:8]}, samples=list(PPOCR_DIAG_SAMPLES), input_shapes={"x": shape},
-                                 calibration={"x": calib}, progress=False)
-    for n, d in zip(PPOCR_DIAG_SAMPLES, diags):
-        o = d.output
-        result["diagnosis"][n] = {"compiled": o["compiled"], "scheme": o["scheme"], "activation": o["activation"],
-                                  "kernel": o["kernel"], "ratio": o["compiled"] / max(o["scheme"] + o["activation"], 1e-12),
-                                  "first_excess": d.first_excess,
-                                  "max_layer_ratio": max(l.compiled / max(l.explained, 1e-12) for l in d.layers),
-                                  "max_layer_kernel": max(l.kernel for l in d.layers),
-                                  "saturated_layers": d.saturated_layers}
+    result["diagnosis"] = diagnosis_rows(path, {"x": x[:8]}, {"x": calib}, {"x": shape})
     if allocate_widths and which != "det":
         log(f"  {which} allocation of n and activation width ...")
         calib_truth = truth[1]
@@ -406,8 +474,10 @@ def bench_ppocr(which: str, samples, quick: bool, workdir: pathlib.Path, seeds=(
         t = time.perf_counter()
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
+            # two seeds and n >= 4 keep the sensitivity pass (layers x levels x seeds emulated runs) short
             a = psb_tvm.allocate(str(path), {"x": calib}, 0.005, kind="accuracy", metric=calib_score,
-                                 reference=[calib_ref], act_bits=(8, 16), input_shapes={"x": shape}, seeds=seeds)
+                                 reference=[calib_ref], act_bits=(8, 16), input_shapes={"x": shape}, seeds=seeds[:2],
+                                 min_samples=4)
             module = psb_tvm.compile(str(path), samples=a.samples, input_shapes={"x": shape},
                                      calibration={"x": calib}, config=a.config())
         outs = [zoo.run_batched(lambda b: module.run(b, samples=a.samples, seed=sd), x, 1)[0] for sd in seeds]
@@ -580,6 +650,8 @@ def main(argv=None) -> int:
     parser.add_argument("--models", default="pnet,rnet,onet,silero,cls,rec,det",
                         help="comma-separated: pnet, rnet, onet, silero, cls, rec, det (PP-OCR)")
     parser.add_argument("--no-ppocr-allocation", action="store_true", help="skip the PP-OCR width allocations")
+    parser.add_argument("--diagnose-only", action="store_true",
+                        help="only psb_tvm.diagnose at n = 4, 16, 64 for the listed models: writes diagnosis.json / .md")
     parser.add_argument("--alloc-seeds", default=",".join(map(str, ALLOC_SEEDS)),
                         help="seeds the allocation's calibration error is averaged over")
     parser.add_argument("--silero-alloc-bits", default="8,16", help="Silero modules (act bits) to allocate for ('' = none)")
@@ -588,6 +660,15 @@ def main(argv=None) -> int:
     models = args.models.split(",")
     seeds = tuple(int(v) for v in args.alloc_seeds.split(","))
     alloc_bits = tuple(int(v) for v in args.silero_alloc_bits.split(",") if v)
+    if args.diagnose_only:
+        diag = diagnose_only(models)
+        out = pathlib.Path(args.out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "diagnosis.json").write_text(json.dumps(diag, indent=1, default=str))
+        md = diagnosis_markdown(diag, time.strftime("%Y-%m-%d"))
+        (out / "diagnosis.md").write_text(md)
+        print(md)
+        return 0
     results = {"date": time.strftime("%Y-%m-%d"), "quick": args.quick, "samples": samples, "alloc_seeds": list(seeds),
                "mtcnn": []}
     with tempfile.TemporaryDirectory() as tmp:
