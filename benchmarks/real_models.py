@@ -327,19 +327,22 @@ def diagnosis_rows(path, inputs: dict, calibration: dict, input_shapes=None) -> 
     return rows
 
 
-def diagnose_only(models: list) -> dict:
-    """The diagnosis of every listed real model on the same data as its benchmark (fewer inputs)."""
+def diagnose_only(models: list, checkpoint=lambda partial: None) -> dict:
+    """The diagnosis of every listed real model on the same data as its benchmark (fewer inputs);
+    ``checkpoint(results so far)`` is called before each model."""
     from psb_tvm import zoo
 
     out = {}
     for net in ("pnet", "rnet", "onet"):
         if net in models:
+            checkpoint(out)
             log(f"diagnosis {net} ...")
             shape = zoo.MTCNN_SHAPES[net]
             x, _ = zoo.synthetic_faces(32, shape[2], seed=1)
             calib, _ = zoo.synthetic_faces(64, shape[2], seed=5)
             out[f"mtcnn_{net}"] = diagnosis_rows(zoo.mtcnn_onnx(net, shape), {"input": x}, {"input": calib})
     if "silero" in models:
+        checkpoint(out)
         log("diagnosis silero ...")
         path = zoo.silero_vad_onnx("silero_vad.onnx", 16000)
         sess = _ort(path)
@@ -354,6 +357,7 @@ def diagnose_only(models: list) -> dict:
                                            {"input": calib, "state": calib_states[:, 0]})
     for which in ("cls", "rec", "det"):
         if which in models:
+            checkpoint(out)
             log(f"diagnosis ppocr {which} ...")
             x, calib, _ = _ppocr_data(which, True)
             shape = zoo.PPOCR_SHAPES[which]
@@ -660,15 +664,22 @@ def main(argv=None) -> int:
     models = args.models.split(",")
     seeds = tuple(int(v) for v in args.alloc_seeds.split(","))
     alloc_bits = tuple(int(v) for v in args.silero_alloc_bits.split(",") if v)
+    out = pathlib.Path(args.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
     if args.diagnose_only:
-        diag = diagnose_only(models)
-        out = pathlib.Path(args.out_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "diagnosis.json").write_text(json.dumps(diag, indent=1, default=str))
-        md = diagnosis_markdown(diag, time.strftime("%Y-%m-%d"))
-        (out / "diagnosis.md").write_text(md)
-        print(md)
+        def save_diagnosis(diag):  # after every model: a long run keeps what it measured
+            (out / "diagnosis.json").write_text(json.dumps(diag, indent=1, default=str))
+            (out / "diagnosis.md").write_text(diagnosis_markdown(diag, time.strftime("%Y-%m-%d")))
+
+        diag = diagnose_only(models, save_diagnosis)
+        save_diagnosis(diag)
+        print(diagnosis_markdown(diag, time.strftime("%Y-%m-%d")))
         return 0
+
+    def save(results):  # after every model
+        (out / "real_models.json").write_text(json.dumps(results, indent=1, default=str))
+        (out / "real_models.md").write_text(markdown(results))
+
     results = {"date": time.strftime("%Y-%m-%d"), "quick": args.quick, "samples": samples, "alloc_seeds": list(seeds),
                "mtcnn": []}
     with tempfile.TemporaryDirectory() as tmp:
@@ -676,6 +687,7 @@ def main(argv=None) -> int:
             if net in models:
                 log(f"MTCNN {net} ...")
                 results["mtcnn"].append(bench_mtcnn(net, samples, args.quick, pathlib.Path(tmp), seeds))
+                save(results)
         results["ppocr"] = []
         for which in ("cls", "rec", "det"):
             if which in models:
@@ -683,17 +695,14 @@ def main(argv=None) -> int:
                 results["ppocr"].append(bench_ppocr(which, [n for n in samples if n in (4, 16, 64)] or samples,
                                                     args.quick, pathlib.Path(tmp), seeds,
                                                     allocate_widths=not args.no_ppocr_allocation))
+                save(results)
         if "silero" in models:
             log("Silero variants ...")
             results["silero_variants"] = silero_variants()
             log("Silero VAD ...")
             results["silero"] = bench_silero(samples, args.quick, pathlib.Path(tmp), seeds, alloc_bits)
-    out = pathlib.Path(args.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "real_models.json").write_text(json.dumps(results, indent=1, default=str))
-    md = markdown(results)
-    (out / "real_models.md").write_text(md)
-    print(md)
+    save(results)
+    print(markdown(results))
     return 0
 
 
