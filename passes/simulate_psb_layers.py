@@ -5,8 +5,8 @@ Each chosen site (with its fused bias and activation) becomes ``act(conv(x', w) 
 any n and seed) and ``x'`` the input, optionally rounded to a run-time fixed point:
 ``x' = q * clip(round(x * s), lo, hi) / s + (1 - q) * x`` with ``(s, lo, hi, q)`` the layer's row
 of a run-time ``act`` tensor. One build thus emulates every sample count, seed and activation
-width: with both weights and rounding it is the scheme in float, which the compiled integer
-kernels must match up to float summation order. ``main(*inputs, act: [L, 4], w_0, ..., w_{L-1})``
+width: with both weights and rounding it is the scheme in float (the layer sums in float64,
+exact), which the compiled integer kernels match bit for bit. ``main(*inputs, act: [L, 4], w_0, ..., w_{L-1})``
 returns ``(output, in_0, out_0, in_1, out_1, ...)``.
 """
 
@@ -30,19 +30,28 @@ def _emulate(layer: PSBLayer, ordinal: int, site, builder, data, act, weight) ->
     spec = layer.spec
     s, lo, hi, q = (builder.emit(relax.op.reshape(relax.op.strided_slice(act, [0, 1], [ordinal, i], [ordinal + 1, i + 1]),
                                                   ())) for i in range(4))
-    scaled = builder.emit(relax.op.round(relax.op.multiply(data, s)))
-    # TVM's round is half away from zero, the kernel's nearbyint half to even: they differ only on
-    # exact ties, which float inputs times 2^f hit with negligible frequency.
-    fixed = builder.emit(relax.op.divide(relax.op.minimum(relax.op.maximum(scaled, lo), hi), s))
-    x = builder.emit(relax.op.add(relax.op.multiply(fixed, q),
-                                  relax.op.multiply(data, relax.op.subtract(relax.const(np.float32(1)), q))))
+    v = builder.emit(relax.op.multiply(data, s))  # float32, as the kernel scales
+    # round half to even (the kernel's nearbyint; TVM's round is half away from zero): ties take
+    # 2 * round(v / 2). Image inputs (k/255 steps) times 2^f do hit exact ties.
+    tie = relax.op.equal(relax.op.abs(relax.op.subtract(v, relax.op.trunc(v))), relax.const(np.float32(0.5)))
+    rounded = builder.emit(relax.op.where(tie, relax.op.multiply(relax.op.round(relax.op.multiply(v, relax.const(
+        np.float32(0.5)))), relax.const(np.float32(2))), relax.op.round(v)))
+    fixed = builder.emit(relax.op.divide(relax.op.astype(relax.op.minimum(relax.op.maximum(rounded, lo), hi), "float64"),
+                                         relax.op.astype(s, "float64")))
+    x = builder.emit(relax.op.add(relax.op.multiply(fixed, relax.op.astype(q, "float64")), relax.op.multiply(
+        relax.op.astype(data, "float64"), relax.op.astype(relax.op.subtract(relax.const(np.float32(1)), q), "float64"))))
+    # In float64 the sums of (x_int / 2^f) * (q 2^k_lo / n) are exact (integers times one power of
+    # two, far below 2^53), so the cast to float32 rounds acc * scale exactly as the kernel's
+    # float32(acc) * 2^(k_lo - f - log2 n) does: the emulation reproduces the kernel bit for bit.
+    w64 = relax.op.astype(weight, "float64")
     if spec.kind == "dense":
-        y = builder.emit(relax.op.matmul(x, weight))
+        y = builder.emit(relax.op.matmul(x, w64))
         bias_shape = (1, -1)
     else:
-        y = builder.emit(relax.Call(site.call.op, [x, weight], site.call.attrs))
+        y = builder.emit(relax.Call(site.call.op, [x, w64], site.call.attrs))
         bias_shape = (1, -1, 1, 1)
-    y = builder.emit(relax.op.add(y, relax.const(layer.bias.reshape(bias_shape).astype(np.float32))))
+    y = builder.emit(relax.op.add(relax.op.astype(y, "float32"),
+                                  relax.const(layer.bias.reshape(bias_shape).astype(np.float32))))
     act_fn = spec.activation
     if act_fn == "relu":
         return relax.op.nn.relu(y)
