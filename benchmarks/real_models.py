@@ -667,13 +667,16 @@ def main(argv=None) -> int:
     out = pathlib.Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     if args.diagnose_only:
-        def save_diagnosis(diag):  # after every model: a long run keeps what it measured
-            (out / "diagnosis.json").write_text(json.dumps(diag, indent=1, default=str))
-            (out / "diagnosis.md").write_text(diagnosis_markdown(diag, time.strftime("%Y-%m-%d")))
+        path = out / "diagnosis.json"
+        earlier = json.loads(path.read_text()) if path.exists() else {}  # other models keep their rows
 
-        diag = diagnose_only(models, save_diagnosis)
-        save_diagnosis(diag)
-        print(diagnosis_markdown(diag, time.strftime("%Y-%m-%d")))
+        def save_diagnosis(diag):  # after every model: a long run keeps what it measured
+            merged = {**earlier, **diag}
+            path.write_text(json.dumps(merged, indent=1, default=str))
+            (out / "diagnosis.md").write_text(diagnosis_markdown(merged, time.strftime("%Y-%m-%d")))
+            return merged
+
+        print(diagnosis_markdown(save_diagnosis(diagnose_only(models, save_diagnosis)), time.strftime("%Y-%m-%d")))
         return 0
 
     def save(results):  # after every model

@@ -1,16 +1,20 @@
-"""Layer selection and the PSB rewrite on Relax: fused epilogues, batch-norm folding, names."""
+"""Layer selection and the PSB rewrite on Relax: fused epilogues, batch-norm folding, names; the
+float glue's GEMV rule."""
 
 import numpy as np
 import pytest
+from onnx_models import conv_model, small_cnn
+from tvm.s_tir import dlight
 
 import psb_tvm
 from psb_tvm import numerics
+from psb_tvm.build import legalize
 from psb_tvm.data.digits import DIGITS_ONNX, load_digits_split
 from psb_tvm.demo import run_batched
 from psb_tvm.frontend import import_onnx
 from psb_tvm.passes import find_layer_sites, name_sites
-
-from onnx_models import small_cnn
+from psb_tvm.schedules.cpu import GEMV
+from psb_tvm.target import host_target
 
 
 def _sites(imported):
@@ -119,3 +123,20 @@ def test_onnx_clip_is_fused_into_the_psb_kernel(bounds, fused):
     bare = psb_tvm.compile(_conv_clip_model((None, None), np.random.default_rng(0)), samples=8,
                            calibration={"x": x})
     np.testing.assert_array_equal(y, np.clip(bare.run(x[:1]), lo, hi))
+
+
+@pytest.mark.parametrize("in_ch, takes_gemv", [(96, False), (128, True)])
+def test_float_gemv_rule_declines_predicated_tiles(in_ch, takes_gemv):
+    """A float 1x1 conv on a 1x1 map is a GEMV. TVM's dlight GEMV rule tiles the reduction by 64:
+    with 96 input channels that needs a predicate inside the vectorized loop, which took LLVM more
+    than 10 minutes to compile (PP-OCR's detector). Our GEMV rule declines it (the reduction rule
+    takes over); divisible extents keep TVM's schedule."""
+    tgt = host_target()
+    model = conv_model(in_ch=in_ch, out_ch=384, kernel=1, pad=0, hw=1, relu=False)
+    mod = legalize(import_onnx(model).mod, tgt)
+    (func,) = [f for gv, f in mod.functions.items() if "conv2d" in gv.name_hint]
+    with tgt:
+        tvm_sch = dlight.cpu.GEMV().apply(func, tgt, False)
+        ours = GEMV().apply(func, tgt, False)
+    assert tvm_sch is not None and ("T.where(" in tvm_sch.mod["main"].script()) != takes_gemv
+    assert (ours is not None) == takes_gemv

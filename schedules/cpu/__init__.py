@@ -3,6 +3,7 @@
 from tvm.s_tir import dlight
 
 from .elementwise import Elementwise
+from .gemv import GEMV
 from .psb_conv2d import PSBConv2D
 from .psb_dense import PSBDense
 from .psb_masked import PSBMasked
@@ -11,7 +12,7 @@ from .psb_sampling import PSBSample
 
 def default_rules():
     """Rules tried in order for every PrimFunc that is not scheduled yet."""
-    return [PSBSample(), PSBConv2D(), PSBDense(), PSBMasked(), dlight.cpu.GEMV(), dlight.cpu.Reduction(), Elementwise()]
+    return [PSBSample(), PSBConv2D(), PSBDense(), PSBMasked(), GEMV(), dlight.cpu.Reduction(), Elementwise()]
 
 
-__all__ = ["Elementwise", "PSBConv2D", "PSBDense", "PSBMasked", "PSBSample", "default_rules"]
+__all__ = ["GEMV", "Elementwise", "PSBConv2D", "PSBDense", "PSBMasked", "PSBSample", "default_rules"]
