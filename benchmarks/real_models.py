@@ -653,7 +653,9 @@ def main(argv=None) -> int:
     parser.add_argument("--samples", default=",".join(map(str, SAMPLES)))
     parser.add_argument("--models", default="pnet,rnet,onet,silero,cls,rec,det",
                         help="comma-separated: pnet, rnet, onet, silero, cls, rec, det (PP-OCR)")
-    parser.add_argument("--no-ppocr-allocation", action="store_true", help="skip the PP-OCR width allocations")
+    parser.add_argument("--no-ppocr-allocation", action="store_true",
+                        help="skip the PP-OCR width allocations (the classifier's takes ~4 min; the recognizer's more "
+                             "than an hour: its float64 emulation runs ~0.6 s per line, 47 layers x 5 points x 2 seeds)")
     parser.add_argument("--diagnose-only", action="store_true",
                         help="only psb_tvm.diagnose at n = 4, 16, 64 for the listed models: writes diagnosis.json / .md")
     parser.add_argument("--alloc-seeds", default=",".join(map(str, ALLOC_SEEDS)),
