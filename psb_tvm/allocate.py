@@ -295,6 +295,30 @@ def _check_budget(kind: str, budget, labels, metric) -> None:
         raise ConfigError(f"metric applies to kind='accuracy', not {kind!r}")
 
 
+def _search_path(costs: list, kind: str, budget: float, ok, guess: int | None = None) -> tuple[bool, int]:
+    """``(feasible, index)`` on a path of falling cost (and rising error): for a cost budget the first
+    affordable point (else the last); otherwise the last point with ``ok(index)``, by binary search
+    (``guess`` probed first), or 0 when even the first point fails."""
+    if kind == "cost":
+        affordable = [i for i, c in enumerate(costs) if c <= budget]
+        return bool(affordable), affordable[0] if affordable else len(costs) - 1
+    if not ok(0):
+        return False, 0
+    lo, hi = 0, len(costs) - 1
+    if guess is not None and guess > lo:
+        if ok(guess):
+            lo = guess
+        else:
+            hi = guess - 1
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if ok(mid):
+            lo = mid
+        else:
+            hi = mid - 1
+    return True, lo
+
+
 def allocate(module, calibration_inputs, budget: float, kind: str = "error", labels=None, reference=None,
              seeds=(0, 1, 2), min_samples: int = 1, max_samples: int | None = None,
              sensitivity_table: Sensitivity | None = None, progress: bool = False, metric=None,
@@ -362,31 +386,9 @@ def allocate(module, calibration_inputs, budget: float, kind: str = "error", lab
         def ok(alloc):
             return module.cost(alloc)["additions"] <= budget
 
-    # Binary search along the path (cost falls along it; error rises): the last index that is ok.
-    if kind == "cost":
-        affordable = [i for i, c in enumerate(costs) if c <= budget]
-        feasible = bool(affordable)
-        idx = affordable[0] if feasible else len(path) - 1
-    else:
-        feasible = ok(path[0])
-        idx = 0
-        if feasible:
-            lo, hi = 0, len(path) - 1
-            # first probe: the predicted point, to converge quickly where the model is right
-            pred = [sens.predict(p) for p in path]
-            guess = max([i for i, e in enumerate(pred) if e <= budget], default=0) if kind == "error" else None
-            if guess is not None and guess > lo:
-                if ok(path[guess]):
-                    lo = guess
-                else:
-                    hi = guess - 1
-            while lo < hi:
-                mid = (lo + hi + 1) // 2
-                if ok(path[mid]):
-                    lo = mid
-                else:
-                    hi = mid - 1
-            idx = lo
+    # first probe of the search: the predicted point, to converge quickly where the model is right
+    guess = max([i for i, p in enumerate(path) if sens.predict(p) <= budget], default=0) if kind == "error" else None
+    feasible, idx = _search_path(costs, kind, budget, lambda i: ok(path[i]), guess)
     chosen = path[idx]
     m = ev.measure(chosen)
 
@@ -569,44 +571,27 @@ def allocate_with_widths(model, calibration_inputs, budget: float, kind: str = "
     if kind == "accuracy":
         ref_acc = ev.score(ref) if metric is not None else top1_accuracy(ref[0], ev.labels)
 
-        def ok(i):
-            return ev.measure_with(*path[i])["accuracy"] >= ref_acc - budget - 1e-12
+        def meets(alloc):
+            return ev.measure_with(*alloc)["accuracy"] >= ref_acc - budget - 1e-12
     elif kind == "error":
-        def ok(i):
-            return ev.measure_with(*path[i])["error"] <= budget
+        def meets(alloc):
+            return ev.measure_with(*alloc)["error"] <= budget
     else:
-        def ok(i):
-            return costs[i] <= budget
-    if kind == "cost":
-        affordable = [i for i, c in enumerate(costs) if c <= budget]
-        feasible = bool(affordable)
-        idx = affordable[0] if feasible else len(path) - 1
-    else:
-        feasible, idx = ok(0), 0
-        if feasible:
-            lo_i, hi_i = 0, len(path) - 1
-            while lo_i < hi_i:
-                mid = (lo_i + hi_i + 1) // 2
-                if ok(mid):
-                    lo_i = mid
-                else:
-                    hi_i = mid - 1
-            idx = lo_i
-        else:
-            notes.append(f"budget not met even with every layer at n={n_ref} and 16-bit activations")
+        def meets(alloc):
+            return _width_cost(apc, *alloc) <= budget
+    feasible, idx = _search_path(costs, kind, budget, lambda i: meets(path[i]))
+    if not feasible and kind != "cost":
+        notes.append(f"budget not met even with every layer at n={n_ref} and 16-bit activations")
     samples, bits = path[idx]
     m = ev.measure_with(samples, bits)
+    # the cheapest uniform n (16-bit activations) meeting the same budget; for a cost budget the largest that fits
+    uniforms = [({l: n for l in names}, {l: 16 for l in names}) for n in sorted({n_ref, *levels})]
+    u = next((u for u in (reversed(uniforms) if kind == "cost" else uniforms) if meets(u)), None)
     uniform = None
-    for n in sorted({n_ref, *levels}):  # the cheapest uniform n (16-bit activations) meeting the same budget
-        alloc = ({l: n for l in names}, {l: 16 for l in names})
-        um = ev.measure_with(*alloc)
-        good = (um["error"] <= budget if kind == "error" else
-                um["accuracy"] >= ref_acc - budget - 1e-12 if kind == "accuracy" else _width_cost(apc, *alloc) <= budget)
-        if good and kind != "cost":
-            uniform = {"samples": n, "cost": _width_cost(apc, *alloc), "error": um["error"], "accuracy": um["accuracy"]}
-            break
-        if good:
-            uniform = {"samples": n, "cost": _width_cost(apc, *alloc), "error": um["error"], "accuracy": um["accuracy"]}
+    if u is not None:
+        um = ev.measure_with(*u)
+        uniform = {"samples": next(iter(u[0].values())), "cost": _width_cost(apc, *u), "error": um["error"],
+                   "accuracy": um["accuracy"]}
     return Allocation(samples=dict(samples), kind=kind, budget=float(budget), cost=costs[idx],
                       predicted_error=_predict(sens, samples, bits), measured_error=m["error"],
                       measured_accuracy=m["accuracy"], feasible=feasible, uniform=uniform, reference=ref_desc,

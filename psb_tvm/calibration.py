@@ -57,9 +57,7 @@ class ActStats:
         """Fraction of the calibration values (estimated on the subsample) outside the integer range."""
         if self.sample is None or not self.sample.size:
             return 0.0
-        lo, hi = numerics.act_range(bits, self.signed)
-        xs = self.sample.astype(np.float32) * np.float32(2.0 ** frac_bits)
-        return float(np.mean((xs > hi + 0.5) | (xs < lo - 0.5)))
+        return float(np.mean(numerics.saturated(self.sample, frac_bits, bits, self.signed)))
 
     def rounding_error(self, frac_bits: int, bits: int) -> float:
         """Relative L2 error of the fixed-point values (rounding and clipping) on the subsample."""

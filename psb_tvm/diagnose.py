@@ -26,7 +26,7 @@ from .build import build
 from .compiler import lower_plan, plan
 from .emulate import Emulator
 from .errors import ConfigError
-from .evaluate import _chunks, load_inputs
+from .evaluate import _atomic_write, _chunks, load_inputs
 from .runtime import PSBModule
 
 #: Emulated variants (``psb_tvm.emulate``): (sampled weights, rounded activations).
@@ -148,8 +148,8 @@ class Diagnosis:
         """Write ``<prefix>.json``, ``<prefix>.md`` and (``plots``) ``<prefix>.png`` into ``out_dir``."""
         out = pathlib.Path(out_dir)
         files = {"json": out / f"{prefix}.json", "markdown": out / f"{prefix}.md"}
-        files["json"].write_text(self.to_json())
-        files["markdown"].write_text(self.markdown())
+        _atomic_write(files["json"], self.to_json())
+        _atomic_write(files["markdown"], self.markdown())
         written = {k: str(v) for k, v in files.items()}
         if plots and self.plot(out / f"{prefix}.png"):
             written["plot"] = str(out / f"{prefix}.png")
@@ -170,13 +170,6 @@ class _Sums:
     @property
     def rel(self) -> float:
         return math.sqrt(self.num / self.den) if self.den > 0 else (0.0 if self.num == 0 else math.inf)
-
-
-def _saturated(x: np.ndarray, layer) -> int:
-    """Inputs whose fixed-point value ``rint(x * 2^f)`` falls outside the integer range."""
-    lo, hi = numerics.act_range(layer.spec.act_bits, layer.spec.act_signed)
-    xs = np.asarray(x, np.float32) * np.float32(2.0 ** layer.spec.frac_bits)
-    return int(np.count_nonzero((xs > hi + 0.5) | (xs < lo - 0.5) | ~np.isfinite(xs)))
 
 
 def _rows(a: np.ndarray, valid: int, batch: int) -> np.ndarray:
@@ -260,7 +253,8 @@ def _diagnose(module: PSBModule, emulator: Emulator, data: dict, samples, seed: 
         for l, layer in enumerate(p.layers):
             layer_sums[l]["kernel"].add(rows(c_layers[l].reshape(ref_layers[l].shape)), rows(runs["emulation"][2][l]))
             x = rows(runs["emulation"][1][l])
-            saturated[l] += _saturated(x, layer)
+            saturated[l] += int(np.count_nonzero(numerics.saturated(x, layer.spec.frac_bits, layer.spec.act_bits,
+                                                                     layer.spec.act_signed)))
             elements[l] += x.size
             observed[l] = max(observed[l], float(np.max(np.abs(x))) if x.size else 0.0)
         count += valid

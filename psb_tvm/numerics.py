@@ -181,6 +181,13 @@ def quantize_activations(x, frac_bits: int, bits: int, signed: bool) -> np.ndarr
     return np.clip(np.rint(xs), lo, hi).astype(np.int64)
 
 
+def saturated(x, frac_bits: int, bits: int, signed: bool) -> np.ndarray:
+    """Where ``rint(x * 2**f)`` (float32) falls outside the integer range: the values the clip changes."""
+    lo, hi = act_range(bits, signed)
+    xs = np.asarray(x, dtype=np.float32) * np.float32(2.0**frac_bits)
+    return (xs > hi + 0.5) | (xs < lo - 0.5) | ~np.isfinite(xs)
+
+
 # ---------------------------------------------------------------- layers
 
 
