@@ -5,10 +5,15 @@
 
 Per model it builds, in this process:
 
-* ``psb_n{1,4,8,16}``: one psb_tvm module (compiled once, n chosen at run time with ``run(samples=n)``);
+* ``psb_n{1,4,8,16}``: one psb_tvm module (compiled once, n chosen at run time with ``run(samples=n)``;
+  the default stratified sampler; repeated calls at one n reuse the weights from the weight cache);
+* ``psb_iid_n{4,16}``: the same with ``PSBConfig(sampler="iid")`` (the paper's i.i.d. samples), for
+  the error comparison;
 * ``psb_frozen_n8``: psb_tvm compiled with ``frozen=True`` at n=8 (draw baked into constants);
 * ``psb_int8_n8``: the ``PSBConfig.preset("int8")`` module (E=3, n_max=8: int8 weights x 8-bit
-  activations on VNNI where the layer fits) at n=8;
+  activations on VNNI where the layer fits) at n=8 (weights from the cache after the first call);
+* ``psb_int8_n8_new_draw``: the same module with a new seed every call (the weights are sampled and
+  packed every time: the cost of the first call at a new configuration);
 * ``psb_int8_frozen_n8``: the int8 preset compiled with ``frozen=True`` at n=8 (integer weights
   prepacked at compile time: the deployment form);
 * ``tvm_fp32``: the same compiler with ``PSBConfig(include=())`` (every layer float);
@@ -55,8 +60,11 @@ import models as bench_models  # noqa: E402
 ALL_MODELS = ("resnet18", "mobilenetv2", "digits")
 PSB_SAMPLES = (1, 4, 8, 16)
 FROZEN_SAMPLES = 8
+IID_SAMPLES = (4, 16)
 SAMPLED_VARIANTS = [f"psb_n{n}" for n in PSB_SAMPLES]  # one module, n chosen at run time
-PSB_VARIANTS = SAMPLED_VARIANTS + [f"psb_frozen_n{FROZEN_SAMPLES}", "psb_int8_n8", "psb_int8_frozen_n8"]
+IID_VARIANTS = [f"psb_iid_n{n}" for n in IID_SAMPLES]
+PSB_VARIANTS = (SAMPLED_VARIANTS + IID_VARIANTS
+                + [f"psb_frozen_n{FROZEN_SAMPLES}", "psb_int8_n8", "psb_int8_n8_new_draw", "psb_int8_frozen_n8"])
 BASELINES = ["tvm_fp32", "ort_fp32", "ort_int8"]
 VARIANTS = PSB_VARIANTS + BASELINES
 RATIO_BASES = {"vs_ort_fp32": "ort_fp32", "vs_ort_int8": "ort_int8", "vs_tvm_fp32": "tvm_fp32"}
@@ -205,6 +213,11 @@ def build_variants(name: str, data: dict, workdir: pathlib.Path, bar, trials: in
         info.update(psb_additions_per_sample=int(psb.cost(samples=1)["additions"]),
                     psb_layers=len(psb_layers), linear_layers=len(psb.layers),
                     float_layers=[{"name": l["name"], "reason": l["reason"]} for l in psb.layers if l["status"] != "psb"])
+    iid = attempt(IID_VARIANTS, "psb_iid", lambda: build("psb_iid", samples=16, seed=0, input_shapes=shapes,
+                                                      calibration=calib, config=psb_tvm.PSBConfig(sampler="iid")))
+    if iid is not None:
+        for n in IID_SAMPLES:
+            fns[f"psb_iid_n{n}"] = (lambda m, n: lambda x: m.run(x, samples=n))(iid, n)
     frozen_name = f"psb_frozen_n{FROZEN_SAMPLES}"
     frozen = attempt([frozen_name], frozen_name, lambda: build(
         frozen_name, samples=FROZEN_SAMPLES, seed=0, input_shapes=shapes, calibration=calib, frozen=True))
@@ -214,6 +227,8 @@ def build_variants(name: str, data: dict, workdir: pathlib.Path, bar, trials: in
         "psb_int8_n8", samples=8, seed=0, input_shapes=shapes, calibration=calib, config=psb_tvm.PSBConfig.preset("int8")))
     if int8 is not None:
         fns["psb_int8_n8"] = (lambda m: lambda x: m.run(x, samples=8))(int8)
+        draws = iter(range(1, 2**32))
+        fns["psb_int8_n8_new_draw"] = (lambda m: lambda x: m.run(x, samples=8, seed=next(draws)))(int8)
         info["int8_vnni_layers"] = sum(1 for l in int8.layers if l.get("weight_layout") == "vnni")
     int8_frozen = attempt(["psb_int8_frozen_n8"], "psb_int8_frozen_n8", lambda: build(
         "psb_int8_frozen_n8", samples=8, seed=0, input_shapes=shapes, calibration=calib, frozen=True,
@@ -235,7 +250,9 @@ def build_variants(name: str, data: dict, workdir: pathlib.Path, bar, trials: in
             t = time.perf_counter()
             out = np.asarray(fns[v](x_time))
             # TVM generates the machine code of an in-process executable lazily, at the first call
-            label = "psb" if v in SAMPLED_VARIANTS else v  # psb_n1..n16 share one module
+            # psb_n1..n16 share one module, as do the i.i.d. ones and the int8 preset's two
+            label = ("psb" if v in SAMPLED_VARIANTS else "psb_iid" if v in IID_VARIANTS
+                     else "psb_int8_n8" if v == "psb_int8_n8_new_draw" else v)
             info["first_call_s"].setdefault(label, round(time.perf_counter() - t, 3))
             if not np.all(np.isfinite(out)):
                 raise FloatingPointError("non-finite output")
@@ -398,7 +415,9 @@ def _fmt_ratio(r) -> str:
 
 
 LABELS = {"psb_n1": "psb_tvm n=1", "psb_n4": "psb_tvm n=4", "psb_n8": "psb_tvm n=8", "psb_n16": "psb_tvm n=16",
+          "psb_iid_n4": "psb_tvm i.i.d. sampler n=4", "psb_iid_n16": "psb_tvm i.i.d. sampler n=16",
           "psb_frozen_n8": "psb_tvm frozen n=8", "psb_int8_n8": "psb_tvm int8 preset n=8",
+          "psb_int8_n8_new_draw": "psb_tvm int8 preset n=8, new draw every call",
           "psb_int8_frozen_n8": "psb_tvm int8 preset frozen n=8", "tvm_fp32": "TVM fp32", "ort_fp32": "ORT fp32",
           "ort_int8": "ORT int8 (static QDQ)"}
 
@@ -425,7 +444,11 @@ def markdown(results: dict) -> str:
         f"- **Tuning budget**: {meta['tuning_budget']}",
         f"- **Timing**: {meta['timing']}",
         "- **Variants**: `psb_tvm n=k` is ONE module compiled once (default n=16) and run with"
-        " `run(x, samples=k)`, sampling the weights at run time; `frozen n=8` is compiled with `frozen=True`"
+        " `run(x, samples=k)`, sampling the weights at run time with the default stratified sampler (the first call"
+        " at a configuration samples and packs the weights, later calls reuse them from the module's weight cache);"
+        " `i.i.d. sampler` is the same with `PSBConfig(sampler=\"iid\")` (the paper's independent samples);"
+        " `new draw every call` runs the int8 preset with a new seed each call, so every call samples and packs"
+        " the weights (the cost of a first call); `frozen n=8` is compiled with `frozen=True`"
         " (the n=8 draw baked into constants, no sampling at run time, integer weights prepacked in the kernels'"
         " layouts); `int8 preset` uses `PSBConfig.preset(\"int8\")` (E=3, n_max=8: int8 weights, 8-bit activations,"
         " VNNI dot products), sampled at run time or `frozen`; `TVM fp32` is the same compiler with"

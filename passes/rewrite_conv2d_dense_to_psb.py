@@ -4,7 +4,11 @@ The caller decides everything numeric (encoded weights, activation scale, loweri
 builds the kernels and splices them in. Unchosen sites stay float. The result has
 - sampled mode: ``main(*inputs, samples: Shape[L], seed: Shape[1])`` sampling at run time,
   ``sample(lo: Shape[L], hi: Shape[L], seed: Shape[1]) -> (counts_0, ..., counts_{L-1})`` and
-  ``forward(*inputs, samples: Shape[L], counts_0, ..., counts_{L-1})`` for progressive refinement;
+  ``forward(*inputs, samples: Shape[L], counts_0, ..., counts_{L-1})`` for progressive refinement,
+  ``weights(samples, seed) -> (w...)`` and ``cached(*inputs, samples, w...)``: one draw's weight
+  arguments made once and reused (the runtime's weight cache). intdot layers take their integer
+  weights packed at run time (``psb_pack``) by the same prepacked kernels a frozen module runs,
+  other lowerings take the counts;
 - frozen mode: ``main(*inputs)`` with one draw baked in as constants: for intdot layers the integer
   weights ``q`` themselves, prepacked into the kernel's layout (no weight stage per call);
 and, for the localized refinement ("computational attention") of sampled modules,
@@ -24,7 +28,7 @@ from tvm import relax, tirx
 
 from psb_tvm.numerics import EncodedWeights, weights_from_counts
 from psb_tvm.schedules.kernels import (COUNTS_DTYPE, KernelSpec, pack_weights, psb_layer_kernel, psb_masked_kernel,
-                                       psb_sample_kernel)
+                                       psb_pack_kernel, psb_sample_kernel)
 
 from .select_psb_layers import find_layer_sites
 
@@ -52,6 +56,8 @@ class _Kernels:
     encoding: list  # sign, normal, shift constants (empty when the weights are prepacked)
     epilogue: list  # scale, bias constants
     packed: list | None = None  # frozen intdot layers: the prepacked weight constants (pack_weights)
+    pack: tvm.ir.GlobalVar | None = None  # sampled intdot layers: counts -> packed weights at run time
+    pack_types: list | None = None  # the pack kernel's output types (q and, for offset convs, wsum)
 
 
 def _symbol(prefix: str, name: str, index: int) -> str:
@@ -173,18 +179,25 @@ def rewrite_to_psb(mod: tvm.IRModule, layers: list[PSBLayer], frozen: dict | Non
             q = weights_from_counts(enc, frozen["counts"][ordinal], frozen["samples"][ordinal])
             packed = [relax.const(a) for a in pack_weights(spec, q)]
 
-        def add(prefix, make):
+        def add(prefix, make, spec=spec):
             symbol = _symbol(prefix, layer.name, site.index)
             return bb.add_func(make(spec, symbol), symbol)
 
+        # Sampled intdot layers run the prepacked kernel on weights packed at run time.
+        run_packed = frozen is None and spec.lowering == "intdot"
+        layer_spec = dataclasses.replace(spec, prepacked=True) if run_packed else spec
         kern = _Kernels(
             sample=add("psb_sample", psb_sample_kernel),
-            layer=add("psb", psb_layer_kernel),
+            layer=add("psb", psb_layer_kernel, layer_spec),
             masked=None if frozen is not None else add("psb_masked", psb_masked_kernel),
             threshold=relax.const(enc.threshold),
             encoding=[] if packed is not None else [relax.const(a) for a in (enc.sign, enc.normal, enc.shift)],
             epilogue=[relax.const(a) for a in (layer.scale, layer.bias)],
             packed=packed,
+            pack=add("psb_pack", psb_pack_kernel) if run_packed else None,
+            pack_types=([relax.TensorType(layer_spec.packed_weight_shape, layer_spec.q_dtype)]
+                        + ([relax.TensorType((spec.w_shape[0],), "int32")] if layer_spec.dot_offset else []))
+            if run_packed else None,
         )
         kernels.append(kern)
         layers_by_var[site.final_var] = (ordinal, site, layer, kern)
@@ -193,12 +206,37 @@ def rewrite_to_psb(mod: tvm.IRModule, layers: list[PSBLayer], frozen: dict | Non
     main = base["main"]
     L = len(layers)
     funcs = {}
+    def draw_weights(l, builder, counts, n):
+        """What layer ``l`` keeps of a draw (the weight cache's entry): its weights packed at run
+        time (intdot) or the counts (the other lowerings build their weights in the layer kernel)."""
+        kern = kernels[l]
+        if kern.pack is None:
+            return [counts]
+        types = kern.pack_types
+        packed = builder.emit(relax.call_tir(kern.pack, [counts] + kern.encoding + [n],
+                                             out_ty=types if len(types) > 1 else types[0]))
+        if len(types) == 1:
+            return [packed]
+        return [builder.emit(relax.TupleGetItem(packed, i)) for i in range(len(types))]
+
+    def weight_args(l, drawn):
+        """The layer kernel's weight arguments from ``draw_weights``'s tensors."""
+        return drawn if kernels[l].pack is not None else drawn + kernels[l].encoding
+
+    def weight_types(l):
+        kern = kernels[l]
+        return kern.pack_types if kern.pack is not None else [_counts_type(layers[l])]
+
+    def layer_call(l, data, weights, n):
+        args = [data] + weights + kernels[l].epilogue + [n]
+        return relax.call_tir(kernels[l].layer, args, out_ty=relax.TensorType(layers[l].spec.out_shape, "float32"))
+
     def plain_call(counts_of, n_of):
         def make(l, builder, data):
             kern = kernels[l]
-            weights = kern.packed if kern.packed is not None else [counts_of(l, builder)] + kern.encoding
-            args = [data] + weights + kern.epilogue + [n_of(l)]
-            return relax.call_tir(kernels[l].layer, args, out_ty=relax.TensorType(layers[l].spec.out_shape, "float32"))
+            if kern.packed is not None:
+                return layer_call(l, data, kern.packed, n_of(l))
+            return layer_call(l, data, weight_args(l, draw_weights(l, builder, counts_of(l, builder), n_of(l))), n_of(l))
 
         return make
 
@@ -211,8 +249,11 @@ def rewrite_to_psb(mod: tvm.IRModule, layers: list[PSBLayer], frozen: dict | Non
                   for k, c in zip(kernels, frozen["counts"])]
         funcs["main"] = rewrite(plain_call(lambda l, _b: consts[l], lambda l: _i64(frozen["samples"][l])), [], "main")
     else:
+        def draw_counts(builder, l, n, sd):
+            return builder.emit(_sample_call(kernels[l], layers[l], 0, n[l], sd))
+
         def sampled(n, sd):
-            return lambda l, builder: builder.emit(_sample_call(kernels[l], layers[l], 0, n[l], sd))
+            return lambda l, builder: draw_counts(builder, l, n, sd)
 
         samples, n = _shape_var("samples", L, "n")
         seed, (sd,) = _shape_var("seed", 1, "seed")
@@ -242,6 +283,25 @@ def rewrite_to_psb(mod: tvm.IRModule, layers: list[PSBLayer], frozen: dict | Non
             return relax.call_tir(kernels[l].masked, args, out_ty=relax.TensorType(layers[l].spec.out_shape, "float32"))
 
         funcs["attend"] = rewrite(masked_call, [samples, seed, m_param] + lows + pos + slot, "attend")
+
+        # The weight cache: one draw's weight arguments, then the network on them.
+        samples, n = _shape_var("samples", L, "n")
+        seed, (sd,) = _shape_var("seed", 1, "seed")
+        wbb = relax.BlockBuilder(base)
+        with wbb.function("weights", [samples, seed]):
+            with wbb.dataflow():
+                outs = [w for l in range(L) for w in draw_weights(l, wbb, draw_counts(wbb, l, n, sd), _i64(n[l]))]
+                result = wbb.emit_output(relax.Tuple(outs))
+            wbb.emit_func_output(result)
+        funcs["weights"] = wbb.get()["weights"]
+
+        samples, n = _shape_var("samples", L, "n")
+        wparams = [[relax.Var(f"w_{l}_{i}", t) for i, t in enumerate(weight_types(l))] for l in range(L)]
+
+        def cached_call(l, _builder, data):
+            return layer_call(l, data, weight_args(l, wparams[l]), _i64(n[l]))
+
+        funcs["cached"] = rewrite(cached_call, [samples] + [v for ws in wparams for v in ws], "cached")
 
         lo, lo_v = _shape_var("lo", L, "lo")
         hi, hi_v = _shape_var("hi", L, "hi")

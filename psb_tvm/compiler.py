@@ -84,7 +84,7 @@ def _default_samples(samples, names: list) -> tuple[int, list]:
 def _spec(site, lowering, config, act_bits, frac_bits, signed, gpu: bool) -> KernelSpec:
     common = dict(kind=site.kind, lowering=lowering, w_shape=tuple(site.weight.shape), n_max=config.n_max,
                   layer=site.index, E=config.E, P=config.P, act_bits=act_bits, act_signed=signed,
-                  frac_bits=frac_bits, activation=site.activation, gpu=gpu)
+                  frac_bits=frac_bits, activation=site.activation, gpu=gpu, sampler=config.sampler)
     shape = tuple(int(v) for v in site.data.ty.shape.values)
     if site.kind == "dense":
         rows = int(np.prod(shape[:-1]))
@@ -235,7 +235,8 @@ def lower_plan(p: Plan, samples: int | dict = 16, seed: int = 0, frozen: bool = 
     frozen_draw = None
     if frozen:
         frozen_draw = {"samples": layer_samples,
-                       "counts": [numerics.sample_counts(l.enc, n, seed, l.site_index) for l, n in zip(layers, layer_samples)]}
+                       "counts": [numerics.sample_counts(l.enc, n, seed, l.site_index, config.sampler)
+                                  for l, n in zip(layers, layer_samples)]}
     mod = rewrite_to_psb(imported.mod, layers, frozen_draw)
 
     metadata = {
@@ -251,9 +252,13 @@ def lower_plan(p: Plan, samples: int | dict = 16, seed: int = 0, frozen: bool = 
            if len(set(layer_samples)) > 1 else {}),
         "seed": int(seed),
         "n_max": config.n_max,
+        "sampler": config.sampler,
         "frozen": bool(frozen),
         "psb_layers": [l.name for l in layers],
         # Extra arguments of ``main`` after the model inputs (absent for frozen modules).
+        # Sampled modules also have ``weights(samples, seed)`` and ``cached(*inputs, samples, w...)``
+        # (psb_tvm.weight_cache).
+        "weight_cache": bool(layers) and not frozen,
         "runtime_args": [] if frozen or not layers else [
             {"name": "samples", "kind": "shape", "length": len(layers)},
             {"name": "seed", "kind": "shape", "length": 1},

@@ -6,6 +6,7 @@ import dataclasses
 from dataclasses import dataclass, field
 
 from .errors import ConfigError
+from .numerics import SAMPLERS
 from .schedules.kernels import LOWERINGS
 
 
@@ -15,7 +16,9 @@ class PSBConfig:
 
     E: exponent levels per weight group; P: threshold bits; act_bits: activation bits;
     n_max: largest sample count a module accepts; per_channel: one exponent range per output
-    channel (else per tensor); lowering: kernel lowering of every layer ("auto": the compiler
+    channel (else per tensor); sampler: the sample stream, "stratified" (the default: rotated van
+    der Corput points, each weight's count within one of ``n p``, error falling as 1/n) or "iid"
+    (the paper's independent Bernoulli samples, error falling as 1/sqrt(n)); lowering: kernel lowering of every layer ("auto": the compiler
     picks per layer, from a measured pick in ``tuning_db`` if there is one, else its cost rule;
     or one of "intdot", "shiftadd",
     "bitserial": popcounts of activation bit planes AND weight sign/level masks, exact at every
@@ -32,6 +35,7 @@ class PSBConfig:
     act_bits: int | str = "auto"
     n_max: int = 64
     per_channel: bool = True
+    sampler: str = "stratified"
     lowering: str = "auto"
     lowerings: dict = field(default_factory=dict)
     exclude_first_last: bool = False
@@ -64,6 +68,9 @@ class PSBConfig:
         n = self.n_max
         check(isinstance(n, int) and 1 <= n <= 1024 and not n & (n - 1),
               f"n_max must be a power of two in [1, 1024], got {n!r}")
+        check(self.sampler in SAMPLERS, f"sampler must be one of {SAMPLERS}, got {self.sampler!r}")
+        check(self.sampler != "stratified" or self.n_max <= 2 ** self.P,
+              f"the stratified sampler needs n_max <= 2**P (n_max={n}, P={self.P})")
         for name, low in [("lowering", self.lowering)] + [(f"lowerings[{k!r}]", v) for k, v in self.lowerings.items()]:
             check(low in LOWERINGS + ("auto",), f"{name} must be 'auto' or one of {LOWERINGS}, got {low!r}")
         check(isinstance(self.calibration_fallback_samples, int) and self.calibration_fallback_samples >= 1,

@@ -52,7 +52,8 @@ class Emulator:
             layer = self.layers[l]
             w = self.plan.sites[layer.site_index].weight
             if n is not None:
-                w = numerics.weight_values(layer.enc, numerics.integer_weights(layer.enc, n, seed, layer.site_index), n)
+                w = numerics.weight_values(layer.enc, numerics.integer_weights(layer.enc, n, seed, layer.site_index,
+                                                                            self.plan.config.sampler), n)
             w = np.asarray(w, np.float32)
             if layer.spec.kind == "dense":
                 w = np.ascontiguousarray(w.T)

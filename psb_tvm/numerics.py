@@ -36,7 +36,7 @@ def layer_key(seed: int, layer: int) -> np.uint32:
 
 
 def sample_hash(seed: int, layer: int, index, sample, P: int = 16):
-    """The counter-based sample stream ``h(seed, layer, i, j)``, reduced to ``P`` bits.
+    """The i.i.d. sample stream ``h(seed, layer, i, j)``, reduced to ``P`` bits.
 
     ``u_i = mix32(key ^ i)``; ``h = mix32(u_i ^ (j * GOLDEN)) >> (32 - P)`` (top ``P`` bits).
     ``index`` (flat weight index ``i``) and ``sample`` (``j``) broadcast against each other.
@@ -45,6 +45,69 @@ def sample_hash(seed: int, layer: int, index, sample, P: int = 16):
     u = mix32(key ^ np.asarray(index, dtype=np.uint32))
     j = (np.asarray(sample, dtype=np.uint64) * GOLDEN % (1 << 32)).astype(np.uint32)
     return mix32(u ^ j) >> np.uint32(32 - P)
+
+
+#: The sample streams (DESIGN.md section 2): ``"stratified"`` (the default: rotated van der Corput
+#: points, count error at most one sample) and ``"iid"`` (the paper's independent Bernoulli samples).
+SAMPLERS = ("stratified", "iid")
+
+
+def check_sampler(sampler: str) -> str:
+    if sampler not in SAMPLERS:
+        raise ValueError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")
+    return sampler
+
+
+def sample_offset(seed: int, layer: int, index, P: int = 16):
+    """The stratified stream's rotation of weight ``i``: ``o_i = mix32(key ^ i) >> (32 - P)``
+    (the top ``P`` bits of the per-weight hash ``u_i`` of the i.i.d. stream)."""
+    key = layer_key(seed, layer)
+    return mix32(key ^ np.asarray(index, dtype=np.uint32)) >> np.uint32(32 - P)
+
+
+def bit_reverse(j, P: int):
+    """``bitrev_P(j)``: the low ``P`` bits of ``j`` in reverse order (int64)."""
+    j = np.asarray(j, dtype=np.int64)
+    out = np.zeros_like(j)
+    for b in range(P):
+        out |= ((j >> b) & 1) << (P - 1 - b)
+    return out
+
+
+def stratified_points(seed: int, layer: int, index, sample, P: int = 16):
+    """The stratified stream ``u_ij = (o_i + bitrev_P(j)) mod 2**P``; ``b_ij = [u_ij < t_i]``.
+
+    For a power of two ``n`` the points ``j < n`` are the grid ``{r_i + k * 2**P / n}`` rotated by
+    ``r_i = o_i mod (2**P / n)``: nested (the first ``n`` are a prefix of the first ``2n``) and
+    stratified (one point per cell of width ``2**P / n``).
+    """
+    o = sample_offset(seed, layer, index, P).astype(np.int64)
+    return (o + bit_reverse(sample, P)) & ((1 << P) - 1)
+
+
+def stratified_count(offset, threshold, m: int, P: int):
+    """``#{j < m : (o + bitrev_P(j)) mod 2**P < t}`` in closed form, for any ``0 <= m <= 2**P``.
+
+    The first ``m`` indices split by the set bits of ``m`` (highest first) into blocks of
+    ``2**a`` consecutive ``j`` sharing their high bits ``prefix``; a block's points are a grid of
+    spacing ``s = 2**(P-a)`` rotated by ``r = (o + bitrev_P(prefix)) mod s``, holding
+    ``min(2**a, max(0, ceil((t - r) / s)))`` points below ``t``. For ``m = n`` a power of two this
+    is the single term ``B(n) = min(n, max(0, ceil((t - r) / s)))``: ``floor`` or ``ceil`` of
+    ``n t / 2**P``.
+    """
+    if not 0 <= m <= (1 << P):
+        raise ValueError(f"sample index {m} outside [0, 2**P] for P={P}")
+    o = np.asarray(offset, dtype=np.int64)
+    t = np.asarray(threshold, dtype=np.int64)
+    count = np.zeros(np.broadcast(o, t).shape, np.int64)
+    for a in range(P, -1, -1):
+        if not (m >> a) & 1:
+            continue
+        s = 1 << (P - a)
+        prefix = (m >> (a + 1)) << (a + 1)
+        r = (o + int(bit_reverse(prefix, P))) & (s - 1)
+        count += np.minimum(1 << a, np.maximum(0, (t - r + s - 1) >> (P - a)))
+    return count
 
 
 @dataclass(frozen=True)
@@ -98,12 +161,17 @@ def encode_weights(w, E: int = 4, P: int = 16, per_channel: bool = True) -> Enco
     )
 
 
-def sample_bits(enc: EncodedWeights, seed: int, layer: int, start: int, stop: int) -> np.ndarray:
-    """Bernoulli bits ``b_ij`` for samples ``start <= j < stop``; shape ``(stop-start,) + w.shape``."""
+def sample_bits(enc: EncodedWeights, seed: int, layer: int, start: int, stop: int,
+                sampler: str = "stratified") -> np.ndarray:
+    """Bits ``b_ij`` for samples ``start <= j < stop``, one by one; shape ``(stop-start,) + w.shape``."""
+    check_sampler(sampler)
     idx = np.arange(enc.threshold.size, dtype=np.uint32)
     js = np.arange(start, stop, dtype=np.uint32)[:, None]
-    h = sample_hash(seed, layer, idx[None, :], js, enc.P)
-    bits = h.astype(np.int64) < enc.threshold.reshape(1, -1)
+    if sampler == "iid":
+        u = sample_hash(seed, layer, idx[None, :], js, enc.P)
+    else:
+        u = stratified_points(seed, layer, idx[None, :], js, enc.P)
+    bits = u.astype(np.int64) < enc.threshold.reshape(1, -1)
     return bits.reshape((stop - start,) + enc.shape).astype(np.int8)
 
 
@@ -123,19 +191,31 @@ def check_seed(seed) -> int:
     return int(seed)
 
 
-def sample_counts(enc: EncodedWeights, n: int, seed: int, layer: int) -> np.ndarray:
+def sample_counts(enc: EncodedWeights, n: int, seed: int, layer: int, sampler: str = "stratified") -> np.ndarray:
     """``B_i(n)``: number of ones among the first ``n`` samples of every weight."""
     check_samples(n)
+    return range_counts(enc, 0, n, seed, layer, sampler)
+
+
+def range_counts(enc: EncodedWeights, lo: int, hi: int, seed: int, layer: int, sampler: str = "stratified") -> np.ndarray:
+    """Ones among samples ``lo <= j < hi`` of every weight (what the sampler kernel computes):
+    stratified in closed form, ``C(hi) - C(lo)``; i.i.d. by drawing the samples."""
+    check_sampler(sampler)
+    if not 0 <= lo <= hi:
+        raise ValueError(f"sample range [{lo}, {hi}) is empty or negative")
+    if sampler == "stratified":
+        o = sample_offset(seed, layer, np.arange(enc.threshold.size, dtype=np.uint32), enc.P).reshape(enc.shape)
+        return stratified_count(o, enc.threshold, hi, enc.P) - stratified_count(o, enc.threshold, lo, enc.P)
     counts = np.zeros(enc.shape, np.int64)
     step = max(1, (1 << 22) // max(1, enc.threshold.size))  # bounded memory for large layers
-    for start in range(0, n, step):
-        counts += sample_bits(enc, seed, layer, start, min(n, start + step)).sum(axis=0, dtype=np.int64)
+    for start in range(lo, hi, step):
+        counts += sample_bits(enc, seed, layer, start, min(hi, start + step), sampler).sum(axis=0, dtype=np.int64)
     return counts
 
 
-def integer_weights(enc: EncodedWeights, n: int, seed: int, layer: int) -> np.ndarray:
+def integer_weights(enc: EncodedWeights, n: int, seed: int, layer: int, sampler: str = "stratified") -> np.ndarray:
     """``q_i(n) = s_i * (n*normal_i + B_i(n)) * 2**shift_i`` as int64."""
-    return weights_from_counts(enc, sample_counts(enc, n, seed, layer), n)
+    return weights_from_counts(enc, sample_counts(enc, n, seed, layer, sampler), n)
 
 
 def weights_from_counts(enc: EncodedWeights, counts: np.ndarray, n: int) -> np.ndarray:

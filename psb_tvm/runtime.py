@@ -5,22 +5,31 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+import threading
 from dataclasses import dataclass
 
 import numpy as np
 
 from .abi import METADATA_FUNC
 from .errors import InputError, ModelLoadError, TargetMismatchError
+from .weight_cache import DEFAULT_MAX_BYTES, WeightCache
 
 
 class PSBModule:
-    """A compiled PSB model. ``run(*inputs)`` takes numpy arrays in the model's input order."""
+    """A compiled PSB model. ``run(*inputs)`` takes numpy arrays in the model's input order.
 
-    def __init__(self, lib, metadata: dict, executable=None):
+    Modules sampled at run time keep the weights of recent ``(samples, seed)`` configurations in
+    ``weight_cache`` (LRU, ``weight_cache.max_bytes``, default 256 MiB; 0 disables it), so a
+    repeated call runs only the integer network, like a frozen module. One module may be called
+    from several threads: each thread gets its own virtual machine, the cache is shared.
+    """
+
+    def __init__(self, lib, metadata: dict, executable=None, weight_cache_bytes: int = DEFAULT_MAX_BYTES):
         self._lib = lib
         self._executable = executable  # set when built in this process (export needs it)
         self.metadata = metadata
-        self._vm = None
+        self._local = threading.local()  # one Relax VM per thread (a VM is not thread-safe)
+        self.weight_cache = WeightCache(weight_cache_bytes)
 
     # ------------------------------------------------------------------ info
     @property
@@ -58,15 +67,16 @@ class PSBModule:
 
     # ------------------------------------------------------------------ run
     def _machine(self):
-        if self._vm is None:
+        vm = getattr(self._local, "vm", None)
+        if vm is None:
             import tvm
             from tvm import relax
 
             if self.metadata.get("target_kind", "llvm") != "llvm" or not self.metadata.get("host_runnable", True):
                 raise TargetMismatchError(f"this module was built for {self.metadata.get('target')}; it cannot run on this "
                                           "host CPU (export it and run it there, e.g. with psb_run)")
-            self._vm = relax.VirtualMachine(self._lib, tvm.cpu())
-        return self._vm
+            vm = self._local.vm = relax.VirtualMachine(self._lib, tvm.cpu())
+        return vm
 
     def _check_inputs(self, arrays) -> list:
         expected = self.inputs
@@ -162,10 +172,18 @@ class PSBModule:
         """Run the model; returns one array for a single-output model, else a tuple of arrays.
 
         ``samples``: an int for every PSB layer, or ``{"layer": n, "default": n}``; ``seed``: the
-        draw. Both default to the values given at compile time; neither recompiles anything.
+        draw. Both default to the values given at compile time; neither recompiles anything. The
+        weights of a configuration are made on its first call and kept in ``weight_cache``.
         """
         extra = self._runtime_args(samples, seed)
-        return self._to_numpy(self._machine()["main"](*self._tensors(inputs), *extra))
+        args = self._tensors(inputs)
+        vm = self._machine()
+        if not extra or not self.metadata.get("weight_cache") or not self.weight_cache.enabled:
+            return self._to_numpy(vm["main"](*args, *extra))
+        samples_arg, seed_arg = extra
+        key = (tuple(int(v) for v in samples_arg), int(seed_arg[0]))
+        weights = self.weight_cache.get(key, lambda: list(vm["weights"](samples_arg, seed_arg)))
+        return self._to_numpy(vm["cached"](*args, samples_arg, *weights))
 
     def layer_outputs(self, *inputs, samples=None, seed=None) -> tuple:
         """``(outputs, [output of every PSB layer])`` for one run: what ``psb_tvm.diagnose`` compares
@@ -453,8 +471,9 @@ class RefinementSession:
         return bool(np.all(top2[..., 1] - top2[..., 0] >= margin))
 
 
-def load(path) -> PSBModule:
-    """Load a ``.so`` written by ``PSBModule.export_library``, metadata included."""
+def load(path, weight_cache_bytes: int = DEFAULT_MAX_BYTES) -> PSBModule:
+    """Load a ``.so`` written by ``PSBModule.export_library``, metadata included.
+    ``weight_cache_bytes`` bounds the module's weight cache (0: none)."""
     import tvm
     from tvm import relax
 
@@ -471,6 +490,6 @@ def load(path) -> PSBModule:
         metadata = json.loads(text)
     except Exception as err:  # noqa: BLE001
         raise ModelLoadError(f"{path}: not a psb_tvm module (no readable {METADATA_FUNC}): {err}") from err
-    module = PSBModule(lib, metadata)
-    module._vm = vm
+    module = PSBModule(lib, metadata, weight_cache_bytes=weight_cache_bytes)
+    module._local.vm = vm
     return module

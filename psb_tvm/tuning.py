@@ -27,7 +27,9 @@ from .errors import ConfigError, PSBError
 
 MANIFEST = "psb_tuning.json"
 CANONICAL_N = 8  # the value ``n`` is bound to while tuning; the loop nest does not depend on it
-_UNTUNABLE = ("sample", "conv2d_masked", "dense_masked")
+# Samplers and masked kernels have run-time loop extents; pack kernels (elementwise, once per
+# configuration with the weight cache) are not worth a tuning budget.
+_UNTUNABLE = ("sample", "pack", "conv2d_masked", "dense_masked")
 
 
 class TuningError(PSBError):

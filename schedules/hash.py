@@ -1,4 +1,5 @@
-"""The PSB sample stream in TIR: the same integer hash as ``psb_tvm.numerics.sample_hash``."""
+"""The PSB sample streams in TIR: the same integers as ``psb_tvm.numerics`` (``sample_hash`` for the
+i.i.d. stream, ``sample_offset`` / ``stratified_count`` for the stratified one)."""
 
 from __future__ import annotations
 
@@ -57,3 +58,36 @@ def sample_bit(key: tirx.PrimExpr, flat_index: tirx.PrimExpr, sample: tirx.PrimE
         key ^ flat_index.astype("uint32"),
         lambda u: mix32(u ^ _mul(sample.astype("uint32"), GOLDEN), compare),
     )
+
+
+def sample_offset(key: tirx.PrimExpr, flat_index: tirx.PrimExpr, P: int, then):
+    """The stratified stream's rotation ``o_i = mix32(key ^ i) >> (32 - P)`` (int32); continues
+    with ``then(o_i)``."""
+    return mix32(key ^ flat_index.astype("uint32"), lambda u: then((u >> _u32(32 - P)).astype("int32")))
+
+
+def stratified_count(offset: tirx.PrimExpr, threshold: tirx.PrimExpr, m: tirx.PrimExpr, P: int, max_log2: int):
+    """``#{j < m : (o + bitrev_P(j)) mod 2**P < t}`` (int32) for a run-time ``0 <= m <=
+    2**max_log2``, as ``psb_tvm.numerics.stratified_count``: one closed-form term per possible
+    bit of ``m`` (static), masked by whether the bit is set. Everything that depends on ``m`` only
+    (the bit tests, ``bitrev_P`` of the prefixes) is the same for every weight, so LLVM hoists it
+    out of the weight loop; per weight a term costs an add, two ands, a shift and a clamp.
+    int32 is exact: ``o, t <= 2**P <= 2**30`` and ``s <= 2**P``, so ``t - r + s - 1 < 2**31``.
+    """
+    m = m.astype("int64")
+
+    def bit(v, b):
+        return ((v >> tirx.const(b, "int64")) & tirx.const(1, "int64")).astype("int32")
+
+    total = tirx.const(0, "int32")
+    for a in range(min(max_log2, P), -1, -1):
+        s = 1 << (P - a)
+        # bitrev_P of the block's prefix (the bits of m above a)
+        prefix_rev = tirx.const(0, "int32")
+        for b in range(a + 1, min(max_log2, P - 1) + 1):  # bitrev_P reads the low P bits
+            prefix_rev = prefix_rev + (bit(m, b) << (P - 1 - b))
+        r = (offset + prefix_rev) & tirx.const(s - 1, "int32")
+        cells = (threshold - r + tirx.const(s - 1, "int32")) >> tirx.const(P - a, "int32")
+        term = tirx.min(tirx.const(1 << a, "int32"), tirx.max(tirx.const(0, "int32"), cells))
+        total = total + term * bit(m, a)
+    return total

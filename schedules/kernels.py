@@ -18,7 +18,7 @@ from tvm import te, tirx
 
 from psb_tvm import numerics
 
-from .hash import layer_key, sample_bit
+from .hash import layer_key, sample_bit, sample_offset, stratified_count
 
 LOWERINGS = ("intdot", "shiftadd", "bitserial")
 COUNTS_DTYPE = "int16"  # counts <= n_max <= 1024
@@ -56,6 +56,9 @@ class KernelSpec:
     # The kernel is built for a GPU (CUDA): the int8 preset's packed conv takes the ``dp4a`` layout
     # (signed bytes on both sides) instead of x86's ``vnni`` one (unsigned x signed).
     gpu: bool = False
+    # The sample stream (numerics.SAMPLERS): "stratified" counts in closed form, "iid" sums the
+    # per-sample hash bits.
+    sampler: str = "stratified"
 
     @property
     def reduction_size(self) -> int:
@@ -178,20 +181,41 @@ def _flat_index(shape, idx):
 
 
 def psb_sample_kernel(spec: KernelSpec, name: str) -> tvm.tirx.PrimFunc:
-    """``(threshold, lo, hi, seed) -> counts``: ones among samples ``lo <= j < hi`` of every weight."""
+    """``(threshold, lo, hi, seed) -> counts``: ones among samples ``lo <= j < hi`` of every weight.
+
+    i.i.d.: a run-time loop over the samples, one hash per sample. Stratified: no loop, the closed
+    form ``C(hi) - C(lo)`` per weight (valid for ``0 <= lo <= hi <= n_max``, which the runtime
+    checks), so the cost no longer grows with ``n``.
+    """
     thr = te.placeholder(spec.w_shape, "int32", name="threshold")
     lo = tirx.Var("lo", "int64")
     hi = tirx.Var("hi", "int64")
     seed = tirx.Var("seed", "int64")
+    if spec.sampler == "stratified":
+        max_log2 = int(spec.n_max).bit_length() - 1
+
+        def count(*i):
+            def body(o):
+                return (stratified_count(o, thr[i], hi, spec.P, max_log2)
+                        - stratified_count(o, thr[i], lo, spec.P, max_log2)).astype(COUNTS_DTYPE)
+
+            return layer_key(seed, spec.layer, lambda key: sample_offset(key, _flat_index(spec.w_shape, i), spec.P, body))
+
+        counts = te.compute(spec.w_shape, count, name="counts")
+        func = te.create_prim_func([thr, lo, hi, seed, counts])
+        return func.with_attrs({"global_symbol": name, "psb.kind": "sample", "psb.sampler": "stratified",
+                                "op_pattern": 8})
+    if spec.sampler != "iid":
+        raise ValueError(f"unknown sampler {spec.sampler!r}; expected one of {numerics.SAMPLERS}")
     r = te.reduce_axis((0, hi - lo), name="j")
 
-    def count(*i):
+    def count_iid(*i):
         bit = layer_key(seed, spec.layer, lambda key: sample_bit(key, _flat_index(spec.w_shape, i), lo + r, thr[i], spec.P))
         return te.sum(bit.astype(COUNTS_DTYPE), axis=r)
 
-    counts = te.compute(spec.w_shape, count, name="counts")
+    counts = te.compute(spec.w_shape, count_iid, name="counts")
     func = te.create_prim_func([thr, lo, hi, seed, counts])
-    return func.with_attrs({"global_symbol": name, "psb.kind": "sample", "op_pattern": 8})
+    return func.with_attrs({"global_symbol": name, "psb.kind": "sample", "psb.sampler": "iid", "op_pattern": 8})
 
 
 def _quantize(spec: KernelSpec, value):
@@ -278,6 +302,27 @@ def _weight_stage(spec: KernelSpec, counts, sign, normal, shift, n, layout: str 
 
         return te.compute(spec.packed_weight_shape, packed, name="q")
     return te.compute(spec.w_shape, q_value, name="q")
+
+
+def psb_pack_kernel(spec: KernelSpec, name: str) -> tvm.tirx.PrimFunc:
+    """``(counts, sign, normal, shift, n) -> q`` (and ``wsum``): at run time, the weight arguments
+    ``pack_weights`` makes at compile time for a frozen module, so a module sampled at run time
+    runs the same prepacked layer kernels (and can keep packed weights between calls)."""
+    if spec.lowering != "intdot":
+        raise ValueError(f"packed weights need the intdot lowering, not {spec.lowering!r}")
+    _, counts, sign, normal, shift, _, _ = _layer_inputs(spec)
+    n = tirx.Var("n", "int64")
+    q = _weight_stage(dataclasses.replace(spec, prepacked=False), counts, sign, normal, shift, n)
+    outputs = [q]
+    if spec.dot_offset:  # -offset * sum q[o, ...] over the packed layout (see _vnni_conv)
+        _, KH, KW, C4, _, _ = spec.packed_weight_shape  # the vnni / dp4a layout
+        rh, rw, rc, rk = (te.reduce_axis((0, e), name=f"s{i}") for i, e in enumerate((KH, KW, C4, 4)))
+        outputs.append(te.compute((spec.w_shape[0],), lambda o: te.sum(
+            q[o // 16, rh, rw, rc, o % 16, rk].astype("int32") * tirx.const(-spec.dot_offset, "int32"),
+            axis=[rh, rw, rc, rk]), name="wsum"))
+    func = te.create_prim_func([counts, sign, normal, shift, n] + outputs)
+    return func.with_attrs({"global_symbol": name, "psb.kind": "pack", "psb.layout": spec.weight_layout,
+                            "op_pattern": 8})
 
 
 def _weight_params(spec: KernelSpec, q, counts, sign, normal, shift) -> list:

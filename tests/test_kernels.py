@@ -22,7 +22,7 @@ from tvm import s_tir, te
 
 from psb_tvm import numerics as nm
 from psb_tvm.schedules import hash as tir_hash
-from psb_tvm.schedules.cpu import PSBConv2D, PSBDense, PSBSample
+from psb_tvm.schedules.cpu import PSBConv2D, PSBDense, PSBPack, PSBSample
 from psb_tvm.schedules.kernels import (
     LOWERINGS,
     KernelSpec,
@@ -30,6 +30,7 @@ from psb_tvm.schedules.kernels import (
     pack_weights,
     psb_layer_kernel,
     psb_masked_kernel,
+    psb_pack_kernel,
     psb_sample_kernel,
 )
 from psb_tvm.target import host_target
@@ -158,7 +159,7 @@ def execute(spec: Case, x, enc, scale, bias):
     sampler, layer = build(spec)
     counts = tvm.runtime.empty(spec.w_shape, "int16", DEV)
     sampler(tvm.runtime.tensor(enc.threshold, DEV), 0, spec.n, spec.seed, counts)
-    np.testing.assert_array_equal(counts.numpy(), nm.sample_counts(enc, spec.n, spec.seed, spec.layer))
+    np.testing.assert_array_equal(counts.numpy(), nm.sample_counts(enc, spec.n, spec.seed, spec.layer, spec.sampler))
     base = (scale * np.float32(spec.n)).astype(np.float32)
     if spec.prepacked:  # the frozen form: integer weights from these counts, in the kernel's layout
         packed = pack_weights(spec, nm.weights_from_counts(enc, counts.numpy(), spec.n))
@@ -197,7 +198,7 @@ def run_case(spec: KernelSpec, seed: int, layer: int, per_channel: bool = True, 
     scale = nm.output_scale(enc.k_lo, spec.frac_bits, spec.n)
 
     acc, out = execute(spec, x, enc, scale, bias)
-    q = nm.integer_weights(enc, spec.n, seed, layer)
+    q = nm.integer_weights(enc, spec.n, seed, layer, spec.sampler)
     xi = nm.quantize_activations(x, spec.frac_bits, spec.act_bits, spec.act_signed)
     if spec.kind == "conv2d":
         racc = nm.conv2d_int(xi, q, stride=spec.stride, padding=spec.padding, dilation=spec.dilation,
@@ -466,6 +467,57 @@ def test_tir_layer_key_matches_reference():
         out = tvm.runtime.empty((seeds.size,), "uint32", DEV)
         lib(tvm.runtime.tensor(seeds, DEV), out)
         np.testing.assert_array_equal(out.numpy(), [int(nm.layer_key(int(v), layer)) for v in seeds])
+
+
+@pytest.mark.parametrize("sampler", nm.SAMPLERS)
+@pytest.mark.parametrize("P,n_max", [(16, 64), (5, 32)])
+def test_sampler_kernel_every_range(sampler, P, n_max):
+    """The compiled sampler == ``numerics.range_counts`` == the explicit per-sample sum, for ranges
+    that start and end anywhere in [0, n_max] (stratified: the closed form's per-bit terms), with
+    P small enough that n_max = 2**P (every point of the stream used)."""
+    spec = dataclasses.replace(conv_spec("3x3_pad1", "intdot", n_max, 3, 2, P=P), sampler=sampler)
+    spec = KernelSpec(**{f.name: getattr(spec, f.name) for f in dataclasses.fields(KernelSpec)})
+    func = psb_sample_kernel(spec, "psb_test_sample_ranges")
+    assert func.attrs["psb.sampler"] == sampler
+    lib = tvm.compile(PSBSample().apply(func, TARGET, False).mod["main"], target=TARGET)
+    enc = nm.encode_weights(make_weights(np.random.default_rng(P), spec.w_shape), P=P)
+    thr = tvm.runtime.tensor(enc.threshold, DEV)
+    out = tvm.runtime.empty(spec.w_shape, "int16", DEV)
+    for lo, hi in [(0, 1), (0, 8), (8, 16), (0, n_max), (3, 11), (5, 5), (0, n_max - 1), (7, n_max)]:
+        for seed in (1, 2**32 - 1):
+            lib(thr, lo, hi, seed, out)
+            ref = nm.range_counts(enc, lo, hi, seed, 2, sampler)
+            np.testing.assert_array_equal(out.numpy(), ref, err_msg=f"[{lo}, {hi}) seed {seed}")
+            np.testing.assert_array_equal(ref, nm.sample_bits(enc, seed, 2, lo, hi, sampler).sum(0))
+
+
+@pytest.mark.parametrize("case", ["oihw_depthwise", "ohwi_3x3", "vnni_3x3", "vnni_stem_c3", "oi_dense"])
+def test_pack_kernel_equals_pack_weights(case):
+    """The run-time pack kernel (sampled modules, the weight cache) writes exactly what
+    ``pack_weights`` makes at compile time for a frozen module, ``wsum`` included."""
+    spec = PREPACKED_CASES[case](8)
+    spec = KernelSpec(**{f.name: getattr(spec, f.name) for f in dataclasses.fields(KernelSpec)})
+    func = psb_pack_kernel(spec, "psb_test_pack")
+    lib = tvm.compile(PSBPack().apply(func, TARGET, False).mod["main"], target=TARGET)
+    enc = nm.encode_weights(make_weights(np.random.default_rng(7), spec.w_shape), E=spec.E)
+    for n in (1, 8):
+        counts = nm.sample_counts(enc, n, 3, 1)
+        want = pack_weights(spec, nm.weights_from_counts(enc, counts, n))
+        got = [tvm.runtime.empty(a.shape, str(a.dtype), DEV) for a in want]
+        args = [tvm.runtime.tensor(a, DEV) for a in (counts.astype(np.int16), enc.sign, enc.normal, enc.shift)]
+        lib(*args, n, *got)
+        for g, w in zip(got, want):
+            np.testing.assert_array_equal(g.numpy(), w)
+    with pytest.raises(ValueError, match="intdot"):
+        psb_pack_kernel(dataclasses.replace(spec, lowering="shiftadd"), "x")
+
+
+@pytest.mark.parametrize("lowering", ["intdot", "shiftadd", "bitserial"])
+def test_iid_sampler_layer_bit_exact(lowering):
+    """The i.i.d. stream through a whole layer (sampler + layer kernel) == the oracle."""
+    n = 2 if lowering == "bitserial" else 8
+    spec = dataclasses.replace(conv_spec("stride2", lowering, n, 3, 1), sampler="iid")
+    check(spec, 3, 1)
 
 
 @pytest.mark.parametrize("lowering", CLASSIC)

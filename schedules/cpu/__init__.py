@@ -7,12 +7,12 @@ from .gemv import GEMV
 from .psb_conv2d import PSBConv2D
 from .psb_dense import PSBDense
 from .psb_masked import PSBMasked
-from .psb_sampling import PSBSample
+from .psb_sampling import PSBPack, PSBSample
 
 
 def default_rules():
     """Rules tried in order for every PrimFunc that is not scheduled yet."""
-    return [PSBSample(), PSBConv2D(), PSBDense(), PSBMasked(), GEMV(), dlight.cpu.Reduction(), Elementwise()]
+    return [PSBSample(), PSBPack(), PSBConv2D(), PSBDense(), PSBMasked(), GEMV(), dlight.cpu.Reduction(), Elementwise()]
 
 
-__all__ = ["GEMV", "Elementwise", "PSBConv2D", "PSBDense", "PSBMasked", "PSBSample", "default_rules"]
+__all__ = ["GEMV", "Elementwise", "PSBConv2D", "PSBDense", "PSBMasked", "PSBPack", "PSBSample", "default_rules"]

@@ -1,4 +1,5 @@
-"""Default CPU schedules for the sampling kernel and the weight/activation stages of layer kernels."""
+"""Default CPU schedules for the sampling and packing kernels and the weight/activation stages of
+layer kernels."""
 
 from __future__ import annotations
 
@@ -15,7 +16,8 @@ def _parallel_spatial(sch: s_tir.Schedule, block, n_spatial: int) -> None:
 
 
 class PSBSample(CPUScheduleRule):
-    """Parallel over weights; each weight's run-time sample loop stays innermost and serial."""
+    """Parallel over weights; i.i.d.: each weight's run-time sample loop stays innermost and
+    serial; stratified (closed form, no sample loop): parallel and vectorized over weights."""
 
     def apply(self, func: tirx.PrimFunc, target: Target, _: bool) -> None | s_tir.Schedule:
         if not isinstance(func, tirx.PrimFunc) or not self.is_target_available(target):
@@ -25,9 +27,30 @@ class PSBSample(CPUScheduleRule):
         sch = s_tir.Schedule(func)
         counts = sch.get_sblock("counts")
         loops = sch.get_loops(counts)
+        if func.attrs.get("psb.sampler") == "stratified":
+            parallel_vectorize(sch, counts)
+            return sch
         _parallel_spatial(sch, counts, len(loops) - 1)
         # Initialise outside the sample loop: an empty range [lo, lo) must still give zero counts.
         sch.decompose_reduction(counts, sch.get_loops(counts)[-1])
+        return sch
+
+
+class PSBPack(CPUScheduleRule):
+    """Run-time weight packing: parallel over the packed weights, then over the output channels of
+    the offset correction ``wsum`` (its reduction serial)."""
+
+    def apply(self, func: tirx.PrimFunc, target: Target, _: bool) -> None | s_tir.Schedule:
+        if not isinstance(func, tirx.PrimFunc) or not self.is_target_available(target):
+            return None
+        if func.attrs is None or func.attrs.get("psb.kind") != "pack":
+            return None
+        sch = s_tir.Schedule(func)
+        q = sch.get_sblock("q")
+        _parallel_spatial(sch, q, len(sch.get_loops(q)))
+        if "wsum" in block_names(sch):
+            wsum = sch.get_sblock("wsum")
+            sch.parallel(sch.get_loops(wsum)[0])
         return sch
 
 
