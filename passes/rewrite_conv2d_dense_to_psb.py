@@ -57,6 +57,7 @@ class _Kernels:
     epilogue: list  # scale, bias constants
     packed: list | None = None  # frozen intdot layers: the prepacked weight constants (pack_weights)
     pack: tvm.ir.GlobalVar | None = None  # sampled intdot layers: counts -> packed weights at run time
+    draw: tvm.ir.GlobalVar | None = None  # ... stratified: (threshold, seed, n) -> packed weights in one pass
     pack_types: list | None = None  # the pack kernel's output types (q and, for offset convs, wsum)
 
 
@@ -195,6 +196,8 @@ def rewrite_to_psb(mod: tvm.IRModule, layers: list[PSBLayer], frozen: dict | Non
             epilogue=[relax.const(a) for a in (layer.scale, layer.bias)],
             packed=packed,
             pack=add("psb_pack", psb_pack_kernel) if run_packed else None,
+            draw=add("psb_draw", lambda sp, sym: psb_pack_kernel(sp, sym, draw=True))
+            if run_packed and spec.sampler == "stratified" else None,
             pack_types=([relax.TensorType(layer_spec.packed_weight_shape, layer_spec.q_dtype)]
                         + ([relax.TensorType((spec.w_shape[0],), "int32")] if layer_spec.dot_offset else []))
             if run_packed else None,
@@ -206,18 +209,29 @@ def rewrite_to_psb(mod: tvm.IRModule, layers: list[PSBLayer], frozen: dict | Non
     main = base["main"]
     L = len(layers)
     funcs = {}
-    def draw_weights(l, builder, counts, n):
-        """What layer ``l`` keeps of a draw (the weight cache's entry): its weights packed at run
-        time (intdot) or the counts (the other lowerings build their weights in the layer kernel)."""
-        kern = kernels[l]
-        if kern.pack is None:
-            return [counts]
-        types = kern.pack_types
-        packed = builder.emit(relax.call_tir(kern.pack, [counts] + kern.encoding + [n],
-                                             out_ty=types if len(types) > 1 else types[0]))
+    def _packed(l, builder, func, args):
+        types = kernels[l].pack_types
+        packed = builder.emit(relax.call_tir(func, args, out_ty=types if len(types) > 1 else types[0]))
         if len(types) == 1:
             return [packed]
         return [builder.emit(relax.TupleGetItem(packed, i)) for i in range(len(types))]
+
+    def draw_weights(l, builder, counts, n):
+        """What layer ``l`` keeps of a draw (the weight cache's entry) from its counts: its weights
+        packed at run time (intdot) or the counts (the other lowerings build their weights in the
+        layer kernel)."""
+        kern = kernels[l]
+        if kern.pack is None:
+            return [counts]
+        return _packed(l, builder, kern.pack, [counts] + kern.encoding + [n])
+
+    def sampled_weights(l, builder, n, sd):
+        """``draw_weights`` of the draw ``[0, n)`` of seed ``sd``: in one pass where the layer has
+        a draw kernel (stratified intdot), else sampler then pack."""
+        kern = kernels[l]
+        if kern.draw is not None:
+            return _packed(l, builder, kern.draw, [kern.threshold] + kern.encoding + [_i64(n[l]), _i64(sd)])
+        return draw_weights(l, builder, draw_counts(builder, l, n, sd), _i64(n[l]))
 
     def weight_args(l, drawn):
         """The layer kernel's weight arguments from ``draw_weights``'s tensors."""
@@ -231,12 +245,16 @@ def rewrite_to_psb(mod: tvm.IRModule, layers: list[PSBLayer], frozen: dict | Non
         args = [data] + weights + kernels[l].epilogue + [n]
         return relax.call_tir(kernels[l].layer, args, out_ty=relax.TensorType(layers[l].spec.out_shape, "float32"))
 
-    def plain_call(counts_of, n_of):
+    def plain_call(counts_of, n_of, drawn_of=None):
+        """Layer calls on constant packed weights (frozen), on ``drawn_of(l, builder)``'s weights, or
+        on weights from ``counts_of(l, builder)``."""
         def make(l, builder, data):
             kern = kernels[l]
             if kern.packed is not None:
                 return layer_call(l, data, kern.packed, n_of(l))
-            return layer_call(l, data, weight_args(l, draw_weights(l, builder, counts_of(l, builder), n_of(l))), n_of(l))
+            drawn = (drawn_of(l, builder) if drawn_of is not None
+                     else draw_weights(l, builder, counts_of(l, builder), n_of(l)))
+            return layer_call(l, data, weight_args(l, drawn), n_of(l))
 
         return make
 
@@ -255,9 +273,12 @@ def rewrite_to_psb(mod: tvm.IRModule, layers: list[PSBLayer], frozen: dict | Non
         def sampled(n, sd):
             return lambda l, builder: draw_counts(builder, l, n, sd)
 
+        def drawn(n, sd):
+            return lambda l, builder: sampled_weights(l, builder, n, sd)
+
         samples, n = _shape_var("samples", L, "n")
         seed, (sd,) = _shape_var("seed", 1, "seed")
-        funcs["main"] = rewrite(plain_call(sampled(n, sd), lambda l: _i64(n[l])), [samples, seed], "main")
+        funcs["main"] = rewrite(plain_call(None, lambda l: _i64(n[l]), drawn(n, sd)), [samples, seed], "main")
 
         samples, n = _shape_var("samples", L, "n")
         counts = [relax.Var(f"counts_{l}", _counts_type(layers[l])) for l in range(L)]
@@ -266,7 +287,7 @@ def rewrite_to_psb(mod: tvm.IRModule, layers: list[PSBLayer], frozen: dict | Non
 
         samples, n = _shape_var("samples", L, "n")
         seed, (sd,) = _shape_var("seed", 1, "seed")
-        funcs["probe"] = rewrite(plain_call(sampled(n, sd), lambda l: _i64(n[l])), [samples, seed], "probe",
+        funcs["probe"] = rewrite(plain_call(None, lambda l: _i64(n[l]), drawn(n, sd)), [samples, seed], "probe",
                                  expose=True)
 
         samples, n = _shape_var("samples", L, "n")
@@ -290,7 +311,7 @@ def rewrite_to_psb(mod: tvm.IRModule, layers: list[PSBLayer], frozen: dict | Non
         wbb = relax.BlockBuilder(base)
         with wbb.function("weights", [samples, seed]):
             with wbb.dataflow():
-                outs = [w for l in range(L) for w in draw_weights(l, wbb, draw_counts(wbb, l, n, sd), _i64(n[l]))]
+                outs = [w for l in range(L) for w in sampled_weights(l, wbb, n, sd)]
                 result = wbb.emit_output(relax.Tuple(outs))
             wbb.emit_func_output(result)
         funcs["weights"] = wbb.get()["weights"]

@@ -14,6 +14,8 @@ import pathlib
 import sys
 import tempfile
 
+from .numerics import SAMPLERS
+
 # "auto" + schedules.kernels.LOWERINGS (spelled out: importing the kernels loads TVM; a test checks they agree)
 LOWERING_CHOICES = ("auto", "intdot", "shiftadd", "bitserial")
 ACCURACY_KNOB = (
@@ -143,6 +145,8 @@ def _config(args):
         fields["lowering"] = args.lowering
     if getattr(args, "n_max", None):
         fields["n_max"] = args.n_max
+    if getattr(args, "sampler", None):
+        fields["sampler"] = args.sampler
     for name in ("act_bits", "act_range", "act_percentile", "act_headroom"):
         if getattr(args, name, None) is not None:
             fields[name] = getattr(args, name)
@@ -224,8 +228,10 @@ def _model_options(p, compile_only=False):
     p.add_argument("--lowering", choices=LOWERING_CHOICES,
                    help="kernel lowering of every PSB layer (default auto: measured pick from --tuning-db, else intdot)")
     p.add_argument("--n-max", type=int, help="largest sample count the module accepts (power of two)")
-    p.add_argument("--act-bits", type=_act_bits, help="activation width of every PSB layer: 8 (default), 16 or auto "
-                                                      "(per layer, 8 where its rounding error stays small)")
+    p.add_argument("--sampler", choices=list(SAMPLERS),
+                   help="sample stream: stratified (default; error ~1/n) or iid (the paper's; error ~1/sqrt(n))")
+    p.add_argument("--act-bits", type=_act_bits, help="activation width of every PSB layer: 8, 16 or auto (the default: "
+                                                      "per layer, 8 where its rounding error stays small)")
     p.add_argument("--layer-act-bits", action="append", type=_layer_bits, metavar="LAYER=BITS",
                    help="activation width of one layer, 8 or 16 (repeatable)")
     p.add_argument("--act-range", choices=["max", "percentile"],
@@ -517,7 +523,7 @@ def cmd_info(args) -> int:
     print(f"{args.model}: psb_tvm {md.get('psb_tvm_version')} module from {md.get('source')}")
     print(f"target: {md.get('target')}")
     print(f"n_max: {md.get('n_max')}  default samples: {md.get('layer_samples') or md.get('samples')}  seed: {md.get('seed')}"
-          f"  frozen: {md.get('frozen')}  calibration: {md.get('calibration')}")
+          f"  sampler: {md.get('sampler', 'iid')}  frozen: {md.get('frozen')}  calibration: {md.get('calibration')}")
     for i in md.get("inputs", []):
         print(f"input  {i['name']}: {i['dtype']} {tuple(i['shape'])}")
     for o in md.get("outputs", []):

@@ -422,6 +422,10 @@ class RefinementSession:
     def _sample(self, lo, hi) -> list:
         import tvm
 
+        # the stratified sampler's closed form takes ranges from and to 0 or a power of two <= n_max
+        n_max = self.module.metadata["n_max"]
+        if not all(v == 0 or (0 < v <= n_max and not v & (v - 1)) for v in list(lo) + list(hi)):
+            raise ValueError(f"sample ranges must start and end at 0 or a power of two <= {n_max}, got {lo} -> {hi}")
         vm = self.module._machine()
         out = vm["sample"](tvm.runtime.ShapeTuple(lo), tvm.runtime.ShapeTuple(hi), tvm.runtime.ShapeTuple([self.seed]))
         return [out[i].numpy() for i in range(len(lo))]

@@ -67,27 +67,22 @@ def sample_offset(key: tirx.PrimExpr, flat_index: tirx.PrimExpr, P: int, then):
 
 
 def stratified_count(offset: tirx.PrimExpr, threshold: tirx.PrimExpr, m: tirx.PrimExpr, P: int, max_log2: int):
-    """``#{j < m : (o + bitrev_P(j)) mod 2**P < t}`` (int32) for a run-time ``0 <= m <=
-    2**max_log2``, as ``psb_tvm.numerics.stratified_count``: one closed-form term per possible
-    bit of ``m`` (static), masked by whether the bit is set. Everything that depends on ``m`` only
-    (the bit tests, ``bitrev_P`` of the prefixes) is the same for every weight, so LLVM hoists it
-    out of the weight loop; per weight a term costs an add, two ands, a shift and a clamp.
+    """``#{j < m : (o + bitrev_P(j)) mod 2**P < t}`` (int32) for a run-time ``m`` that is 0 or a
+    power of two ``<= 2**max_log2 <= 2**P``: the single closed-form term
+    ``min(m, max(0, ceil((t - r) / s)))``, ``s = 2**P / m``, ``r = o mod s``
+    (``psb_tvm.numerics.stratified_count`` for such ``m``).
+
+    The shift ``log2 s`` and the mask ``s - 1`` depend on ``m`` only (``log2 m`` as a sum of
+    ``max_log2`` comparisons: CUDA has no int32 popcount), so they are computed once per call,
+    and each weight costs an and, an add, a shift and a clamp. (General ``m`` needs one term per
+    set bit of ``m``; sample ranges in psb_tvm always start and end at 0 or a power of two.)
     int32 is exact: ``o, t <= 2**P <= 2**30`` and ``s <= 2**P``, so ``t - r + s - 1 < 2**31``.
     """
-    m = m.astype("int64")
-
-    def bit(v, b):
-        return ((v >> tirx.const(b, "int64")) & tirx.const(1, "int64")).astype("int32")
-
-    total = tirx.const(0, "int32")
-    for a in range(min(max_log2, P), -1, -1):
-        s = 1 << (P - a)
-        # bitrev_P of the block's prefix (the bits of m above a)
-        prefix_rev = tirx.const(0, "int32")
-        for b in range(a + 1, min(max_log2, P - 1) + 1):  # bitrev_P reads the low P bits
-            prefix_rev = prefix_rev + (bit(m, b) << (P - 1 - b))
-        r = (offset + prefix_rev) & tirx.const(s - 1, "int32")
-        cells = (threshold - r + tirx.const(s - 1, "int32")) >> tirx.const(P - a, "int32")
-        term = tirx.min(tirx.const(1 << a, "int32"), tirx.max(tirx.const(0, "int32"), cells))
-        total = total + term * bit(m, a)
-    return total
+    m = m.astype("int32")
+    log2m = tirx.const(0, "int32")
+    for b in range(1, max_log2 + 1):
+        log2m = log2m + (m >= tirx.const(1 << b, "int32")).astype("int32")
+    log2s = tirx.const(P, "int32") - log2m
+    mask = (tirx.const(1, "int32") << log2s) - tirx.const(1, "int32")
+    cells = (threshold - (offset & mask) + mask) >> log2s
+    return tirx.min(m, tirx.max(tirx.const(0, "int32"), cells))

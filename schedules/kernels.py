@@ -184,8 +184,9 @@ def psb_sample_kernel(spec: KernelSpec, name: str) -> tvm.tirx.PrimFunc:
     """``(threshold, lo, hi, seed) -> counts``: ones among samples ``lo <= j < hi`` of every weight.
 
     i.i.d.: a run-time loop over the samples, one hash per sample. Stratified: no loop, the closed
-    form ``C(hi) - C(lo)`` per weight (valid for ``0 <= lo <= hi <= n_max``, which the runtime
-    checks), so the cost no longer grows with ``n``.
+    form ``C(hi) - C(lo)`` per weight, so the cost no longer grows with ``n``; ``lo`` and ``hi``
+    must each be 0 or a power of two (``main`` draws ``[0, n)``, refinement ``[n, 2n)``; the
+    runtime checks), and at most ``n_max``.
     """
     thr = te.placeholder(spec.w_shape, "int32", name="threshold")
     lo = tirx.Var("lo", "int64")
@@ -304,14 +305,34 @@ def _weight_stage(spec: KernelSpec, counts, sign, normal, shift, n, layout: str 
     return te.compute(spec.w_shape, q_value, name="q")
 
 
-def psb_pack_kernel(spec: KernelSpec, name: str) -> tvm.tirx.PrimFunc:
+def psb_pack_kernel(spec: KernelSpec, name: str, draw: bool = False) -> tvm.tirx.PrimFunc:
     """``(counts, sign, normal, shift, n) -> q`` (and ``wsum``): at run time, the weight arguments
     ``pack_weights`` makes at compile time for a frozen module, so a module sampled at run time
-    runs the same prepacked layer kernels (and can keep packed weights between calls)."""
+    runs the same prepacked layer kernels (and can keep packed weights between calls).
+
+    ``draw=True`` (stratified sampler only): ``(threshold, sign, normal, shift, n, seed) -> q``,
+    the counts ``B(n)`` computed in place by the closed form instead of read from the sampler's
+    output (one pass over the weights instead of two, no counts in memory).
+    """
     if spec.lowering != "intdot":
         raise ValueError(f"packed weights need the intdot lowering, not {spec.lowering!r}")
     _, counts, sign, normal, shift, _, _ = _layer_inputs(spec)
     n = tirx.Var("n", "int64")
+    inputs = [counts]
+    if draw:
+        if spec.sampler != "stratified":
+            raise ValueError("drawing in the pack kernel needs the stratified sampler's closed form")
+        thr = te.placeholder(spec.w_shape, "int32", name="threshold")
+        seed = tirx.Var("seed", "int64")
+        max_log2 = int(spec.n_max).bit_length() - 1
+
+        class _Drawn:  # counts[i] = B_i(n), in closed form
+            def __getitem__(self, i):
+                return layer_key(seed, spec.layer, lambda key: sample_offset(
+                    key, _flat_index(spec.w_shape, i), spec.P,
+                    lambda o: stratified_count(o, thr[i], n, spec.P, max_log2))).astype(COUNTS_DTYPE)
+
+        counts, inputs = _Drawn(), [thr]
     q = _weight_stage(dataclasses.replace(spec, prepacked=False), counts, sign, normal, shift, n)
     outputs = [q]
     if spec.dot_offset:  # -offset * sum q[o, ...] over the packed layout (see _vnni_conv)
@@ -320,7 +341,8 @@ def psb_pack_kernel(spec: KernelSpec, name: str) -> tvm.tirx.PrimFunc:
         outputs.append(te.compute((spec.w_shape[0],), lambda o: te.sum(
             q[o // 16, rh, rw, rc, o % 16, rk].astype("int32") * tirx.const(-spec.dot_offset, "int32"),
             axis=[rh, rw, rc, rk]), name="wsum"))
-    func = te.create_prim_func([counts, sign, normal, shift, n] + outputs)
+    params = inputs + [sign, normal, shift, n] + ([seed] if draw else []) + outputs
+    func = te.create_prim_func(params)
     return func.with_attrs({"global_symbol": name, "psb.kind": "pack", "psb.layout": spec.weight_layout,
                             "op_pattern": 8})
 

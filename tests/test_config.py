@@ -24,3 +24,24 @@ def test_unknown_preset_and_fields():
 def test_config_round_trips_through_dict():
     cfg = psb_tvm.PSBConfig(E=5, exclude=["a", "b"], lowerings={"a": "shiftadd"})
     assert psb_tvm.PSBConfig.from_dict(cfg.to_dict()) == cfg
+
+
+def test_sampler_field():
+    assert psb_tvm.PSBConfig().sampler == "stratified"
+    cfg = psb_tvm.PSBConfig(sampler="iid")
+    assert psb_tvm.PSBConfig.from_dict(cfg.to_dict()) == cfg
+    with pytest.raises(psb_tvm.ConfigError, match="sampler must be one of"):
+        psb_tvm.PSBConfig(sampler="sobol")
+    # the stratified grid has 2**P points: n_max beyond it is refused, i.i.d. allows it
+    with pytest.raises(psb_tvm.ConfigError, match=r"n_max <= 2\*\*P"):
+        psb_tvm.PSBConfig(P=4, n_max=32)
+    assert psb_tvm.PSBConfig(P=4, n_max=32, sampler="iid").n_max == 32
+
+
+def test_cli_sampler_flag():
+    import argparse
+
+    from psb_tvm.cli import _config
+
+    assert _config(argparse.Namespace(sampler="iid")).sampler == "iid"
+    assert _config(argparse.Namespace(sampler=None)).sampler == "stratified"

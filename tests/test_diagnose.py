@@ -163,8 +163,10 @@ def test_allocate_n_and_activation_width_together(mobile):
     from psb_tvm.evaluate import rel_error, run_dataset
 
     calib = _images(24, 2)
-    tight = psb_tvm.allocate(mobile, {"x": calib}, 0.03, act_bits=(8, 16), seeds=(0, 1))
-    loose = psb_tvm.allocate(mobile, {"x": calib}, 0.05, act_bits=(8, 16), seeds=(0, 1))
+    # With the stratified sampler, budgets down to ~0.02 are met with 8-bit activations everywhere
+    # (measured: 0.019 at 8 bits); at 0.01 the depthwise conv needs 16 bits.
+    tight = psb_tvm.allocate(mobile, {"x": calib}, 0.01, act_bits=(8, 16), seeds=(0, 1))
+    loose = psb_tvm.allocate(mobile, {"x": calib}, 0.03, act_bits=(8, 16), seeds=(0, 1))
     for a in (tight, loose):
         assert a.feasible and a.measured_error <= a.budget
         assert set(a.act_bits) == set(a.samples) and set(a.act_bits.values()) <= {8, 16}

@@ -473,8 +473,8 @@ def test_tir_layer_key_matches_reference():
 @pytest.mark.parametrize("P,n_max", [(16, 64), (5, 32)])
 def test_sampler_kernel_every_range(sampler, P, n_max):
     """The compiled sampler == ``numerics.range_counts`` == the explicit per-sample sum, for ranges
-    that start and end anywhere in [0, n_max] (stratified: the closed form's per-bit terms), with
-    P small enough that n_max = 2**P (every point of the stream used)."""
+    from and to 0 or a power of two (what main and refinement draw; i.i.d. also anywhere), with P
+    small enough that n_max = 2**P (every point of the stream used)."""
     spec = dataclasses.replace(conv_spec("3x3_pad1", "intdot", n_max, 3, 2, P=P), sampler=sampler)
     spec = KernelSpec(**{f.name: getattr(spec, f.name) for f in dataclasses.fields(KernelSpec)})
     func = psb_sample_kernel(spec, "psb_test_sample_ranges")
@@ -483,7 +483,10 @@ def test_sampler_kernel_every_range(sampler, P, n_max):
     enc = nm.encode_weights(make_weights(np.random.default_rng(P), spec.w_shape), P=P)
     thr = tvm.runtime.tensor(enc.threshold, DEV)
     out = tvm.runtime.empty(spec.w_shape, "int16", DEV)
-    for lo, hi in [(0, 1), (0, 8), (8, 16), (0, n_max), (3, 11), (5, 5), (0, n_max - 1), (7, n_max)]:
+    ranges = [(0, 1), (0, 8), (8, 16), (0, n_max), (n_max // 2, n_max), (4, 4), (1, 2)]
+    if sampler == "iid":
+        ranges += [(3, 11), (5, 5), (0, n_max - 1), (7, n_max)]
+    for lo, hi in ranges:
         for seed in (1, 2**32 - 1):
             lib(thr, lo, hi, seed, out)
             ref = nm.range_counts(enc, lo, hi, seed, 2, sampler)
@@ -494,11 +497,14 @@ def test_sampler_kernel_every_range(sampler, P, n_max):
 @pytest.mark.parametrize("case", ["oihw_depthwise", "ohwi_3x3", "vnni_3x3", "vnni_stem_c3", "oi_dense"])
 def test_pack_kernel_equals_pack_weights(case):
     """The run-time pack kernel (sampled modules, the weight cache) writes exactly what
-    ``pack_weights`` makes at compile time for a frozen module, ``wsum`` included."""
+    ``pack_weights`` makes at compile time for a frozen module, ``wsum`` included, and so does the
+    draw kernel that computes the stratified counts itself."""
     spec = PREPACKED_CASES[case](8)
     spec = KernelSpec(**{f.name: getattr(spec, f.name) for f in dataclasses.fields(KernelSpec)})
     func = psb_pack_kernel(spec, "psb_test_pack")
     lib = tvm.compile(PSBPack().apply(func, TARGET, False).mod["main"], target=TARGET)
+    draw_lib = tvm.compile(PSBPack().apply(psb_pack_kernel(spec, "psb_test_draw", draw=True), TARGET, False).mod["main"],
+                           target=TARGET)
     enc = nm.encode_weights(make_weights(np.random.default_rng(7), spec.w_shape), E=spec.E)
     for n in (1, 8):
         counts = nm.sample_counts(enc, n, 3, 1)
@@ -508,8 +514,15 @@ def test_pack_kernel_equals_pack_weights(case):
         lib(*args, n, *got)
         for g, w in zip(got, want):
             np.testing.assert_array_equal(g.numpy(), w)
+        # the draw kernel (stratified: closed-form counts in place) from the thresholds and seed
+        drawn = [tvm.runtime.empty(a.shape, str(a.dtype), DEV) for a in want]
+        draw_lib(tvm.runtime.tensor(enc.threshold, DEV), *args[1:], n, 3, *drawn)
+        for g, w in zip(drawn, want):
+            np.testing.assert_array_equal(g.numpy(), w)
     with pytest.raises(ValueError, match="intdot"):
         psb_pack_kernel(dataclasses.replace(spec, lowering="shiftadd"), "x")
+    with pytest.raises(ValueError, match="stratified"):
+        psb_pack_kernel(dataclasses.replace(spec, sampler="iid"), "x", draw=True)
 
 
 @pytest.mark.parametrize("lowering", ["intdot", "shiftadd", "bitserial"])

@@ -47,7 +47,22 @@ class PSBPack(CPUScheduleRule):
             return None
         sch = s_tir.Schedule(func)
         q = sch.get_sblock("q")
-        _parallel_spatial(sch, q, len(sch.get_loops(q)))
+        # Parallel over the outer two loops only: fusing the whole nest made every element recover
+        # its 4-6 coordinates with div/mod (measured 2.4 ms for a 512x512x3x3 VNNI pack).
+        loops = sch.get_loops(q)
+        _parallel_spatial(sch, q, min(2, len(loops)))
+        # Vectorize the innermost run of the packed layout (vnni: 16 outputs x 4 channels; OHWI
+        # and dense: input channels): the hash and closed form of a draw kernel run 16 lanes at a
+        # time (the encoding reads become gathers). Measured on a 512x512x3x3 VNNI draw: 1.06 ms
+        # scalar.
+        loops = sch.get_loops(q)
+        if len(loops) >= 2:
+            inner = loops[-2:] if func.attrs.get("psb.layout") in ("vnni", "dp4a") else loops[-1:]
+            fused = sch.fuse(*inner) if len(inner) > 1 else inner[0]
+            lanes = largest_divisor(int(sch.get(fused).extent), VECTOR_LANES)
+            if lanes >= 8:
+                _, vec = sch.split(fused, [None, lanes])
+                sch.vectorize(vec)
         if "wsum" in block_names(sch):
             wsum = sch.get_sblock("wsum")
             sch.parallel(sch.get_loops(wsum)[0])
