@@ -19,7 +19,7 @@ from .numerics import SAMPLERS
 # "auto" + schedules.kernels.LOWERINGS (spelled out: importing the kernels loads TVM; a test checks they agree)
 LOWERING_CHOICES = ("auto", "intdot", "shiftadd", "bitserial")
 ACCURACY_KNOB = (
-    "PSB represents each weight as s*2^k*(1+B/n) with B ~ Binomial(n, p): the sample count n "
+    "PSB represents each weight as s*2^k*(1+B/n), B the ones among n samples of probability p: the sample count n "
     "(a power of two) is the accuracy knob. More samples = closer to float and more work."
 )
 

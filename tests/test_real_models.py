@@ -55,8 +55,11 @@ def test_mtcnn_psb_agrees_with_float_and_improves_with_n(net):
     module = psb_tvm.compile(str(batched), samples=16, calibration={"input": calib})
     assert all(l["status"] == "psb" for l in module.layers), module.report()
     m = {n: zoo.mtcnn_metrics(net, ref, zoo.run_batched(lambda b: module.run(b, samples=n), x, BATCH))
-         for n in (1, 8, 64)}
+         for n in (1, 8, 16, 64)}
     assert m[64]["decision_agreement"] >= MTCNN_MIN_AGREEMENT[net], m
+    # the stratified sampler reaches at n=16 what the i.i.d. one needed n=64 for (measured on these
+    # 32 inputs: pnet 99.8%, rnet 96.9%, onet 100%)
+    assert m[16]["decision_agreement"] >= MTCNN_MIN_AGREEMENT[net], m
     assert m[64]["prob_mae"] < m[8]["prob_mae"] < m[1]["prob_mae"], m
     assert m[64]["box_mae"] < m[1]["box_mae"], m
     assert m[64]["prob_mae"] < 0.03, m

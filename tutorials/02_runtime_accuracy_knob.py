@@ -2,8 +2,10 @@
 
     python tutorials/02_runtime_accuracy_knob.py [--fast] [--out-dir DIR]
 
-PSB writes each weight w as s * 2^k * (1 + B/n) with B ~ Binomial(n, p): an unbiased estimate
-whose spread shrinks as the number of samples n grows. One compiled module accepts every power
+PSB writes each weight w as s * 2^k * (1 + B/n), B the ones among n binary samples of probability
+p: an unbiased estimate whose spread shrinks as the number of samples n grows (as 1/n with the
+default stratified samples, where B is floor or ceil of n p; as 1/sqrt(n) with
+``PSBConfig(sampler="iid")``, the paper's B ~ Binomial(n, p)). One compiled module accepts every power
 of two n <= n_max (64 by default) without recompiling. This tutorial shows, on the digits CNN:
 
 1. accuracy and cost (the paper's additions) vs n;
