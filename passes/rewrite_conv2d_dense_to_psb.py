@@ -191,7 +191,7 @@ def rewrite_to_psb(mod: tvm.IRModule, layers: list[PSBLayer], frozen: dict | Non
             sample=add("psb_sample", psb_sample_kernel),
             layer=add("psb", psb_layer_kernel, layer_spec),
             masked=None if frozen is not None else add("psb_masked", psb_masked_kernel),
-            threshold=relax.const(enc.threshold),
+            threshold=relax.const(np.asarray(enc.threshold).astype(spec.threshold_dtype)),
             encoding=[] if packed is not None else [relax.const(a) for a in (enc.sign, enc.normal, enc.shift)],
             epilogue=[relax.const(a) for a in (layer.scale, layer.bias)],
             packed=packed,

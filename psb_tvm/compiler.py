@@ -81,10 +81,11 @@ def _default_samples(samples, names: list) -> tuple[int, list]:
     return int(samples.get("default", max(per_layer, default=16))), per_layer
 
 
-def _spec(site, lowering, config, act_bits, frac_bits, signed, gpu: bool) -> KernelSpec:
+def _spec(site, lowering, config, act_bits, frac_bits, signed, gpu: bool, threshold_dtype: str = "int32") -> KernelSpec:
     common = dict(kind=site.kind, lowering=lowering, w_shape=tuple(site.weight.shape), n_max=config.n_max,
                   layer=site.index, E=config.E, P=config.P, act_bits=act_bits, act_signed=signed,
-                  frac_bits=frac_bits, activation=site.activation, gpu=gpu, sampler=config.sampler)
+                  frac_bits=frac_bits, activation=site.activation, gpu=gpu, sampler=config.sampler,
+                  threshold_dtype=threshold_dtype)
     shape = tuple(int(v) for v in site.data.ty.shape.values)
     if site.kind == "dense":
         rows = int(np.prod(shape[:-1]))
@@ -188,8 +189,9 @@ def plan(onnx_model, target="llvm", seed: int = 0, input_shapes: dict | None = N
         act_bits, frac = choose_width(st, config.layer_act_bits.get(site.name, config.act_bits), config.act_range,
                                       config.act_percentile, config.act_headroom, config.act_auto_error)
         lowering, lowering_source = _lowering(site, config, lowering_choices, tgt)
-        spec = _spec(site, lowering, config, act_bits, frac, st.signed, gpu=tgt.kind.name == "cuda")
         enc = numerics.encode_weights(site.weight, config.E, config.P, config.per_channel)
+        spec = _spec(site, lowering, config, act_bits, frac, st.signed, gpu=tgt.kind.name == "cuda",
+                     threshold_dtype="uint16" if int(enc.threshold.max(initial=0)) < 1 << 16 else "int32")
         bias = site.bias if site.bias is not None else np.zeros(site.weight.shape[0], np.float32)
         layers.append(PSBLayer(site.index, site.name, spec, enc, numerics.output_scale(enc.k_lo, frac, 1),
                                bias.astype(np.float32)))
@@ -199,6 +201,7 @@ def plan(onnx_model, target="llvm", seed: int = 0, input_shapes: dict | None = N
                             "weight_layout": spec.weight_layout if lowering == "intdot" else lowering,
                             "frac_bits": frac, "act_dtype": spec.act_dtype,
                             "acc_dtype": spec.acc_dtype, "q_dtype": spec.q_dtype, "act_max_abs": st.max_abs,
+                            "threshold_dtype": spec.threshold_dtype,
                             "act_bits": act_bits,
                             # the |x| the fixed point holds (max or percentile, times the headroom)
                             "act_range": st.range(config.act_range, config.act_percentile, config.act_headroom),

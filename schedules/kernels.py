@@ -59,6 +59,10 @@ class KernelSpec:
     # The sample stream (numerics.SAMPLERS): "stratified" counts in closed form, "iid" sums the
     # per-sample hash bits.
     sampler: str = "stratified"
+    # Storage of the thresholds: "uint16" when every threshold of the layer is below 2**16 (P <= 16
+    # and no weight rounds up to the next power of two), else "int32". The same integers either
+    # way; the samplers read half the bytes (measured: the draw kernel is memory-bound).
+    threshold_dtype: str = "int32"
 
     @property
     def reduction_size(self) -> int:
@@ -188,7 +192,7 @@ def psb_sample_kernel(spec: KernelSpec, name: str) -> tvm.tirx.PrimFunc:
     must each be 0 or a power of two (``main`` draws ``[0, n)``, refinement ``[n, 2n)``; the
     runtime checks), and at most ``n_max``.
     """
-    thr = te.placeholder(spec.w_shape, "int32", name="threshold")
+    thr = te.placeholder(spec.w_shape, spec.threshold_dtype, name="threshold")
     lo = tirx.Var("lo", "int64")
     hi = tirx.Var("hi", "int64")
     seed = tirx.Var("seed", "int64")
@@ -197,8 +201,9 @@ def psb_sample_kernel(spec: KernelSpec, name: str) -> tvm.tirx.PrimFunc:
 
         def count(*i):
             def body(o):
-                return (stratified_count(o, thr[i], hi, spec.P, max_log2)
-                        - stratified_count(o, thr[i], lo, spec.P, max_log2)).astype(COUNTS_DTYPE)
+                t = thr[i].astype("int32")
+                return (stratified_count(o, t, hi, spec.P, max_log2)
+                        - stratified_count(o, t, lo, spec.P, max_log2)).astype(COUNTS_DTYPE)
 
             return layer_key(seed, spec.layer, lambda key: sample_offset(key, _flat_index(spec.w_shape, i), spec.P, body))
 
@@ -211,7 +216,8 @@ def psb_sample_kernel(spec: KernelSpec, name: str) -> tvm.tirx.PrimFunc:
     r = te.reduce_axis((0, hi - lo), name="j")
 
     def count_iid(*i):
-        bit = layer_key(seed, spec.layer, lambda key: sample_bit(key, _flat_index(spec.w_shape, i), lo + r, thr[i], spec.P))
+        bit = layer_key(seed, spec.layer, lambda key: sample_bit(key, _flat_index(spec.w_shape, i), lo + r,
+                                                                 thr[i].astype("int32"), spec.P))
         return te.sum(bit.astype(COUNTS_DTYPE), axis=r)
 
     counts = te.compute(spec.w_shape, count_iid, name="counts")
@@ -322,7 +328,7 @@ def psb_pack_kernel(spec: KernelSpec, name: str, draw: bool = False) -> tvm.tirx
     if draw:
         if spec.sampler != "stratified":
             raise ValueError("drawing in the pack kernel needs the stratified sampler's closed form")
-        thr = te.placeholder(spec.w_shape, "int32", name="threshold")
+        thr = te.placeholder(spec.w_shape, spec.threshold_dtype, name="threshold")
         seed = tirx.Var("seed", "int64")
         max_log2 = int(spec.n_max).bit_length() - 1
 
@@ -330,7 +336,7 @@ def psb_pack_kernel(spec: KernelSpec, name: str, draw: bool = False) -> tvm.tirx
             def __getitem__(self, i):
                 return layer_key(seed, spec.layer, lambda key: sample_offset(
                     key, _flat_index(spec.w_shape, i), spec.P,
-                    lambda o: stratified_count(o, thr[i], n, spec.P, max_log2))).astype(COUNTS_DTYPE)
+                    lambda o: stratified_count(o, thr[i].astype("int32"), n, spec.P, max_log2))).astype(COUNTS_DTYPE)
 
         counts, inputs = _Drawn(), [thr]
     q = _weight_stage(dataclasses.replace(spec, prepacked=False), counts, sign, normal, shift, n)

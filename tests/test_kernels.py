@@ -469,19 +469,24 @@ def test_tir_layer_key_matches_reference():
         np.testing.assert_array_equal(out.numpy(), [int(nm.layer_key(int(v), layer)) for v in seeds])
 
 
+@pytest.mark.parametrize("thr_dtype", ["int32", "uint16"])
 @pytest.mark.parametrize("sampler", nm.SAMPLERS)
 @pytest.mark.parametrize("P,n_max", [(16, 64), (5, 32)])
-def test_sampler_kernel_every_range(sampler, P, n_max):
+def test_sampler_kernel_every_range(sampler, P, n_max, thr_dtype):
     """The compiled sampler == ``numerics.range_counts`` == the explicit per-sample sum, for ranges
     from and to 0 or a power of two (what main and refinement draw; i.i.d. also anywhere), with P
     small enough that n_max = 2**P (every point of the stream used)."""
-    spec = dataclasses.replace(conv_spec("3x3_pad1", "intdot", n_max, 3, 2, P=P), sampler=sampler)
+    spec = dataclasses.replace(conv_spec("3x3_pad1", "intdot", n_max, 3, 2, P=P), sampler=sampler,
+                               threshold_dtype=thr_dtype)
     spec = KernelSpec(**{f.name: getattr(spec, f.name) for f in dataclasses.fields(KernelSpec)})
     func = psb_sample_kernel(spec, "psb_test_sample_ranges")
     assert func.attrs["psb.sampler"] == sampler
     lib = tvm.compile(PSBSample().apply(func, TARGET, False).mod["main"], target=TARGET)
     enc = nm.encode_weights(make_weights(np.random.default_rng(P), spec.w_shape), P=P)
-    thr = tvm.runtime.tensor(enc.threshold, DEV)
+    assert enc.threshold.max() == 2**P  # values just below a power of two: every sample is one
+    if thr_dtype == "uint16" and P == 16:  # 2**16 does not fit: compile keeps such layers int32
+        enc = dataclasses.replace(enc, threshold=np.minimum(enc.threshold, 2**16 - 1))
+    thr = tvm.runtime.tensor(enc.threshold.astype(thr_dtype), DEV)
     out = tvm.runtime.empty(spec.w_shape, "int16", DEV)
     ranges = [(0, 1), (0, 8), (8, 16), (0, n_max), (n_max // 2, n_max), (4, 4), (1, 2)]
     if sampler == "iid":
@@ -503,9 +508,12 @@ def test_pack_kernel_equals_pack_weights(case):
     spec = KernelSpec(**{f.name: getattr(spec, f.name) for f in dataclasses.fields(KernelSpec)})
     func = psb_pack_kernel(spec, "psb_test_pack")
     lib = tvm.compile(PSBPack().apply(func, TARGET, False).mod["main"], target=TARGET)
-    draw_lib = tvm.compile(PSBPack().apply(psb_pack_kernel(spec, "psb_test_draw", draw=True), TARGET, False).mod["main"],
-                           target=TARGET)
+    draw_lib, draw16_lib = (
+        tvm.compile(PSBPack().apply(psb_pack_kernel(sp, "psb_test_draw", draw=True), TARGET, False).mod["main"],
+                    target=TARGET)
+        for sp in (spec, dataclasses.replace(spec, threshold_dtype="uint16")))
     enc = nm.encode_weights(make_weights(np.random.default_rng(7), spec.w_shape), E=spec.E)
+    enc = dataclasses.replace(enc, threshold=np.minimum(enc.threshold, 2**16 - 1))  # fits uint16
     for n in (1, 8):
         counts = nm.sample_counts(enc, n, 3, 1)
         want = pack_weights(spec, nm.weights_from_counts(enc, counts, n))
@@ -514,11 +522,13 @@ def test_pack_kernel_equals_pack_weights(case):
         lib(*args, n, *got)
         for g, w in zip(got, want):
             np.testing.assert_array_equal(g.numpy(), w)
-        # the draw kernel (stratified: closed-form counts in place) from the thresholds and seed
-        drawn = [tvm.runtime.empty(a.shape, str(a.dtype), DEV) for a in want]
-        draw_lib(tvm.runtime.tensor(enc.threshold, DEV), *args[1:], n, 3, *drawn)
-        for g, w in zip(drawn, want):
-            np.testing.assert_array_equal(g.numpy(), w)
+        # the draw kernel (stratified: closed-form counts in place) from the thresholds and seed,
+        # stored as int32 or (all below 2**16 here) uint16
+        for lib_, thr in ((draw_lib, enc.threshold), (draw16_lib, enc.threshold.astype(np.uint16))):
+            drawn = [tvm.runtime.empty(a.shape, str(a.dtype), DEV) for a in want]
+            lib_(tvm.runtime.tensor(thr, DEV), *args[1:], n, 3, *drawn)
+            for g, w in zip(drawn, want):
+                np.testing.assert_array_equal(g.numpy(), w)
     with pytest.raises(ValueError, match="intdot"):
         psb_pack_kernel(dataclasses.replace(spec, lowering="shiftadd"), "x")
     with pytest.raises(ValueError, match="stratified"):

@@ -90,6 +90,8 @@ def _main(m, x, n, seed):
 def test_cached_runs_equal_sampling_every_call(module):
     m, x, x2 = module
     assert m.metadata["weight_cache"] and m.metadata["sampler"] == "stratified"
+    # thresholds stored in 16 bits where they fit (all of the digits CNN's): the same draws
+    assert {l["threshold_dtype"] for l in m.layers} == {"uint16"}
     m.weight_cache.clear()
     before = m.weight_cache.stats()
     first = m.run(x, samples=8, seed=3)
