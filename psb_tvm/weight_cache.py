@@ -13,6 +13,8 @@ from collections import OrderedDict
 
 import numpy as np
 
+from .errors import ConfigError
+
 #: Default bound of one module's cache: the int16 weights of a ResNet-18 are 22 MiB a draw, so
 #: this keeps about ten configurations.
 DEFAULT_MAX_BYTES = 256 << 20
@@ -48,7 +50,7 @@ class WeightCache:
     @max_bytes.setter
     def max_bytes(self, value: int) -> None:
         if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
-            raise ValueError(f"max_bytes must be an int >= 0, got {value!r}")
+            raise ConfigError(f"weight cache max_bytes must be an int >= 0, got {value!r}")
         with self._lock:
             self._max_bytes = int(value)
             self._evict()

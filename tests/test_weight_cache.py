@@ -45,8 +45,10 @@ def test_lru_evicts_least_recent_within_the_byte_bound():
     assert cache.stats()["entries"] == 0 and not cache.enabled
     cache.get("f", make("f"))
     assert "f" not in cache
-    with pytest.raises(ValueError, match="max_bytes"):
+    with pytest.raises(psb_tvm.ConfigError, match="max_bytes"):
         cache.max_bytes = -1
+    with pytest.raises(psb_tvm.ConfigError, match="max_bytes"):
+        WeightCache(max_bytes=1.5)
 
 
 def test_cache_structure_survives_many_threads():
