@@ -41,10 +41,13 @@ def sample_hash(seed: int, layer: int, index, sample, P: int = 16):
     ``u_i = mix32(key ^ i)``; ``h = mix32(u_i ^ (j * GOLDEN)) >> (32 - P)`` (top ``P`` bits).
     ``index`` (flat weight index ``i``) and ``sample`` (``j``) broadcast against each other.
     """
-    key = layer_key(seed, layer)
-    u = mix32(key ^ np.asarray(index, dtype=np.uint32))
     j = (np.asarray(sample, dtype=np.uint64) * GOLDEN % (1 << 32)).astype(np.uint32)
-    return mix32(u ^ j) >> np.uint32(32 - P)
+    return mix32(weight_hash(seed, layer, index) ^ j) >> np.uint32(32 - P)
+
+
+def weight_hash(seed: int, layer: int, index):
+    """The per-weight hash ``u_i = mix32(key(seed, layer) ^ i)`` both sample streams start from."""
+    return mix32(layer_key(seed, layer) ^ np.asarray(index, dtype=np.uint32))
 
 
 #: The sample streams (DESIGN.md section 2): ``"stratified"`` (the default: rotated van der Corput
@@ -61,8 +64,7 @@ def check_sampler(sampler: str) -> str:
 def sample_offset(seed: int, layer: int, index, P: int = 16):
     """The stratified stream's rotation of weight ``i``: ``o_i = mix32(key ^ i) >> (32 - P)``
     (the top ``P`` bits of the per-weight hash ``u_i`` of the i.i.d. stream)."""
-    key = layer_key(seed, layer)
-    return mix32(key ^ np.asarray(index, dtype=np.uint32)) >> np.uint32(32 - P)
+    return weight_hash(seed, layer, index) >> np.uint32(32 - P)
 
 
 def bit_reverse(j, P: int):

@@ -12,6 +12,7 @@ import numpy as np
 
 from .abi import METADATA_FUNC
 from .errors import InputError, ModelLoadError, TargetMismatchError
+from .numerics import check_samples
 from .weight_cache import DEFAULT_MAX_BYTES, WeightCache
 
 
@@ -110,7 +111,6 @@ class PSBModule:
         """Per-PSB-layer sample counts from ``None`` (the compiled default), an int, or a map
         ``{"layer name": n, ..., "default": n}``; each a power of two <= n_max."""
         from .errors import ConfigError
-        from .numerics import check_samples
 
         names = self.psb_layers
         compiled = self.default_samples
@@ -175,14 +175,17 @@ class PSBModule:
         draw. Both default to the values given at compile time; neither recompiles anything. The
         weights of a configuration are made on its first call and kept in ``weight_cache``.
         """
-        extra = self._runtime_args(samples, seed)
+        import tvm
+
+        per_layer, seed = self.resolve_samples(samples), self._resolve_seed(seed)
         args = self._tensors(inputs)
         vm = self._machine()
-        if not extra or not self.metadata.get("weight_cache") or not self.weight_cache.enabled:
-            return self._to_numpy(vm["main"](*args, *extra))
-        samples_arg, seed_arg = extra
-        key = (tuple(int(v) for v in samples_arg), int(seed_arg[0]))
-        weights = self.weight_cache.get(key, lambda: list(vm["weights"](samples_arg, seed_arg)))
+        if not self.metadata.get("runtime_args"):
+            return self._to_numpy(vm["main"](*args))
+        samples_arg, seed_arg = tvm.runtime.ShapeTuple(per_layer), tvm.runtime.ShapeTuple([seed])
+        if not self.metadata.get("weight_cache") or not self.weight_cache.enabled:
+            return self._to_numpy(vm["main"](*args, samples_arg, seed_arg))
+        weights = self.weight_cache.get((tuple(per_layer), seed), lambda: list(vm["weights"](samples_arg, seed_arg)))
         return self._to_numpy(vm["cached"](*args, samples_arg, *weights))
 
     def layer_outputs(self, *inputs, samples=None, seed=None) -> tuple:
@@ -423,9 +426,9 @@ class RefinementSession:
         import tvm
 
         # the stratified sampler's closed form takes ranges from and to 0 or a power of two <= n_max
-        n_max = self.module.metadata["n_max"]
-        if not all(v == 0 or (0 < v <= n_max and not v & (v - 1)) for v in list(lo) + list(hi)):
-            raise ValueError(f"sample ranges must start and end at 0 or a power of two <= {n_max}, got {lo} -> {hi}")
+        for v in list(lo) + list(hi):
+            if v:
+                check_samples(v, self.module.metadata["n_max"])
         vm = self.module._machine()
         out = vm["sample"](tvm.runtime.ShapeTuple(lo), tvm.runtime.ShapeTuple(hi), tvm.runtime.ShapeTuple([self.seed]))
         return [out[i].numpy() for i in range(len(lo))]

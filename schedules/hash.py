@@ -47,6 +47,12 @@ def layer_key(seed: tirx.PrimExpr, layer: int, then):
     return mix32(seed.astype("uint32"), lambda a: mix32(a ^ lay, then))
 
 
+def weight_hash(key: tirx.PrimExpr, flat_index: tirx.PrimExpr, then):
+    """The per-weight hash ``u_i = mix32(key ^ i)`` both sample streams start from; continues with
+    ``then(u_i)``."""
+    return mix32(key ^ flat_index.astype("uint32"), then)
+
+
 def sample_bit(key: tirx.PrimExpr, flat_index: tirx.PrimExpr, sample: tirx.PrimExpr, threshold: tirx.PrimExpr, P: int):
     """``1`` (int32) when ``h(seed, layer, i, j) < t_i``, else ``0``; ``key`` is the layer key (uint32)."""
 
@@ -54,16 +60,13 @@ def sample_bit(key: tirx.PrimExpr, flat_index: tirx.PrimExpr, sample: tirx.PrimE
         top = (h >> _u32(32 - P)).astype("int32")
         return tirx.Select(top < threshold, tirx.const(1, "int32"), tirx.const(0, "int32"))
 
-    return mix32(
-        key ^ flat_index.astype("uint32"),
-        lambda u: mix32(u ^ _mul(sample.astype("uint32"), GOLDEN), compare),
-    )
+    return weight_hash(key, flat_index, lambda u: mix32(u ^ _mul(sample.astype("uint32"), GOLDEN), compare))
 
 
 def sample_offset(key: tirx.PrimExpr, flat_index: tirx.PrimExpr, P: int, then):
     """The stratified stream's rotation ``o_i = mix32(key ^ i) >> (32 - P)`` (int32); continues
     with ``then(o_i)``."""
-    return mix32(key ^ flat_index.astype("uint32"), lambda u: then((u >> _u32(32 - P)).astype("int32")))
+    return weight_hash(key, flat_index, lambda u: then((u >> _u32(32 - P)).astype("int32")))
 
 
 def stratified_count(offset: tirx.PrimExpr, threshold: tirx.PrimExpr, m: tirx.PrimExpr, P: int, max_log2: int):

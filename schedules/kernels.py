@@ -184,6 +184,19 @@ def _flat_index(shape, idx):
     return flat
 
 
+def _stratified(spec: KernelSpec, thr, seed, i, then):
+    """The stratified stream at weight ``i``: ``then(c)`` where ``c(m)`` is the number of ones among
+    its first ``m`` samples (``m`` 0 or a power of two <= n_max, in closed form; int32). The
+    weight's rotation is hashed once, however many prefixes ``then`` counts."""
+    max_log2 = int(spec.n_max).bit_length() - 1
+    t = thr[i].astype("int32")
+
+    def counts(o):
+        return then(lambda m: stratified_count(o, t, m, spec.P, max_log2))
+
+    return layer_key(seed, spec.layer, lambda key: sample_offset(key, _flat_index(spec.w_shape, i), spec.P, counts))
+
+
 def psb_sample_kernel(spec: KernelSpec, name: str) -> tvm.tirx.PrimFunc:
     """``(threshold, lo, hi, seed) -> counts``: ones among samples ``lo <= j < hi`` of every weight.
 
@@ -197,15 +210,8 @@ def psb_sample_kernel(spec: KernelSpec, name: str) -> tvm.tirx.PrimFunc:
     hi = tirx.Var("hi", "int64")
     seed = tirx.Var("seed", "int64")
     if spec.sampler == "stratified":
-        max_log2 = int(spec.n_max).bit_length() - 1
-
         def count(*i):
-            def body(o):
-                t = thr[i].astype("int32")
-                return (stratified_count(o, t, hi, spec.P, max_log2)
-                        - stratified_count(o, t, lo, spec.P, max_log2)).astype(COUNTS_DTYPE)
-
-            return layer_key(seed, spec.layer, lambda key: sample_offset(key, _flat_index(spec.w_shape, i), spec.P, body))
+            return _stratified(spec, thr, seed, i, lambda c: (c(hi) - c(lo)).astype(COUNTS_DTYPE))
 
         counts = te.compute(spec.w_shape, count, name="counts")
         func = te.create_prim_func([thr, lo, hi, seed, counts])
@@ -311,6 +317,16 @@ def _weight_stage(spec: KernelSpec, counts, sign, normal, shift, n, layout: str 
     return te.compute(spec.w_shape, q_value, name="q")
 
 
+def _wsum(spec: KernelSpec, q):
+    """The offset correction of the packed int8 conv, ``wsum[o] = -dot_offset * sum q[o, ...]``
+    (int32), from ``q`` in the vnni / dp4a layout (see ``_vnni_conv``)."""
+    _, KH, KW, C4, _, _ = spec.packed_weight_shape
+    rh, rw, rc, rk = (te.reduce_axis((0, e), name=f"s{i}") for i, e in enumerate((KH, KW, C4, 4)))
+    return te.compute((spec.w_shape[0],), lambda o: te.sum(
+        q[o // 16, rh, rw, rc, o % 16, rk].astype("int32") * tirx.const(-spec.dot_offset, "int32"),
+        axis=[rh, rw, rc, rk]), name="wsum")
+
+
 def psb_pack_kernel(spec: KernelSpec, name: str, draw: bool = False) -> tvm.tirx.PrimFunc:
     """``(counts, sign, normal, shift, n) -> q`` (and ``wsum``): at run time, the weight arguments
     ``pack_weights`` makes at compile time for a frozen module, so a module sampled at run time
@@ -330,23 +346,16 @@ def psb_pack_kernel(spec: KernelSpec, name: str, draw: bool = False) -> tvm.tirx
             raise ValueError("drawing in the pack kernel needs the stratified sampler's closed form")
         thr = te.placeholder(spec.w_shape, spec.threshold_dtype, name="threshold")
         seed = tirx.Var("seed", "int64")
-        max_log2 = int(spec.n_max).bit_length() - 1
 
         class _Drawn:  # counts[i] = B_i(n), in closed form
             def __getitem__(self, i):
-                return layer_key(seed, spec.layer, lambda key: sample_offset(
-                    key, _flat_index(spec.w_shape, i), spec.P,
-                    lambda o: stratified_count(o, thr[i].astype("int32"), n, spec.P, max_log2))).astype(COUNTS_DTYPE)
+                return _stratified(spec, thr, seed, i, lambda c: c(n).astype(COUNTS_DTYPE))
 
         counts, inputs = _Drawn(), [thr]
     q = _weight_stage(dataclasses.replace(spec, prepacked=False), counts, sign, normal, shift, n)
     outputs = [q]
-    if spec.dot_offset:  # -offset * sum q[o, ...] over the packed layout (see _vnni_conv)
-        _, KH, KW, C4, _, _ = spec.packed_weight_shape  # the vnni / dp4a layout
-        rh, rw, rc, rk = (te.reduce_axis((0, e), name=f"s{i}") for i, e in enumerate((KH, KW, C4, 4)))
-        outputs.append(te.compute((spec.w_shape[0],), lambda o: te.sum(
-            q[o // 16, rh, rw, rc, o % 16, rk].astype("int32") * tirx.const(-spec.dot_offset, "int32"),
-            axis=[rh, rw, rc, rk]), name="wsum"))
+    if spec.dot_offset:
+        outputs.append(_wsum(spec, q))
     params = inputs + [sign, normal, shift, n] + ([seed] if draw else []) + outputs
     func = te.create_prim_func(params)
     return func.with_attrs({"global_symbol": name, "psb.kind": "pack", "psb.layout": spec.weight_layout,
@@ -608,10 +617,7 @@ def _vnni_conv(spec: KernelSpec, name, expose_acc, params, q, padded, finish):
         if spec.prepacked:  # a compile-time constant next to q (pack_weights)
             wsum = params[2]
         else:
-            sh_, sw_, sc, sk = (te.reduce_axis((0, e), name=f"s{i}") for i, e in enumerate((KH, KW, C4 // 4, 4)))
-            wsum = te.compute((O,), lambda o: te.sum(
-                q[o // 16, sh_, sw_, sc, o % 16, sk].astype("int32") * tirx.const(-offset, "int32"),
-                axis=[sh_, sw_, sc, sk]), name="wsum")
+            wsum = _wsum(spec, q)
 
         class _Corrected:  # acc[b, y, x, o] + wsum[o], read where the epilogue reads acc
             def __getitem__(self, idx):

@@ -14,6 +14,14 @@ from psb_tvm.weight_cache import WeightCache, tensor_bytes
 SHAPES = {"input": (10, 1, 8, 8)}
 
 
+def _run_threads(worker, count: int) -> None:
+    threads = [threading.Thread(target=worker, args=(t,)) for t in range(count)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+
+
 def _tensors(nbytes: int, value: int = 0) -> list:
     return [tvm.runtime.tensor(np.full(nbytes, value, np.int8))]
 
@@ -65,11 +73,7 @@ def test_cache_structure_survives_many_threads():
             if int(got[0].numpy()[0]) != k:
                 errors.append((k, int(got[0].numpy()[0])))
 
-    threads = [threading.Thread(target=worker, args=(t,)) for t in range(16)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    _run_threads(worker, 16)
     assert not errors
     st = cache.stats()
     assert st["entries"] <= 4 and st["bytes"] == 64 * st["entries"]
@@ -145,10 +149,6 @@ def test_one_module_from_several_threads(module):
             if not np.array_equal(m.run(x, samples=n, seed=s), want[(n, s)]):
                 errors.append((t, i))
 
-    threads = [threading.Thread(target=worker, args=(t,)) for t in range(4)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    _run_threads(worker, 4)
     assert not errors
     assert m.weight_cache.stats()["entries"] == 4
