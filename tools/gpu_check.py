@@ -31,11 +31,11 @@ _CUDA_DRIVER_SYMBOLS = ("cuDeviceGetName", "cuFuncSetAttribute", "cuGetErrorName
                         "cuLaunchKernelEx", "cuModuleGetFunction", "cuModuleLoadData", "cuModuleUnload",
                         "cuTensorMapEncodeTiled")
 # pass criteria vs the CPU reference: max |err| <= rtol * max |ref|, and top-1 agreement
-TOLERANCE = {"psb": {"rtol": 2e-2, "top1": 0.98}, "psb_int8": {"rtol": 2e-2, "top1": 0.98},
+TOLERANCE = {"psb": {"rtol": 2e-2, "top1": 0.98}, "psb_iid": {"rtol": 2e-2, "top1": 0.98}, "psb_int8": {"rtol": 2e-2, "top1": 0.98},
              "fp32": {"rtol": 1e-3, "top1": 1.0}, "fp16": {"rtol": 5e-2, "top1": 0.95}}
-#: psb: sampled at run time (n = SAMPLES); psb_int8: the int8 preset frozen at INT8_SAMPLES (weights
+#: psb: sampled at run time (n = SAMPLES, stratified sampler); psb_iid: the same with the i.i.d. sampler; psb_int8: the int8 preset frozen at INT8_SAMPLES (weights
 #: prepacked for __dp4a); fp32 / fp16: TVM's float module of the same model.
-VARIANTS = ("psb", "psb_int8", "fp32", "fp16")
+VARIANTS = ("psb", "psb_iid", "psb_int8", "fp32", "fp16")
 INT8_SAMPLES = 8
 INPUT_GRID = 32  # image inputs are int8 codes / INPUT_GRID (see _model_data)
 # MobileNetV2's fp32 module only at batch 64: with it at batch 1 too the check is over 64 MiB
@@ -258,12 +258,13 @@ def prepare(args) -> int:
                 warnings.simplefilter("ignore")
                 t0 = time.time()
                 wanted = _variants_at(variants, batch)
-                if "psb" in wanted:
-                    cpu = psb_tvm.compile(model, target="llvm", samples=16, seed=SEED, input_shapes=shapes,
-                                          calibration={"input": calib})
-                    for n in SAMPLES:
-                        refs[f"psb_n{n}"] = f"{stem}_ref_psb_n{n}.npy"
-                        np.save(os.path.join(out, refs[f"psb_n{n}"]), cpu.run(x, samples=n, seed=SEED))
+                for variant, sampler in (("psb", "stratified"), ("psb_iid", "iid")):
+                    if variant in wanted:
+                        cpu = psb_tvm.compile(model, target="llvm", samples=16, seed=SEED, input_shapes=shapes,
+                                              calibration={"input": calib}, config=PSBConfig(sampler=sampler))
+                        for n in SAMPLES:
+                            refs[f"{variant}_n{n}"] = f"{stem}_ref_{variant}_n{n}.npy"
+                            np.save(os.path.join(out, refs[f"{variant}_n{n}"]), cpu.run(x, samples=n, seed=SEED))
                 if "psb_int8" in wanted:  # the same frozen int8 module, built for the CPU
                     cpu = psb_tvm.compile(model, target="llvm", samples=INT8_SAMPLES, seed=SEED, input_shapes=shapes,
                                           calibration={"input": calib}, config=PSBConfig.preset("int8"), frozen=True)
@@ -280,6 +281,8 @@ def prepare(args) -> int:
                 builders = {
                     "psb": lambda: psb_tvm.compile(model, target=target, samples=16, seed=SEED, input_shapes=shapes,
                                                    calibration={"input": calib}),
+                    "psb_iid": lambda: psb_tvm.compile(model, target=target, samples=16, seed=SEED, input_shapes=shapes,
+                                                       calibration={"input": calib}, config=PSBConfig(sampler="iid")),
                     "psb_int8": lambda: psb_tvm.compile(model, target=target, samples=INT8_SAMPLES, seed=SEED,
                                                         input_shapes=shapes, calibration={"input": calib},
                                                         config=PSBConfig.preset("int8"), frozen=True),
@@ -297,7 +300,8 @@ def prepare(args) -> int:
                         print(msg, flush=True)
                         manifest["errors"].append(msg)
                         continue
-                    ref_keys = {"psb": [f"psb_n{n}" for n in SAMPLES], "psb_int8": ["psb_int8"]}.get(variant, ["float"])
+                    ref_keys = {"psb": [f"psb_n{n}" for n in SAMPLES], "psb_iid": [f"psb_iid_n{n}" for n in SAMPLES],
+                                "psb_int8": ["psb_int8"]}.get(variant, ["float"])
                     entry = {"model": name, "batch": batch, "variant": variant, "file": os.path.basename(path),
                              "input": f"{stem}_input.npy", "input_shape": list(x.shape), "input_scale": input_scale,
                              "refs": {k: refs[k] for k in ref_keys},
@@ -521,7 +525,7 @@ def run(args) -> int:
         variants = [(n, [x, ffi.Shape([n] * entry["n_psb_layers"]), ffi.Shape([manifest["seed"]])])
                     for n in manifest["samples"]] if entry["runtime_args"] else [(None, [x])]
         for n, call_args in variants:
-            key = f"psb_n{n}" if n is not None else next(iter(entry["refs"]))
+            key = f"{entry['variant']}_n{n}" if n is not None else next(iter(entry["refs"]))
             name = label + (f" n={n}" if n is not None else "")
             try:
                 got = m.to_numpy(m.main(*call_args))
@@ -585,7 +589,7 @@ def main(argv=None) -> int:
                    help="comma list of models from benchmarks/models.py, each optionally with its own variants "
                         f"(name:v+v); default {DEFAULT_MODELS} (resnet18 modules are over the 64 MiB carry limit)")
     p.add_argument("--batches", default="1,64")
-    p.add_argument("--variants", default=None, help="default psb,psb_int8,fp32,fp16 (cpu: psb,psb_int8,fp32; an fp16 llvm "
+    p.add_argument("--variants", default=None, help="default psb,psb_iid,psb_int8,fp32,fp16 (cpu: psb,psb_iid,psb_int8,fp32; an fp16 llvm "
                                                     "module crashes in its cast kernel when driven by the runtime-only libraries)")
     p.add_argument("--device", default="cuda", choices=("cuda", "cpu"), help="cpu: llvm modules, for a dry run here")
     p.add_argument("--quick", action="store_true", help="digits, batch 1 and 64 only (the default set) and no wheel download")
@@ -606,7 +610,7 @@ def main(argv=None) -> int:
         if args.quick:
             args.models, args.no_runtime = "digits", True
         if args.variants is None:
-            args.variants = "psb,psb_int8,fp32,fp16" if args.device == "cuda" else "psb,psb_int8,fp32"
+            args.variants = "psb,psb_iid,psb_int8,fp32,fp16" if args.device == "cuda" else "psb,psb_iid,psb_int8,fp32"
         return prepare(args)
     return run(args)
 
