@@ -11,6 +11,8 @@ from dataclasses import dataclass, field
 import numpy as np
 from tvm import ir, relax
 
+from psb_tvm.errors import UnsupportedModelError
+
 LINEAR_OPS = {
     "relax.nn.conv2d": "conv2d",
     "relax.matmul": "dense",
@@ -36,6 +38,8 @@ class LayerSite:
     fused_vars: list = field(default_factory=list)  # bindings absorbed into the kernel
     reason: str = ""  # why the site cannot be PSB ("" when it can)
     name: str = ""
+    # the output has >= 2**31 elements: no kernel (PSB or float) can be built for it (name_sites refuses it)
+    output_too_large: bool = False
 
     @property
     def convertible(self) -> bool:
@@ -195,6 +199,34 @@ def _check_dense(call) -> tuple[np.ndarray | None, str]:
     return np.ascontiguousarray(w.T), ""
 
 
+#: Elements of a tensor the PSB kernels index with int32 (the CPU and GPU schedules assume it): a layer
+#: whose input (padded as the kernels pad it) or weights reach this stays float; one whose output
+#: reaches it cannot be built at all (TVM's float schedules index it with int32 as well).
+MAX_KERNEL_ELEMENTS = 1 << 31
+
+
+def _round_up(v: int, m: int) -> int:
+    return -(-v // m) * m
+
+
+def _size_reason(kind: str, call, data_shape, weight_shape, out_shape) -> tuple[str, bool]:
+    """``("too large: ...", output too large)`` when a buffer of the layer's PSB kernels would have
+    >= 2**31 elements, else ``("", False)``."""
+    x = int(np.prod(data_shape, dtype=object))
+    if kind == "conv2d":  # the padded activation buffers: rows to 16 columns, channels to 4
+        n, c, h, w = data_shape
+        pad = [int(p) for p in call.attrs.padding]
+        x = max(x, n * _round_up(c, 4) * (h + pad[0] + pad[2]) * _round_up(w + pad[1] + pad[3], 16))
+        o, cg, kh, kw = weight_shape
+        weights = _round_up(o, 16) * kh * kw * _round_up(cg, 4)
+    else:
+        weights = int(np.prod(weight_shape, dtype=object))
+    for what, count in (("output", int(np.prod(out_shape or (0,), dtype=object))), ("input", x), ("weight", weights)):
+        if count >= MAX_KERNEL_ELEMENTS:
+            return f"too large: {count} {what} elements >= 2^31 (the PSB kernels index with int32)", what == "output"
+    return "", False
+
+
 def find_layer_sites(func: relax.Function) -> list[LayerSite]:
     """Every linear call site of ``func`` with its fusable epilogue and a reason when it is not PSB."""
     users = _users(func)
@@ -212,6 +244,9 @@ def find_layer_sites(func: relax.Function) -> list[LayerSite]:
             site.weight, site.reason = _check_dense(call)
         else:
             site.reason = f"{call.op.name} is not supported by PSB"
+        if not site.reason:
+            site.reason, site.output_too_large = _size_reason(kind, call, _static_shape(site.data), site.weight.shape,
+                                                              _static_shape(b.var))
         if site.reason:
             continue
         channels = site.weight.shape[0]
@@ -242,7 +277,8 @@ def find_layer_sites(func: relax.Function) -> list[LayerSite]:
 
 
 def name_sites(sites: list[LayerSite], onnx_names: dict) -> None:
-    """Give sites their ONNX node names: the i-th site of a kind is the i-th ONNX node of that kind.
+    """Give sites their ONNX node names: the i-th site of a kind is the i-th ONNX node of that kind;
+    then refuse (``UnsupportedModelError``, naming them) layers whose output is too large to build.
 
     When the counts of a kind disagree (an importer that emits extra matmuls, say), that kind's
     sites get positional names such as ``dense_3`` instead of guessed ones.
@@ -255,3 +291,9 @@ def name_sites(sites: list[LayerSite], onnx_names: dict) -> None:
         use_onnx = len(names) == len(kind_sites) and len(set(names)) == len(names)
         for i, s in enumerate(kind_sites):
             s.name = names[i] if use_onnx else f"{kind}_{i}"
+    big = [s for s in sites if s.output_too_large]
+    if big:
+        what = "; ".join(f"layer {s.name!r} ({s.kind}): {s.reason.split(' (')[0].removeprefix('too large: ')}"
+                         for s in big)
+        raise UnsupportedModelError(f"too large to build: {what} (TVM's conv / matmul schedules index tensors with "
+                                    "int32, float or PSB alike); use a smaller batch or input size")

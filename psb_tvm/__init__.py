@@ -9,8 +9,8 @@ from .allocate import Allocation, allocate
 from .compiler import __version__, compile  # noqa: A004 - mirrors tvm.compile
 from .config import PSBConfig
 from .diagnose import Diagnosis, LayerDiagnosis, diagnose
-from .errors import (ConfigError, DynamicShapeError, InputError, ModelLoadError, PSBError, TargetMismatchError,
-                     UnsupportedModelError)
+from .errors import (ConfigError, DynamicShapeError, InputError, ModelLoadError, OutputError, PSBError,
+                     TargetMismatchError, UnsupportedModelError)
 from .evaluate import EvalReport, Preprocess, evaluate
 from .runtime import PSBModule, load
 from .tuning import TuneResult, TuningError, TuningWarning, tune
@@ -24,6 +24,7 @@ __all__ = [
     "DynamicShapeError",
     "InputError",
     "LayerDiagnosis",
+    "OutputError",
     "ModelLoadError",
     "PSBConfig",
     "PSBError",

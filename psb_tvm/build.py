@@ -10,6 +10,7 @@ from tvm.relax.backend.cpu_generic import pipeline as cpu_generic
 from tvm.s_tir import dlight
 
 from .abi import METADATA_FUNC
+from .passes.assert_sample_bounds import AssertSampleBounds
 from .schedules.cpu import default_rules
 from .schedules.gpu import default_rules as gpu_rules
 
@@ -65,6 +66,7 @@ def build(mod: tvm.IRModule, target: tvm.target.Target, tuning_db=None, metadata
         # for the rest); all are marked scheduled, so TVM's CUDA pipeline leaves them alone and
         # gives only the float glue its default rules.
         mod, metadata["schedules"] = schedule(mod, target, tuning_db)
+        mod = _bound_samples(mod, metadata)
         # Modules without run-time arguments besides the inputs (frozen, or all float) replay their
         # kernel sequence as one CUDA graph (captured on the first call): a MobileNetV2 is ~150
         # kernel launches, which at batch 1 cost more than the kernels. Sampled modules take n and
@@ -79,8 +81,14 @@ def build(mod: tvm.IRModule, target: tvm.target.Target, tuning_db=None, metadata
     if target.kind.name != "llvm":
         raise NotImplementedError(f"target kind {target.kind.name!r} is not supported; use llvm (CPU) or cuda")
     mod, metadata["schedules"] = schedule(legalize(mod, target), target, tuning_db)
-    mod = attach_string(mod, METADATA_FUNC, json.dumps(metadata))
+    mod = attach_string(_bound_samples(mod, metadata), METADATA_FUNC, json.dumps(metadata))
     return tvm.compile(mod, target=target, relax_pipeline=_finish_pipeline(target)), metadata
+
+
+def _bound_samples(mod: tvm.IRModule, metadata: dict) -> tvm.IRModule:
+    """The kernels' own check of their sample counts (after scheduling: the schedule rules and
+    tuning see the kernels as written)."""
+    return AssertSampleBounds(metadata["n_max"])(mod) if "n_max" in metadata else mod
 
 
 def attach_string(mod: tvm.IRModule, name: str, text: str) -> tvm.IRModule:

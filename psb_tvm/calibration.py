@@ -126,7 +126,14 @@ def normalize_calibration(calibration, inputs: list, fallback_samples: int, seed
             if count is not None and arr.shape[0] != count:
                 raise ConfigError(f"calibration item {k}: inputs have different sample counts ({count} vs {arr.shape[0]})")
             count = arr.shape[0]
-            arrays[name] = arr.astype(dtype, copy=False)
+            arr = arr.astype(dtype, copy=False)
+            if arr.dtype.kind == "f" and not np.isfinite(arr).all():
+                bad = np.argwhere(~np.isfinite(arr))
+                samples = np.unique(bad[:, 0])
+                raise ConfigError(f"calibration item {k}: input {name!r} has {len(bad)} non-finite value(s) (first "
+                                  f"{arr[tuple(bad[0])]} at index {tuple(int(i) for i in bad[0])}) in {len(samples)} of "
+                                  f"{count} sample(s), e.g. sample {int(samples[0])}; calibration data must be finite")
+            arrays[name] = arr
         result.append(arrays)
     return result, False
 

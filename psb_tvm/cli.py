@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import pathlib
 import sys
-import tempfile
+import zipfile
 
+from .files import resolve_output, write_outputs
 from .numerics import SAMPLERS
 
 # "auto" + schedules.kernels.LOWERINGS (spelled out: importing the kernels loads TVM; a test checks they agree)
@@ -66,16 +68,48 @@ def _samples_spec(text: str):
 
 def _floats(text: str) -> tuple:
     try:
-        return tuple(float(t) for t in text.split(",") if t.strip())
+        values = tuple(float(t) for t in text.split(",") if t.strip())
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+    if not values or not all(math.isfinite(v) for v in values):
+        raise argparse.ArgumentTypeError(f"expected comma-separated finite numbers, got {text!r}")
+    return values
 
 
 def _ints(text: str) -> tuple:
     try:
-        return tuple(int(t) for t in text.split(",") if t.strip())
+        values = tuple(int(t) for t in text.split(",") if t.strip())
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if not values:
+        raise argparse.ArgumentTypeError(f"expected at least one integer, got {text!r}")
+    return values
+
+
+def _size(text: str) -> tuple:
+    """H,W: two positive integers."""
+    values = _ints(text)
+    if len(values) != 2 or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected H,W (two positive integers), got {text!r}")
+    return values
+
+
+def _number(kind, ok, what: str):
+    """An argparse type: ``kind(text)`` that satisfies ``ok``, else a usage error naming ``what``."""
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            value = None
+        if value is None or not ok(value):
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
+        return value
+    return parse
+
+
+_positive_int = _number(int, lambda v: v >= 1, "a positive integer")
+_nonnegative_int = _number(int, lambda v: v >= 0, "an integer >= 0")
+_positive_float = _number(float, lambda v: math.isfinite(v) and v > 0, "a positive finite number")
 
 
 def _input_shape(text: str) -> tuple:
@@ -115,9 +149,10 @@ def _require_file(path, what: str) -> str:
 
 
 def _require_out_dir(path) -> None:
-    directory = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(directory):
-        raise UsageError(f"cannot write {path}: directory {directory} does not exist")
+    """Refuse an output path that cannot be written before any work is done (see ``files``)."""
+    if not str(path):
+        raise UsageError("an output path is empty")
+    resolve_output(path)
 
 
 def _act_bits(text: str):
@@ -143,7 +178,7 @@ def _config(args):
         fields["exclude_first_last"] = True
     if getattr(args, "lowering", None):
         fields["lowering"] = args.lowering
-    if getattr(args, "n_max", None):
+    if getattr(args, "n_max", None) is not None:  # 0 is an error (PSBConfig says so), not "the default"
         fields["n_max"] = args.n_max
     if getattr(args, "sampler", None):
         fields["sampler"] = args.sampler
@@ -185,27 +220,34 @@ def _calibration(path, model, input_shapes):
     names = _onnx_input_names(model)
     try:
         if p.suffix == ".npz":
-            with np.load(p, allow_pickle=False) as z:
+            z = np.load(p, allow_pickle=False)
+            if isinstance(z, np.ndarray):
+                raise UsageError(f"cannot read calibration file {p} as .npz: it is an .npy array (name it .npy)")
+            with z:
                 data = {k: z[k] for k in z.files if k in names}
                 if not data and len(z.files) == 1 and len(names) == 1:
                     data = {names[0]: z[z.files[0]]}
         else:
             if len(names) != 1:
                 raise UsageError(f"calibration {p}: the model has {len(names)} inputs {names}; use a .npz keyed by input name")
-            data = {names[0]: np.load(p, allow_pickle=False)}
-    except (ValueError, OSError) as err:
-        raise UsageError(f"cannot read calibration file {p}: {err}") from None
+            arr = np.load(p, allow_pickle=False)
+            if not isinstance(arr, np.ndarray):  # an .npz archive under another name
+                arr.close()
+                raise UsageError(f"cannot read calibration file {p} as .npy: it is an .npz archive (name it .npz)")
+            data = {names[0]: arr}
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as err:
+        raise UsageError(f"cannot read calibration file {p}: {type(err).__name__}: {err}") from None
     if not data:
         raise UsageError(f"calibration file {p} has no arrays named after the model inputs {names}")
     return data
 
 
 def _input_set_options(p):
-    p.add_argument("--max-inputs", type=int, help="use only the first N inputs")
-    p.add_argument("--resize", type=_ints, metavar="H,W", help="images: resize to H,W (default: the model input's)")
+    p.add_argument("--max-inputs", type=_positive_int, help="use only the first N inputs")
+    p.add_argument("--resize", type=_size, metavar="H,W", help="images: resize to H,W (default: the model input's)")
     p.add_argument("--mean", type=_floats, default=(0.0,), help="images: per-channel mean after scaling, e.g. 0.485,0.456,0.406")
     p.add_argument("--std", type=_floats, default=(1.0,), help="images: per-channel std, e.g. 0.229,0.224,0.225")
-    p.add_argument("--scale", type=float, default=255.0, help="images: pixel values are divided by this (default 255)")
+    p.add_argument("--scale", type=_positive_float, default=255.0, help="images: pixel values are divided by this (default 255)")
     p.add_argument("--layout", choices=["NCHW", "NHWC"], default="NCHW", help="images: model input layout (default NCHW)")
 
 
@@ -267,7 +309,9 @@ def cmd_compile(args) -> int:
     from .compiler import compile as psb_compile
 
     _require_file(args.model, "ONNX model")
-    out = args.output or (pathlib.Path(args.model).stem + "_psb.so")
+    if args.output is not None and not args.output:
+        raise UsageError("-o/--output is empty; give a path or leave it out for the default name")
+    out = args.output if args.output is not None else pathlib.Path(args.model).stem + "_psb.so"
     _require_out_dir(out)
     shapes = dict(args.input_shape) or None
     module = psb_compile(args.model, target=args.target, samples=args.samples, seed=args.seed, input_shapes=shapes,
@@ -336,7 +380,7 @@ def cmd_run(args) -> int:
         xs.append(arr)
     kwargs = {} if module.metadata.get("frozen") and args.samples is None and args.seed is None else \
         {"samples": args.samples, "seed": args.seed}
-    y = module.run(*xs, **kwargs)
+    y = module.run(*xs, **kwargs, nonfinite=args.nonfinite)
     outs = list(y) if isinstance(y, tuple) else [y]
     out_names = module.metadata.get("outputs") or [f"output_{i}" for i in range(len(outs))]
     if args.output:
@@ -357,19 +401,7 @@ def cmd_run(args) -> int:
             times.append(time.perf_counter() - t)
         timing = {"repeats": args.time, "median_ms": 1e3 * float(np.median(times)), "min_ms": 1e3 * float(np.min(times))}
     # all outputs to temp files first, renamed only when every one was written
-    temps = []
-    try:
-        for arr, p in zip(outs, paths):
-            fd, tmp = tempfile.mkstemp(suffix=".npy", prefix=".psb_out_", dir=os.path.dirname(os.path.abspath(p)))
-            os.close(fd)
-            temps.append(tmp)
-            np.save(tmp, arr)
-        for tmp, p in zip(temps, paths):
-            os.replace(tmp, p)
-    finally:
-        for tmp in temps:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+    write_outputs([(p, lambda tmp, arr=arr: np.save(tmp, arr)) for arr, p in zip(outs, paths)], suffix=".npy")
     n_used = module.resolve_samples(kwargs.get("samples"))
     result = {"outputs": [{"name": n, "path": p, "shape": list(a.shape), "dtype": str(a.dtype)}
                           for n, p, a in zip(out_names, paths, outs)],
@@ -477,7 +509,7 @@ def cmd_bench(args) -> int:
         argv = [] if args.full else ["--quick"]
         if args.models:
             argv += ["--models", args.models]
-        if args.repeats:
+        if args.repeats is not None:
             argv += ["--repeats", str(args.repeats)]
         code = runner.main(argv)
         _emit(args, {"benchmarks": str(bench / "run.py"), "argv": argv, "exit_code": code,
@@ -490,12 +522,13 @@ def cmd_bench(args) -> int:
           else np.zeros(shape, dtype) for _, shape, dtype in module.inputs]
     frozen = module.metadata.get("frozen") or not module.psb_layers
     ns = [None] if frozen else (args.samples or [module.samples])
+    repeats = 20 if args.repeats is None else args.repeats
     rows = []
     for n in ns:
         kwargs = {} if n is None else {"samples": n}
         module.run(*xs, **kwargs)  # warm-up
         times = []
-        for _ in range(args.repeats or 20):
+        for _ in range(repeats):
             t = time.perf_counter()
             module.run(*xs, **kwargs)
             times.append(time.perf_counter() - t)
@@ -503,7 +536,7 @@ def cmd_bench(args) -> int:
                      "p10_ms": 1e3 * float(np.percentile(times, 10)), "p90_ms": 1e3 * float(np.percentile(times, 90)),
                      "additions": module.cost(kwargs.get("samples"))["additions"] if module.psb_layers else 0})
     result = {"model": args.model, "threads": os.environ.get("TVM_NUM_THREADS", "1 (TVM default)"),
-              "repeats": args.repeats or 20, "rows": rows}
+              "repeats": repeats, "rows": rows}
     if args.json:
         _emit(args, result)
     else:
@@ -536,11 +569,15 @@ def cmd_info(args) -> int:
 def cmd_demo(args) -> int:
     os.environ.setdefault("TVM_NUM_THREADS", str(os.cpu_count() or 1))
     _require_out_dir(args.out)  # fail before minutes of compiling, not after
+    if args.export_samples is not None and args.export_samples not in args.samples:
+        raise UsageError(f"--export-samples {args.export_samples} is not one of the evaluated --samples "
+                         f"{','.join(map(str, args.samples))}")
     from .demo import digits_study, format_table, median_latency
 
     study = digits_study(samples=args.samples, batch=args.batch, seed=args.seed, progress=not args.json)
     rows = study["rows"]
-    keep = args.export_samples if args.export_samples in study["modules"] else max(study["modules"])
+    keep = args.export_samples if args.export_samples is not None else 16 if 16 in study["modules"] else \
+        max(study["modules"])
     module = study["modules"][keep]
     x = study["x_test"][: args.batch]
     latency = {"float_ms": median_latency(study["float_module"], x), f"psb_n{keep}_ms": median_latency(module, x)}
@@ -557,8 +594,21 @@ def cmd_demo(args) -> int:
 
 
 # ---------------------------------------------------------------------------- parser
+class _ParseError(Exception):
+    """A command-line usage error found by argparse (exit code 2); the usage line is printed already."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that raises instead of exiting on a usage error, so ``main`` can add the ``--json``
+    error object (sub-commands get this class too)."""
+
+    def error(self, message):
+        self.print_usage(sys.stderr)
+        raise _ParseError(f"{self.prog}: error: {message}")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="psb-tvm", formatter_class=argparse.RawDescriptionHelpFormatter,
         description=f"Compile ONNX models to PSB networks with TVM. {ACCURACY_KNOB}\n\n"
                     "One compiled module serves every n up to n_max (choose it per call, even per layer, with "
@@ -584,7 +634,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out-dir", default=".", help="where default-named outputs go (default .)")
     p.add_argument("--samples", type=_samples_spec, default=None, help=f"{SAMPLES_HELP} (default: the compiled default)")
     p.add_argument("--seed", type=int, default=None, help="draw of the sample stream (default: the compiled seed)")
-    p.add_argument("--time", type=int, nargs="?", const=20, default=0, metavar="R",
+    p.add_argument("--nonfinite", choices=("error", "propagate"), default="error",
+                   help="NaN / infinity in a float input: exit 2 naming it (default), or NaN outputs for that batch item")
+    p.add_argument("--time", type=_positive_int, nargs="?", const=20, default=0, metavar="R",
                    help="also time R more runs (default 20) and print the median latency")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=cmd_run)
@@ -636,7 +688,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "benchmarks/run.py of a repository checkout (--quick unless --full).")
     p.add_argument("model", nargs="?", help="compiled .so (omit to run benchmarks/run.py)")
     p.add_argument("--samples", type=_samples_list, help="n values to time, e.g. 1,4,8,16 (default: the compiled n)")
-    p.add_argument("--repeats", type=int, help="timed runs per n (default 20)")
+    p.add_argument("--repeats", type=_positive_int, help="timed runs per n (default 20)")
     p.add_argument("--full", action="store_true", help="benchmarks/run.py: the full run (default --quick)")
     p.add_argument("--models", help="benchmarks/run.py: comma-separated models")
     p.add_argument("--json", action="store_true", help="machine-readable output")
@@ -644,10 +696,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="compile the bundled digits CNN at several n, print accuracy vs float, write the .so")
     p.add_argument("--samples", type=_samples_list, default=[1, 2, 4, 8, 16, 32], help="sample counts to evaluate (default 1,2,4,8,16,32)")
-    p.add_argument("--batch", type=int, default=50, help="compiled batch size (default 50)")
+    p.add_argument("--batch", type=_positive_int, default=50, help="compiled batch size (default 50)")
     p.add_argument("--seed", type=int, default=0, help="sample stream seed (default 0)")
     p.add_argument("--out", default="digits_psb.so", help="where to write the compiled module (default digits_psb.so)")
-    p.add_argument("--export-samples", type=int, default=16, help="which n to export (default 16)")
+    p.add_argument("--export-samples", type=int, default=None,
+                   help="which n to export, one of --samples (default 16 if evaluated, else the largest)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=cmd_demo)
 
@@ -661,14 +714,14 @@ def build_parser() -> argparse.ArgumentParser:
                                    "that 'compile --tuning-db' reapplies. Pass the same model options to both.")
     p.add_argument("model", help="ONNX model file")
     p.add_argument("--work-dir", default="psb_tuning", help="tuning database directory (default psb_tuning); rerun to resume")
-    p.add_argument("--trials", type=int, default=256, help="total measured candidates in the database (default 256)")
-    p.add_argument("--trials-per-task", type=int, help="cap per kernel (default: no cap)")
+    p.add_argument("--trials", type=_nonnegative_int, default=256, help="total measured candidates in the database (default 256)")
+    p.add_argument("--trials-per-task", type=_positive_int, help="cap per kernel (default: no cap)")
     p.add_argument("--samples", type=int, default=8, help="n the kernels are compiled for (schedules serve every n; default 8)")
-    p.add_argument("--threads", type=int, help="threads the kernels are timed with = the threads they will run with "
+    p.add_argument("--threads", type=_positive_int, help="threads the kernels are timed with = the threads they will run with "
                                                "(default: the target's num-cores, else this machine's cores)")
     p.add_argument("--rpc-tracker", metavar="HOST:PORT", help="measure on a device registered with TVM's RPC tracker")
     p.add_argument("--rpc-key", help="the device key registered with the tracker")
-    p.add_argument("--timeout", type=float, default=30.0, help="seconds per build / run before a candidate fails (default 30)")
+    p.add_argument("--timeout", type=_positive_float, default=30.0, help="seconds per build / run before a candidate fails (default 30)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     _model_options(p)
     p.add_argument("--json", action="store_true", help="machine-readable output")
@@ -682,11 +735,18 @@ def main(argv=None) -> int:
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
-    except SystemExit as exc:  # --help (0) or a usage error (2, message already printed)
+    except _ParseError as err:  # a usage error: exit 2 (with the JSON error object under --json)
+        print(err, file=sys.stderr)
+        if "--json" in (sys.argv[1:] if argv is None else [str(a) for a in argv]):
+            print(json.dumps({"error": str(err), "exit_code": 2}))
+        return 2
+    except SystemExit as exc:  # --help, --version (0)
         return int(exc.code or 0)
     json_mode = getattr(args, "json", False)
 
     def fail(code, msg):
+        # one line: messages that quote a multi-line error (TVM's, say) keep it on the same line
+        msg = " | ".join(line.strip() for line in str(msg).strip().splitlines() if line.strip()) or repr(msg)
         print(f"psb-tvm {args.command}: error: {msg}", file=sys.stderr)
         if json_mode:
             print(json.dumps({"error": msg, "exit_code": code}))

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
 
-from . import numerics
+from . import checks, numerics
 from .build import build
 from .calibration import choose_width, collect_stats, normalize_calibration
 from .config import PSBConfig
@@ -111,6 +112,14 @@ def compile(onnx_model, target="llvm", samples: int | dict = 16, seed: int = 0, 
     ``work_dir`` of ``psb_tvm.tune`` (or a MetaSchedule database): its schedules are reapplied
     without retuning; kernels it does not cover get the default schedules.
     """
+    # Argument types first (ConfigError naming the argument), before any import or build.
+    frozen = checks.check_flag("frozen", frozen)
+    input_shapes = checks.check_input_shapes(input_shapes)
+    samples = checks.check_sample_map(samples)
+    config = _check_args(samples, seed, config)
+    calibration = checks.check_calibration(calibration)
+    tuning_db = checks.check_tuning_db(tuning_db)
+    target = checks.check_target(target)
     choices = None
     if tuning_db is not None:
         from .tuning import lowering_choices
@@ -158,11 +167,16 @@ class Plan:
     fallback: bool
     config: PSBConfig
     target: object
+    input_ranges: dict = None  # {float input: [min, max]} over the user's calibration data
 
 
 def plan(onnx_model, target="llvm", seed: int = 0, input_shapes: dict | None = None, calibration=None,
          config: PSBConfig | dict | None = None, lowering_choices: dict | None = None) -> Plan:
-    """Import, select layers, calibrate and encode the weights (no code is generated)."""
+    """Import, select layers, calibrate and encode the weights (no code is generated). The entry of
+    ``compile``, ``tune``, ``diagnose`` and ``allocate``: every public argument is checked here."""
+    input_shapes = checks.check_input_shapes(input_shapes)
+    calibration = checks.check_calibration(calibration)
+    target = checks.check_target(target)
     config = as_config(config)
     try:
         numerics.check_seed(seed)
@@ -188,8 +202,13 @@ def plan(onnx_model, target="llvm", seed: int = 0, input_shapes: dict | None = N
     for site, st in zip(chosen, stats):
         act_bits, frac = choose_width(st, config.layer_act_bits.get(site.name, config.act_bits), config.act_range,
                                       config.act_percentile, config.act_headroom, config.act_auto_error)
+        _warn_range(site.name, st, config, act_bits)
         lowering, lowering_source = _lowering(site, config, lowering_choices, tgt)
-        enc = numerics.encode_weights(site.weight, config.E, config.P, config.per_channel)
+        try:
+            enc = numerics.encode_weights(site.weight, config.E, config.P, config.per_channel)
+        except ValueError as err:
+            raise ConfigError(f"layer {site.name!r}: {err}") from None
+        _check_scale_range(site.name, enc, frac, config.n_max)
         spec = _spec(site, lowering, config, act_bits, frac, st.signed, gpu=tgt.kind.name == "cuda",
                      threshold_dtype="uint16" if int(enc.threshold.max(initial=0)) < 1 << 16 else "int32")
         bias = site.bias if site.bias is not None else np.zeros(site.weight.shape[0], np.float32)
@@ -211,7 +230,38 @@ def plan(onnx_model, target="llvm", seed: int = 0, input_shapes: dict | None = N
                             "layer_id": site.index, "out_shape": list(spec.out_shape),
                             # the paper's cost: one addition per weight, sample and output position
                             "additions_per_sample": int(np.prod(spec.out_shape)) * spec.reduction_size}
-    return Plan(imported, sites, reasons, layers, info, stats, fallback, config, tgt)
+    ranges = {} if fallback else {
+        name: [min(float(b[name].min()) for b in batches), max(float(b[name].max()) for b in batches)]
+        for name, _, dtype in imported.inputs if np.dtype(dtype).kind == "f" and batches}
+    return Plan(imported, sites, reasons, layers, info, stats, fallback, config, tgt, ranges)
+
+
+def _warn_range(name: str, st, config: PSBConfig, bits: int) -> None:
+    """Warn, naming the layer, when its activation scale is a guess: an input that was all zeros on
+    the calibration data, or a range the fixed point cannot follow (``frac_bits`` clamped)."""
+    r = st.range(config.act_range, config.act_percentile, config.act_headroom)
+    if r <= 0:
+        warnings.warn(f"layer {name!r}: its input was 0 on all calibration data; its activation scale (frac_bits=0) is "
+                      "a guess (calibrate with inputs that exercise this layer)", stacklevel=3)
+        return
+    hi = numerics.act_range(bits, st.signed)[1]
+    unclamped = int(np.floor(np.log2(hi / r)))
+    if not -numerics.MAX_FRAC_BITS <= unclamped <= numerics.MAX_FRAC_BITS:
+        warnings.warn(f"layer {name!r}: calibration range {r:.3g} needs frac_bits={unclamped}, clamped to "
+                      f"[-{numerics.MAX_FRAC_BITS}, {numerics.MAX_FRAC_BITS}]: most inputs will saturate or round to 0 "
+                      "(are the calibration inputs scaled like the real ones?)", stacklevel=3)
+
+
+def _check_scale_range(name: str, enc, frac: int, n_max: int) -> None:
+    """The dequantisation ``acc * 2**(k_lo - f - log2 n)`` must stay in float32's normal range for
+    every accumulator up to 2**31 and every n <= n_max; else outputs would be inf or 0."""
+    log2n = int(n_max).bit_length() - 1
+    low = int(enc.k_lo.min()) - frac - log2n
+    high = int(enc.k_lo.max()) - frac + 31
+    if low < -126 or high > 127:
+        raise ConfigError(f"layer {name!r}: weight exponents [{int(enc.k_lo.min())}, {int(enc.k_lo.max()) + enc.E - 1}] "
+                          f"with activation frac_bits={frac} give output scales 2**{low} .. 2**{high}, outside float32's "
+                          "range [2**-126, 2**127]: weights or calibration inputs far out of range")
 
 
 def lower(onnx_model, target="llvm", samples: int = 16, seed: int = 0, input_shapes: dict | None = None,
@@ -269,6 +319,8 @@ def lower_plan(p: Plan, samples: int | dict = 16, seed: int = 0, frozen: bool = 
         "config": config.to_dict(),
         "calibration": "fallback (synthetic standard-normal)" if fallback else "user data" if chosen else "none",
         "inputs": [{"name": n, "shape": list(s), "dtype": d} for n, s, d in imported.inputs],
+        # [min, max] of each float input over the calibration data: run() warns far outside it
+        "input_ranges": p.input_ranges or {},
         "outputs": imported.output_names,
         "layers": [
             {"name": s.name, "op": s.kind, "status": "float" if reasons[s.index] else "psb",

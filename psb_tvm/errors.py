@@ -27,3 +27,8 @@ class InputError(PSBError, ValueError):
 
 class TargetMismatchError(PSBError, RuntimeError):
     """A module built for another target (an Arm board, a GPU) was asked to run on this host."""
+
+
+class OutputError(PSBError, OSError):
+    """An output (exported module, result file) cannot be written; names the path. Nothing is
+    left half-written."""

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 import onnx
 
+from . import onnxsim_worker
 from .errors import DynamicShapeError, ModelLoadError, UnsupportedModelError
 
 #: Models older than this opset are converted up first (TVM's importer covers recent opsets best).
@@ -40,16 +41,52 @@ def load_onnx(model) -> tuple[onnx.ModelProto, str]:
             raise ModelLoadError(f"ONNX model file not found: {source}")
         with open(source, "rb") as f:
             proto = _parse(f.read(), source)
+        _load_external_data(proto, source)
     else:
         raise ModelLoadError(f"expected a path, bytes or onnx.ModelProto, got {type(model).__name__}")
     if not proto.graph.node:
         raise ModelLoadError(f"{source}: the ONNX graph has no nodes (empty or truncated file?)")
     try:
-        onnx.checker.check_model(proto)
-    except onnx.checker.ValidationError as err:
+        # protobuf cannot serialise 2 GiB; onnx's checker reads such a model from its file instead
+        onnx.checker.check_model(source if proto.ByteSize() >= 2**31 and os.path.isfile(source) else proto)
+    except (onnx.checker.ValidationError, ValueError) as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else repr(err)
         raise ModelLoadError(f"{source}: not a valid ONNX model: {first}") from err
     return proto, source
+
+
+def _all_tensors(graph):
+    """Initializers and attribute tensors of ``graph`` and its subgraphs."""
+    yield from graph.initializer
+    for node in graph.node:
+        for attr in node.attribute:
+            yield from ([attr.t] if attr.HasField("t") else []) + list(attr.tensors)
+            for g in ([attr.g] if attr.HasField("g") else []) + list(attr.graphs):
+                yield from _all_tensors(g)
+
+
+def _load_external_data(proto: onnx.ModelProto, source: str) -> None:
+    """Read tensors stored outside the model file (every model over 2 GiB does this) from paths
+    relative to the model's directory, whatever the working directory."""
+    from onnx import external_data_helper as ext
+
+    tensors = [t for t in _all_tensors(proto.graph) if ext.uses_external_data(t)]
+    if not tensors:
+        return
+    base = os.path.dirname(os.path.abspath(source))
+    for t in tensors:
+        location = {e.key: e.value for e in t.external_data}.get("location", "")
+        path = os.path.normpath(os.path.join(base, location))
+        if os.path.isabs(location) or os.path.commonpath([base, path]) != base:
+            raise ModelLoadError(f"{source}: tensor {t.name!r} points outside the model's directory for its "
+                                 f"external data ({location!r})")
+        if not os.path.isfile(path):
+            raise ModelLoadError(f"{source}: external data file {location!r} of tensor {t.name!r} not found "
+                                 f"next to the model ({path})")
+    try:
+        ext.load_external_data_for_model(proto, base)
+    except Exception as err:  # noqa: BLE001 - onnx raises ValueError / OSError on short or bad files
+        raise ModelLoadError(f"{source}: cannot read its external data: {type(err).__name__}: {err}") from err
 
 
 def _parse(data: bytes, source: str) -> onnx.ModelProto:
@@ -143,16 +180,11 @@ def simplify(proto: onnx.ModelProto, source: str) -> onnx.ModelProto:
             proto = onnx.version_converter.convert_version(proto, TARGET_OPSET)
         except Exception as err:  # noqa: BLE001
             warnings.warn(f"{source}: could not convert opset {_opset(proto)} to {TARGET_OPSET} ({err}); importing as is")
-    try:
-        import onnxsim
-
-        simplified, ok = onnxsim.simplify(proto)
-        if ok:
-            return simplified
-        warnings.warn(f"{source}: onnxsim could not validate its simplification; importing the unsimplified model")
-    except Exception as err:  # noqa: BLE001 - onnxsim raises many types on exotic models
-        warnings.warn(f"{source}: onnxsim failed ({type(err).__name__}: {err}); importing the unsimplified model")
-    return onnx.shape_inference.infer_shapes(proto)
+    simplified, why = onnxsim_worker.simplify(proto)
+    if simplified is not None:
+        return simplified
+    warnings.warn(f"{source}: {why}; importing the unsimplified model")
+    return onnx.shape_inference.infer_shapes(proto) if proto.ByteSize() <= onnxsim_worker.MAX_BYTES else proto
 
 
 #: Ops TVM's importer lacks that ``onnx_rewrite`` can rewrite (checked again after the rewrite).

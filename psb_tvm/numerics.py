@@ -226,6 +226,23 @@ def weights_from_counts(enc: EncodedWeights, counts: np.ndarray, n: int) -> np.n
     return enc.sign.astype(np.int64) * ((n * enc.normal.astype(np.int64) + B) << enc.shift.astype(np.int64))
 
 
+def weight_code(enc: EncodedWeights) -> np.ndarray:
+    """One byte per weight for the run-time draw: bit 7 the sign (1: negative), bit 6 the normal
+    flag, bits 0-5 the shift (< E <= 16). A zero weight reads as sign +1: its normal flag and
+    threshold are 0, so its count and ``q`` are 0 all the same."""
+    if enc.E > 64:
+        raise ValueError(f"the weight code holds shifts below 64, E={enc.E}")
+    code = ((enc.sign < 0).astype(np.uint8) << 7) | (enc.normal.astype(np.uint8) << 6) | enc.shift.astype(np.uint8)
+    return code.astype(np.uint8)
+
+
+def weights_from_code(code: np.ndarray, counts: np.ndarray, n: int) -> np.ndarray:
+    """``weights_from_counts`` read from ``weight_code``'s bytes (what the draw kernels compute)."""
+    code = np.asarray(code).astype(np.int64)
+    sign = 1 - 2 * (code >> 7)
+    return sign * ((n * ((code >> 6) & 1) + np.asarray(counts).astype(np.int64)) << (code & 63))
+
+
 def weight_values(enc: EncodedWeights, q: np.ndarray, n: int) -> np.ndarray:
     """The represented weights ``w~ = q * 2**k_lo / n`` (float64)."""
     k_lo = enc.k_lo.reshape((-1,) + (1,) * (q.ndim - 1)).astype(np.int64)
@@ -245,6 +262,10 @@ def act_range(bits: int, signed: bool) -> tuple[int, int]:
     return (-(1 << (bits - 1)), (1 << (bits - 1)) - 1) if signed else (0, (1 << bits) - 1)
 
 
+#: Activation fixed-point exponents are clamped to +-MAX_FRAC_BITS (the compiler warns when it clamps).
+MAX_FRAC_BITS = 64
+
+
 def choose_frac_bits(max_abs: float, bits: int, signed: bool) -> int:
     """Largest ``f`` with ``max_abs * 2**f`` inside the integer range (0 when ``max_abs`` is 0)."""
     hi = act_range(bits, signed)[1]
@@ -253,14 +274,15 @@ def choose_frac_bits(max_abs: float, bits: int, signed: bool) -> int:
     f = int(np.floor(np.log2(hi / max_abs)))
     while max_abs * 2.0**f > hi:  # guard against log2 rounding
         f -= 1
-    return max(-64, min(64, f))
+    return max(-MAX_FRAC_BITS, min(MAX_FRAC_BITS, f))
 
 
 def quantize_activations(x, frac_bits: int, bits: int, signed: bool) -> np.ndarray:
-    """``clip(rint(x * 2**f), lo, hi)`` in float32 arithmetic (rint = round half to even)."""
+    """``clip(rint(x * 2**f), lo, hi)`` in float32 arithmetic (rint = round half to even). NaN
+    becomes ``hi`` as in the kernels, whose min/max return the operand that is not NaN."""
     lo, hi = act_range(bits, signed)
     xs = np.asarray(x, dtype=np.float32) * np.float32(2.0**frac_bits)
-    return np.clip(np.rint(xs), lo, hi).astype(np.int64)
+    return np.clip(np.rint(np.where(np.isnan(xs), np.float32(hi), xs)), lo, hi).astype(np.int64)
 
 
 def saturated(x, frac_bits: int, bits: int, signed: bool) -> np.ndarray:

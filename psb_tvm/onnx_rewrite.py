@@ -17,11 +17,12 @@ cannot handle in place; what is left is reported by the caller (the frontend nam
 from __future__ import annotations
 
 import copy
-import warnings
 
 import numpy as np
 import onnx
 from onnx import helper, numpy_helper
+
+from . import onnxsim_worker
 
 _FLOAT = onnx.TensorProto.FLOAT
 
@@ -378,17 +379,8 @@ def fold_constants(proto: onnx.ModelProto, max_elements: int = 1 << 16) -> tuple
 
 # ---------------------------------------------------------------------------- driver
 def _simplify(proto: onnx.ModelProto) -> onnx.ModelProto:
-    try:
-        import onnxsim
-
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            simplified, ok = onnxsim.simplify(proto)
-        if ok:
-            return simplified
-    except Exception:  # noqa: BLE001 - best effort, like the frontend
-        pass
-    return proto
+    simplified, _ = onnxsim_worker.simplify(proto)  # best effort, like the frontend
+    return proto if simplified is None else simplified
 
 
 def make_static(proto: onnx.ModelProto, max_rounds: int = 8) -> onnx.ModelProto:

@@ -4,16 +4,20 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 import threading
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
 
 from .abi import METADATA_FUNC
-from .errors import InputError, ModelLoadError, TargetMismatchError
+from .errors import ConfigError, InputError, ModelLoadError, OutputError, TargetMismatchError
+from .files import append_record, verify_module, write_output
 from .numerics import check_samples
 from .weight_cache import DEFAULT_MAX_BYTES, WeightCache
+
+#: What ``run`` does with NaN / infinity in a float input.
+NONFINITE = ("error", "propagate")
 
 
 class PSBModule:
@@ -92,8 +96,71 @@ class PSBModule:
                 raise InputError(f"input {name!r}: expected dtype {dtype}, got {arr.dtype}")
             if tuple(arr.shape) != shape:
                 raise InputError(f"input {name!r}: expected shape {shape}, got {tuple(arr.shape)}")
+            if arr.dtype.kind == "f" and not np.isfinite(arr).all():
+                bad = tuple(int(i) for i in np.argwhere(~np.isfinite(arr))[0])
+                raise InputError(f"input {name!r}: non-finite value {arr[bad]} at index {bad} (pass "
+                                 "nonfinite='propagate' to get NaN outputs for such batch items instead)")
             checked.append(np.ascontiguousarray(arr))
         return checked
+
+    def _check_range(self, arrays) -> None:
+        """Warn (once per input and direction) when an input lies far outside the range it was
+        calibrated on: beyond 2x, the first layers saturate; below 1/64, they use a few codes
+        only. Either way the output degrades without any error, e.g. when the calibration data
+        was scaled 0..255 and the inputs 0..1."""
+        ranges = self.metadata.get("input_ranges") or {}
+        warned = self.__dict__.setdefault("_range_warned", set())
+        for arr, (name, _, _) in zip(arrays, self.inputs):
+            if name not in ranges or arr.dtype.kind != "f" or not arr.size:
+                continue
+            lo, hi = ranges[name]
+            cal = max(abs(lo), abs(hi))
+            peak = max(abs(float(arr.min())), abs(float(arr.max())))
+            if not cal or not np.isfinite(peak):
+                continue
+            for kind, far in (("above", peak > 2 * cal), ("below", 0 < peak < cal / 64)):
+                if far and (name, kind) not in warned:
+                    warned.add((name, kind))
+                    effect = ("the first PSB layers saturate" if kind == "above"
+                              else "the first PSB layers resolve it with a few integer codes only")
+                    warnings.warn(f"input {name!r}: max |x| = {peak:.3g} is far {kind} the calibration range "
+                                  f"[{lo:.3g}, {hi:.3g}]; {effect} (calibrate with inputs scaled like these)",
+                                  stacklevel=4)
+
+    def _nonfinite_items(self, inputs, nonfinite: str):
+        """For ``nonfinite="propagate"``: ``(inputs with non-finite values set to 0, batch items
+        that had any)``; items are indexed along the first axis (all of it for a scalar input)."""
+        if nonfinite not in NONFINITE:
+            raise ConfigError(f"nonfinite must be one of {NONFINITE}, got {nonfinite!r}")
+        if nonfinite == "error":
+            return list(inputs), None
+        batch = {a.shape[0] for a in inputs if isinstance(a, np.ndarray) and a.ndim}
+        items = np.zeros(batch.pop() if len(batch) == 1 else 1, bool)
+        cleaned = []
+        for a in inputs:
+            if isinstance(a, np.ndarray) and a.dtype.kind == "f":
+                bad = ~np.isfinite(a)
+                if bad.any():
+                    per_item = bad.reshape(a.shape[0], -1).any(1) if a.ndim and a.shape[0] == len(items) else bad.any()
+                    items |= per_item
+                    a = np.where(bad, a.dtype.type(0), a)
+            cleaned.append(a)
+        return cleaned, (items if items.any() else None)
+
+    @staticmethod
+    def _poison(out, items):
+        """NaN in the outputs of the batch items ``items`` (all of an output without that batch axis)."""
+        def one(o):
+            if o.dtype.kind != "f":
+                raise InputError(f"nonfinite='propagate' cannot mark a {o.dtype} output NaN; pass finite inputs")
+            o = np.array(o, copy=True)
+            if o.ndim and o.shape[0] == len(items):
+                o[items] = np.nan
+            else:
+                o[...] = np.nan
+            return o
+
+        return tuple(one(o) for o in out) if isinstance(out, tuple) else one(out)
 
     @property
     def psb_layers(self) -> list:
@@ -110,7 +177,6 @@ class PSBModule:
     def resolve_samples(self, samples=None) -> list:
         """Per-PSB-layer sample counts from ``None`` (the compiled default), an int, or a map
         ``{"layer name": n, ..., "default": n}``; each a power of two <= n_max."""
-        from .errors import ConfigError
 
         names = self.psb_layers
         compiled = self.default_samples
@@ -134,7 +200,6 @@ class PSBModule:
         return [int(n) for n in per_layer]
 
     def _resolve_seed(self, seed) -> int:
-        from .errors import ConfigError
 
         if seed is None:
             return int(self.metadata["seed"])
@@ -168,31 +233,38 @@ class PSBModule:
 
         return [tvm.runtime.tensor(a, tvm.cpu()) for a in self._check_inputs(inputs)]
 
-    def run(self, *inputs, samples=None, seed=None):
+    def run(self, *inputs, samples=None, seed=None, nonfinite: str = "error"):
         """Run the model; returns one array for a single-output model, else a tuple of arrays.
 
         ``samples``: an int for every PSB layer, or ``{"layer": n, "default": n}``; ``seed``: the
         draw. Both default to the values given at compile time; neither recompiles anything. The
         weights of a configuration are made on its first call and kept in ``weight_cache``.
+        ``nonfinite``: a NaN or infinity in a float input is an ``InputError`` ("error", the
+        default), or ("propagate") makes the outputs of that batch item NaN, the others unchanged.
         """
+        out, items = self._run(inputs, samples, seed, nonfinite)
+        return out if items is None else self._poison(out, items)
+
+    def _run(self, inputs, samples, seed, nonfinite):
         import tvm
 
+        inputs, items = self._nonfinite_items(inputs, nonfinite)
         per_layer, seed = self.resolve_samples(samples), self._resolve_seed(seed)
         args = self._tensors(inputs)
+        self._check_range(inputs)
         vm = self._machine()
         if not self.metadata.get("runtime_args"):
-            return self._to_numpy(vm["main"](*args))
+            return self._to_numpy(vm["main"](*args)), items
         samples_arg, seed_arg = tvm.runtime.ShapeTuple(per_layer), tvm.runtime.ShapeTuple([seed])
         if not self.metadata.get("weight_cache") or not self.weight_cache.enabled:
-            return self._to_numpy(vm["main"](*args, samples_arg, seed_arg))
+            return self._to_numpy(vm["main"](*args, samples_arg, seed_arg)), items
         weights = self.weight_cache.get((tuple(per_layer), seed), lambda: list(vm["weights"](samples_arg, seed_arg)))
-        return self._to_numpy(vm["cached"](*args, samples_arg, *weights))
+        return self._to_numpy(vm["cached"](*args, samples_arg, *weights)), items
 
     def layer_outputs(self, *inputs, samples=None, seed=None) -> tuple:
         """``(outputs, [output of every PSB layer])`` for one run: what ``psb_tvm.diagnose`` compares
         layer by layer (conv outputs NCHW, dense outputs flattened to ``[rows, out]``). Needs a
         module with run-time sampling (not frozen)."""
-        from .errors import ConfigError
 
         if not self.metadata.get("runtime_args"):
             raise ConfigError("layer outputs need a module compiled with run-time sampling (not frozen, with PSB layers)")
@@ -205,7 +277,6 @@ class PSBModule:
 
         Returns ``{"mean", "std", "outputs"}`` (arrays for one output, tuples for several).
         """
-        from .errors import ConfigError
 
         if self.metadata.get("frozen"):
             raise ConfigError("a frozen module has one fixed draw; compile without frozen=True for Monte-Carlo stats")
@@ -244,7 +315,6 @@ class PSBModule:
         import tvm
 
         from . import attention
-        from .errors import ConfigError
 
         if not self.metadata.get("runtime_args"):
             raise ConfigError("attention needs a module compiled with run-time sampling (not frozen, with PSB layers)")
@@ -349,22 +419,21 @@ class PSBModule:
 
     # ------------------------------------------------------------------ persistence
     def export_library(self, path) -> str:
-        """Write one ``.so`` holding code, weights and metadata; written atomically (temp + rename)."""
-        path = os.fspath(path)
-        directory = os.path.dirname(os.path.abspath(path))
-        if not os.path.isdir(directory):
-            raise FileNotFoundError(f"cannot export to {path}: directory {directory} does not exist")
+        """Write one ``.so`` holding code, weights and metadata, ending with an integrity record
+        (size and SHA-256, checked by ``load`` and ``psb_run``). All-or-nothing, see ``files``."""
         lib = self._executable if self._executable is not None else self._lib
         options = self._export_options()
-        fd, tmp = tempfile.mkstemp(suffix=".so", prefix=".psb_tmp_", dir=directory)
-        os.close(fd)
-        try:
-            lib.export_library(tmp, **options)
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-        return path
+
+        def write(tmp):
+            try:
+                lib.export_library(tmp, **options)
+            except Exception as err:  # noqa: BLE001 - TVM's linker step raises TVMError / RuntimeError
+                msg = str(err).strip().splitlines()
+                raise OutputError(f"cannot export {os.fspath(path)}: {type(err).__name__}: "
+                                  f"{msg[-1] if msg else ''}") from err
+            append_record(tmp)
+
+        return write_output(path, write, suffix=".so", executable=True)
 
     def _export_options(self) -> dict:
         """Cross-compiled modules link with the target's toolchain (checked before anything is written)."""
@@ -377,7 +446,7 @@ class PSBModule:
 
         compiler = "aarch64-linux-gnu-g++"
         if shutil.which(compiler) is None:
-            raise RuntimeError(f"exporting an {triple} module needs the cross compiler {compiler} "
+            raise ConfigError(f"exporting an {triple} module needs the cross compiler {compiler} "
                                "(Debian: apt-get install g++-aarch64-linux-gnu)")
         return {"fcompile": cc.cross_compiler(compiler)}
 
@@ -410,7 +479,6 @@ class RefinementSession:
     """
 
     def __init__(self, module: PSBModule, inputs, samples, seed):
-        from .errors import ConfigError
 
         if not module.metadata.get("runtime_args"):
             raise ConfigError("progressive refinement needs a module compiled with run-time sampling (not frozen, with PSB layers)")
@@ -442,7 +510,6 @@ class RefinementSession:
 
     def refine(self):
         """Double every layer's n (up to n_max) using only the new samples; returns the new output."""
-        from .errors import ConfigError
 
         n_max = self.module.metadata["n_max"]
         if all(n >= n_max for n in self.samples):
@@ -484,9 +551,12 @@ def load(path, weight_cache_bytes: int = DEFAULT_MAX_BYTES) -> PSBModule:
     import tvm
     from tvm import relax
 
+    if not isinstance(path, (str, os.PathLike)):
+        raise ModelLoadError(f"load expects the path of an exported .so, got {type(path).__name__}")
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise ModelLoadError(f"compiled module not found: {path}")
+    verify_module(path)  # before the loader maps the file or runs any of its code
     try:
         lib = tvm.runtime.load_module(path)
     except Exception as err:  # noqa: BLE001

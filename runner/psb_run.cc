@@ -1,12 +1,25 @@
 // psb_run: run a module exported by psb_tvm (PSBModule.export_library) on .npy files.
 //
 //   psb_run MODEL.so --input a.npy [--input b.npy ...] --output out.npy [--output out2.npy ...]
-//           [--samples N] [--seed S] [--time R] [--metadata]
+//           [--samples N] [--seed S] [--time R] [--nonfinite error|propagate] [--metadata]
 //
-// Exit status: 0 on success, 1 on any error (bad module, inputs or outputs), 2 on bad usage.
-// Outputs are written all-or-nothing: on any error no output file is created or replaced.
-#include <sys/stat.h>
-#include <unistd.h>
+// --nonfinite: what a NaN or infinity in a float input does, as in Python's
+// PSBModule.run(..., nonfinite=...) / psb-tvm run --nonfinite: "error" (default) refuses the
+// inputs; "propagate" runs the model on them with those values set to 0 and writes NaN for the
+// outputs of the batch items that had any (every output row of that item along axis 0, or the
+// whole output when it has no such batch axis); the other items are bit-identical to a run on the
+// cleaned inputs, and --time times the cleaned inputs.
+//
+// Exit status: 0 on success; 1 on any error with the module (missing, truncated, damaged or edited:
+// its integrity record is checked before it is loaded), the inputs (unreadable, wrong count, shape
+// or dtype, NaN/infinity with --nonfinite error, or with propagate when an output is not a float
+// and cannot be marked NaN) or the outputs (a directory, an unwritable path); 2 on bad usage:
+// unknown or repeated options, a missing value, --nonfinite not error/propagate, --time not in
+// [1, 1000000], --samples not a power of two >= 1, --seed not in [0, 2**32), and --samples/--seed
+// that the module cannot take (above its n_max, or a module with n and seed fixed at compile time).
+// Outputs are written all-or-nothing: on any error no regular output file is created or replaced.
+// A symlink is followed (its target is replaced, the link kept), a character device or FIFO
+// (/dev/null, a pipe) is written through, a directory is refused before the model runs.
 
 #include <cerrno>
 #include <cstdio>
@@ -24,7 +37,7 @@ namespace {
 
 const char* kUsage =
     "usage: psb_run MODEL.so --input IN.npy [--input IN2.npy ...] --output OUT.npy [--output OUT2.npy ...]\n"
-    "               [--samples N] [--seed S] [--time R] [--metadata]\n"
+    "               [--samples N] [--seed S] [--time R] [--nonfinite MODE] [--metadata]\n"
     "\n"
     "Runs main() of a module exported by psb_tvm (PSBModule.export_library) on the CPU.\n"
     "  --input PATH   a .npy file per model input, in the model's input order\n"
@@ -32,7 +45,12 @@ const char* kUsage =
     "  --samples N    sample count n (only for modules with run-time sample control)\n"
     "  --seed S       sample draw (only for modules with run-time sample control)\n"
     "  --time R       after the run, call main R more times and print the median latency in ms\n"
+    "  --nonfinite MODE  NaN/infinity in a float input: error (default: refused) or propagate (run\n"
+    "                 with them set to 0, NaN outputs for the batch items that had any)\n"
     "  --metadata     print the module's PSB metadata JSON (alone: print it and exit)\n"
+    "Outputs: a symlink is followed, /dev/null or a FIFO is written through, a directory is refused.\n"
+    "Exit status: 0 ok, 1 bad module (missing, truncated, damaged, not from export_library),\n"
+    "inputs or outputs, 2 bad usage (options, --samples/--seed values the module cannot take).\n"
     "Threads: set TVM_NUM_THREADS (the TVM runtime defaults to 1).\n";
 
 struct UsageError : std::runtime_error {
@@ -55,6 +73,7 @@ struct Args {
   std::optional<int64_t> samples, seed;
   std::optional<int64_t> time;
   bool metadata = false;
+  std::optional<psb_runner::NonFinite> nonfinite;
 };
 
 Args ParseArgs(int argc, char** argv) {
@@ -87,9 +106,13 @@ Args ParseArgs(int argc, char** argv) {
     } else if (flag == "--samples") {
       if (a.samples) throw UsageError("--samples given twice");
       a.samples = ParseInt(flag, take());
+      if (*a.samples < 1 || (*a.samples & (*a.samples - 1)) != 0)
+        throw UsageError("--samples must be a power of two >= 1, got " + std::to_string(*a.samples));
     } else if (flag == "--seed") {
       if (a.seed) throw UsageError("--seed given twice");
       a.seed = ParseInt(flag, take());
+      if (*a.seed < 0 || *a.seed >= (int64_t{1} << 32))
+        throw UsageError("--seed must be in [0, 2**32), got " + std::to_string(*a.seed));
     } else if (flag == "--time") {
       if (a.time) throw UsageError("--time given twice");
       a.time = ParseInt(flag, take());
@@ -97,6 +120,12 @@ Args ParseArgs(int argc, char** argv) {
     } else if (flag == "--metadata") {
       if (has_inline) throw UsageError("--metadata takes no value");
       a.metadata = true;
+    } else if (flag == "--nonfinite") {
+      if (a.nonfinite) throw UsageError("--nonfinite given twice");
+      std::string mode = take();
+      if (mode != "error" && mode != "propagate")
+        throw UsageError("--nonfinite must be error or propagate, got '" + mode + "'");
+      a.nonfinite = psb_runner::ParseNonFinite(mode);
     } else if (arg.size() > 1 && arg[0] == '-') {
       throw UsageError("unknown option " + arg);
     } else {
@@ -111,21 +140,6 @@ Args ParseArgs(int argc, char** argv) {
   if (!runs && !a.metadata) throw UsageError("nothing to do: give --input/--output (or --metadata)");
   if (runs && a.outputs.empty() && !a.time) throw UsageError("missing --output");
   return a;
-}
-
-// Fail early (before running the model) when an output cannot possibly be written.
-void CheckOutputPaths(const std::vector<std::string>& outputs) {
-  for (const auto& p : outputs) {
-    size_t slash = p.find_last_of('/');
-    std::string dir = slash == std::string::npos ? "." : (slash == 0 ? "/" : p.substr(0, slash));
-    struct stat st;
-    if (stat(dir.c_str(), &st) != 0 || !S_ISDIR(st.st_mode))
-      throw psb_runner::Error("cannot write " + p + ": directory " + dir + " does not exist");
-    if (access(dir.c_str(), W_OK) != 0)
-      throw psb_runner::Error("cannot write " + p + ": directory " + dir + " is not writable");
-    if (stat(p.c_str(), &st) == 0 && S_ISDIR(st.st_mode))
-      throw psb_runner::Error("cannot write " + p + ": is a directory");
-  }
 }
 
 int Main(int argc, char** argv) {
@@ -146,17 +160,29 @@ int Main(int argc, char** argv) {
     psb_runner::RunOptions opt;
     opt.samples = args.samples;
     opt.seed = args.seed;
-    model.CheckOptions(opt);
+    opt.nonfinite = args.nonfinite.value_or(psb_runner::NonFinite::kError);
+    if (!md.unsupported.empty()) throw psb_runner::Error("cannot run this module: " + md.unsupported);
+    try {
+      model.CheckOptions(opt);
+    } catch (const psb_runner::Error& e) {  // --samples/--seed this module cannot take: bad usage
+      std::cerr << "psb_run: " << e.what() << std::endl;
+      return 2;
+    }
     if (!args.outputs.empty() && !md.outputs.empty() && args.outputs.size() != md.outputs.size()) {
       std::string names;
       for (const auto& n : md.outputs) names += (names.empty() ? "" : ", ") + n;
       throw psb_runner::Error("the model has " + std::to_string(md.outputs.size()) + " output(s) [" + names +
                               "], got " + std::to_string(args.outputs.size()) + " --output");
     }
-    CheckOutputPaths(args.outputs);
+    // Fail early (before running the model) when an output cannot be written.
+    psb_runner::CheckOutputPaths(args.outputs);
     std::vector<psb_runner::HostTensor> inputs;
     for (const auto& p : args.inputs) inputs.push_back(psb_runner::ReadNpy(p));
     model.CheckInputs(inputs);
+    if (opt.nonfinite == psb_runner::NonFinite::kError)  // here, to name the file too
+      for (size_t i = 0; i < inputs.size(); ++i)
+        psb_runner::CheckFinite(inputs[i], args.inputs[i] + " (input '" + md.inputs[i].name + "')",
+                                "pass --nonfinite propagate to get NaN outputs for such batch items instead");
     if (!args.outputs.empty()) {
       std::vector<psb_runner::HostTensor> outputs = model.Run(inputs, opt);
       psb_runner::WriteNpyFiles(args.outputs, outputs);

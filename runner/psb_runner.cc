@@ -1,6 +1,8 @@
 // psb_runner: see psb_runner.h.
 #include "psb_runner.h"
 
+#include "sha256.h"
+
 #include <dlpack/dlpack.h>
 #include <tvm/ffi/any.h>
 #include <tvm/ffi/container/array.h>
@@ -14,6 +16,7 @@
 #include <tvm/ffi/string.h>
 
 #include <fcntl.h>
+#include <limits.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -21,11 +24,13 @@
 #include <cctype>
 #include <cerrno>
 #include <chrono>
+#include <cmath>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
 #include <fstream>
 #include <limits>
+#include <mutex>
 #include <random>
 #include <sstream>
 #include <utility>
@@ -294,29 +299,210 @@ void WriteFd(int fd, const std::string& path, const std::string& bytes) {
   }
 }
 
-void WriteAll(const std::string& path, const std::string& bytes) {
-  int fd = ::open(path.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0666);
-  if (fd < 0) throw Error("cannot write " + path + ": " + ErrnoText());
-  try {
-    WriteFd(fd, path, bytes);
-  } catch (...) {
-    std::remove(path.c_str());
-    throw;
-  }
-}
-
-// Create a new, empty temp file next to ``dest`` (mode 0666 & ~umask, like the final file).
+// Create a new, empty temp file next to ``dest`` (mode 0666 & ~umask: what a plain open() of a
+// new file gives, default ACLs included).
 std::pair<int, std::string> CreateTempNextTo(const std::string& dest) {
   static std::mt19937_64 rng(std::random_device{}() ^ static_cast<uint64_t>(::getpid()));
+  // Keep the temp name within NAME_MAX even for a long destination name.
+  std::string base = BaseOf(dest).substr(0, 128);
   for (int attempt = 0; attempt < 100; ++attempt) {
+    static std::mutex rng_mutex;  // WriteNpyFiles may be called from several threads
+    uint64_t r;
+    {
+      std::lock_guard<std::mutex> lock(rng_mutex);
+      r = rng();
+    }
     char suffix[32];
-    std::snprintf(suffix, sizeof(suffix), ".psb_tmp_%016llx", static_cast<unsigned long long>(rng()));
-    std::string name = DirOf(dest) + "/." + BaseOf(dest) + suffix;
+    std::snprintf(suffix, sizeof(suffix), ".psb_tmp_%016llx", static_cast<unsigned long long>(r));
+    std::string name = DirOf(dest) + "/." + base + suffix;
     int fd = ::open(name.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0666);
     if (fd >= 0) return {fd, name};
     if (errno != EEXIST) throw Error("cannot write " + dest + ": " + ErrnoText());
   }
   throw Error("cannot write " + dest + ": no free temp file name");
+}
+
+// Where an output path leads (psb_tvm.files.resolve_output): symlinks followed to the file they
+// name, which may not exist yet (a dangling link: its target is created, the link kept).
+struct OutputTarget {
+  enum Kind { kNew, kFile, kStream };
+  std::string path;  // as given (for messages)
+  std::string real;  // absolute, no symlinks
+  Kind kind = kNew;
+  mode_t mode = 0;  // kFile: the permissions of the file replaced
+};
+
+std::string Realpath(const std::string& path, const std::string& given) {
+  char* resolved = realpath(path.c_str(), nullptr);
+  if (resolved == nullptr) throw Error("cannot write " + given + ": " + ErrnoText());
+  std::string out(resolved);
+  std::free(resolved);
+  return out;
+}
+
+OutputTarget ResolveOutput(const std::string& path) {
+  OutputTarget t;
+  t.path = path;
+  if (path.empty()) throw Error("cannot write '': empty output path");
+  std::string cur = path;
+  for (int hops = 0;; ++hops) {
+    struct stat lst;
+    if (lstat(cur.c_str(), &lst) != 0) {
+      if (errno == ENOENT) break;  // a new file (perhaps the target of a dangling link)
+      throw Error("cannot write " + path + ": " + ErrnoText());
+    }
+    if (!S_ISLNK(lst.st_mode)) break;
+    if (hops >= 40) throw Error("cannot write " + path + ": too many levels of symbolic links");
+    char buf[PATH_MAX + 1];
+    ssize_t n = readlink(cur.c_str(), buf, PATH_MAX);
+    if (n < 0) throw Error("cannot write " + path + ": " + ErrnoText());
+    std::string target(buf, static_cast<size_t>(n));
+    cur = !target.empty() && target[0] == '/' ? target : DirOf(cur) + "/" + target;
+  }
+  struct stat st;
+  if (stat(cur.c_str(), &st) == 0) {
+    if (S_ISDIR(st.st_mode)) throw Error("cannot write " + path + ": it is a directory");
+    if (S_ISREG(st.st_mode)) {
+      t.kind = OutputTarget::kFile;
+      t.mode = st.st_mode & 0777;
+    } else if (S_ISCHR(st.st_mode) || S_ISFIFO(st.st_mode)) {
+      t.kind = OutputTarget::kStream;
+    } else {
+      throw Error("cannot write " + path + ": it is not a regular file, character device or FIFO");
+    }
+    t.real = Realpath(cur, path);
+    return t;
+  }
+  if (errno != ENOENT) throw Error("cannot write " + path + ": " + ErrnoText());
+  if (cur.back() == '/') throw Error("cannot write " + path + ": directory " + cur + " does not exist");
+  std::string dir = DirOf(cur);
+  struct stat dst;
+  if (stat(dir.c_str(), &dst) != 0 || !S_ISDIR(dst.st_mode))
+    throw Error("cannot write " + path + ": directory " + dir + " does not exist");
+  std::string real_dir = Realpath(dir, path);
+  t.real = (real_dir == "/" ? "" : real_dir) + "/" + BaseOf(cur);
+  t.kind = OutputTarget::kNew;
+  return t;
+}
+
+std::vector<OutputTarget> ResolveOutputs(const std::vector<std::string>& paths) {
+  std::vector<OutputTarget> targets;
+  for (const auto& p : paths) targets.push_back(ResolveOutput(p));
+  // Two outputs into one file would leave only the last; a device or FIFO may take several.
+  for (size_t i = 0; i < targets.size(); ++i)
+    for (size_t j = i + 1; j < targets.size(); ++j)
+      if (targets[i].kind != OutputTarget::kStream && targets[i].real == targets[j].real)
+        throw Error(targets[i].path == targets[j].path
+                        ? "output path given twice: " + targets[i].path
+                        : "outputs " + targets[i].path + " and " + targets[j].path + " are the same file");
+  return targets;
+}
+
+// ----------------------------------------------------------------------------------- non-finite
+std::string NonFiniteText(bool nan, bool negative) { return nan ? "nan" : negative ? "-inf" : "inf"; }
+
+// (flat index, "nan" / "inf" / "-inf") of the first non-finite value.
+std::optional<std::pair<size_t, std::string>> FindNonFinite(const HostTensor& t) {
+  const unsigned char* p = t.data.data();
+  if (t.dtype == "float32") {
+    for (size_t i = 0; i + 4 <= t.data.size(); i += 4) {
+      float v;
+      std::memcpy(&v, p + i, 4);
+      if (!std::isfinite(v)) return std::make_pair(i / 4, NonFiniteText(std::isnan(v), v < 0));
+    }
+  } else if (t.dtype == "float64") {
+    for (size_t i = 0; i + 8 <= t.data.size(); i += 8) {
+      double v;
+      std::memcpy(&v, p + i, 8);
+      if (!std::isfinite(v)) return std::make_pair(i / 8, NonFiniteText(std::isnan(v), v < 0));
+    }
+  } else if (t.dtype == "float16") {
+    for (size_t i = 0; i + 2 <= t.data.size(); i += 2) {
+      uint16_t v = static_cast<uint16_t>(p[i] | (p[i + 1] << 8));  // .npy data is little-endian
+      if ((v & 0x7c00) == 0x7c00) return std::make_pair(i / 2, NonFiniteText((v & 0x03ff) != 0, (v & 0x8000) != 0));
+    }
+  }
+  return std::nullopt;
+}
+
+// Per-element NaN/infinity test of a float dtype (.npy data is little-endian); nullptr otherwise.
+using NonFiniteTest = bool (*)(const unsigned char*);
+bool NonFinite16(const unsigned char* p) {
+  uint16_t v = static_cast<uint16_t>(p[0] | (p[1] << 8));
+  return (v & 0x7c00) == 0x7c00;
+}
+bool NonFinite32(const unsigned char* p) {
+  float v;
+  std::memcpy(&v, p, 4);
+  return !std::isfinite(v);
+}
+bool NonFinite64(const unsigned char* p) {
+  double v;
+  std::memcpy(&v, p, 8);
+  return !std::isfinite(v);
+}
+NonFiniteTest NonFiniteTestFor(const std::string& dtype) {
+  if (dtype == "float16") return NonFinite16;
+  if (dtype == "float32") return NonFinite32;
+  if (dtype == "float64") return NonFinite64;
+  return nullptr;
+}
+
+// Write numpy's NaN (np.nan cast to the dtype: 0x7e00, 0x7fc00000, 0x7ff8000000000000) over
+// ``count`` elements of a float tensor's data from element ``first``.
+void FillNaN(HostTensor* t, size_t first, size_t count) {
+  size_t size = ItemSize(t->dtype);
+  unsigned char nan[8] = {0};
+  if (t->dtype == "float16") {
+    nan[1] = 0x7e;
+  } else if (t->dtype == "float32") {
+    nan[2] = 0xc0;
+    nan[3] = 0x7f;
+  } else {
+    nan[6] = 0xf8;
+    nan[7] = 0x7f;
+  }
+  unsigned char* p = t->data.data() + first * size;
+  for (size_t i = 0; i < count; ++i) std::memcpy(p + i * size, nan, size);
+}
+
+// The C-order multi-index of flat index ``flat`` in ``shape``, formatted like a Python tuple.
+std::string IndexStr(size_t flat, const std::vector<int64_t>& shape) {
+  std::vector<int64_t> index(shape.size());
+  for (size_t k = shape.size(); k-- > 0;) {
+    int64_t d = shape[k] > 0 ? shape[k] : 1;
+    index[k] = static_cast<int64_t>(flat % static_cast<size_t>(d));
+    flat /= static_cast<size_t>(d);
+  }
+  return ShapeStr(index);
+}
+
+// ----------------------------------------------------------------------------------- module record
+constexpr char kRecordMagic[8] = {'P', 'S', 'B', 'T', 'V', 'M', '\0', '\1'};
+constexpr uint64_t kRecordFooter = 16;           // magic + uint64 JSON length
+constexpr uint64_t kMaxRecordJson = 1u << 16;    // the JSON is ~120 bytes
+constexpr int64_t kRecordFormat = 1;
+
+struct Fd {
+  int fd;
+  ~Fd() {
+    if (fd >= 0) ::close(fd);
+  }
+};
+
+// Read exactly ``size`` bytes at ``offset``; false on a short read (the file shrank) or an error.
+bool PreadAll(int fd, void* buf, size_t size, uint64_t offset) {
+  char* p = static_cast<char*>(buf);
+  while (size > 0) {
+    ssize_t n = ::pread(fd, p, size, static_cast<off_t>(offset));
+    if (n < 0 && errno == EINTR) continue;
+    if (n == 0) errno = 0;  // end of file: the file is shorter than its size said
+    if (n <= 0) return false;
+    p += n;
+    size -= static_cast<size_t>(n);
+    offset += static_cast<uint64_t>(n);
+  }
+  return true;
 }
 
 // ----------------------------------------------------------------------------------- JSON helpers
@@ -466,41 +652,205 @@ HostTensor ReadNpy(const std::string& path) {
   return t;
 }
 
-void WriteNpy(const std::string& path, const HostTensor& tensor) { WriteAll(path, NpyBytes(tensor)); }
+void WriteNpy(const std::string& path, const HostTensor& tensor) { WriteNpyFiles({path}, {tensor}); }
+
+void CheckOutputPaths(const std::vector<std::string>& paths) {
+  for (const OutputTarget& t : ResolveOutputs(paths)) {
+    if (t.kind == OutputTarget::kStream) {
+      if (access(t.real.c_str(), W_OK) != 0) throw Error("cannot write " + t.path + ": " + ErrnoText());
+    } else if (access(DirOf(t.real).c_str(), W_OK) != 0) {
+      throw Error("cannot write " + t.path + ": directory " + DirOf(t.real) + " is not writable");
+    }
+  }
+}
 
 void WriteNpyFiles(const std::vector<std::string>& paths, const std::vector<HostTensor>& tensors) {
   if (paths.size() != tensors.size())
     throw Error(std::to_string(tensors.size()) + " output tensor(s) but " + std::to_string(paths.size()) +
                 " output path(s)");
-  for (size_t i = 0; i < paths.size(); ++i)
-    for (size_t j = i + 1; j < paths.size(); ++j)
-      if (paths[i] == paths[j]) throw Error("output path given twice: " + paths[i]);
+  std::vector<OutputTarget> targets = ResolveOutputs(paths);
   std::vector<std::string> bodies;
   for (const auto& t : tensors) bodies.push_back(NpyBytes(t));
-  std::vector<std::string> temps;
+  std::vector<std::string> temps(paths.size());
   auto cleanup = [&temps]() {
     for (const auto& t : temps)
       if (!t.empty()) std::remove(t.c_str());
   };
   try {
-    for (size_t i = 0; i < paths.size(); ++i) {
-      struct stat st;
-      if (stat(paths[i].c_str(), &st) == 0 && S_ISDIR(st.st_mode))
-        throw Error("cannot write " + paths[i] + ": is a directory");
-      auto [fd, name] = CreateTempNextTo(paths[i]);
-      temps.push_back(name);
-      WriteFd(fd, paths[i], bodies[i]);
+    // 1. Regular files: complete temp files next to their destinations.
+    for (size_t i = 0; i < targets.size(); ++i) {
+      const OutputTarget& t = targets[i];
+      if (t.kind == OutputTarget::kStream) continue;
+      auto [fd, name] = CreateTempNextTo(t.real);
+      temps[i] = name;
+      if (t.kind == OutputTarget::kFile && ::fchmod(fd, t.mode) != 0) {
+        int err = errno;
+        ::close(fd);
+        errno = err;
+        throw Error("cannot write " + t.path + ": " + ErrnoText());
+      }
+      WriteFd(fd, t.path, bodies[i]);
     }
-    // Every output is complete on disk; only now do the destinations change.
-    for (size_t i = 0; i < paths.size(); ++i) {
-      if (std::rename(temps[i].c_str(), paths[i].c_str()) != 0)
-        throw Error("cannot write " + paths[i] + ": " + ErrnoText());
+    // 2. Devices and FIFOs: written through, never replaced (no O_CREAT: if one vanished since
+    //    it was resolved, this fails rather than leaving a regular file in its place).
+    for (size_t i = 0; i < targets.size(); ++i) {
+      const OutputTarget& t = targets[i];
+      if (t.kind != OutputTarget::kStream) continue;
+      int fd = ::open(t.real.c_str(), O_WRONLY | O_CLOEXEC);
+      if (fd < 0) throw Error("cannot write " + t.path + ": " + ErrnoText());
+      WriteFd(fd, t.path, bodies[i]);
+    }
+    // 3. Every output is complete; only now do the regular destinations change.
+    for (size_t i = 0; i < targets.size(); ++i) {
+      if (temps[i].empty()) continue;
+      if (std::rename(temps[i].c_str(), targets[i].real.c_str()) != 0)
+        throw Error("cannot write " + targets[i].path + ": " + ErrnoText());
       temps[i].clear();
     }
   } catch (...) {
     cleanup();
     throw;
   }
+}
+
+std::optional<size_t> FirstNonFinite(const HostTensor& tensor) {
+  auto bad = FindNonFinite(tensor);
+  if (!bad) return std::nullopt;
+  return bad->first;
+}
+
+void CheckFinite(const HostTensor& tensor, const std::string& what, const std::string& hint) {
+  auto bad = FindNonFinite(tensor);
+  if (!bad) return;
+  throw Error(what + ": non-finite value " + bad->second + " at index " + IndexStr(bad->first, tensor.shape) +
+              (hint.empty() ? "" : " (" + hint + ")"));
+}
+
+NonFinite ParseNonFinite(const std::string& name) {
+  if (name == "error") return NonFinite::kError;
+  if (name == "propagate") return NonFinite::kPropagate;
+  throw Error("nonfinite must be one of ('error', 'propagate'), got '" + name + "'");
+}
+
+std::string NonFiniteName(NonFinite mode) { return mode == NonFinite::kPropagate ? "propagate" : "error"; }
+
+std::vector<bool> CleanNonFinite(std::vector<HostTensor>* inputs) {
+  // B: the leading dimension of every input of rank >= 1 when they all share it, else 1
+  // (psb_tvm/runtime.py, PSBModule._nonfinite_items).
+  std::optional<int64_t> batch;
+  bool common = true;
+  for (const auto& t : *inputs) {
+    if (t.shape.empty()) continue;
+    if (!batch) batch = t.shape[0];
+    else if (*batch != t.shape[0]) common = false;
+  }
+  std::vector<bool> items(static_cast<size_t>(batch && common ? *batch : 1), false);
+  for (auto& t : *inputs) {
+    NonFiniteTest bad = NonFiniteTestFor(t.dtype);
+    if (bad == nullptr) continue;
+    size_t size = ItemSize(t.dtype);
+    size_t n = t.data.size() / size;
+    bool per_item = !t.shape.empty() && static_cast<size_t>(t.shape[0]) == items.size();
+    size_t row = per_item && t.shape[0] > 0 ? n / static_cast<size_t>(t.shape[0]) : n;
+    for (size_t i = 0; i < n; ++i) {
+      unsigned char* p = t.data.data() + i * size;
+      if (!bad(p)) continue;
+      std::memset(p, 0, size);  // +0, like np.where(bad, dtype.type(0), a)
+      if (per_item) {
+        items[i / row] = true;
+      } else {
+        std::fill(items.begin(), items.end(), true);
+      }
+    }
+  }
+  return items;
+}
+
+void PoisonItems(std::vector<HostTensor>* outputs, const std::vector<bool>& items) {
+  if (std::find(items.begin(), items.end(), true) == items.end()) return;
+  for (auto& o : *outputs) {
+    if (NonFiniteTestFor(o.dtype) == nullptr)
+      throw Error("nonfinite='propagate' cannot mark a " + o.dtype + " output NaN; pass finite inputs");
+    size_t n = o.data.size() / ItemSize(o.dtype);
+    if (!o.shape.empty() && static_cast<size_t>(o.shape[0]) == items.size()) {
+      size_t row = o.shape[0] > 0 ? n / static_cast<size_t>(o.shape[0]) : 0;
+      for (size_t b = 0; b < items.size(); ++b)
+        if (items[b]) FillNaN(&o, b * row, row);
+    } else {
+      FillNaN(&o, 0, n);
+    }
+  }
+}
+
+ModuleRecord VerifyModule(const std::string& path) {
+  // O_NONBLOCK: a FIFO given as the module must not block here (it is refused just below).
+  Fd f{::open(path.c_str(), O_RDONLY | O_CLOEXEC | O_NONBLOCK)};
+  if (f.fd < 0) throw Error("cannot open module " + path + ": " + ErrnoText());
+  struct stat st;
+  if (::fstat(f.fd, &st) != 0) throw Error("cannot open module " + path + ": " + ErrnoText());
+  if (!S_ISREG(st.st_mode)) throw Error("cannot open module " + path + ": not a regular file");
+  const uint64_t total = static_cast<uint64_t>(st.st_size);
+  const std::string no_record =
+      path + ": no psb_tvm integrity record at the end of the file: the file is truncated or damaged, or was "
+             "not written by PSBModule.export_library (re-export it with this psb_tvm)";
+  const std::string bad_record =
+      path + ": the integrity record is damaged or does not match the file size (truncated or edited file)";
+  if (total < kRecordFooter)
+    throw Error(path + ": " + std::to_string(total) + " bytes, too short to be a psb_tvm module (truncated?)");
+  unsigned char footer[kRecordFooter];
+  if (!PreadAll(f.fd, footer, sizeof(footer), total - kRecordFooter))
+    throw Error("cannot read module " + path + ": " + (errno ? ErrnoText() : std::string("short read")));
+  uint64_t length = 0;
+  for (int i = 0; i < 8; ++i) length |= static_cast<uint64_t>(footer[8 + i]) << (8 * i);
+  if (std::memcmp(footer, kRecordMagic, 8) != 0 || length == 0 || length > kMaxRecordJson ||
+      length > total - kRecordFooter)
+    throw Error(no_record);
+  std::string text(static_cast<size_t>(length), '\0');
+  if (!PreadAll(f.fd, &text[0], text.size(), total - kRecordFooter - length))
+    throw Error("cannot read module " + path + ": " + (errno ? ErrnoText() : std::string("short read")));
+
+  ModuleRecord rec;
+  try {
+    ffi::String err;
+    ffi::Any root = ffi::json::Parse(ffi::String(text), &err);
+    if (!err.empty()) throw Error(bad_record);
+    auto obj = root.as<ffi::Map<ffi::Any, ffi::Any>>();
+    if (!obj.has_value()) throw Error(bad_record);
+    auto format = OptField(*obj, "format");
+    auto bytes = OptField(*obj, "library_bytes");
+    auto sha = OptField(*obj, "library_sha256");
+    if (!format || !bytes || !sha || format->type_index() != ffi::TypeIndex::kTVMFFIInt ||
+        bytes->type_index() != ffi::TypeIndex::kTVMFFIInt || !sha->as<ffi::String>().has_value())
+      throw Error(bad_record);
+    rec.format = format->cast<int64_t>();
+    rec.library_bytes = bytes->cast<int64_t>();
+    rec.library_sha256 = std::string(*sha->as<ffi::String>());
+  } catch (const ffi::Error&) {
+    throw Error(bad_record);
+  }
+  if (rec.format != kRecordFormat)
+    throw Error(path + ": integrity record format " + std::to_string(rec.format) + ", this runner reads format " +
+                std::to_string(kRecordFormat) + " (re-export the module, or use a matching psb_run)");
+  bool hex = rec.library_sha256.size() == 64 &&
+             rec.library_sha256.find_first_not_of("0123456789abcdef") == std::string::npos;
+  if (!hex || rec.library_bytes < 0 || static_cast<uint64_t>(rec.library_bytes) != total - kRecordFooter - length)
+    throw Error(bad_record);
+
+  Sha256 digest;
+  std::vector<unsigned char> buf(1 << 20);
+  uint64_t offset = 0, left = static_cast<uint64_t>(rec.library_bytes);
+  while (left > 0) {
+    size_t n = static_cast<size_t>(std::min<uint64_t>(left, buf.size()));
+    if (!PreadAll(f.fd, buf.data(), n, offset))
+      throw Error("cannot read module " + path + ": " + (errno ? ErrnoText() : std::string("short read")));
+    digest.Update(buf.data(), n);
+    offset += n;
+    left -= n;
+  }
+  if (digest.HexDigest() != rec.library_sha256)
+    throw Error(path + ": SHA-256 mismatch: the module was damaged or edited after export (re-export or copy "
+                       "it again)");
+  return rec;
 }
 
 Metadata ParseMetadata(const std::string& json) {
@@ -598,6 +948,12 @@ struct Model::Impl {
   ffi::Optional<ffi::Function> main;
   Metadata md;
 
+  // kError: throw on a NaN/infinity; returns {}. kPropagate: when an input has any, ``*cleaned``
+  // gets the inputs with them set to 0 (run on those) and the batch items to mark are returned;
+  // else ``*cleaned`` stays empty (run on ``inputs``) and {} is returned.
+  std::vector<bool> CheckValues(const std::vector<HostTensor>& inputs, const RunOptions& opt,
+                                std::vector<HostTensor>* cleaned) const;
+
   std::vector<ffi::Any> Args(const std::vector<HostTensor>& inputs, const RunOptions& opt) {
     std::vector<ffi::Any> args;
     for (const auto& h : inputs) args.emplace_back(ToRuntime(h));
@@ -632,6 +988,9 @@ Model::Model(const std::string& path) : impl_(new Impl()) {
   struct stat st;
   if (stat(path.c_str(), &st) != 0) throw Error("cannot open module " + path + ": " + ErrnoText());
   if (!S_ISREG(st.st_mode)) throw Error("cannot open module " + path + ": not a regular file");
+  // Before the dynamic loader maps the file or runs any of its code: a truncated copy would crash
+  // it (SIGBUS), a flipped bit could run and give wrong outputs.
+  VerifyModule(path);
   // dlopen searches the library path for names without a slash: always pass an absolute path.
   char* resolved = realpath(path.c_str(), nullptr);
   if (resolved == nullptr) throw Error("cannot open module " + path + ": " + ErrnoText());
@@ -724,10 +1083,28 @@ void Model::CheckOptions(const RunOptions& opt) const {
   }
 }
 
+std::vector<bool> Model::Impl::CheckValues(const std::vector<HostTensor>& inputs, const RunOptions& opt,
+                                           std::vector<HostTensor>* cleaned) const {
+  if (opt.nonfinite == NonFinite::kError) {
+    for (size_t i = 0; i < inputs.size() && i < md.inputs.size(); ++i)
+      CheckFinite(inputs[i], "input '" + md.inputs[i].name + "'",
+                  "set RunOptions::nonfinite = NonFinite::kPropagate to get NaN outputs for such batch "
+                  "items instead");
+    return {};
+  }
+  bool any = false;
+  for (const auto& t : inputs) any = any || FindNonFinite(t).has_value();
+  if (!any) return {};  // nothing to clean: run on ``inputs`` themselves, no copy
+  *cleaned = inputs;
+  return CleanNonFinite(cleaned);
+}
+
 std::vector<HostTensor> Model::Run(const std::vector<HostTensor>& inputs, const RunOptions& opt) {
   CheckInputs(inputs);
   CheckOptions(opt);
-  ffi::Any rv = impl_->Call(impl_->Args(inputs, opt));
+  std::vector<HostTensor> cleaned;
+  std::vector<bool> items = impl_->CheckValues(inputs, opt, &cleaned);
+  ffi::Any rv = impl_->Call(impl_->Args(cleaned.empty() ? inputs : cleaned, opt));
   std::vector<HostTensor> out;
   try {
     if (auto t = rv.as<ffi::Tensor>()) {
@@ -745,13 +1122,16 @@ std::vector<HostTensor> Model::Run(const std::vector<HostTensor>& inputs, const 
   } catch (const ffi::Error& e) {
     throw Error("reading the outputs failed: " + FormatFfiError(e));
   }
+  PoisonItems(&out, items);
   return out;
 }
 
 std::vector<double> Model::Time(const std::vector<HostTensor>& inputs, int repeats, const RunOptions& opt) {
   CheckInputs(inputs);
   CheckOptions(opt);
-  std::vector<ffi::Any> args = impl_->Args(inputs, opt);
+  std::vector<HostTensor> cleaned;
+  std::vector<bool> items = impl_->CheckValues(inputs, opt, &cleaned);
+  std::vector<ffi::Any> args = impl_->Args(cleaned.empty() ? inputs : cleaned, opt);
   impl_->Call(args);  // warm-up
   std::vector<double> ms;
   for (int i = 0; i < repeats; ++i) {

@@ -39,14 +39,56 @@ std::vector<std::string> SupportedDTypes();
 
 /*! \brief Read a .npy file (format v1/v2/v3, little-endian, C order, numeric dtypes). */
 HostTensor ReadNpy(const std::string& path);
-/*! \brief Write ``tensor`` as .npy (v1 header, v2 when the header is too long) directly to ``path``. */
+/*!
+ * \brief Write ``tensor`` as .npy (v1 header, v2 when the header is too long) to ``path``, with
+ * the rules of WriteNpyFiles (all-or-nothing, links followed, devices written through).
+ */
 void WriteNpy(const std::string& path, const HostTensor& tensor);
 /*!
- * \brief Write several tensors all-or-nothing: each goes to a temp file next to its destination,
- * and they are renamed into place only after every one was written. On error no destination is
- * created or modified and the temp files are removed.
+ * \brief Check that every path can take an output, before anything runs: a symlink is followed
+ * (its target is the file written), an existing regular file or a new name in an existing,
+ * writable directory is fine, a character device or FIFO (/dev/null, a pipe) is written
+ * through; a directory or any other non-regular file, or the same file twice, is an Error.
+ */
+void CheckOutputPaths(const std::vector<std::string>& paths);
+/*!
+ * \brief Write several tensors all-or-nothing, like psb_tvm.files.write_output: each output that
+ * is (or will be) a regular file goes to a temp file next to its destination, and they are
+ * renamed into place only after every one was written. Symlinks are followed (the link's target
+ * is replaced, the link kept); character devices and FIFOs are written through (open + write,
+ * never replaced by a regular file); directories and other non-regular files are refused. The
+ * result has the permissions a plain write would give: the mode of the file it replaces, else
+ * 0666 less the umask. On error no regular destination is created or modified and the temp
+ * files are removed (bytes already written to a device or FIFO cannot be taken back; those are
+ * written after every temp file is complete).
  */
 void WriteNpyFiles(const std::vector<std::string>& paths, const std::vector<HostTensor>& tensors);
+
+/*!
+ * \brief Flat index of the first NaN or infinity in a float16/32/64 tensor; nullopt when every
+ * value is finite or the dtype is not a float.
+ */
+std::optional<size_t> FirstNonFinite(const HostTensor& tensor);
+/*!
+ * \brief Throw Error when ``tensor`` holds a NaN or infinity, naming ``what``, the value and its
+ * index: "<what>: non-finite value nan at index (0, 0, 3, 5) (<hint>)".
+ */
+void CheckFinite(const HostTensor& tensor, const std::string& what, const std::string& hint = "");
+
+/*! \brief The integrity record at the end of a module written by PSBModule.export_library. */
+struct ModuleRecord {
+  int64_t format = 0;
+  int64_t library_bytes = 0;   // size of the shared library in front of the record
+  std::string library_sha256;  // its SHA-256, 64 lowercase hex digits
+};
+
+/*!
+ * \brief Check the integrity record of ``path`` (layout: library bytes, JSON record, 8-byte magic
+ * "PSBTVM\0\1", uint64 little-endian JSON length; see psb_tvm/files.py) and the SHA-256 of the
+ * library, without loading anything. Throws Error naming the file when it is truncated, damaged,
+ * edited, or was not written by PSBModule.export_library. Model's constructor calls it first.
+ */
+ModuleRecord VerifyModule(const std::string& path);
 
 struct TensorInfo {
   std::string name;
@@ -79,16 +121,52 @@ struct Metadata {
 /*! \brief Parse the metadata JSON (throws Error when required fields are missing or malformed). */
 Metadata ParseMetadata(const std::string& json);
 
-/*! \brief Per-call options; only accepted by modules whose metadata has "runtime_args". */
+/*!
+ * \brief What Run/Time do with a NaN or infinity in a float input; the same as Python's
+ * ``PSBModule.run(..., nonfinite=...)`` (psb_tvm/runtime.py).
+ */
+enum class NonFinite {
+  kError,      //!< "error" (default): throw Error naming the input and the first bad index
+  kPropagate,  //!< "propagate": run on the inputs with them set to 0, then make the outputs of the
+               //!< batch items that had any NaN (CleanNonFinite, PoisonItems); the others are unchanged
+};
+/*! \brief "error" -> kError, "propagate" -> kPropagate; throws Error for any other name. */
+NonFinite ParseNonFinite(const std::string& name);
+/*! \brief The name of ``mode``: "error" or "propagate". */
+std::string NonFiniteName(NonFinite mode);
+
+/*!
+ * \brief The first half of NonFinite::kPropagate: set every NaN or infinity in the float16/32/64
+ * tensors of ``inputs`` to +0 and return the batch items that had any (size B, all false when
+ * none). B is the leading dimension shared by every input of rank >= 1 (rank-0 inputs do not
+ * count), else 1. An input whose leading dimension is B marks the items of its bad rows; any other
+ * input with a bad value marks every item.
+ */
+std::vector<bool> CleanNonFinite(std::vector<HostTensor>* inputs);
+/*!
+ * \brief The second half: when any of ``items`` is marked, set the rows of the marked items of each
+ * output whose leading dimension is ``items.size()`` to NaN, and all of any other output. Throws
+ * Error "nonfinite='propagate' cannot mark a <dtype> output NaN; pass finite inputs" for an output
+ * that is not float16/32/64 (then ``outputs`` may be partly changed).
+ */
+void PoisonItems(std::vector<HostTensor>* outputs, const std::vector<bool>& items);
+
+/*! \brief Per-call options; samples/seed only accepted by modules whose metadata has "runtime_args". */
 struct RunOptions {
   std::optional<int64_t> samples;
   std::optional<int64_t> seed;
+  /*! \brief NaN / infinity in float inputs: refused (default) or propagated to the batch items' outputs. */
+  NonFinite nonfinite = NonFinite::kError;
 };
 
 /*! \brief A loaded psb_tvm module on the CPU (Relax VM, pooled allocator). */
 class Model {
  public:
-  /*! \brief Load ``path`` (a .so from PSBModule.export_library); throws Error. */
+  /*!
+   * \brief Load ``path`` (a .so from PSBModule.export_library); throws Error. The integrity record
+   * is checked (VerifyModule) before the library is opened: a module is native code, load only
+   * modules you trust.
+   */
   explicit Model(const std::string& path);
   ~Model();
   Model(Model&&) noexcept;
@@ -98,18 +176,26 @@ class Model {
 
   const Metadata& metadata() const;
 
-  /*! \brief Check count, dtype and shape of ``inputs`` against the metadata; throws Error. */
+  /*!
+   * \brief Check count, dtype and shape of ``inputs`` against the metadata; throws Error. NaN and
+   * infinities are handled by Run/Time (see RunOptions::nonfinite), not here.
+   */
   void CheckInputs(const std::vector<HostTensor>& inputs) const;
   /*! \brief Check ``options`` against the module (runtime_args present, valid values); throws Error. */
   void CheckOptions(const RunOptions& options) const;
 
-  /*! \brief Run ``main`` once; returns its outputs (one tensor, or the fields of a tuple). */
+  /*!
+   * \brief Run ``main`` once; returns its outputs (one tensor, or the fields of a tuple). With
+   * NonFinite::kPropagate, ``main`` runs on the inputs cleaned by CleanNonFinite and the outputs of
+   * the marked batch items are NaN (PoisonItems); the other items are bit-identical to a run on the
+   * cleaned inputs.
+   */
   std::vector<HostTensor> Run(const std::vector<HostTensor>& inputs, const RunOptions& options = {});
 
   /*!
    * \brief Call ``main`` ``repeats`` times on the same inputs (after one warm-up call) and return
    * the wall time of each call in milliseconds; inputs are copied to runtime tensors once, outside
-   * the timed region.
+   * the timed region. With NonFinite::kPropagate the cleaned inputs are timed.
    */
   std::vector<double> Time(const std::vector<HostTensor>& inputs, int repeats,
                            const RunOptions& options = {});

@@ -111,7 +111,7 @@ def test_gpu_check_cpu_dry_run(tmp_path):
     assert gc.main(["run", str(tmp_path), "--device", "cpu", "--runs", "3", "--warmup", "1",
                     "--budget-s", "0.1", "--results", str(results)]) == 0
     checks = json.loads(results.read_text())["checks"]
-    assert len(checks) == 5 and all(c["ok"] for c in checks)  # psb at n = 1, 8, 16; psb_int8; fp32
+    assert len(checks) == 8 and all(c["ok"] for c in checks)  # psb, psb_iid at n = 1, 8, 16; psb_int8; fp32
     assert all(c["max_abs"] == 0 for c in checks if " psb" in c["module"])
 
 

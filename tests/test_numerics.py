@@ -623,6 +623,22 @@ def test_max_abs_q_is_tight():
         assert q[0, 0] == nm.max_abs_q(3, n) == n * 8 and q[0, 1] == -n * 8
 
 
+@pytest.mark.parametrize("E", [1, 3, 4, 16])
+def test_weight_code_gives_the_same_integer_weights(E):
+    """The one-byte code the run-time draw reads (sign, normal flag, shift) gives the same q as
+    the three arrays for every weight: zeros, subnormal-small ones, both signs, every shift."""
+    rng = np.random.default_rng(E)
+    w = (rng.standard_normal((16, 64)) * np.exp2(rng.integers(-20, 4, (16, 64)))).astype(np.float32)
+    w[0, :8] = 0.0
+    w[1, :4] = [1e-30, -1e-30, np.float32(2.0**-140), -0.0]
+    enc = nm.encode_weights(w, E=E)
+    code = nm.weight_code(enc)
+    assert code.dtype == np.uint8 and int((code & 63).max()) == E - 1
+    for n in (1, 8, 64):
+        counts = nm.sample_counts(enc, n, 3, 1)
+        assert np.array_equal(nm.weights_from_code(code, counts, n), nm.weights_from_counts(enc, counts, n))
+
+
 # ------------------------------------------------------------------ layers
 
 

@@ -6,11 +6,13 @@ aarch64: the runner is cross built against the aarch64 wheels and run under qemu
 compiled with ``target="aarch64"``; PSB outputs are compared with the x86 run.
 """
 
+import hashlib
 import json
 import os
 import pathlib
 import re
 import shutil
+import stat
 import subprocess
 import sys
 import warnings
@@ -22,6 +24,7 @@ from onnx import TensorProto, helper
 
 import psb_tvm
 from psb_tvm.data.digits import DIGITS_ONNX, load_digits_split
+from psb_tvm.files import append_record, read_record
 
 from onnx_models import conv_model, small_cnn
 
@@ -82,6 +85,10 @@ def _model_specs(target):
         "conv_linear": (conv_model(relu=False, seed=2), dict(samples=32, seed=5,
                                                              calibration={"x": rng.standard_normal((8, 4, 10, 10)).astype(np.float32)}),
                         rng.standard_normal((1, 4, 10, 10)).astype(np.float32)),
+        # the i.i.d. sampler (the default is stratified): a linear PSB layer, so bit-exact across CPUs
+        "conv_linear_iid": (conv_model(relu=False, seed=2), dict(samples=8, seed=5, config=psb_tvm.PSBConfig(sampler="iid"),
+                                                                 calibration={"x": rng.standard_normal((8, 4, 10, 10)).astype(np.float32)}),
+                            rng.standard_normal((1, 4, 10, 10)).astype(np.float32)),
         # int8 preset (int8 weights): conv2 and pwconv take uint8 activations (after a Relu) and
         # 16 | O, so they are the packed layout tensorized with vpdpbusd (x86) / sdot (aarch64).
         "small_cnn_int8": (small_cnn(seed=4), dict(samples=8, config=psb_tvm.PSBConfig.preset("int8"),
@@ -125,14 +132,15 @@ def _outputs(result):
     return list(result) if isinstance(result, tuple) else [result]
 
 
-def _run(exe, model, inputs=(), outputs=(), *extra, prefix=()):
+def _run(exe, model, inputs=(), outputs=(), *extra, prefix=(), umask=None):
     cmd = [*prefix, str(exe), str(model)]
     for p in inputs:
         cmd += ["--input", str(p)]
     for p in outputs:
         cmd += ["--output", str(p)]
     cmd += [str(e) for e in extra]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    preexec = None if umask is None else (lambda: os.umask(umask))
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=300, preexec_fn=preexec)
 
 
 def _assert_bitwise_equal(got, want, what):
@@ -251,7 +259,7 @@ def test_per_layer_default_samples_are_used_without_samples_flag(psb_run, host_m
 def test_bad_samples_or_seed_are_rejected(psb_run, host_models, tmp_path, extra, message):
     m = host_models["digits"]
     proc = _run(psb_run, m.path, [m.x_path], [tmp_path / "y.npy"], *extra)
-    assert proc.returncode != 0 and re.search(message, proc.stderr), proc.stderr
+    assert proc.returncode == 2 and re.search(message, proc.stderr), proc.stderr  # bad usage
     assert list(tmp_path.iterdir()) == []
 
 
@@ -260,7 +268,7 @@ def test_samples_seed_on_a_frozen_module_is_an_error(psb_run, host_models, tmp_p
     m = host_models["frozen"]
     assert m.module.metadata["runtime_args"] == []
     proc = _run(psb_run, m.path, [m.x_path], [tmp_path / "y.npy"], flag, 8)
-    assert proc.returncode != 0
+    assert proc.returncode == 2  # an option this module cannot take: bad usage
     assert "fixes n and seed at compile time (samples=32, seed=5, frozen)" in proc.stderr, proc.stderr
     assert list(tmp_path.iterdir()) == []
 
@@ -301,6 +309,7 @@ def _stub_module(path, metadata):
 
     mod = attach_string(Stub, psb_tvm.runtime.METADATA_FUNC, json.dumps(metadata)) if metadata else Stub
     tvm.compile(mod, target=host_target()).export_library(str(path))
+    append_record(path)  # what PSBModule.export_library adds: psb_run checks it before loading
     return path
 
 
@@ -333,7 +342,7 @@ def test_unknown_runtime_arg_is_reported_but_metadata_still_prints(psb_run, stub
     assert proc.returncode == 0 and json.loads(proc.stdout)["runtime_args"][0]["name"] == "mask"
     outs = [tmp_path / f"{n}.npy" for n in ("twice", "n", "seed")]
     proc = _run(psb_run, model, [stub_modules["x"]], outs)
-    assert proc.returncode != 0 and 'run-time argument "mask"' in proc.stderr, proc.stderr
+    assert proc.returncode == 1 and 'run-time argument "mask"' in proc.stderr, proc.stderr
     assert list(tmp_path.iterdir()) == []
 
 
@@ -387,13 +396,25 @@ def _bad_case(case, m, stub_modules, tmp):
     if case == "garbage model":
         p = tmp / "garbage.so"
         p.write_text("not a shared library")
+        return p, [save("x.npy", x)], [y], (), r"garbage\.so: no psb_tvm integrity record", None
+    if case == "empty model":
+        p = tmp / "empty.so"
+        p.write_bytes(b"")
+        return p, [save("x.npy", x)], [y], (), r"empty\.so: 0 bytes, too short", None
+    if case == "garbage model with a record":  # passes the integrity check, then dlopen refuses it
+        p = tmp / "garbage.so"
+        p.write_text("not a shared library")
+        append_record(p)
         return p, [save("x.npy", x)], [y], (), "cannot load as a TVM module", None
-    if case == "plain shared library":
+    if case in ("plain shared library", "plain shared library without a record"):
         src = tmp / "lib.c"
         src.write_text("int answer(void) { return 42; }\n")
         lib = tmp / "plain.so"
         subprocess.run(["g++", "-x", "c", "-shared", "-fPIC", "-o", str(lib), str(src)], check=True)
-        return lib, [save("x.npy", x)], [y], (), "not a psb_tvm module", None
+        if case == "plain shared library":
+            append_record(lib)
+            return lib, [save("x.npy", x)], [y], (), "not a psb_tvm module", None
+        return lib, [save("x.npy", x)], [y], (), "not written by PSBModule.export_library", None
     if case == "tvm module without psb metadata":
         return stub_modules["no_metadata"], [save("x.npy", x)], [y], (), "not a psb_tvm module .*psb_metadata", None
     if case == "output directory missing":
@@ -402,6 +423,24 @@ def _bad_case(case, m, stub_modules, tmp):
         return m.path, [save("x.npy", x)], [pathlib.Path("/proc/psb_run_test_y.npy")], (), "cannot write /proc/psb_run_test_y.npy", None
     if case == "output is a directory":
         return m.path, [save("x.npy", x)], [out], (), "is a directory", None
+    if case == "output is a symlink to a directory":
+        (tmp / "dlink").symlink_to(out)
+        return m.path, [save("x.npy", x)], [tmp / "dlink"], (), "dlink: it is a directory", None
+    if case == "output is a socket":
+        import socket
+
+        sock = socket.socket(socket.AF_UNIX)
+        sock.bind(str(tmp / "sock"))
+        sock.close()
+        return m.path, [save("x.npy", x)], [tmp / "sock"], (), "not a regular file, character device or FIFO", None
+    if case == "nan input":
+        bad = x.copy()
+        bad[1, 0, 2, 5] = np.nan
+        return m.path, [save("x.npy", bad)], [y], (), r"x\.npy \(input 'input'\): non-finite value nan at index \(1, 0, 2, 5\).*--nonfinite propagate", None
+    if case == "-inf input":
+        bad = x.copy()
+        bad[3, 0, 7, 7] = -np.inf
+        return m.path, [save("x.npy", bad)], [y], (), r"non-finite value -inf at index \(3, 0, 7, 7\)", None
     if case == "too many outputs":
         return m.path, [save("x.npy", x)], [y, out / "y2.npy"], (), r"the model has 1 output\(s\) \[logits\], got 2", None
     if case == "no model argument":
@@ -412,6 +451,14 @@ def _bad_case(case, m, stub_modules, tmp):
         return m.path, [save("x.npy", x)], [y], ("--time", "0"), "--time needs a count", 2
     if case == "non-integer --samples":
         return m.path, [save("x.npy", x)], [y], ("--samples", "many"), "--samples needs an integer", 2
+    if case == "negative --time":
+        return m.path, [save("x.npy", x)], [y], ("--time", "-3"), "--time needs a count", 2
+    if case == "--nonfinite bogus":
+        return m.path, [save("x.npy", x)], [y], ("--nonfinite", "bogus"), "--nonfinite must be error or propagate, got 'bogus'", 2
+    if case == "--nonfinite twice":
+        return m.path, [save("x.npy", x)], [y], ("--nonfinite=propagate", "--nonfinite", "error"), "--nonfinite given twice", 2
+    if case == "--allow-nonfinite (removed)":
+        return m.path, [save("x.npy", x)], [y], ("--allow-nonfinite",), "unknown option --allow-nonfinite", 2
     if case == "no output":
         return m.path, [save("x.npy", x)], [], (), "missing --output", 2
     raise AssertionError(case)
@@ -419,9 +466,14 @@ def _bad_case(case, m, stub_modules, tmp):
 
 BAD_CASES = ["missing input file", "no input", "two inputs", "wrong shape", "wrong dtype", "int64 input",
              "fortran order", "big endian", "structured dtype", "object dtype", "truncated npy", "not an npy",
-             "missing model", "garbage model", "plain shared library", "tvm module without psb metadata",
-             "output directory missing", "unwritable output", "output is a directory", "too many outputs", "no model argument",
-             "unknown option", "bad --time", "non-integer --samples", "no output"]
+             "nan input", "-inf input",
+             "missing model", "garbage model", "empty model", "garbage model with a record", "plain shared library",
+             "plain shared library without a record", "tvm module without psb metadata",
+             "output directory missing", "unwritable output", "output is a directory",
+             "output is a symlink to a directory", "output is a socket", "too many outputs", "no model argument",
+             "unknown option", "bad --time", "negative --time", "non-integer --samples", "--nonfinite bogus",
+             "--nonfinite twice", "--allow-nonfinite (removed)",
+             "no output"]
 
 
 @pytest.mark.parametrize("case", BAD_CASES)
@@ -434,9 +486,9 @@ def test_bad_inputs_fail_cleanly_without_output(psb_run, host_models, stub_modul
     for p in outputs:
         cmd += ["--output", str(p)]
     proc = subprocess.run(cmd + list(extra), capture_output=True, text=True, timeout=120)
-    assert proc.returncode != 0, f"{case}: exit 0\n{proc.stdout}"
-    if status is not None:
-        assert proc.returncode == status
+    # The documented exit status: 1 for a bad module, input or output, 2 for bad usage; never a
+    # signal (a negative returncode).
+    assert proc.returncode == (1 if status is None else status), f"{case}: exit {proc.returncode}\n{proc.stderr}"
     assert re.search(message, proc.stderr), f"{case}: stderr {proc.stderr!r} lacks {message!r}"
     assert proc.stdout == ""
     leftovers = [p for p in (tmp_path / "out").rglob("*")] if (tmp_path / "out").exists() else []
@@ -453,6 +505,251 @@ def test_failed_run_leaves_an_existing_output_untouched(psb_run, host_models, tm
     assert proc.returncode != 0 and "expected shape" in proc.stderr
     assert out.read_bytes() == b"previous"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["x.npy", "y.npy"]
+
+
+# ------------------------------------------------------------------ module integrity
+def test_sha256_known_vectors_and_hashlib_agreement(psb_run, tmp_path):
+    """runner/sha256.cc (no OpenSSL: the runner cross compiles alone): the FIPS 180-4 vectors
+    ("", "abc", the 448- and 896-bit messages, a million 'a'), and hashlib on every padding edge."""
+    selftest = psb_run.parent / "psb_runner_selftest"
+    proc = subprocess.run([str(selftest)], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert proc.stdout.count("ok  ") == 5, proc.stdout
+    assert 'sha256("abc") = ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad' in proc.stdout
+    rng = np.random.default_rng(0)
+    files = []
+    for size in (0, 1, 55, 56, 63, 64, 65, 119, 120, 4099, 200_003):
+        f = tmp_path / f"b{size}"
+        f.write_bytes(rng.integers(0, 256, size, dtype=np.uint8).tobytes())
+        files.append(f)
+    proc = subprocess.run([str(selftest), *map(str, files)], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    got = dict(reversed(line.split("  ", 1)) for line in proc.stdout.splitlines())
+    for f in files:
+        assert got[str(f)] == hashlib.sha256(f.read_bytes()).hexdigest(), f.name
+
+
+def _damage(data: bytes, how: str) -> bytes:
+    if how == "cut to 10%":
+        return data[: len(data) // 10]
+    if how == "cut to 50%":
+        return data[: len(data) // 2]
+    if how == "record cut off":  # the library alone, as a plain TVM export would be
+        return data[: _library_size(data)]
+    if how in ("flipped byte in the middle", "flipped bit in the code"):
+        i = len(data) // 2 if how == "flipped byte in the middle" else 4096 + 17
+        return data[:i] + bytes([data[i] ^ (0xFF if "byte" in how else 0x01)]) + data[i + 1:]
+    if how == "byte appended":  # the record no longer ends the file
+        return data + b"\0"
+    if how in ("record format 2", "record size edited"):
+        n = int.from_bytes(data[-8:], "little")
+        record = json.loads(data[-16 - n:-16])
+        if how == "record format 2":
+            record["format"] = 2
+        else:
+            record["library_bytes"] -= 1
+        text = json.dumps(record, sort_keys=True).encode()
+        return data[: -16 - n] + text + data[-16:-8] + len(text).to_bytes(8, "little")
+    raise AssertionError(how)
+
+
+def _library_size(data: bytes) -> int:
+    return len(data) - 16 - int.from_bytes(data[-8:], "little")
+
+
+DAMAGE = {
+    "cut to 10%": "no psb_tvm integrity record",
+    "cut to 50%": "no psb_tvm integrity record",
+    "record cut off": "not written by PSBModule.export_library",
+    "flipped byte in the middle": "SHA-256 mismatch: the module was damaged or edited",
+    "flipped bit in the code": "SHA-256 mismatch",
+    "byte appended": "no psb_tvm integrity record",
+    "record format 2": "integrity record format 2",
+    "record size edited": "integrity record is damaged or does not match the file size",
+}
+
+
+@pytest.mark.parametrize("how", list(DAMAGE))
+def test_damaged_module_is_refused_before_loading(psb_run, host_models, tmp_path, how):
+    """An interrupted copy (a truncated .so gave SIGBUS) or a flipped bit (wrong outputs) is a
+    clean error, exit 1, before the dynamic loader maps the file; no output is written."""
+    m = host_models["digits"]
+    assert read_record(m.path)["library_bytes"] == m.path.stat().st_size - 16 - len(
+        json.dumps(read_record(m.path), sort_keys=True))
+    bad = tmp_path / "damaged.so"
+    bad.write_bytes(_damage(m.path.read_bytes(), how))
+    out = tmp_path / "y.npy"
+    for extra in ((), ("--metadata",)):
+        proc = _run(psb_run, bad, [m.x_path], [out], *extra)
+        assert proc.returncode == 1, f"{how}: exit {proc.returncode} (negative: a signal)\n{proc.stderr}"
+        assert "damaged.so" in proc.stderr and DAMAGE[how] in proc.stderr, proc.stderr
+        assert proc.stdout == "" and not out.exists()
+
+
+def test_edited_n_max_with_a_fresh_record_is_stopped_by_the_kernels_check(psb_run, host_models, tmp_path):
+    """The record catches accidents, not edits followed by a new record: an int8 module whose
+    metadata says n_max=64 instead of 8 passes psb_run's own checks at --samples 64, and main's
+    check of n against the compiled bound (an assert compiled into the kernels,
+    passes/assert_sample_bounds.py) must still refuse to run."""
+    m = host_models["conv_int8"]
+    data = m.path.read_bytes()
+    library = data[: read_record(m.path)["library_bytes"]]
+    assert b'"n_max": 8,' in library
+    edited = tmp_path / "edited.so"
+    edited.write_bytes(library.replace(b'"n_max": 8,', b'"n_max":64,'))
+    append_record(edited)
+    out = tmp_path / "y.npy"
+    proc = _run(psb_run, edited, [m.x_path], [out], "--samples", 64)
+    assert proc.returncode == 1 and "n_max" in proc.stderr, proc.stderr
+    assert not out.exists()
+    proc = _run(psb_run, edited, [m.x_path], [out], "--samples", 8)  # within the compiled bound: runs
+    assert proc.returncode == 0, proc.stderr
+    _assert_bitwise_equal(np.load(out), m.module.run(m.x, samples=8), "edited module at n=8")
+
+
+# ------------------------------------------------------------------ output files
+def test_output_to_dev_null_keeps_the_device(psb_run, host_models, tmp_path):
+    m = host_models["conv_relu"]
+    proc = _run(psb_run, m.path, [m.x_path], ["/dev/null"])
+    assert proc.returncode == 0, proc.stderr
+    assert stat.S_ISCHR(os.stat("/dev/null").st_mode)
+
+
+def test_output_through_a_fifo_is_written_through(psb_run, host_models, tmp_path):
+    m = host_models["conv_relu"]
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    reader = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)  # a reader, so psb_run's open does not block
+    try:
+        proc = _run(psb_run, m.path, [m.x_path], [fifo])
+        assert proc.returncode == 0, proc.stderr
+        data = b""
+        while chunk := os.read(reader, 1 << 16):
+            data += chunk
+    finally:
+        os.close(reader)
+    assert stat.S_ISFIFO(os.lstat(fifo).st_mode)
+    ref = tmp_path / "ref.npy"
+    np.save(ref, m.module.run(m.x))
+    assert data == ref.read_bytes()
+
+
+@pytest.mark.parametrize("existing", [True, False])
+def test_output_through_a_symlink_keeps_the_link(psb_run, host_models, tmp_path, existing):
+    """The link's target is replaced (or created, for a dangling link); the link stays a link."""
+    m = host_models["conv_relu"]
+    target_dir = tmp_path / "data"
+    target_dir.mkdir()
+    target = target_dir / "y.npy"
+    if existing:
+        target.write_bytes(b"previous")
+    link = tmp_path / "y_link.npy"
+    link.symlink_to(os.path.relpath(target, tmp_path))
+    proc = _run(psb_run, m.path, [m.x_path], [link])
+    assert proc.returncode == 0, proc.stderr
+    assert link.is_symlink() and link.resolve() == target.resolve()
+    _assert_bitwise_equal(np.load(target), m.module.run(m.x), "output through a symlink")
+    assert sorted(p.name for p in target_dir.iterdir()) == ["y.npy"]  # no temp file left
+
+
+def test_directory_output_is_refused_before_running(psb_run, host_models, tmp_path):
+    """A directory among the outputs: refused up front (exit 1, no output at all), even when the
+    other output is fine and the input would also fail later."""
+    m = host_models["two_outputs"]
+    (tmp_path / "d").mkdir()
+    bad = tmp_path / "x.npy"
+    np.save(bad, np.full_like(m.x, np.nan))  # would be the error if the outputs were not checked first
+    proc = _run(psb_run, m.path, [bad], [tmp_path / "y.npy", tmp_path / "d"], "--time", 1)
+    assert proc.returncode == 1 and "cannot write" in proc.stderr and "it is a directory" in proc.stderr, proc.stderr
+    assert proc.stdout == ""
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["d", "x.npy"] and list((tmp_path / "d").iterdir()) == []
+
+
+def test_two_outputs_into_one_file_are_refused(psb_run, stub_modules, tmp_path):
+    a = tmp_path / "a.npy"
+    (tmp_path / "link.npy").symlink_to("a.npy")
+    proc = _run(psb_run, stub_modules["runtime_args"], [stub_modules["x"]], [a, tmp_path / "link.npy", tmp_path / "c.npy"])
+    assert proc.returncode == 1 and "are the same file" in proc.stderr, proc.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["link.npy"]
+    # /dev/null may take several outputs.
+    proc = _run(psb_run, stub_modules["runtime_args"], [stub_modules["x"]], ["/dev/null", "/dev/null", tmp_path / "c.npy"])
+    assert proc.returncode == 0, proc.stderr
+    assert np.load(tmp_path / "c.npy").tolist() == [3]
+
+
+def test_output_permissions_are_those_of_a_plain_write(psb_run, host_models, tmp_path):
+    """New files: 0666 less the umask (0644 under 022, 0600 under 077; mkstemp would give 0600);
+    a replaced file keeps its mode."""
+    m = host_models["conv_relu"]
+    for umask, mode in ((0o022, 0o644), (0o077, 0o600), (0o002, 0o664)):
+        out = tmp_path / f"y_{umask:o}.npy"
+        proc = _run(psb_run, m.path, [m.x_path], [out], umask=umask)
+        assert proc.returncode == 0, proc.stderr
+        assert stat.S_IMODE(out.stat().st_mode) == mode, (oct(umask), oct(out.stat().st_mode))
+    out = tmp_path / "y_existing.npy"
+    out.write_bytes(b"previous")
+    out.chmod(0o640)
+    proc = _run(psb_run, m.path, [m.x_path], [out], umask=0o022)
+    assert proc.returncode == 0, proc.stderr
+    assert stat.S_IMODE(out.stat().st_mode) == 0o640
+    _assert_bitwise_equal(np.load(out), m.module.run(m.x), "replaced output")
+
+
+# ------------------------------------------------------------------ non-finite inputs
+@pytest.mark.parametrize("extra", [(), ("--nonfinite", "error")])
+def test_nonfinite_input_is_refused_by_default(psb_run, host_models, tmp_path, extra):
+    m = host_models["conv_relu"]
+    x = m.x.copy()
+    x[1, 1, 2, 3], x[1, 0, 0, 0] = np.nan, np.inf
+    bad = tmp_path / "x.npy"
+    np.save(bad, x)
+    out = tmp_path / "y.npy"
+    proc = _run(psb_run, m.path, [bad], [out], *extra)
+    assert proc.returncode == 1, proc.stderr
+    assert f"{bad} (input 'x'): non-finite value inf at index (1, 0, 0, 0)" in proc.stderr, proc.stderr
+    assert "--nonfinite propagate" in proc.stderr and proc.stdout == ""
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["x.npy"]
+
+
+def test_nonfinite_propagate_matches_python(psb_run, host_models, tmp_path):
+    """--nonfinite propagate is run(..., nonfinite="propagate"): the batch item with a NaN/inf gets
+    NaN outputs, the other is bit-identical to a run on the inputs with those values set to 0."""
+    m = host_models["conv_relu"]
+    assert m.x.shape[0] == 2
+    x = m.x.copy()
+    x[1, 1, 2, 3], x[1, 0, 0, 0], x[1, 3, 9, 9] = np.nan, np.inf, -np.inf
+    x_clean = np.where(np.isfinite(x), x, np.float32(0))
+    bad = tmp_path / "x.npy"
+    np.save(bad, x)
+    out = tmp_path / "y.npy"
+    proc = _run(psb_run, m.path, [bad], [out], "--nonfinite", "propagate", "--time", 1)
+    assert proc.returncode == 0, proc.stderr
+    assert "median latency" in proc.stdout
+    y = np.load(out)
+    assert y.dtype == np.float32 and y.shape[0] == 2
+    assert np.isnan(y[1]).all()
+    _assert_bitwise_equal(y[0], m.module.run(x_clean)[0], "item 0 vs run(x_clean)")
+    assert np.array_equal(y, m.module.run(x, nonfinite="propagate"), equal_nan=True)
+    # Finite inputs: the same as without the option.
+    proc = _run(psb_run, m.path, [m.x_path], [out], "--nonfinite=propagate")
+    assert proc.returncode == 0, proc.stderr
+    _assert_bitwise_equal(np.load(out), m.module.run(m.x), "finite inputs with --nonfinite propagate")
+
+
+def test_nonfinite_propagate_cannot_mark_an_integer_output(psb_run, stub_modules, tmp_path):
+    """The stub: x[2] -> (x + x [2], zeros(n) [8], [seed] int64). Batch 2: item 1 of ``twice``
+    becomes NaN, ``n`` (no batch axis) all NaN, and the int64 output cannot be marked: exit 1, as
+    Python's InputError; nothing written."""
+    bad = tmp_path / "x.npy"
+    np.save(bad, np.array([1.5, np.nan], np.float32))
+    outs = [tmp_path / f"{n}.npy" for n in ("twice", "n", "seed")]
+    proc = _run(psb_run, stub_modules["runtime_args"], [bad], outs, "--nonfinite", "propagate")
+    assert proc.returncode == 1, proc.stderr
+    assert "nonfinite='propagate' cannot mark a int64 output NaN; pass finite inputs" in proc.stderr, proc.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["x.npy"]
+    # Without the int64 output (--time alone writes nothing, so nothing needs marking): runs.
+    proc = _run(psb_run, stub_modules["runtime_args"], [bad], (), "--nonfinite", "propagate", "--time", 1)
+    assert proc.returncode == 0 and "median latency" in proc.stdout, proc.stderr
 
 
 # ================================================================================ aarch64 (qemu)
@@ -518,6 +815,22 @@ def test_arm_psb_layer_output_is_bit_exact(arm_psb_run, arm_models, host_models,
     arm, ref = arm_models["conv_linear"], host_models["conv_linear"]
     assert [l["status"] for l in arm.module.layers] == ["psb"]
     _assert_bitwise_equal(_run_arm(arm_psb_run, arm, tmp_path), ref.module.run(ref.x), "conv_linear aarch64 vs x86")
+
+
+def test_arm_both_samplers_are_bit_exact(arm_psb_run, arm_models, host_models, tmp_path):
+    """The stratified (default) and the i.i.d. sample streams on aarch64 draw the same integers as
+    on x86 at every n and seed: a linear PSB layer's outputs are bit-identical."""
+    for name in ("conv_linear", "conv_linear_iid"):
+        arm, ref = arm_models[name], host_models[name]
+        assert arm.module.metadata["sampler"] == ("iid" if name.endswith("iid") else "stratified")
+        for n, seed in ((1, 0), (8, 7), (32, 123)):
+            if n > arm.module.metadata["n_max"]:
+                continue
+            out = tmp_path / f"{name}_{n}_{seed}.npy"
+            proc = _run(arm_psb_run, arm.path, [arm.x_path], [out], "--samples", n, "--seed", seed, prefix=QEMU)
+            assert proc.returncode == 0, proc.stderr
+            _assert_bitwise_equal(np.load(out), ref.module.run(ref.x, samples=n, seed=seed),
+                                  f"{name} n={n} seed={seed} aarch64 vs x86")
 
 
 def test_arm_runner_rejects_bad_input_without_output(arm_psb_run, arm_models, tmp_path):
