@@ -258,7 +258,7 @@ def _stage_funcs(spec):
     ``schedules/kernels.py`` (layout per path) and scheduled as ``schedule_shared_stages`` does."""
     from tvm import te, tirx
 
-    from psb_tvm.schedules.kernels import COUNTS_DTYPE, _padded, _weight_stage, xq_row_width
+    from psb_tvm.schedules.kernels import COUNTS_DTYPE, _Encoding, _padded, _weight_stage, xq_row_width
 
     N, C, H, W = spec.x_shape
     O, Cg, KH, KW = spec.w_shape
@@ -268,7 +268,7 @@ def _stage_funcs(spec):
     x = te.placeholder(spec.x_shape, "float32", name="x")
     n = tirx.Var("n", "int64")
     padded = _padded(spec, x)
-    q = _weight_stage(spec, counts, sign, normal, shift, n)
+    q = _weight_stage(spec, counts, _Encoding(spec, sign, normal, shift), n)
     if spec.vnni or spec.channels_last:
         xq = te.compute((N, H + pt + pb, W + pl + pr, C), lambda b, h, w, c: padded(b, c, h, w), name="xq")
     else:  # rows padded as in the kernel (unit stride)

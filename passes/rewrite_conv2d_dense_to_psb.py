@@ -26,9 +26,9 @@ import numpy as np
 import tvm
 from tvm import relax, tirx
 
-from psb_tvm.numerics import EncodedWeights, weights_from_counts
-from psb_tvm.schedules.kernels import (COUNTS_DTYPE, KernelSpec, pack_weights, psb_layer_kernel, psb_masked_kernel,
-                                       psb_pack_kernel, psb_sample_kernel)
+from psb_tvm.numerics import EncodedWeights, weight_code, weights_from_counts
+from psb_tvm.schedules.kernels import (COUNTS_DTYPE, KernelSpec, pack_layout, pack_weights, psb_layer_kernel,
+                                       psb_masked_kernel, psb_pack_kernel, psb_sample_kernel)
 
 from .select_psb_layers import find_layer_sites
 
@@ -53,8 +53,9 @@ class _Kernels:
     layer: tvm.ir.GlobalVar
     masked: tvm.ir.GlobalVar
     threshold: object
-    encoding: list  # sign, normal, shift constants (empty when the weights are prepacked)
+    encoding: list  # sign, normal, shift constants (empty when prepacked; the packed code when packed at run time)
     epilogue: list  # scale, bias constants
+    counts_type: object  # the sampler's output: int16 counts in the layer's storage layout
     packed: list | None = None  # frozen intdot layers: the prepacked weight constants (pack_weights)
     pack: tvm.ir.GlobalVar | None = None  # sampled intdot layers: counts -> packed weights at run time
     draw: tvm.ir.GlobalVar | None = None  # ... stratified: (threshold, seed, n) -> packed weights in one pass
@@ -118,12 +119,8 @@ def _slot_shape(spec: KernelSpec) -> tuple:
     return (N, OH, OW)
 
 
-def _counts_type(layer: PSBLayer):
-    return relax.TensorType(layer.spec.w_shape, COUNTS_DTYPE)
-
-
 def _sample_call(kern: _Kernels, layer: PSBLayer, lo, hi, seed):
-    return relax.call_tir(kern.sample, [kern.threshold, _i64(lo), _i64(hi), _i64(seed)], out_ty=_counts_type(layer))
+    return relax.call_tir(kern.sample, [kern.threshold, _i64(lo), _i64(hi), _i64(seed)], out_ty=kern.counts_type)
 
 
 def _shape_var(name: str, length: int, prefix: str):
@@ -184,19 +181,30 @@ def rewrite_to_psb(mod: tvm.IRModule, layers: list[PSBLayer], frozen: dict | Non
             symbol = _symbol(prefix, layer.name, site.index)
             return bb.add_func(make(spec, symbol), symbol)
 
-        # Sampled intdot layers run the prepacked kernel on weights packed at run time.
+        # Sampled intdot layers run the prepacked kernel on weights packed at run time; their
+        # threshold, counts and one-byte weight code are stored in the kernel's weight layout
+        # (KernelSpec.packed_encoding); the prepacked layer kernel reads no encoding at all.
         run_packed = frozen is None and spec.lowering == "intdot"
         layer_spec = dataclasses.replace(spec, prepacked=True) if run_packed else spec
+        threshold = np.asarray(enc.threshold).astype(spec.threshold_dtype)
+        if run_packed:
+            spec = dataclasses.replace(spec, packed_encoding=True)
+            threshold = pack_layout(spec, threshold)
+            encoding = [relax.const(pack_layout(spec, weight_code(enc)))]
+        else:
+            encoding = [] if packed is not None else [relax.const(a) for a in (enc.sign, enc.normal, enc.shift)]
+        storage = spec.packed_weight_shape if spec.packed_encoding else spec.w_shape
         kern = _Kernels(
-            sample=add("psb_sample", psb_sample_kernel),
+            sample=add("psb_sample", psb_sample_kernel, spec),
             layer=add("psb", psb_layer_kernel, layer_spec),
-            masked=None if frozen is not None else add("psb_masked", psb_masked_kernel),
-            threshold=relax.const(np.asarray(enc.threshold).astype(spec.threshold_dtype)),
-            encoding=[] if packed is not None else [relax.const(a) for a in (enc.sign, enc.normal, enc.shift)],
+            masked=None if frozen is not None else add("psb_masked", psb_masked_kernel, spec),
+            threshold=relax.const(threshold),
+            encoding=encoding,
+            counts_type=relax.TensorType(storage, COUNTS_DTYPE),
             epilogue=[relax.const(a) for a in (layer.scale, layer.bias)],
             packed=packed,
-            pack=add("psb_pack", psb_pack_kernel) if run_packed else None,
-            draw=add("psb_draw", lambda sp, sym: psb_pack_kernel(sp, sym, draw=True))
+            pack=add("psb_pack", psb_pack_kernel, spec) if run_packed else None,
+            draw=add("psb_draw", lambda sp, sym: psb_pack_kernel(sp, sym, draw=True), spec)
             if run_packed and spec.sampler == "stratified" else None,
             pack_types=([relax.TensorType(layer_spec.packed_weight_shape, layer_spec.q_dtype)]
                         + ([relax.TensorType((spec.w_shape[0],), "int32")] if layer_spec.dot_offset else []))
@@ -239,7 +247,7 @@ def rewrite_to_psb(mod: tvm.IRModule, layers: list[PSBLayer], frozen: dict | Non
 
     def weight_types(l):
         kern = kernels[l]
-        return kern.pack_types if kern.pack is not None else [_counts_type(layers[l])]
+        return kern.pack_types if kern.pack is not None else [kern.counts_type]
 
     def layer_call(l, data, weights, n):
         args = [data] + weights + kernels[l].epilogue + [n]
@@ -281,7 +289,7 @@ def rewrite_to_psb(mod: tvm.IRModule, layers: list[PSBLayer], frozen: dict | Non
         funcs["main"] = rewrite(plain_call(None, lambda l: _i64(n[l]), drawn(n, sd)), [samples, seed], "main")
 
         samples, n = _shape_var("samples", L, "n")
-        counts = [relax.Var(f"counts_{l}", _counts_type(layers[l])) for l in range(L)]
+        counts = [relax.Var(f"counts_{l}", kernels[l].counts_type) for l in range(L)]
         funcs["forward"] = rewrite(plain_call(lambda l, _b: counts[l], lambda l: _i64(n[l])), [samples] + counts,
                                    "forward")
 

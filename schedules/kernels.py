@@ -63,6 +63,12 @@ class KernelSpec:
     # and no weight rounds up to the next power of two), else "int32". The same integers either
     # way; the samplers read half the bytes (measured: the draw kernel is memory-bound).
     threshold_dtype: str = "int32"
+    # intdot layers sampled at run time: their threshold, counts and encoding are stored in the
+    # kernel's weight layout (``pack_layout``, padding zero), the encoding as one byte per weight
+    # (``numerics.weight_code``) instead of three int8 arrays; their sample and masked kernels read
+    # them so, and the pack / draw kernels (which always do) walk every array contiguously. In the
+    # source order, the draw's stores into the vnni / OHWI layouts were byte scatters.
+    packed_encoding: bool = False
 
     @property
     def reduction_size(self) -> int:
@@ -184,12 +190,53 @@ def _flat_index(shape, idx):
     return flat
 
 
-def _stratified(spec: KernelSpec, thr, seed, i, then):
-    """The stratified stream at weight ``i``: ``then(c)`` where ``c(m)`` is the number of ones among
-    its first ``m`` samples (``m`` 0 or a power of two <= n_max, in closed form; int32). The
-    weight's rotation is hashed once, however many prefixes ``then`` counts."""
+def _source_index(spec: KernelSpec, p) -> tuple:
+    """The weight ``(o, c[, kh, kw])`` at index ``p`` of ``spec.packed_weight_shape`` (past the
+    weights where the layout pads: those entries hold zeros)."""
+    layout = spec.weight_layout
+    if layout == "OHWI":
+        o, kh, kw, c = p
+        return (o, c, kh, kw)
+    if layout in ("vnni", "dp4a"):
+        ob, kh, kw, c4, oi, ci = p
+        return (ob * 16 + oi, c4 * 4 + ci, kh, kw)
+    return tuple(p)
+
+
+def _packed_index(spec: KernelSpec, i) -> tuple:
+    """Where the weight ``i = (o, c[, kh, kw])`` sits in ``spec.packed_weight_shape``."""
+    layout = spec.weight_layout
+    if layout == "OHWI":
+        o, c, kh, kw = i
+        return (o, kh, kw, c)
+    if layout in ("vnni", "dp4a"):
+        o, c, kh, kw = i
+        return (o // 16, kh, kw, c // 4, o % 16, c % 4)
+    return tuple(i)
+
+
+class _Stored:
+    """A per-weight array read by weight index ``i`` (source order), stored in packed order when
+    ``packed`` (``spec.packed_encoding``)."""
+
+    def __init__(self, spec: KernelSpec, buf, packed: bool):
+        self.spec, self.buf, self.packed = spec, buf, packed
+
+    def __getitem__(self, i):
+        return self.buf[_packed_index(self.spec, i) if self.packed else tuple(i)]
+
+
+def _storage_shape(spec: KernelSpec) -> tuple:
+    """Shape of a layer's per-weight arrays (threshold, counts, encoding)."""
+    return spec.packed_weight_shape if spec.packed_encoding else spec.w_shape
+
+
+def _stratified(spec: KernelSpec, t, seed, i, then):
+    """The stratified stream at weight ``i`` (source index) of threshold ``t`` (int32): ``then(c)``
+    where ``c(m)`` is the number of ones among its first ``m`` samples (``m`` 0 or a power of two
+    <= n_max, in closed form; int32). The weight's rotation is hashed once, however many prefixes
+    ``then`` counts."""
     max_log2 = int(spec.n_max).bit_length() - 1
-    t = thr[i].astype("int32")
 
     def counts(o):
         return then(lambda m: stratified_count(o, t, m, spec.P, max_log2))
@@ -205,15 +252,21 @@ def psb_sample_kernel(spec: KernelSpec, name: str) -> tvm.tirx.PrimFunc:
     must each be 0 or a power of two (``main`` draws ``[0, n)``, refinement ``[n, 2n)``; the
     runtime checks), and at most ``n_max``.
     """
-    thr = te.placeholder(spec.w_shape, spec.threshold_dtype, name="threshold")
+    shape = _storage_shape(spec)
+    thr = te.placeholder(shape, spec.threshold_dtype, name="threshold")
     lo = tirx.Var("lo", "int64")
     hi = tirx.Var("hi", "int64")
     seed = tirx.Var("seed", "int64")
-    if spec.sampler == "stratified":
-        def count(*i):
-            return _stratified(spec, thr, seed, i, lambda c: (c(hi) - c(lo)).astype(COUNTS_DTYPE))
 
-        counts = te.compute(spec.w_shape, count, name="counts")
+    def source(p):
+        return _source_index(spec, p) if spec.packed_encoding else p
+
+    if spec.sampler == "stratified":
+        def count(*p):
+            return _stratified(spec, thr[p].astype("int32"), seed, source(p),
+                               lambda c: (c(hi) - c(lo)).astype(COUNTS_DTYPE))
+
+        counts = te.compute(shape, count, name="counts")
         func = te.create_prim_func([thr, lo, hi, seed, counts])
         return func.with_attrs({"global_symbol": name, "psb.kind": "sample", "psb.sampler": "stratified",
                                 "op_pattern": 8})
@@ -221,12 +274,12 @@ def psb_sample_kernel(spec: KernelSpec, name: str) -> tvm.tirx.PrimFunc:
         raise ValueError(f"unknown sampler {spec.sampler!r}; expected one of {numerics.SAMPLERS}")
     r = te.reduce_axis((0, hi - lo), name="j")
 
-    def count_iid(*i):
-        bit = layer_key(seed, spec.layer, lambda key: sample_bit(key, _flat_index(spec.w_shape, i), lo + r,
-                                                                 thr[i].astype("int32"), spec.P))
+    def count_iid(*p):
+        bit = layer_key(seed, spec.layer, lambda key: sample_bit(key, _flat_index(spec.w_shape, source(p)), lo + r,
+                                                                 thr[p].astype("int32"), spec.P))
         return te.sum(bit.astype(COUNTS_DTYPE), axis=r)
 
-    counts = te.compute(spec.w_shape, count_iid, name="counts")
+    counts = te.compute(shape, count_iid, name="counts")
     func = te.create_prim_func([thr, lo, hi, seed, counts])
     return func.with_attrs({"global_symbol": name, "psb.kind": "sample", "psb.sampler": "iid", "op_pattern": 8})
 
@@ -248,10 +301,45 @@ def _activation(spec: KernelSpec, y):
     return tirx.max(tirx.min(y, tirx.const(float(act[2]), "float32")), tirx.const(float(act[1]), "float32"))
 
 
-def _q_value(spec: KernelSpec, counts, sign, normal, shift, n32, i):
+class _Encoding:
+    """A weight's sign, normal flag and shift as a kernel reads them (int8 expressions): the three
+    int8 arrays, or one uint8 ``code`` per weight (numerics.weight_code:
+    bit 7 the sign, bit 6 the normal flag, bits 0-5 the shift). A zero weight's code says sign +1;
+    its count and normal flag are 0, so its ``q`` is 0 either way."""
+
+    def __init__(self, spec: KernelSpec, sign, normal, shift, code: bool = False, index=None):
+        """``code``: read the one-byte code (a ``code`` placeholder of ``shape``); ``index``: maps
+        the index the kernel reads at to the code's (the packed layout's) index."""
+        if code and spec.lowering != "intdot":
+            raise ValueError(f"the one-byte weight code is for intdot layers, not {spec.lowering!r}")
+        self.arrays = (sign, normal, shift)
+        self.code = te.placeholder(_storage_shape(spec), "uint8", name="code") if code else None
+        self.index = index or tuple
+        self.params = [self.code] if self.code is not None else [sign, normal, shift]
+
+    def _byte(self, i):
+        return self.code[self.index(i)]
+
+    def sign(self, i):
+        if self.code is None:
+            return self.arrays[0][i]
+        return (tirx.const(1, "int32") - ((self._byte(i).astype("int32") >> 7) << 1)).astype("int8")
+
+    def normal(self, i):
+        if self.code is None:
+            return self.arrays[1][i]
+        return ((self._byte(i) >> tirx.const(6, "uint8")) & tirx.const(1, "uint8")).astype("int8")
+
+    def shift(self, i):
+        if self.code is None:
+            return self.arrays[2][i]
+        return (self._byte(i) & tirx.const(63, "uint8")).astype("int8")
+
+
+def _q_value(spec: KernelSpec, counts, enc: _Encoding, n32, i):
     """``q_i = s_i * (n*normal_i + counts_i) << shift_i`` in the kernel's weight type."""
-    mag = (normal[i].astype("int32") * n32 + counts[i].astype("int32")) << shift[i].astype("int32")
-    return (sign[i].astype("int32") * mag).astype(spec.q_dtype)
+    mag = (enc.normal(i).astype("int32") * n32 + counts[i].astype("int32")) << enc.shift(i).astype("int32")
+    return (enc.sign(i).astype("int32") * mag).astype(spec.q_dtype)
 
 
 def pack_weights(spec: KernelSpec, q) -> list:
@@ -267,23 +355,51 @@ def pack_weights(spec: KernelSpec, q) -> list:
     extra = []
     if spec.dot_offset:
         extra = [(-spec.dot_offset * q.reshape(q.shape[0], -1).astype(np.int64).sum(axis=1)).astype(np.int32)]
-    layout = spec.weight_layout
-    packed = q
-    if layout == "OHWI":
-        packed = q.transpose(0, 2, 3, 1)
-    elif layout in ("vnni", "dp4a"):
-        O, Cg, KH, KW = q.shape
-        Op = spec.packed_outputs
-        padded = np.zeros((Op, spec.vnni_channels, KH, KW), q.dtype)
-        padded[:O, :Cg] = q
-        packed = padded.reshape(Op // 16, 16, spec.vnni_channels // 4, 4, KH, KW).transpose(0, 4, 5, 2, 1, 3)
-    out = np.ascontiguousarray(packed).astype(spec.q_dtype)
+    packed = pack_layout(spec, q)
+    out = packed.astype(spec.q_dtype)
     if not np.array_equal(out.astype(np.int64), packed.astype(np.int64)):
         raise ValueError(f"weights do not fit {spec.q_dtype}")
     return [out] + extra
 
 
-def _weight_stage(spec: KernelSpec, counts, sign, normal, shift, n, layout: str | None = None):
+def pack_layout(spec: KernelSpec, a):
+    """A per-weight array ``a`` [O, C/groups, KH, KW] (dense [O, K]) rearranged into the kernel's
+    ``weight_layout`` (``spec.packed_weight_shape``; the vnni / dp4a padding holds zeros), dtype
+    kept. ``pack_weights`` does this to ``q``; sampled intdot layers store their threshold, counts
+    and weight code so (``KernelSpec.packed_encoding``)."""
+    import numpy as np
+
+    a = np.asarray(a)
+    if a.shape != tuple(spec.w_shape):
+        raise ValueError(f"weights of shape {a.shape}, the kernel wants {tuple(spec.w_shape)}")
+    layout = spec.weight_layout
+    if layout == "OHWI":
+        return np.ascontiguousarray(a.transpose(0, 2, 3, 1))
+    if layout in ("vnni", "dp4a"):
+        O, Cg, KH, KW = a.shape
+        Op, Cp = spec.packed_outputs, spec.vnni_channels
+        padded = np.zeros((Op, Cp, KH, KW), a.dtype)
+        padded[:O, :Cg] = a
+        return np.ascontiguousarray(padded.reshape(Op // 16, 16, Cp // 4, 4, KH, KW).transpose(0, 4, 5, 2, 1, 3))
+    return np.ascontiguousarray(a)
+
+
+def unpack_layout(spec: KernelSpec, packed):
+    """The inverse of ``pack_layout``: [O, C/groups, KH, KW] (dense [O, K]) without the padding."""
+    import numpy as np
+
+    packed = np.asarray(packed)
+    layout = spec.weight_layout
+    if layout == "OHWI":
+        return np.ascontiguousarray(packed.transpose(0, 3, 1, 2))
+    if layout in ("vnni", "dp4a"):
+        O, Cg, KH, KW = spec.w_shape
+        full = packed.transpose(0, 4, 3, 5, 1, 2).reshape(spec.packed_outputs, spec.vnni_channels, KH, KW)
+        return np.ascontiguousarray(full[:O, :Cg])
+    return packed
+
+
+def _weight_stage(spec: KernelSpec, counts, enc: _Encoding, n, layout: str | None = None):
     """intdot: ``q`` in ``layout`` (default: the kernel's ``weight_layout``; a placeholder when
     prepacked); shiftadd: the magnitude ``c = n*normal + counts``."""
     if spec.prepacked:
@@ -291,12 +407,12 @@ def _weight_stage(spec: KernelSpec, counts, sign, normal, shift, n, layout: str 
     n32 = n.astype("int32")
 
     def q_value(*i):
-        return _q_value(spec, counts, sign, normal, shift, n32, i)
+        return _q_value(spec, counts, enc, n32, i)
 
     layout = layout or spec.weight_layout
     if spec.lowering != "intdot":
         return te.compute(
-            spec.w_shape, lambda *i: normal[i].astype("int32") * n32 + counts[i].astype("int32"), name="q"
+            spec.w_shape, lambda *i: enc.normal(i).astype("int32") * n32 + counts[i].astype("int32"), name="q"
         )
     if layout == "OHWI":
         return te.compute(spec.packed_weight_shape, lambda o, kh, kw, c: q_value(o, c, kh, kw), name="q")
@@ -328,35 +444,44 @@ def _wsum(spec: KernelSpec, q):
 
 
 def psb_pack_kernel(spec: KernelSpec, name: str, draw: bool = False) -> tvm.tirx.PrimFunc:
-    """``(counts, sign, normal, shift, n) -> q`` (and ``wsum``): at run time, the weight arguments
-    ``pack_weights`` makes at compile time for a frozen module, so a module sampled at run time
-    runs the same prepacked layer kernels (and can keep packed weights between calls).
+    """``(counts, code, n) -> q`` (and ``wsum``): at run time, the weight arguments ``pack_weights``
+    makes at compile time for a frozen module, so a module sampled at run time runs the same
+    prepacked layer kernels (and can keep packed weights between calls). Every array is in the
+    kernel's weight layout (``pack_layout``: counts, the one-byte ``code``, the threshold), so
+    each ``q`` is computed where it is stored, walking all of them contiguously.
 
-    ``draw=True`` (stratified sampler only): ``(threshold, sign, normal, shift, n, seed) -> q``,
-    the counts ``B(n)`` computed in place by the closed form instead of read from the sampler's
-    output (one pass over the weights instead of two, no counts in memory).
+    ``draw=True`` (stratified sampler only): ``(threshold, code, n, seed) -> q``, the counts
+    ``B(n)`` computed in place by the closed form instead of read from the sampler's output (one
+    pass over the weights instead of two, no counts in memory).
     """
     if spec.lowering != "intdot":
         raise ValueError(f"packed weights need the intdot lowering, not {spec.lowering!r}")
-    _, counts, sign, normal, shift, _, _ = _layer_inputs(spec)
+    spec = dataclasses.replace(spec, prepacked=False, packed_encoding=True)
+    shape = spec.packed_weight_shape
+    enc = _Encoding(spec, None, None, None, code=True)
     n = tirx.Var("n", "int64")
-    inputs = [counts]
     if draw:
         if spec.sampler != "stratified":
             raise ValueError("drawing in the pack kernel needs the stratified sampler's closed form")
-        thr = te.placeholder(spec.w_shape, spec.threshold_dtype, name="threshold")
+        thr = te.placeholder(shape, spec.threshold_dtype, name="threshold")
         seed = tirx.Var("seed", "int64")
 
-        class _Drawn:  # counts[i] = B_i(n), in closed form
-            def __getitem__(self, i):
-                return _stratified(spec, thr, seed, i, lambda c: c(n).astype(COUNTS_DTYPE))
+        class _Drawn:  # counts[p] = B_p(n), in closed form
+            def __getitem__(self, p):
+                return _stratified(spec, thr[p].astype("int32"), seed, _source_index(spec, p),
+                                   lambda c: c(n).astype(COUNTS_DTYPE))
 
         counts, inputs = _Drawn(), [thr]
-    q = _weight_stage(dataclasses.replace(spec, prepacked=False), counts, sign, normal, shift, n)
+    else:
+        counts = te.placeholder(shape, COUNTS_DTYPE, name="counts")
+        inputs = [counts]
+    n32 = n.astype("int32")
+    # padding (channels past C, outputs past O) holds threshold, counts and code 0: q = 0 there
+    q = te.compute(shape, lambda *p: _q_value(spec, counts, enc, n32, p), name="q")
     outputs = [q]
     if spec.dot_offset:
         outputs.append(_wsum(spec, q))
-    params = inputs + [sign, normal, shift, n] + ([seed] if draw else []) + outputs
+    params = inputs + enc.params + [n] + ([seed] if draw else []) + outputs
     func = te.create_prim_func(params)
     return func.with_attrs({"global_symbol": name, "psb.kind": "pack", "psb.layout": spec.weight_layout,
                             "op_pattern": 8})
@@ -433,7 +558,7 @@ def psb_layer_kernel(spec: KernelSpec, name: str, expose_acc: bool = False) -> t
         raise ValueError(f"prepacked weights need the intdot lowering, not {spec.lowering!r}")
     if spec.lowering == "bitserial":
         return _bitserial_kernel(spec, name, expose_acc, [x, counts, sign, normal, shift, scale, bias, n])
-    q = _weight_stage(spec, counts, sign, normal, shift, n)
+    q = _weight_stage(spec, counts, _Encoding(spec, sign, normal, shift), n)
     params = [x, *_weight_params(spec, q, counts, sign, normal, shift), scale, bias, n]
     shiftadd = spec.lowering == "shiftadd"
     inv_n = tirx.const(1.0, "float32") / n.astype("float32")
@@ -777,7 +902,12 @@ def psb_masked_kernel(spec: KernelSpec, name: str) -> tvm.tirx.PrimFunc:
     slot = te.placeholder(slot_shape, "int32", name="slot")
     n = tirx.Var("n", "int64")
     m = tirx.Var("m", "int64")
-    q = _weight_stage(spec, counts, sign, normal, shift, n, layout="OI" if spec.kind == "dense" else "OIHW")
+    if spec.packed_encoding:  # a run-time packed intdot layer: counts and code in its weight layout
+        counts = te.placeholder(spec.packed_weight_shape, COUNTS_DTYPE, name="counts")
+    enc = _Encoding(spec, sign, normal, shift, code=spec.packed_encoding,
+                    index=lambda i: _packed_index(spec, i))
+    stored = _Stored(spec, counts, spec.packed_encoding)
+    q = _weight_stage(spec, stored, enc, n, layout="OI" if spec.kind == "dense" else "OIHW")
     inv_n = tirx.const(1.0, "float32") / n.astype("float32")
     rb = te.reduce_axis((0, _shiftadd_bits(spec)), name="rb") if spec.lowering == "shiftadd" else None
 
@@ -788,7 +918,8 @@ def psb_masked_kernel(spec: KernelSpec, name: str) -> tvm.tirx.PrimFunc:
         axes = [rk] + ([rb] if rb is not None else [])
         acc = te.compute(
             (m, O),
-            lambda k, o: te.sum(_product(spec, xq[pos[k, 0], rk], q[o, rk], sign[o, rk], shift[o, rk], rb), axis=axes),
+            lambda k, o: te.sum(_product(spec, xq[pos[k, 0], rk], q[o, rk], enc.sign((o, rk)), enc.shift((o, rk)), rb),
+                                axis=axes),
             name="acc",
         )
 
@@ -813,7 +944,7 @@ def psb_masked_kernel(spec: KernelSpec, name: str) -> tvm.tirx.PrimFunc:
         def term(k, o):
             xv = xq[pos[k, 0], (o // Og) * Cg + rc, pos[k, 1] * sh + rh * dh, pos[k, 2] * sw + rw * dw]
             w = (o, rc, rh, rw)
-            return _product(spec, xv, q[w], sign[w], shift[w], rb)
+            return _product(spec, xv, q[w], enc.sign(w), enc.shift(w), rb)
 
         acc = te.compute((m, O), lambda k, o: te.sum(term(k, o), axis=axes), name="acc")
 
@@ -827,6 +958,6 @@ def psb_masked_kernel(spec: KernelSpec, name: str) -> tvm.tirx.PrimFunc:
         return tirx.if_then_else(s >= 0, y, low[full])
 
     out = te.compute(spec.out_shape, blend, name="out")
-    func = te.create_prim_func([x, counts, sign, normal, shift, scale, bias, low, pos, slot, n, m, out])
+    func = te.create_prim_func([x, counts, *enc.params, scale, bias, low, pos, slot, n, m, out])
     return func.with_attrs({"global_symbol": name, "psb.kind": f"{spec.kind}_masked", "psb.lowering": spec.lowering,
                             "op_pattern": 8})

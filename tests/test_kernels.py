@@ -27,11 +27,13 @@ from psb_tvm.schedules.kernels import (
     LOWERINGS,
     KernelSpec,
     bitserial_levels,
+    pack_layout,
     pack_weights,
     psb_layer_kernel,
     psb_masked_kernel,
     psb_pack_kernel,
     psb_sample_kernel,
+    unpack_layout,
 )
 from psb_tvm.target import host_target
 
@@ -503,36 +505,53 @@ def test_sampler_kernel_every_range(sampler, P, n_max, thr_dtype):
 def test_pack_kernel_equals_pack_weights(case):
     """The run-time pack kernel (sampled modules, the weight cache) writes exactly what
     ``pack_weights`` makes at compile time for a frozen module, ``wsum`` included, and so does the
-    draw kernel that computes the stratified counts itself."""
+    draw kernel that computes the stratified counts itself. Both read counts, thresholds and the
+    one-byte weight code stored in the kernel's layout (``pack_layout``)."""
     spec = PREPACKED_CASES[case](8)
-    spec = KernelSpec(**{f.name: getattr(spec, f.name) for f in dataclasses.fields(KernelSpec)})
-    func = psb_pack_kernel(spec, "psb_test_pack")
-    lib = tvm.compile(PSBPack().apply(func, TARGET, False).mod["main"], target=TARGET)
+    lib = tvm.compile(PSBPack().apply(psb_pack_kernel(spec, "psb_test_pack"), TARGET, False).mod["main"], target=TARGET)
     draw_lib, draw16_lib = (
         tvm.compile(PSBPack().apply(psb_pack_kernel(sp, "psb_test_draw", draw=True), TARGET, False).mod["main"],
                     target=TARGET)
         for sp in (spec, dataclasses.replace(spec, threshold_dtype="uint16")))
     enc = nm.encode_weights(make_weights(np.random.default_rng(7), spec.w_shape), E=spec.E)
     enc = dataclasses.replace(enc, threshold=np.minimum(enc.threshold, 2**16 - 1))  # fits uint16
+    code = tvm.runtime.tensor(pack_layout(spec, nm.weight_code(enc)), DEV)
     for n in (1, 8):
         counts = nm.sample_counts(enc, n, 3, 1)
         want = pack_weights(spec, nm.weights_from_counts(enc, counts, n))
         got = [tvm.runtime.empty(a.shape, str(a.dtype), DEV) for a in want]
-        args = [tvm.runtime.tensor(a, DEV) for a in (counts.astype(np.int16), enc.sign, enc.normal, enc.shift)]
-        lib(*args, n, *got)
+        lib(tvm.runtime.tensor(pack_layout(spec, counts.astype(np.int16)), DEV), code, n, *got)
         for g, w in zip(got, want):
             np.testing.assert_array_equal(g.numpy(), w)
         # the draw kernel (stratified: closed-form counts in place) from the thresholds and seed,
         # stored as int32 or (all below 2**16 here) uint16
         for lib_, thr in ((draw_lib, enc.threshold), (draw16_lib, enc.threshold.astype(np.uint16))):
             drawn = [tvm.runtime.empty(a.shape, str(a.dtype), DEV) for a in want]
-            lib_(tvm.runtime.tensor(thr, DEV), *args[1:], n, 3, *drawn)
+            lib_(tvm.runtime.tensor(pack_layout(spec, thr), DEV), code, n, 3, *drawn)
             for g, w in zip(drawn, want):
                 np.testing.assert_array_equal(g.numpy(), w)
     with pytest.raises(ValueError, match="intdot"):
         psb_pack_kernel(dataclasses.replace(spec, lowering="shiftadd"), "x")
     with pytest.raises(ValueError, match="stratified"):
         psb_pack_kernel(dataclasses.replace(spec, sampler="iid"), "x", draw=True)
+
+
+@pytest.mark.parametrize("case", ["vnni_stem_c3", "ohwi_3x3"])
+@pytest.mark.parametrize("sampler", ["stratified", "iid"])
+def test_sampler_in_packed_storage(case, sampler):
+    """A run-time packed layer's sampler reads thresholds and writes counts in the kernel's weight
+    layout (zero counts in the padding), the counts of the oracle rearranged; ``unpack_layout``
+    inverts ``pack_layout``."""
+    spec = dataclasses.replace(PREPACKED_CASES[case](8), sampler=sampler, packed_encoding=True)
+    lib = tvm.compile(PSBSample().apply(psb_sample_kernel(spec, "psb_test_sample_packed"), TARGET, False).mod["main"],
+                      target=TARGET)
+    enc = nm.encode_weights(make_weights(np.random.default_rng(3), spec.w_shape), E=spec.E)
+    thr = pack_layout(spec, enc.threshold)
+    assert np.array_equal(unpack_layout(spec, thr), enc.threshold)
+    out = tvm.runtime.empty(spec.packed_weight_shape, "int16", DEV)
+    for lo, hi in ((0, 8), (4, 8), (0, 1)):
+        lib(tvm.runtime.tensor(thr, DEV), lo, hi, 5, out)
+        np.testing.assert_array_equal(out.numpy(), pack_layout(spec, nm.range_counts(enc, lo, hi, 5, spec.layer, sampler)))
 
 
 @pytest.mark.parametrize("lowering", ["intdot", "shiftadd", "bitserial"])

@@ -17,7 +17,7 @@
 # runtime libraries (libtvm_runtime*.so, libcudart.so.13) and the apache-tvm-ffi wheel for Python
 # 3.12 (the GPU image's), and manifest.json. About 55 MiB with the default models (MobileNetV2's
 # batch-1 and batch-64 modules each hold their weights). ResNet-18 does not fit the device tool's
-# 64 MiB carry limit: one sampled PSB module is ~84 MB (7 bytes per weight), fp32 ~47 MB.
+# 64 MiB carry limit: one sampled PSB module is ~60 MB (5 bytes per weight), fp32 ~47 MB.
 #
 # run loads each module with the tvm_ffi wheel and the carried runtime libraries only (no `tvm`
 # package: the Relax VM is driven through its packed functions; inputs/outputs go through torch
