@@ -833,6 +833,31 @@ def test_arm_both_samplers_are_bit_exact(arm_psb_run, arm_models, host_models, t
                                   f"{name} n={n} seed={seed} aarch64 vs x86")
 
 
+@pytest.mark.slow  # 8 compiles; the default suite checks intdot with both samplers above
+@pytest.mark.parametrize("lowering", ["shiftadd", "bitserial"])
+def test_arm_other_lowerings_both_samplers_are_bit_exact(arm_psb_run, lowering, tmp_path):
+    """shiftadd and bitserial layers, stratified and i.i.d.: aarch64 == x86 bit for bit."""
+    rng = np.random.default_rng(11)
+    model = conv_model(relu=False, seed=2)
+    kw = dict(samples=8, seed=5, calibration={"x": rng.standard_normal((8, 4, 10, 10)).astype(np.float32)})
+    x = rng.standard_normal((1, 4, 10, 10)).astype(np.float32)
+    x_path = tmp_path / "x.npy"
+    np.save(x_path, x)
+    for sampler in ("stratified", "iid"):
+        config = psb_tvm.PSBConfig(sampler=sampler, lowering=lowering)
+        host = _compile(model, "llvm", config=config, **kw)
+        arm = _compile(model, "aarch64", config=config, **kw)
+        assert [l["lowering"] for l in arm.layers] == [lowering]
+        path = tmp_path / f"{sampler}.so"
+        arm.export_library(path)
+        for n, seed in ((1, 0), (8, 7)):
+            out = tmp_path / f"y_{sampler}_{n}.npy"
+            proc = _run(arm_psb_run, path, [x_path], [out], "--samples", n, "--seed", seed, prefix=QEMU)
+            assert proc.returncode == 0, proc.stderr
+            _assert_bitwise_equal(np.load(out), host.run(x, samples=n, seed=seed),
+                                  f"{lowering} {sampler} n={n} seed={seed} aarch64 vs x86")
+
+
 def test_arm_runner_rejects_bad_input_without_output(arm_psb_run, arm_models, tmp_path):
     m = arm_models["digits"]
     bad = tmp_path / "x.npy"

@@ -30,12 +30,17 @@ CARRY_LIMIT = 64 * 2**20  # the device tool's working-tree limit; OUT_DIR travel
 _CUDA_DRIVER_SYMBOLS = ("cuDeviceGetName", "cuFuncSetAttribute", "cuGetErrorName", "cuGetErrorString",
                         "cuLaunchKernelEx", "cuModuleGetFunction", "cuModuleLoadData", "cuModuleUnload",
                         "cuTensorMapEncodeTiled")
+#: Variants sampled at run time: (sampler, lowering). psb: the default (stratified, intdot where the
+#: cost rule picks it); psb_iid: the i.i.d. sampler; _shiftadd / _bitserial: every layer in that lowering.
+SAMPLED_VARIANTS = {"psb": ("stratified", "auto"), "psb_iid": ("iid", "auto"),
+                    "psb_shiftadd": ("stratified", "shiftadd"), "psb_iid_shiftadd": ("iid", "shiftadd"),
+                    "psb_bitserial": ("stratified", "bitserial"), "psb_iid_bitserial": ("iid", "bitserial")}
 # pass criteria vs the CPU reference: max |err| <= rtol * max |ref|, and top-1 agreement
-TOLERANCE = {"psb": {"rtol": 2e-2, "top1": 0.98}, "psb_iid": {"rtol": 2e-2, "top1": 0.98}, "psb_int8": {"rtol": 2e-2, "top1": 0.98},
+TOLERANCE = {**{v: {"rtol": 2e-2, "top1": 0.98} for v in SAMPLED_VARIANTS}, "psb_int8": {"rtol": 2e-2, "top1": 0.98},
              "fp32": {"rtol": 1e-3, "top1": 1.0}, "fp16": {"rtol": 5e-2, "top1": 0.95}}
-#: psb: sampled at run time (n = SAMPLES, stratified sampler); psb_iid: the same with the i.i.d. sampler; psb_int8: the int8 preset frozen at INT8_SAMPLES (weights
+#: psb*: sampled at run time (n = SAMPLES; SAMPLED_VARIANTS); psb_int8: the int8 preset frozen at INT8_SAMPLES (weights
 #: prepacked for __dp4a); fp32 / fp16: TVM's float module of the same model.
-VARIANTS = ("psb", "psb_iid", "psb_int8", "fp32", "fp16")
+VARIANTS = (*SAMPLED_VARIANTS, "psb_int8", "fp32", "fp16")
 INT8_SAMPLES = 8
 INPUT_GRID = 32  # image inputs are int8 codes / INPUT_GRID (see _model_data)
 # MobileNetV2's fp32 module only at batch 64: with it at batch 1 too the check is over 64 MiB
@@ -258,10 +263,11 @@ def prepare(args) -> int:
                 warnings.simplefilter("ignore")
                 t0 = time.time()
                 wanted = _variants_at(variants, batch)
-                for variant, sampler in (("psb", "stratified"), ("psb_iid", "iid")):
+                for variant, (sampler, lowering) in SAMPLED_VARIANTS.items():
                     if variant in wanted:
                         cpu = psb_tvm.compile(model, target="llvm", samples=16, seed=SEED, input_shapes=shapes,
-                                              calibration={"input": calib}, config=PSBConfig(sampler=sampler))
+                                              calibration={"input": calib},
+                                              config=PSBConfig(sampler=sampler, lowering=lowering))
                         for n in SAMPLES:
                             refs[f"{variant}_n{n}"] = f"{stem}_ref_{variant}_n{n}.npy"
                             np.save(os.path.join(out, refs[f"{variant}_n{n}"]), cpu.run(x, samples=n, seed=SEED))
@@ -279,10 +285,9 @@ def prepare(args) -> int:
                     np.save(os.path.join(out, refs["float"]), fref)
                 print(f"{stem}: CPU references {time.time() - t0:.1f} s", flush=True)
                 builders = {
-                    "psb": lambda: psb_tvm.compile(model, target=target, samples=16, seed=SEED, input_shapes=shapes,
-                                                   calibration={"input": calib}),
-                    "psb_iid": lambda: psb_tvm.compile(model, target=target, samples=16, seed=SEED, input_shapes=shapes,
-                                                       calibration={"input": calib}, config=PSBConfig(sampler="iid")),
+                    **{v: (lambda sampler, lowering: lambda: psb_tvm.compile(
+                        model, target=target, samples=16, seed=SEED, input_shapes=shapes, calibration={"input": calib},
+                        config=PSBConfig(sampler=sampler, lowering=lowering)))(*sl) for v, sl in SAMPLED_VARIANTS.items()},
                     "psb_int8": lambda: psb_tvm.compile(model, target=target, samples=INT8_SAMPLES, seed=SEED,
                                                         input_shapes=shapes, calibration={"input": calib},
                                                         config=PSBConfig.preset("int8"), frozen=True),
@@ -300,8 +305,8 @@ def prepare(args) -> int:
                         print(msg, flush=True)
                         manifest["errors"].append(msg)
                         continue
-                    ref_keys = {"psb": [f"psb_n{n}" for n in SAMPLES], "psb_iid": [f"psb_iid_n{n}" for n in SAMPLES],
-                                "psb_int8": ["psb_int8"]}.get(variant, ["float"])
+                    ref_keys = ([f"{variant}_n{n}" for n in SAMPLES] if variant in SAMPLED_VARIANTS
+                                else ["psb_int8"] if variant == "psb_int8" else ["float"])
                     entry = {"model": name, "batch": batch, "variant": variant, "file": os.path.basename(path),
                              "input": f"{stem}_input.npy", "input_shape": list(x.shape), "input_scale": input_scale,
                              "refs": {k: refs[k] for k in ref_keys},
