@@ -1,5 +1,7 @@
-"""Default GPU schedule rules for PSB kernels (dlight style, one rule per file)."""
+"""Default GPU schedule rules for PSB kernels (dlight style, one rule per file), and the CUDA
+intrinsic lowering they need (``intrinsics``, registered on import)."""
 
+from . import intrinsics  # noqa: F401 - registers the CUDA lowering of tirx.popcount
 from .psb_fallback import PSBGpuFallback
 from .psb_intdot_tiled import PSBIntdotTiled
 
