@@ -111,12 +111,14 @@ def test_gpu_check_cpu_dry_run(tmp_path):
     import json
 
     gc = _gpu_check()
-    assert gc.main(["prepare", str(tmp_path), "--quick", "--device", "cpu", "--batches", "1"]) == 0
+    assert gc.main(["prepare", str(tmp_path), "--quick", "--device", "cpu", "--batches", "4"]) == 0
     results = tmp_path / "results.json"
     assert gc.main(["run", str(tmp_path), "--device", "cpu", "--runs", "3", "--warmup", "1",
                     "--budget-s", "0.1", "--results", str(results)]) == 0
     checks = json.loads(results.read_text())["checks"]
-    assert len(checks) == 8 and all(c["ok"] for c in checks)  # psb, psb_iid at n = 1, 8, 16; psb_int8; fp32
+    # psb, psb_iid at n = 1, 8, 16 and one attend call each (the masked kernels); psb_int8; fp32
+    assert len(checks) == 10 and all(c["ok"] for c in checks), checks
+    assert sum("attend" in c["module"] for c in checks) == 2
     assert all(c["max_abs"] == 0 for c in checks if " psb" in c["module"])
 
 

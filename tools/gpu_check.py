@@ -223,6 +223,53 @@ def _variants_at(variants: list, batch: int) -> list:
     return out
 
 
+#: The attention call recorded at prepare time: a low-n pass everywhere, high n where the entropy
+#: of the low pass is in the top half (the masked kernels compute only those positions).
+ATTEND = {"low": 2, "high": 16, "fraction": 0.5}
+
+
+def _record_attend(module, x: np.ndarray, path: str) -> str | None:
+    """Run ``module.attend`` (CPU) once and save the arguments it passes to the VM's ``attend``
+    function (the low-n layer outputs, the position lists, the counts) and its output, so the GPU
+    side can call the same function with the same arguments and compare: the masked kernels. None
+    when the module has no spatial PSB layer or the mask selected everything or nothing."""
+    import tvm
+
+    real, recorded = module._machine(), {}
+
+    class _Recorder:  # the VM, with its "attend" function recording its arguments and result
+        def __getitem__(self, name):
+            func = real[name]
+            if name != "attend":
+                return func
+
+            def call(*args):
+                recorded["out"] = func(*args)
+                recorded["args"] = args
+                return recorded["out"]
+            return call
+
+    module._local.vm = _Recorder()
+    try:
+        module.attend(x, seed=SEED, **ATTEND)
+    except Exception:  # noqa: BLE001 - no spatial PSB layer: nothing to record
+        return None
+    finally:
+        module._local.vm = real
+    if "args" not in recorded:
+        return None
+    arrays, kinds = {}, []
+    for i, a in enumerate(recorded["args"]):
+        if isinstance(a, tvm.runtime.ShapeTuple):
+            arrays[f"arg_{i}"], kind = np.asarray(list(a), np.int64), "shape"
+        else:
+            arrays[f"arg_{i}"], kind = a.numpy(), "tensor"
+        kinds.append(kind)
+    arrays["ref"] = recorded["out"].numpy()
+    np.savez(path, kinds=np.asarray(kinds), **arrays)
+    return os.path.basename(path)
+
+
 def prepare(args) -> int:
     out = os.path.abspath(args.out_dir)
     os.makedirs(out, exist_ok=True)
@@ -258,7 +305,7 @@ def prepare(args) -> int:
             else:
                 np.save(os.path.join(out, f"{stem}_input.npy"), x)
                 input_scale = None
-            refs = {}
+            refs, attend_files = {}, {}
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 t0 = time.time()
@@ -271,6 +318,7 @@ def prepare(args) -> int:
                         for n in SAMPLES:
                             refs[f"{variant}_n{n}"] = f"{stem}_ref_{variant}_n{n}.npy"
                             np.save(os.path.join(out, refs[f"{variant}_n{n}"]), cpu.run(x, samples=n, seed=SEED))
+                        attend_files[variant] = _record_attend(cpu, x, os.path.join(out, f"{stem}_attend_{variant}.npz"))
                 if "psb_int8" in wanted:  # the same frozen int8 module, built for the CPU
                     cpu = psb_tvm.compile(model, target="llvm", samples=INT8_SAMPLES, seed=SEED, input_shapes=shapes,
                                           calibration={"input": calib}, config=PSBConfig.preset("int8"), frozen=True)
@@ -314,6 +362,8 @@ def prepare(args) -> int:
                              "n_psb_layers": len(module.psb_layers), "bytes": os.path.getsize(path),
                              "layouts": sorted({l.get("weight_layout") for l in module.layers if l["status"] == "psb"}),
                              "sha256": hashlib.sha256(open(path, "rb").read()).hexdigest()}
+                    if attend_files.get(variant):
+                        entry["attend"] = attend_files[variant]
                     manifest["modules"].append(entry)
                     print(f"{stem} {variant}: built {time.time() - t0:.1f} s, {entry['bytes'] / 2**20:.2f} MiB", flush=True)
     if not args.no_runtime:
@@ -497,6 +547,31 @@ def _compare(out: np.ndarray, ref: np.ndarray, tol: dict) -> dict:
             "finite": finite, "ok": bool(ok)}
 
 
+def _check_attend(m: "_Machine", x, path: str, tol: dict, entry: dict, results: dict, rows: list) -> None:
+    """Call the module's ``attend`` with the arguments recorded on the CPU (``_record_attend``; the
+    input on this device) and compare with the CPU's output: the masked kernels."""
+    what = f"attend n={ATTEND['low']}->{ATTEND['high']} f={ATTEND['fraction']}"
+    name = f"{entry['model']} b{entry['batch']} {entry['variant']} {what}"
+    try:
+        data = np.load(path)
+        call_args = []
+        for i, kind in enumerate(data["kinds"]):
+            a = data[f"arg_{i}"]
+            call_args.append(x if i == 0 else m.ffi.Shape([int(v) for v in a]) if kind == "shape"
+                             else m.to_device(np.ascontiguousarray(a)))
+        got = m.to_numpy(m.vm["attend"](*call_args))
+        check = _compare(got, data["ref"], tol)
+    except Exception as err:  # noqa: BLE001 - record and go on
+        results["checks"].append({"module": name, "error": f"{type(err).__name__}: {err}"[:500]})
+        print(f"{name}: failed: {err}", flush=True)
+        return
+    results["checks"].append({"module": name, **check})
+    rows.append((entry["model"], entry["batch"], f"{entry['variant']} {what}", "-", "-", "-",
+                 f"{check['max_abs']:.3g}", f"{check['max_rel']:.3g}", f"{check['top1_agree']:.3f}",
+                 "ok" if check["ok"] else "FAIL"))
+    print(" | ".join(str(c) for c in rows[-1]), flush=True)
+
+
 def run(args) -> int:
     out = os.path.abspath(args.out_dir)
     with open(os.path.join(out, "manifest.json")) as f:
@@ -540,6 +615,8 @@ def run(args) -> int:
                 results["checks"].append({"module": name, "error": f"{type(err).__name__}: {err}"[:500]})
                 print(f"{name}: failed: {err}", flush=True)
                 continue
+            if n == manifest["samples"][-1] and entry.get("attend"):
+                _check_attend(m, x, os.path.join(out, entry["attend"]), tol, entry, results, rows)
             if args.profile and args.device == "cuda" and entry["variant"] in args.profile.split(","):
                 try:
                     results.setdefault("profiles", {})[name] = _profile(m, call_args)

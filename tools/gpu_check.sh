@@ -7,7 +7,8 @@
 # OUT_DIR defaults to .gpu_check (in the repo root; added to .git/info/exclude so it travels only
 # when carried). prepare compiles (--models digits,mobilenetv2:psb_int8+fp16+fp32@64 --batches 1,64
 # --arch sm_90; a model's own variants after ':', '@64' (or '@1/64'): those batches only; else --variants
-# psb,psb_iid,psb_int8,fp32,fp16; more: psb_shiftadd, psb_iid_shiftadd, psb_bitserial, psb_iid_bitserial): the PSB
+# psb,psb_iid,psb_int8,fp32,fp16; more: psb_shiftadd, psb_iid_shiftadd, psb_bitserial, psb_iid_bitserial; sampled
+# variants also record one attend call on the CPU and replay it there: the masked kernels): the PSB
 # module (calibrated, run-time n, seed 0; psb_iid: the i.i.d. sampler), the int8 preset frozen at n=8 (psb_int8: weights
 # prepacked for __dp4a), TVM fp32 (psb_tvm.compile with PSBConfig(include=())) and TVM fp16
 # (relax.transform.ToMixedPrecision(out_dtype="float16")), exported as .so with the CUDA kernels
