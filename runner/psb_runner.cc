@@ -1099,12 +1099,9 @@ std::vector<bool> Model::Impl::CheckValues(const std::vector<HostTensor>& inputs
   return CleanNonFinite(cleaned);
 }
 
-std::vector<HostTensor> Model::Run(const std::vector<HostTensor>& inputs, const RunOptions& opt) {
-  CheckInputs(inputs);
-  CheckOptions(opt);
-  std::vector<HostTensor> cleaned;
-  std::vector<bool> items = impl_->CheckValues(inputs, opt, &cleaned);
-  ffi::Any rv = impl_->Call(impl_->Args(cleaned.empty() ? inputs : cleaned, opt));
+namespace {
+// The outputs of a call: one tensor, or the fields of a tuple of tensors.
+std::vector<HostTensor> Outputs(const ffi::Any& rv, const std::string& function) {
   std::vector<HostTensor> out;
   try {
     if (auto t = rv.as<ffi::Tensor>()) {
@@ -1117,13 +1114,44 @@ std::vector<HostTensor> Model::Run(const std::vector<HostTensor>& inputs, const 
         out.push_back(FromRuntime(*ti, i));
       }
     } else {
-      throw Error("main returned a " + rv.GetTypeKey() + ", not a tensor or a tuple of tensors");
+      throw Error(function + " returned a " + rv.GetTypeKey() + ", not a tensor or a tuple of tensors");
     }
   } catch (const ffi::Error& e) {
     throw Error("reading the outputs failed: " + FormatFfiError(e));
   }
+  return out;
+}
+}  // namespace
+
+std::vector<HostTensor> Model::Run(const std::vector<HostTensor>& inputs, const RunOptions& opt) {
+  CheckInputs(inputs);
+  CheckOptions(opt);
+  std::vector<HostTensor> cleaned;
+  std::vector<bool> items = impl_->CheckValues(inputs, opt, &cleaned);
+  std::vector<HostTensor> out = Outputs(impl_->Call(impl_->Args(cleaned.empty() ? inputs : cleaned, opt)), "main");
   PoisonItems(&out, items);
   return out;
+}
+
+std::vector<HostTensor> Model::CallFunction(const std::string& name, const std::vector<CallArg>& args) {
+  ffi::Optional<ffi::Function> func = impl_->vm.value()->GetFunction(name, false);
+  if (!func.has_value()) throw Error("the module has no function " + name);
+  std::vector<ffi::Any> values;
+  for (const CallArg& a : args) {
+    if (a.tensor.has_value()) {
+      values.push_back(ToRuntime(*a.tensor));
+    } else {
+      values.push_back(ffi::Shape(a.shape));
+    }
+  }
+  std::vector<ffi::AnyView> views(values.begin(), values.end());
+  ffi::Any rv;
+  try {
+    func.value().CallPacked(views.data(), static_cast<int32_t>(views.size()), &rv);
+  } catch (const ffi::Error& e) {
+    throw Error("running " + name + " failed: " + FormatFfiError(e));
+  }
+  return Outputs(rv, name);
 }
 
 std::vector<double> Model::Time(const std::vector<HostTensor>& inputs, int repeats, const RunOptions& opt) {

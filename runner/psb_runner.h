@@ -192,6 +192,18 @@ class Model {
    */
   std::vector<HostTensor> Run(const std::vector<HostTensor>& inputs, const RunOptions& options = {});
 
+  /*! \brief One argument of CallFunction: a tensor, or a shape (a Relax ``R.Shape``). */
+  struct CallArg {
+    std::optional<HostTensor> tensor;
+    std::vector<int64_t> shape;
+  };
+  /*!
+   * \brief Call any function of the module (``attend``, ``probe``, ``weights``, ...) with tensors
+   * and shapes, no checks beyond the VM's own; returns its outputs like Run. For tests and tools
+   * that drive the module's other entry points (tools/psb_call.cc).
+   */
+  std::vector<HostTensor> CallFunction(const std::string& name, const std::vector<CallArg>& args);
+
   /*!
    * \brief Call ``main`` ``repeats`` times on the same inputs (after one warm-up call) and return
    * the wall time of each call in milliseconds; inputs are copied to runtime tensors once, outside

@@ -836,7 +836,8 @@ def test_arm_both_samplers_are_bit_exact(arm_psb_run, arm_models, host_models, t
 @pytest.mark.slow  # 8 compiles; the default suite checks intdot with both samplers above
 @pytest.mark.parametrize("lowering", ["shiftadd", "bitserial"])
 def test_arm_other_lowerings_both_samplers_are_bit_exact(arm_psb_run, lowering, tmp_path):
-    """shiftadd and bitserial layers, stratified and i.i.d.: aarch64 == x86 bit for bit."""
+    """shiftadd and bitserial layers, stratified and i.i.d., main and attend: aarch64 == x86 bit
+    for bit."""
     rng = np.random.default_rng(11)
     model = conv_model(relu=False, seed=2)
     kw = dict(samples=8, seed=5, calibration={"x": rng.standard_normal((8, 4, 10, 10)).astype(np.float32)})
@@ -856,6 +857,65 @@ def test_arm_other_lowerings_both_samplers_are_bit_exact(arm_psb_run, lowering, 
             assert proc.returncode == 0, proc.stderr
             _assert_bitwise_equal(np.load(out), host.run(x, samples=n, seed=seed),
                                   f"{lowering} {sampler} n={n} seed={seed} aarch64 vs x86")
+        work = tmp_path / f"attend_{sampler}"  # the masked kernels (attention) of this lowering
+        work.mkdir()
+        args, want = _recorded_attend(host, x, work)
+        proc = subprocess.run([*QEMU, str(arm_psb_run.parent / "psb_call"), str(path), "attend", str(work / "out"),
+                               *args], capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr
+        _assert_bitwise_equal(np.load(work / "out0.npy"), want, f"{lowering} {sampler} attend aarch64 vs x86")
+
+
+def _recorded_attend(module, x, directory):
+    """Run ``module.attend`` (x86) recording the arguments of its VM ``attend`` call: ``(psb_call
+    arguments: .npy paths and shape:..., the call's output)``."""
+    import tvm
+
+    real, recorded = module._machine(), {}
+
+    class _Recorder:
+        def __getitem__(self, name):
+            func = real[name]
+            if name != "attend":
+                return func
+
+            def call(*args):
+                recorded["args"], recorded["out"] = args, func(*args)
+                return recorded["out"]
+            return call
+
+    module._local.vm = _Recorder()
+    try:
+        module.attend(x, low=2, high=16, fraction=0.5, seed=3)
+    finally:
+        module._local.vm = real
+    assert "args" in recorded, "the mask selected everything or nothing: no masked kernels ran"
+    call_args = []
+    for i, a in enumerate(recorded["args"]):
+        if isinstance(a, tvm.runtime.ShapeTuple):
+            call_args.append("shape:" + ",".join(str(int(v)) for v in a))
+        else:
+            path = directory / f"arg{i}.npy"
+            np.save(path, a.numpy())
+            call_args.append(str(path))
+    return call_args, recorded["out"].numpy()
+
+
+def test_arm_attention_kernels_are_bit_exact(arm_psb_run, arm_models, host_models, tmp_path):
+    """The masked (attention) kernels on aarch64, both samplers: psb_call runs the module's attend
+    function under qemu with the arguments PSBModule.attend passed to it on x86 (low-n layer
+    outputs, position lists, counts); same bits as x86."""
+    psb_call = arm_psb_run.parent / "psb_call"
+    for name in ("conv_linear", "conv_linear_iid"):
+        arm, ref = arm_models[name], host_models[name]
+        work = tmp_path / name
+        work.mkdir()
+        args, want = _recorded_attend(ref.module, ref.x, work)
+        assert not np.array_equal(want, ref.module.run(ref.x, samples=16, seed=3))  # partly low n: masked
+        proc = subprocess.run([*QEMU, str(psb_call), str(arm.path), "attend", str(work / "out"), *args],
+                              capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr
+        _assert_bitwise_equal(np.load(work / "out0.npy"), want, f"{name} attend aarch64 vs x86")
 
 
 def test_arm_runner_rejects_bad_input_without_output(arm_psb_run, arm_models, tmp_path):
