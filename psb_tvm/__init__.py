@@ -10,10 +10,10 @@ from .compiler import __version__, compile  # noqa: A004 - mirrors tvm.compile
 from .config import PSBConfig
 from .diagnose import Diagnosis, LayerDiagnosis, diagnose
 from .errors import (ConfigError, DynamicShapeError, InputError, ModelLoadError, OutputError, PSBError,
-                     TargetMismatchError, UnsupportedModelError)
+                     TargetMismatchError, TuningError, TuningWarning, UnsupportedModelError)
 from .evaluate import EvalReport, Preprocess, evaluate
 from .runtime import PSBModule, load
-from .tuning import TuneResult, TuningError, TuningWarning, tune
+from .tuning import TuneResult, tune
 
 __all__ = [
     "Allocation",

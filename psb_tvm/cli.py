@@ -15,6 +15,7 @@ import pathlib
 import sys
 import zipfile
 
+from .errors import UsageError
 from .files import resolve_output, write_outputs
 from .numerics import SAMPLERS
 
@@ -27,10 +28,6 @@ ACCURACY_KNOB = (
 
 SAMPLES_HELP = ("sample count n: an int (every PSB layer), or per layer 'LAYER=n,...,default=n' "
                 "(ONNX node names, see 'psb-tvm info')")
-
-
-class UsageError(Exception):
-    """A bad argument or input file (exit code 2)."""
 
 
 # ---------------------------------------------------------------------------- argument types

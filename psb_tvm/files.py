@@ -19,12 +19,15 @@ wrong result. ``runner/psb_runner.cc`` checks the same record.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import logging
 import os
 import shutil
 import stat
 import struct
+import sys
 import tempfile
 
 from .errors import ModelLoadError, OutputError
@@ -102,6 +105,34 @@ def write_outputs(items, suffix: str = "", executable: bool = False) -> list:
             if os.path.exists(tmp):
                 os.unlink(tmp)
     return [path for path, _, _ in targets]
+
+
+@contextlib.contextmanager
+def native_stderr_to_log(logger: logging.Logger, what: str):
+    """Send what native code writes to file descriptor 2 meanwhile to ``logger`` (debug level; the
+    lines are re-printed to stderr if the block raises) instead of the terminal. TVM 0.27 prints
+    one ``executable.cc:276: Warning: Scope Saving:`` line per constant when it exports a module
+    (20 for the digits demo): noise to a user, which ``logging.getLogger("psb_tvm")`` shows when
+    asked. The descriptor is process-wide: other threads' stderr output meanwhile goes there too."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    failed = False
+    with tempfile.TemporaryFile() as capture:
+        os.dup2(capture.fileno(), 2)
+        try:
+            yield
+        except BaseException:
+            failed = True
+            raise
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            capture.seek(0)
+            text = capture.read().decode(errors="replace")
+            for line in text.splitlines():
+                logger.debug("%s (native stderr): %s", what, line)
+            if failed and text:
+                sys.stderr.write(text)
 
 
 # ---------------------------------------------------------------------------- integrity record

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import threading
 import warnings
@@ -12,9 +13,11 @@ import numpy as np
 
 from .abi import METADATA_FUNC
 from .errors import ConfigError, InputError, ModelLoadError, OutputError, TargetMismatchError
-from .files import append_record, verify_module, write_output
+from .files import append_record, native_stderr_to_log, verify_module, write_output
 from .numerics import check_samples
 from .weight_cache import DEFAULT_MAX_BYTES, WeightCache
+
+LOG = logging.getLogger("psb_tvm")
 
 #: What ``run`` does with NaN / infinity in a float input.
 NONFINITE = ("error", "propagate")
@@ -426,7 +429,8 @@ class PSBModule:
 
         def write(tmp):
             try:
-                lib.export_library(tmp, **options)
+                with native_stderr_to_log(LOG, f"export {os.fspath(path)}"):
+                    lib.export_library(tmp, **options)
             except Exception as err:  # noqa: BLE001 - TVM's linker step raises TVMError / RuntimeError
                 msg = str(err).strip().splitlines()
                 raise OutputError(f"cannot export {os.fspath(path)}: {type(err).__name__}: "

@@ -24,21 +24,13 @@ import tvm_ffi
 from tvm import tirx
 
 from .checks import check_flag, is_int, is_real
-from .errors import ConfigError, PSBError
+from .errors import ConfigError, TuningError, TuningWarning
 
 MANIFEST = "psb_tuning.json"
 CANONICAL_N = 8  # the value ``n`` is bound to while tuning; the loop nest does not depend on it
 # Samplers and masked kernels have run-time loop extents; pack kernels (elementwise, once per
 # configuration with the weight cache) are not worth a tuning budget.
 _UNTUNABLE = ("sample", "pack", "conv2d_masked", "dense_masked")
-
-
-class TuningError(PSBError):
-    """A tuning run or database cannot be used as asked."""
-
-
-class TuningWarning(UserWarning):
-    """A tuning database (or part of it) was ignored; the default schedules were used instead."""
 
 
 @dataclasses.dataclass

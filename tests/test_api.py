@@ -474,3 +474,23 @@ def test_end_to_end_in_a_fresh_process(tmp_path):
     assert meta == json.loads(json.dumps(module.metadata))
     assert all(math.isfinite(l["act_max_abs"]) for l in meta["layers"] if l["status"] == "psb")
     assert os.path.getsize(so) > 0
+
+
+def test_export_sends_tvm_native_log_noise_to_the_logger(tmp_path, capfd, caplog):
+    """TVM 0.27 prints 'executable.cc: Warning: Scope Saving:' lines when it exports a module that
+    has run (the demo's case): they go to the "psb_tvm" logger at debug level, not to the terminal."""
+    import logging
+
+    from psb_tvm.data.digits import DIGITS_ONNX, load_digits_split
+
+    x_train, _, _, _ = load_digits_split()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        module = psb_tvm.compile(DIGITS_ONNX, samples=2, input_shapes={"input": (4, 1, 8, 8)},
+                                 calibration={"input": x_train[:32]})
+    module.run(x_train[:4])
+    capfd.readouterr()
+    with caplog.at_level(logging.DEBUG, logger="psb_tvm"):
+        module.export_library(tmp_path / "m.so")
+    assert "Scope Saving" not in capfd.readouterr().err
+    assert any("Scope Saving" in r.getMessage() for r in caplog.records if r.name == "psb_tvm")
