@@ -215,8 +215,9 @@ def theoretical_peak() -> dict | None:
 
 # ---------------------------------------------------------------------------- kernels
 def make_spec(layer: tuple, preset: str):
-    from psb_tvm.config import PSBConfig
     from psb_tvm.schedules.kernels import KernelSpec
+
+    from psb_tvm.config import PSBConfig
 
     _, x_shape, w_shape, geo, act, signed = layer
     cfg = PSBConfig.preset(preset)
@@ -256,9 +257,8 @@ def _compile(func, rule, target):
 def _stage_funcs(spec):
     """The layer kernel's two per-call preparation stages as standalone PrimFuncs, defined as in
     ``schedules/kernels.py`` (layout per path) and scheduled as ``schedule_shared_stages`` does."""
-    from tvm import te, tirx
-
     from psb_tvm.schedules.kernels import COUNTS_DTYPE, _Encoding, _padded, _weight_stage, xq_row_width
+    from tvm import te, tirx
 
     N, C, H, W = spec.x_shape
     O, Cg, KH, KW = spec.w_shape
@@ -279,9 +279,8 @@ def _stage_funcs(spec):
 
 
 def _schedule_stage(func, block: str):
-    from tvm import s_tir
-
     from psb_tvm.schedules.cpu.psb_sampling import _parallel_spatial, schedule_shared_stages
+    from tvm import s_tir
 
     sch = s_tir.Schedule(func)
     if block == "q":
@@ -294,10 +293,10 @@ def _schedule_stage(func, block: str):
 
 def time_layer(name: str, layer: tuple, preset: str, target, number: int, repeat: int, stages: bool) -> dict:
     import tvm
-
-    from psb_tvm import numerics as nm
     from psb_tvm.schedules.cpu import PSBConv2D, PSBSample
     from psb_tvm.schedules.kernels import pack_weights, psb_layer_kernel, psb_sample_kernel
+
+    from psb_tvm import numerics as nm
 
     dev = tvm.cpu()
     spec = make_spec(layer, preset)

@@ -476,7 +476,8 @@ def markdown(results: dict) -> str:
         agree = r.get("quality", {}).get("top1_agreement_with_ort_fp32", {})
         err = r.get("quality", {}).get("rel_l2_error_vs_ort_fp32", {})
         acc = r.get("quality", {}).get("accuracy")
-        head = "| variant | latency ms, median (p10–p90) | / ORT fp32 | / ORT int8 | / TVM fp32 | top-1 agree w/ ORT fp32 | rel. logit error |"
+        head = ("| variant | latency ms, median (p10–p90) | / ORT fp32 | / ORT int8 | / TVM fp32 | top-1 agree w/ ORT fp32 "
+                "| rel. logit error |")
         sep = "|---|---|---|---|---|---|---|"
         if acc:
             head += " accuracy |"
@@ -565,7 +566,8 @@ def main(argv=None) -> int:
         "timing": f"{WARMUP} warm-up runs of every variant, then interleaved rounds: each round times every"
                   " variant once, the order rotated by one each round; before its timed run a variant runs untimed"
                   f" for >= {SETTLE_MS:.0f} ms (at least once), so that the other runtime's spin-waiting thread pool"
-                  " (TVM's worker spins ~0.16 s after each call) has gone quiet. Median and p10/p90 over the rounds of one call each (numpy in, numpy out, for"
+                  " (TVM's worker spins ~0.16 s after each call) has gone quiet. Median and p10/p90 over the rounds of"
+                  " one call each (numpy in, numpy out, for"
                   " every variant: `module.run(x, samples=n)` / `session.run`).",
         "variants": VARIANTS, "psb_samples": list(PSB_SAMPLES), "quick": args.quick,
         "notes": notes,
@@ -590,7 +592,8 @@ def main(argv=None) -> int:
                  **info, "psb_calibration": data["psb_calibration_desc"],
                  "ort_calibration": data["ort_calibration_desc"], "repeats": repeats[name],
                  "compile_s": {k: round(v, 2) for k, v in compile_s.items()},
-                 "latency_ms": latency, "ratios": ratios(latency), "ratios_p10": ratios(latency, "p10"), "quality": quality, "errors": errors,
+                 "latency_ms": latency, "ratios": ratios(latency), "ratios_p10": ratios(latency, "p10"), "quality": quality,
+                 "errors": errors,
                  "foreign_cpu_load_cores": load.cores}
             results["models"][name] = r
             log(f"[{name}] " + ", ".join(f"{v} {latency[v]['median']:.3g} ms" for v in latency))

@@ -59,13 +59,15 @@ def main(argv=None):
     refine_step()
     step = 1e3 * float(np.median([refine_step() for _ in range(args.repeats)]))
     rows.append({"mode": "refinement step 8 -> 16 (kept session)", "additions": module.cost(16)["additions"],
-                 "ms": step, "note": "samples only [8, 16), then one integer pass; in the additions model every layer after the first sees new inputs, so a full 2n pass is counted"})
+                 "ms": step, "note": "samples only [8, 16), then one integer pass; in the additions model every layer after the "
+                                     "first sees new inputs, so a full 2n pass is counted"})
     result = module.attend(x, low=4, high=16, mode="mean_entropy", fraction=1.0)
     ms = median_ms(lambda: module.attend(x, low=4, high=16, mode="mean_entropy", fraction=1.0), args.repeats)
     adds = result.additions["low_pass"] + result.additions["high_pass"]
     rows.append({"mode": "attention low 4 + high 16 (mean_entropy, f=1.0)", "additions": int(adds), "ms": ms,
                  "note": f"high-n work done {100 * result.high_work_fraction:.1f}%"})
-    machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, TVM_NUM_THREADS={os.environ['TVM_NUM_THREADS']}"
+    machine = (f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+               f"TVM_NUM_THREADS={os.environ['TVM_NUM_THREADS']}")
     lines = [f"Run modes on the digits CNN, batch {BATCH} ({machine}); medians of {args.repeats} runs.", "",
              "| mode | additions (paper's cost) | wall-clock ms | note |", "|---|---|---|---|"]
     for r in rows:

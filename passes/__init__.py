@@ -7,5 +7,5 @@ from .rewrite_conv2d_dense_to_psb import PSBLayer, rewrite_to_psb
 from .select_psb_layers import LayerSite, find_layer_sites, name_sites
 from .simulate_psb_layers import simulate_psb
 
-__all__ = ["AssertSampleBounds", "LayerSite", "PSBLayer", "expose_layer_inputs", "find_layer_sites", "name_sites", "rewrite_to_psb",
-           "simulate_psb"]
+__all__ = ["AssertSampleBounds", "LayerSite", "PSBLayer", "expose_layer_inputs", "find_layer_sites", "name_sites",
+           "rewrite_to_psb", "simulate_psb"]

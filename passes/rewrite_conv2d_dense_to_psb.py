@@ -24,11 +24,19 @@ from dataclasses import dataclass
 
 import numpy as np
 import tvm
+from psb_tvm.schedules.kernels import (
+    COUNTS_DTYPE,
+    KernelSpec,
+    pack_layout,
+    pack_weights,
+    psb_layer_kernel,
+    psb_masked_kernel,
+    psb_pack_kernel,
+    psb_sample_kernel,
+)
 from tvm import relax, tirx
 
 from psb_tvm.numerics import EncodedWeights, weight_code, weights_from_counts
-from psb_tvm.schedules.kernels import (COUNTS_DTYPE, KernelSpec, pack_layout, pack_weights, psb_layer_kernel,
-                                       psb_masked_kernel, psb_pack_kernel, psb_sample_kernel)
 
 from .select_psb_layers import find_layer_sites
 

@@ -1,7 +1,8 @@
 """psb_tvm: compile pretrained ONNX models into progressive stochastic binarized (PSB) networks.
 
 Public API: ``compile``, ``load``, ``PSBConfig``, ``PSBModule``, ``evaluate`` (accuracy and cost
-vs n), ``diagnose`` (per-layer error vs what sampling and activation rounding explain), ``allocate`` (per-layer sample counts for a budget), ``tune`` (MetaSchedule + XGBoost;
+vs n), ``diagnose`` (per-layer error vs what sampling and activation rounding explain), ``allocate``
+(per-layer sample counts for a budget), ``tune`` (MetaSchedule + XGBoost;
 reapplied with ``compile(..., tuning_db=)``) and the exception types.
 """
 
@@ -9,8 +10,18 @@ from .allocate import Allocation, allocate
 from .compiler import __version__, compile  # noqa: A004 - mirrors tvm.compile
 from .config import PSBConfig
 from .diagnose import Diagnosis, LayerDiagnosis, diagnose
-from .errors import (ConfigError, DynamicShapeError, InputError, ModelLoadError, OutputError, PSBError,
-                     TargetMismatchError, TuningError, TuningWarning, UnsupportedModelError)
+from .errors import (
+    ConfigError,
+    DynamicShapeError,
+    InputError,
+    ModelLoadError,
+    OutputError,
+    PSBError,
+    TargetMismatchError,
+    TuningError,
+    TuningWarning,
+    UnsupportedModelError,
+)
 from .evaluate import EvalReport, Preprocess, evaluate
 from .runtime import PSBModule, load
 from .tuning import TuneResult, tune

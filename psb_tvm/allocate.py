@@ -540,7 +540,8 @@ def allocate_with_widths(model, calibration_inputs, budget: float, kind: str = "
     else:
         ref = [np.asarray(r, np.float64) for r in (reference if isinstance(reference, (tuple, list)) else [reference])]
         if any(len(r) != count for r in ref):
-            raise ConfigError(f"reference outputs must have {count} rows (one per calibration input), got {[len(r) for r in ref]}")
+            raise ConfigError(f"reference outputs must have {count} rows (one per calibration input), "
+                              f"got {[len(r) for r in ref]}")
         ref_desc = "given reference outputs"
     if labels is not None and len(labels) != count:
         raise ConfigError(f"labels has {len(labels)} rows, the calibration inputs {count}")

@@ -114,7 +114,8 @@ def normalize_calibration(calibration, inputs: list, fallback_samples: int, seed
             raise ConfigError(f"calibration item {k} is a {type(batch).__name__}, expected a dict {{input name: array}}")
         missing, unknown = sorted(set(names) - set(batch)), sorted(set(batch) - set(names))
         if missing or unknown:
-            raise ConfigError(f"calibration item {k}: missing inputs {missing}, unknown inputs {unknown}; the model's inputs are {names}")
+            raise ConfigError(f"calibration item {k}: missing inputs {missing}, unknown inputs {unknown}; "
+                              f"the model's inputs are {names}")
         arrays, count = {}, None
         for name, shape, dtype in inputs:
             arr = np.asarray(batch[name])

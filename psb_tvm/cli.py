@@ -385,7 +385,8 @@ def cmd_run(args) -> int:
             raise UsageError(f"{len(args.output)} --output path(s) for {len(outs)} model output(s)")
         paths = list(args.output)
     else:
-        safe = ["".join(c if c.isalnum() or c in "-_." else "_" for c in str(n)) or f"output_{i}" for i, n in enumerate(out_names)]
+        safe = ["".join(c if c.isalnum() or c in "-_." else "_" for c in str(n)) or f"output_{i}"
+                for i, n in enumerate(out_names)]
         paths = [os.path.join(args.out_dir, f"{s}.npy") for s in safe]
     for p in paths:
         _require_out_dir(p)
@@ -650,7 +651,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds", type=_ints, default=(0,), help="draws averaged per point, e.g. 0,1,2 (default 0)")
     _input_set_options(p)
     p.add_argument("--no-attention", action="store_true", help="skip the computational attention points")
-    p.add_argument("--attention-fractions", type=_floats, default=(0.8, 1.0, 1.2), help="attention thresholds (default 0.8,1,1.2)")
+    p.add_argument("--attention-fractions", type=_floats, default=(0.8, 1.0, 1.2),
+                   help="attention thresholds (default 0.8,1,1.2)")
     p.add_argument("--allocate", action="store_true", help="add automatic per-layer allocations (psb_tvm.allocate) "
                                                            "at the error of each uniform n")
     p.add_argument("--out-dir", default=".", help="where eval.json, eval.md and the PNG plots go (default .)")
@@ -692,7 +694,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("demo", help="compile the bundled digits CNN at several n, print accuracy vs float, write the .so")
-    p.add_argument("--samples", type=_samples_list, default=[1, 2, 4, 8, 16, 32], help="sample counts to evaluate (default 1,2,4,8,16,32)")
+    p.add_argument("--samples", type=_samples_list, default=[1, 2, 4, 8, 16, 32],
+                   help="sample counts to evaluate (default 1,2,4,8,16,32)")
     p.add_argument("--batch", type=_positive_int, default=50, help="compiled batch size (default 50)")
     p.add_argument("--seed", type=int, default=0, help="sample stream seed (default 0)")
     p.add_argument("--out", default="digits_psb.so", help="where to write the compiled module (default digits_psb.so)")
@@ -718,7 +721,8 @@ def build_parser() -> argparse.ArgumentParser:
                                                "(default: the target's num-cores, else this machine's cores)")
     p.add_argument("--rpc-tracker", metavar="HOST:PORT", help="measure on a device registered with TVM's RPC tracker")
     p.add_argument("--rpc-key", help="the device key registered with the tracker")
-    p.add_argument("--timeout", type=_positive_float, default=30.0, help="seconds per build / run before a candidate fails (default 30)")
+    p.add_argument("--timeout", type=_positive_float, default=30.0,
+                   help="seconds per build / run before a candidate fails (default 30)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     _model_options(p)
     p.add_argument("--json", action="store_true", help="machine-readable output")

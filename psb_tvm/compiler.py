@@ -57,7 +57,8 @@ def _select(sites, config: PSBConfig) -> dict:
     convertible = [s for s in sites if s.convertible]
     edges = {}
     if config.exclude_first_last and convertible:
-        edges = {convertible[0].index: "first layer (exclude_first_last)", convertible[-1].index: "last layer (exclude_first_last)"}
+        edges = {convertible[0].index: "first layer (exclude_first_last)",
+                 convertible[-1].index: "last layer (exclude_first_last)"}
     reasons = {}
     for s in sites:
         if not s.convertible:
@@ -106,7 +107,8 @@ def compile(onnx_model, target="llvm", samples: int | dict = 16, seed: int = 0, 
     ``samples`` is the default sample count n (a power of two <= ``config.n_max``; ``run`` may pick
     another per call and per layer), or a per-layer map ``{"layer name": n, "default": n}`` (e.g.
     ``psb_tvm.allocate(...).samples``) baked in as the default of ``run(samples=None)``; ``seed``
-    the default draw; ``input_shapes`` fixes dynamic input dims; ``calibration`` is ``{input: array [N, ...]}`` (or an iterable of such dicts) used
+    the default draw; ``input_shapes`` fixes dynamic input dims; ``calibration`` is ``{input: array [N, ...]}``
+    (or an iterable of such dicts) used
     to choose the activation scales. ``frozen=True`` bakes the draw for (samples, seed) into
     constants: no sampling at run time, but n and seed are then fixed. ``tuning_db`` is the
     ``work_dir`` of ``psb_tvm.tune`` (or a MetaSchedule database): its schedules are reapplied

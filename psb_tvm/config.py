@@ -24,16 +24,15 @@ class PSBConfig:
     n_max: largest sample count a module accepts; per_channel: one exponent range per output
     channel (else per tensor); sampler: the sample stream, "stratified" (the default: rotated van
     der Corput points, each weight's count within one of ``n p``, error falling as 1/n) or "iid"
-    (the paper's independent Bernoulli samples, error falling as 1/sqrt(n)); lowering: kernel lowering of every layer ("auto": the compiler
-    picks per layer, from a measured pick in ``tuning_db`` if there is one, else its cost rule;
-    or one of "intdot", "shiftadd",
+    (the paper's independent Bernoulli samples, error falling as 1/sqrt(n)); lowering: kernel
+    lowering of every layer ("auto": the compiler picks per layer, from a measured pick in
+    ``tuning_db`` if there is one, else its cost rule; or one of "intdot", "shiftadd",
     "bitserial": popcounts of activation bit planes AND weight sign/level masks, exact at every
     n <= n_max but costing E + 1 + log2 n levels per plane, so meant for n = 1, 2; the masked /
     attention kernels of a bitserial layer use the intdot products), ``lowerings`` overrides it
     per layer name; exclude_first_last keeps the first and last convertible layers float;
-    include (if given) converts only the named layers; exclude keeps
-    the named layers float; calibration_fallback_samples: synthetic samples used when no
-    calibration data is given.
+    include (if given) converts only the named layers; exclude keeps the named layers float;
+    calibration_fallback_samples: synthetic samples used when no calibration data is given.
     """
 
     E: int = 4

@@ -577,7 +577,8 @@ def evaluate(model, inputs, labels=None, *, metric=None, samples=None, seeds=(0,
     high = attention_high or max([n for n in samples if n <= 16] or [max(samples)])
     fractions = list(attention_fractions) if attention and conv and high > low else []
     if attention and not fractions:
-        notes.append("no attention points: " + ("the module has no PSB conv layer" if not conv else f"high n {high} <= low n {low}"))
+        notes.append("no attention points: "
+                     + ("the module has no PSB conv layer" if not conv else f"high n {high} <= low n {low}"))
     alloc_budgets = [] if not allocate else [n for n in samples if n > min(samples)]
     bar.total = bar.n + len(samples) + len(fractions) + (1 + len(alloc_budgets) if alloc_budgets else 0)
     bar.refresh()
@@ -606,7 +607,8 @@ def evaluate(model, inputs, labels=None, *, metric=None, samples=None, seeds=(0,
 
     allocated = []
     if alloc_budgets:
-        from .allocate import allocate as do_allocate, sensitivity
+        from .allocate import allocate as do_allocate
+        from .allocate import sensitivity
 
         stage("sensitivity")
         if allocation_inputs is not None:

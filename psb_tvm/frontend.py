@@ -143,10 +143,12 @@ def fix_input_shapes(proto: onnx.ModelProto, input_shapes: dict | None, source: 
         if name in input_shapes:
             shape = tuple(int(d) for d in input_shapes[name])
             if len(shape) != len(dims) and dims:
-                raise DynamicShapeError(f"{source}: input_shapes[{name!r}]={shape} has rank {len(shape)}, the model input has rank {len(dims)} ({dims})")
+                raise DynamicShapeError(f"{source}: input_shapes[{name!r}]={shape} has rank {len(shape)}, "
+                                        f"the model input has rank {len(dims)} ({dims})")
             for d_model, d_user in zip(dims, shape):
                 if isinstance(d_model, int) and d_model != d_user:
-                    raise DynamicShapeError(f"{source}: input_shapes[{name!r}]={shape} contradicts the static dims {dims} of the model")
+                    raise DynamicShapeError(f"{source}: input_shapes[{name!r}]={shape} contradicts the static dims {dims} "
+                                            "of the model")
             if any(d <= 0 for d in shape):
                 raise DynamicShapeError(f"{source}: input_shapes[{name!r}]={shape} must be positive")
         else:

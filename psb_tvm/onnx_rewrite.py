@@ -305,7 +305,8 @@ def conv1d_as_conv2d(proto: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
                  "group": _attr(node, "group", 1)}
         base = node.output[0]
         x4 = f"{base}_as2d_in"
-        new.append(helper.make_node("Unsqueeze", [node.input[0]] + axes_inputs(), [x4], name=f"{node.name}_unsqueeze", **axes_attr))
+        new.append(helper.make_node("Unsqueeze", [node.input[0]] + axes_inputs(), [x4], name=f"{node.name}_unsqueeze",
+                                    **axes_attr))
         y4 = f"{base}_as2d"
         new.append(helper.make_node("Conv", [x4, w4] + list(node.input[2:]), [y4], name=node.name, **attrs))
         users = consumers.get(base, [])

@@ -456,7 +456,8 @@ class PSBModule:
 
     def __repr__(self):
         psb = sum(l["status"] == "psb" for l in self.layers)
-        return f"<PSBModule {self.metadata.get('source')} n={self.samples} psb_layers={psb}/{len(self.layers)} target={self.metadata.get('target')}>"
+        return (f"<PSBModule {self.metadata.get('source')} n={self.samples} psb_layers={psb}/{len(self.layers)} "
+                f"target={self.metadata.get('target')}>")
 
 
 @dataclass
@@ -485,7 +486,8 @@ class RefinementSession:
     def __init__(self, module: PSBModule, inputs, samples, seed):
 
         if not module.metadata.get("runtime_args"):
-            raise ConfigError("progressive refinement needs a module compiled with run-time sampling (not frozen, with PSB layers)")
+            raise ConfigError("progressive refinement needs a module compiled with run-time sampling "
+                              "(not frozen, with PSB layers)")
         self.module = module
         self.seed = module._resolve_seed(seed)
         self._inputs = module._tensors(inputs)

@@ -206,7 +206,8 @@ def _measure(schedules, target, builder, runner) -> list:
             warnings.warn(f"default schedule of task {i} did not build: {b.error_msg.strip().splitlines()[-1][:300]}",
                           TuningWarning, stacklevel=3)
         else:
-            inputs.append(ms.runner.RunnerInput(b.artifact_path, device_type="cpu" if target.kind.name == "llvm" else target.kind.name,
+            inputs.append(ms.runner.RunnerInput(b.artifact_path,
+                                                device_type="cpu" if target.kind.name == "llvm" else target.kind.name,
                                                 args_info=ms.arg_info.ArgInfo.from_prim_func(s.mod["main"])))
             index.append(i)
     secs = [None] * len(schedules)

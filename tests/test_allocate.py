@@ -1,6 +1,7 @@
 """Automatic per-layer sample allocation (psb_tvm.allocate) and per-layer compile-time defaults."""
 
 import numpy as np
+import onnx_models
 import pytest
 
 import psb_tvm
@@ -8,8 +9,6 @@ from psb_tvm import ConfigError
 from psb_tvm.allocate import greedy_path, sensitivity
 from psb_tvm.data.digits import DIGITS_ONNX, load_digits_split
 from psb_tvm.evaluate import rel_error, run_dataset
-
-import onnx_models
 
 SHAPES = {"input": (50, 1, 8, 8)}
 SEEDS = (0, 1)

@@ -2,12 +2,11 @@
 
 import numpy as np
 import pytest
+from onnx_models import conv_model
 
 import psb_tvm
 from psb_tvm import attention
 from psb_tvm.data.digits import DIGITS_ONNX, load_digits_split
-
-from onnx_models import conv_model
 
 SHAPES = {"input": (10, 1, 8, 8)}
 

@@ -57,8 +57,8 @@ def test_model_facts_and_report(quick_run):
     results, out, benchmarks_md_untouched = quick_run
     digits = results["models"]["digits"]
     assert digits["float_macs"] > 0 and digits["psb_additions_per_sample"] > 0
-    assert set(digits["compile_s"]) >= {"psb", "psb_iid", "psb_frozen_n8", "psb_int8_n8", "psb_int8_frozen_n8", "tvm_fp32", "ort_fp32",
-                                          "ort_int8"}
+    assert set(digits["compile_s"]) >= {"psb", "psb_iid", "psb_frozen_n8", "psb_int8_n8", "psb_int8_frozen_n8", "tvm_fp32",
+                                        "ort_fp32", "ort_int8"}
     assert set(digits["quality"]["top1_agreement_with_ort_fp32"]) == set(VARIANTS)
     assert results["meta"]["machine"]["threads_used"] == 2
     assert "| psb_tvm n=8 |" in (out / "latest.md").read_text()

@@ -40,9 +40,9 @@ def test_help_explains_the_accuracy_knob():
 
 
 # ---------------------------------------------------------------------------- compile | run | info | bench | eval
+import onnx_models  # noqa: E402
 import pytest  # noqa: E402
 
-import onnx_models  # noqa: E402
 from psb_tvm import cli  # noqa: E402
 
 

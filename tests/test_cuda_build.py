@@ -10,10 +10,9 @@ import warnings
 
 import pytest
 import tvm
+from onnx_models import small_cnn
 
 import psb_tvm
-
-from onnx_models import small_cnn
 
 
 def _cuda_modules(mod):
@@ -71,7 +70,6 @@ def _gpu_check():
 def test_gpu_check_prepare_quick(tmp_path):
     """tools/gpu_check.py prepare --quick: digits PSB / PSB int8 / fp32 for cuda, batch 1 and 64 (~45 s)."""
     import json
-
     import subprocess
     import sys
 
@@ -139,7 +137,6 @@ def test_int8_preset_cuda_kernels_use_dp4a_and_shared_memory():
     """The int8 preset on CUDA: convs with 16k output channels take the dp4a layout, and the tiled
     default schedule stages weights in shared memory and multiplies with __dp4a."""
     import numpy as np
-
     from onnx_models import conv_model
 
     model = conv_model(in_ch=8, out_ch=32, hw=9)
@@ -187,7 +184,6 @@ def _stand_in_runner(calls: list):
 
 def _gpu_tuning_case():
     import numpy as np
-
     from onnx_models import conv_model
 
     model = conv_model(in_ch=8, out_ch=16, hw=6, seed=5)

@@ -1,6 +1,5 @@
 """End to end on the bundled digits CNN: accuracy vs float and error shrinking with n."""
 
-import numpy as np
 import pytest
 
 from psb_tvm.demo import digits_study

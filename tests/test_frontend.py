@@ -11,12 +11,12 @@ import onnx_models as om
 import onnxruntime as ort
 import pytest
 from onnx import numpy_helper
+from psb_tvm.passes import find_layer_sites
 
 import psb_tvm
 from psb_tvm import PSBConfig
 from psb_tvm.errors import DynamicShapeError, ModelLoadError, UnsupportedModelError
 from psb_tvm.frontend import import_onnx
-from psb_tvm.passes import find_layer_sites
 
 FLOAT_ONLY = PSBConfig(include=())  # every linear layer stays float: the compiled model is the float model
 

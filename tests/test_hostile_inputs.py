@@ -10,11 +10,11 @@ import warnings
 
 import numpy as np
 import onnx
+import onnx_models
 import pytest
 import tvm
 from onnx import numpy_helper
 
-import onnx_models
 import psb_tvm
 from psb_tvm import cli, files, numerics, onnxsim_worker
 from psb_tvm.data.digits import DIGITS_ONNX, load_digits_split

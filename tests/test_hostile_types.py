@@ -11,9 +11,9 @@ import sys
 import zipfile
 
 import numpy as np
+import onnx_models
 import pytest
 
-import onnx_models
 import psb_tvm
 from psb_tvm import ConfigError, PSBConfig, PSBError, UnsupportedModelError, numerics
 
@@ -73,7 +73,8 @@ MODEL = onnx_models.dense_model()  # x [2, 32] -> Gemm "fc" -> y [2, 10]
     (dict(input_shapes={"x": (0, 32)}), "input_shapes"),
     (dict(calibration=5), "calibration"), (dict(calibration="x"), "calibration"), (dict(calibration=[1, 2]), "calibration"),
     (dict(calibration={"x": "abc"}), "calibration"), (dict(calibration={"x": [[1, 2], [3]]}), "calibration"),
-    (dict(calibration={"x": np.zeros((3, 32), complex)}), "calibration"), (dict(calibration={1: np.zeros((3, 32))}), "calibration"),
+    (dict(calibration={"x": np.zeros((3, 32), complex)}), "calibration"),
+    (dict(calibration={1: np.zeros((3, 32))}), "calibration"),
     (dict(config=5), "config"), (dict(config={"E": True}), "E"), (dict(config={"per_channel": "no"}), "per_channel"),
     (dict(tuning_db=5), "tuning_db"),
 ])
@@ -137,9 +138,10 @@ def test_layer_with_2_31_outputs_is_an_unsupported_model_error():
 
 
 def test_layer_with_2_31_inputs_or_weights_stays_float(monkeypatch):
-    from psb_tvm.frontend import import_onnx
     from psb_tvm.passes import find_layer_sites
     from psb_tvm.passes import select_psb_layers as sel
+
+    from psb_tvm.frontend import import_onnx
 
     # a 1x1 conv, stride 4, on a [1, 512, 2048, 2048] input: 2**31 inputs, 2**21 outputs
     conv = onnx_models.conv_model(in_ch=512, out_ch=8, kernel=1, pad=0, stride=4, hw=2048, relu=False)

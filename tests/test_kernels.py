@@ -18,9 +18,6 @@ import zlib
 import numpy as np
 import pytest
 import tvm
-from tvm import s_tir, te
-
-from psb_tvm import numerics as nm
 from psb_tvm.schedules import hash as tir_hash
 from psb_tvm.schedules.cpu import PSBConv2D, PSBDense, PSBPack, PSBSample
 from psb_tvm.schedules.kernels import (
@@ -35,6 +32,9 @@ from psb_tvm.schedules.kernels import (
     psb_sample_kernel,
     unpack_layout,
 )
+from tvm import s_tir, te
+
+from psb_tvm import numerics as nm
 from psb_tvm.target import host_target
 
 TARGET = host_target()

@@ -4,16 +4,15 @@ float glue's GEMV rule."""
 import numpy as np
 import pytest
 from onnx_models import conv_model, small_cnn
+from psb_tvm.passes import find_layer_sites, name_sites
+from psb_tvm.schedules.cpu import GEMV
 from tvm.s_tir import dlight
 
 import psb_tvm
 from psb_tvm import numerics
 from psb_tvm.build import legalize
 from psb_tvm.data.digits import DIGITS_ONNX, load_digits_split
-from psb_tvm.demo import run_batched
 from psb_tvm.frontend import import_onnx
-from psb_tvm.passes import find_layer_sites, name_sites
-from psb_tvm.schedules.cpu import GEMV
 from psb_tvm.target import host_target
 
 

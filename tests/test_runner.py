@@ -21,12 +21,11 @@ import numpy as np
 import onnx
 import pytest
 from onnx import TensorProto, helper
+from onnx_models import conv_model, small_cnn
 
 import psb_tvm
 from psb_tvm.data.digits import DIGITS_ONNX, load_digits_split
 from psb_tvm.files import append_record, read_record
-
-from onnx_models import conv_model, small_cnn
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 BUILD_SCRIPT = ROOT / "tools" / "build_runner.sh"
@@ -79,15 +78,17 @@ def _model_specs(target):
                                           calibration={"input": x_train[:128]}), x_test[:4]),
         "small_cnn": (small_cnn(), dict(samples=8, calibration={"x": rng.standard_normal((16, 3, 12, 12)).astype(np.float32)}),
                       rng.standard_normal((1, 3, 12, 12)).astype(np.float32)),
-        "conv_relu": (conv_model(batch=2, seed=1), dict(calibration={"x": rng.standard_normal((8, 4, 10, 10)).astype(np.float32)}),
+        "conv_relu": (conv_model(batch=2, seed=1),
+                      dict(calibration={"x": rng.standard_normal((8, 4, 10, 10)).astype(np.float32)}),
                       rng.standard_normal((2, 4, 10, 10)).astype(np.float32)),
         # The output is the PSB layer's output itself: float32(acc) * 2^e + bias.
-        "conv_linear": (conv_model(relu=False, seed=2), dict(samples=32, seed=5,
-                                                             calibration={"x": rng.standard_normal((8, 4, 10, 10)).astype(np.float32)}),
+        "conv_linear": (conv_model(relu=False, seed=2),
+                        dict(samples=32, seed=5, calibration={"x": rng.standard_normal((8, 4, 10, 10)).astype(np.float32)}),
                         rng.standard_normal((1, 4, 10, 10)).astype(np.float32)),
         # the i.i.d. sampler (the default is stratified): a linear PSB layer, so bit-exact across CPUs
-        "conv_linear_iid": (conv_model(relu=False, seed=2), dict(samples=8, seed=5, config=psb_tvm.PSBConfig(sampler="iid"),
-                                                                 calibration={"x": rng.standard_normal((8, 4, 10, 10)).astype(np.float32)}),
+        "conv_linear_iid": (conv_model(relu=False, seed=2),
+                            dict(samples=8, seed=5, config=psb_tvm.PSBConfig(sampler="iid"),
+                                 calibration={"x": rng.standard_normal((8, 4, 10, 10)).astype(np.float32)}),
                             rng.standard_normal((1, 4, 10, 10)).astype(np.float32)),
         # int8 preset (int8 weights): conv2 and pwconv take uint8 activations (after a Relu) and
         # 16 | O, so they are the packed layout tensorized with vpdpbusd (x86) / sdot (aarch64).
@@ -103,10 +104,12 @@ def _model_specs(target):
     }
     if target == "llvm":
         # frozen: the draw is baked in, main takes no samples/seed (metadata "runtime_args": []).
-        specs["frozen"] = (conv_model(relu=False, seed=2), dict(samples=32, seed=5, frozen=True,
-                                                                calibration={"x": rng.standard_normal((8, 4, 10, 10)).astype(np.float32)}),
+        specs["frozen"] = (conv_model(relu=False, seed=2),
+                           dict(samples=32, seed=5, frozen=True,
+                                calibration={"x": rng.standard_normal((8, 4, 10, 10)).astype(np.float32)}),
                            rng.standard_normal((1, 4, 10, 10)).astype(np.float32))
-        specs["two_outputs"] = (_two_output_model(), dict(samples=4, calibration={"x": rng.standard_normal((8, 4, 10, 10)).astype(np.float32)}),
+        specs["two_outputs"] = (_two_output_model(),
+                                dict(samples=4, calibration={"x": rng.standard_normal((8, 4, 10, 10)).astype(np.float32)}),
                                 rng.standard_normal((1, 4, 10, 10)).astype(np.float32))
     return specs
 
@@ -382,7 +385,8 @@ def _bad_case(case, m, stub_modules, tmp):
         arr = np.zeros(4, dtype=[("a", "<f4"), ("b", "<i4")])
         return m.path, [save("x.npy", arr)], [y], (), "structured arrays", None
     if case == "object dtype":
-        return m.path, [save("x.npy", np.array([1, "a"], dtype=object), allow_pickle=True)], [y], (), "unsupported dtype '\\|O'", None
+        return (m.path, [save("x.npy", np.array([1, "a"], dtype=object), allow_pickle=True)], [y], (),
+                "unsupported dtype '\\|O'", None)
     if case == "truncated npy":
         p = save("x.npy", x)
         p.write_bytes(p.read_bytes()[:-3])
@@ -420,7 +424,8 @@ def _bad_case(case, m, stub_modules, tmp):
     if case == "output directory missing":
         return m.path, [save("x.npy", x)], [out / "sub" / "y.npy"], (), "does not exist", None
     if case == "unwritable output":
-        return m.path, [save("x.npy", x)], [pathlib.Path("/proc/psb_run_test_y.npy")], (), "cannot write /proc/psb_run_test_y.npy", None
+        return (m.path, [save("x.npy", x)], [pathlib.Path("/proc/psb_run_test_y.npy")], (),
+                "cannot write /proc/psb_run_test_y.npy", None)
     if case == "output is a directory":
         return m.path, [save("x.npy", x)], [out], (), "is a directory", None
     if case == "output is a symlink to a directory":
@@ -436,7 +441,8 @@ def _bad_case(case, m, stub_modules, tmp):
     if case == "nan input":
         bad = x.copy()
         bad[1, 0, 2, 5] = np.nan
-        return m.path, [save("x.npy", bad)], [y], (), r"x\.npy \(input 'input'\): non-finite value nan at index \(1, 0, 2, 5\).*--nonfinite propagate", None
+        return (m.path, [save("x.npy", bad)], [y], (),
+                r"x\.npy \(input 'input'\): non-finite value nan at index \(1, 0, 2, 5\).*--nonfinite propagate", None)
     if case == "-inf input":
         bad = x.copy()
         bad[3, 0, 7, 7] = -np.inf

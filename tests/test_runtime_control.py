@@ -6,12 +6,12 @@ import sys
 
 import numpy as np
 import pytest
+from psb_tvm.passes import find_layer_sites, name_sites
 
 import psb_tvm
 from psb_tvm import numerics
 from psb_tvm.data.digits import DIGITS_ONNX, load_digits_split
 from psb_tvm.frontend import import_onnx
-from psb_tvm.passes import find_layer_sites, name_sites
 
 SHAPES = {"input": (10, 1, 8, 8)}
 NAMES = ["/conv1/Conv", "/conv2/Conv", "/conv3/Conv", "/fc1/Gemm", "/fc2/Gemm"]

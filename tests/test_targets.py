@@ -4,12 +4,10 @@ import shutil
 import warnings
 
 import pytest
-import tvm
+from onnx_models import small_cnn
 
 import psb_tvm
 from psb_tvm.target import host_cpu, resolve_target
-
-from onnx_models import small_cnn
 
 
 def test_cpu_shorthands_resolve_to_this_host_not_generic_llvm():

@@ -9,11 +9,10 @@ import warnings
 
 import numpy as np
 import pytest
+from onnx_models import conv_model, small_cnn
 
 import psb_tvm
 from psb_tvm.tuning import MANIFEST, TuningError, TuningWarning
-
-from onnx_models import conv_model, small_cnn
 
 CAL = {"x": np.random.default_rng(0).standard_normal((8, 3, 12, 12)).astype(np.float32)}
 X = np.random.default_rng(1).standard_normal((1, 3, 12, 12)).astype(np.float32)
@@ -191,8 +190,8 @@ def tiny():
 def test_failing_candidates_do_not_abort_tuning(model, untuned, tmp_path):
     """A builder whose every other result is an error: tuning finishes, records only what built,
     and the compiled module is still bit-identical."""
-    from tvm.s_tir import meta_schedule as ms
     from tvm.ir.utils import derived_object
+    from tvm.s_tir import meta_schedule as ms
 
     from psb_tvm.tuning import _make_builder
 

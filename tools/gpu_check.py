@@ -643,7 +643,8 @@ def run(args) -> int:
             except Exception as err:  # noqa: BLE001 - context only (torchvision may be missing)
                 print(f"torch baseline {model} b{batch}: {type(err).__name__}: {err}", flush=True)
     head = ("model", "batch", "variant", "median ms", "min ms", "runs", "max abs err", "max rel err", "top-1 agree", "check")
-    table = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)] + ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
+    table = (["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+             + ["| " + " | ".join(str(c) for c in r) + " |" for r in rows])
     results["table"] = "\n".join(table)
     results["seconds"] = round(time.time() - t_start, 1)
     failed = [c for c in results["checks"] if "error" in c or not c.get("ok")]
@@ -671,8 +672,9 @@ def main(argv=None) -> int:
                    help="comma list of models from benchmarks/models.py, each optionally with its own variants "
                         f"(name:v+v); default {DEFAULT_MODELS} (resnet18 modules are over the 64 MiB carry limit)")
     p.add_argument("--batches", default="1,64")
-    p.add_argument("--variants", default=None, help="default psb,psb_iid,psb_int8,fp32,fp16 (cpu: psb,psb_iid,psb_int8,fp32; an fp16 llvm "
-                                                    "module crashes in its cast kernel when driven by the runtime-only libraries)")
+    p.add_argument("--variants", default=None,
+                   help="default psb,psb_iid,psb_int8,fp32,fp16 (cpu: psb,psb_iid,psb_int8,fp32; an fp16 llvm "
+                        "module crashes in its cast kernel when driven by the runtime-only libraries)")
     p.add_argument("--device", default="cuda", choices=("cuda", "cpu"), help="cpu: llvm modules, for a dry run here")
     p.add_argument("--quick", action="store_true", help="digits, batch 1 and 64 only (the default set) and no wheel download")
     p.add_argument("--no-runtime", action="store_true", help="do not copy the runtime libraries / tvm-ffi wheel")

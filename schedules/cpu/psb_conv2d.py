@@ -6,8 +6,7 @@ from tvm import s_tir, tirx
 from tvm.s_tir.dlight.cpu.base import CPUScheduleRule
 from tvm.target import Target
 
-from .common import (VECTOR_LANES, block_names, largest_divisor, loop_extents, parallel_vectorize,
-                     vectorize_below_reductions)
+from .common import VECTOR_LANES, block_names, largest_divisor, loop_extents, parallel_vectorize, vectorize_below_reductions
 from .psb_sampling import schedule_shared_stages
 
 
