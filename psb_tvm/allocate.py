@@ -28,7 +28,6 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .compiler import as_config
 from .compiler import plan as compile_plan
 from .config import PSBConfig
 from .emulate import Emulator
@@ -523,7 +522,7 @@ def allocate_with_widths(model, calibration_inputs, budget: float, kind: str = "
     _check_budget(kind, budget, labels, metric)
     if not isinstance(calibration_inputs, (dict, np.ndarray)):
         raise ConfigError("allocating activation widths needs calibration_inputs as an array or {input name: array}")
-    base = as_config(config)
+    base = PSBConfig.coerce(config)
     p = compile_plan(model, "llvm", 0, input_shapes, calibration_inputs, dataclasses.replace(base, act_bits=16,
                                                                                            layer_act_bits={}))
     names = [l.name for l in p.layers]

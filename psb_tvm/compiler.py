@@ -21,19 +21,8 @@ from .target import is_host_cpu, resolve_target
 __version__ = "0.1.0"
 
 
-def as_config(config) -> PSBConfig:
-    """``config`` (None, a dict or a PSBConfig) as a PSBConfig."""
-    if config is None:
-        config = PSBConfig()
-    elif isinstance(config, dict):
-        config = PSBConfig.from_dict(config)
-    elif not isinstance(config, PSBConfig):
-        raise ConfigError(f"config must be a PSBConfig or dict, got {type(config).__name__}")
-    return config
-
-
 def _check_args(samples, seed, config) -> PSBConfig:
-    config = as_config(config)
+    config = PSBConfig.coerce(config)
     try:
         for n in (samples.values() if isinstance(samples, dict) else [samples]):
             numerics.check_samples(n, config.n_max)
@@ -179,7 +168,7 @@ def plan(onnx_model, target="llvm", seed: int = 0, input_shapes: dict | None = N
     input_shapes = checks.check_input_shapes(input_shapes)
     calibration = checks.check_calibration(calibration)
     target = checks.check_target(target)
-    config = as_config(config)
+    config = PSBConfig.coerce(config)
     try:
         numerics.check_seed(seed)
     except ValueError as err:

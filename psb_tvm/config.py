@@ -127,6 +127,18 @@ class PSBConfig:
         object.__setattr__(self, "layer_act_bits", layer_act_bits)
 
     @classmethod
+    def coerce(cls, config) -> "PSBConfig":
+        """``config`` as a PSBConfig: None (the defaults), a dict of fields (``from_dict``) or a
+        PSBConfig; anything else is a ConfigError. The one conversion every entry point uses."""
+        if config is None:
+            return cls()
+        if isinstance(config, cls):
+            return config
+        if isinstance(config, Mapping):
+            return cls.from_dict(config)
+        raise ConfigError(f"config must be a PSBConfig or dict, got {type(config).__name__}")
+
+    @classmethod
     def preset(cls, name: str, **overrides) -> "PSBConfig":
         """Named numeric presets (DESIGN.md section 2): ``"int8"`` (E=3, n_max=8: every sampled
         weight fits int8, so uint8 activations x int8 weights run on VNNI / dot-product units) and

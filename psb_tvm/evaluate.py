@@ -441,8 +441,7 @@ def _float_reference(model, module, target, input_shapes, config):
     from .compiler import compile as psb_compile
     from .config import PSBConfig
 
-    cfg = config if isinstance(config, PSBConfig) else PSBConfig.from_dict(config) if isinstance(config, dict) else \
-        PSBConfig.from_dict(module.metadata["config"]) if module is not None else PSBConfig()
+    cfg = PSBConfig.coerce(config if config is not None or module is None else module.metadata["config"])
     shapes = input_shapes or {n: tuple(s) for n, s, _ in module.inputs}
     return psb_compile(model, target=target, samples=1, input_shapes=shapes, config=dataclasses.replace(cfg, include=()))
 

@@ -319,7 +319,7 @@ def tune(onnx_model, target="llvm", work_dir: str = "psb_tuning", trials: int = 
     from .config import PSBConfig
     from .schedules.kernels import LOWERINGS
 
-    cfg = config if isinstance(config, PSBConfig) else PSBConfig.from_dict(config) if config else PSBConfig()
+    cfg = PSBConfig.coerce(config)
     candidates = tuple(dict.fromkeys(lowerings or ("intdot",)))
     bad = [l for l in candidates if l not in LOWERINGS]
     if bad:

@@ -45,3 +45,14 @@ def test_cli_sampler_flag():
 
     assert _config(argparse.Namespace(sampler="iid")).sampler == "iid"
     assert _config(argparse.Namespace(sampler=None)).sampler == "stratified"
+
+
+def test_coerce_is_the_one_conversion():
+    cfg = psb_tvm.PSBConfig(E=3)
+    assert psb_tvm.PSBConfig.coerce(cfg) is cfg
+    assert psb_tvm.PSBConfig.coerce(None) == psb_tvm.PSBConfig()
+    assert psb_tvm.PSBConfig.coerce({"E": 3, "n_max": 8}) == psb_tvm.PSBConfig(E=3, n_max=8)
+    with pytest.raises(psb_tvm.ConfigError, match="config must be a PSBConfig or dict, got list"):
+        psb_tvm.PSBConfig.coerce([("E", 3)])
+    with pytest.raises(psb_tvm.ConfigError, match="unknown PSBConfig fields"):
+        psb_tvm.PSBConfig.coerce({"bogus": 1})
