@@ -103,12 +103,10 @@ def compile(onnx_model, target="llvm", samples: int | dict = 16, seed: int = 0, 
     ``work_dir`` of ``psb_tvm.tune`` (or a MetaSchedule database): its schedules are reapplied
     without retuning; kernels it does not cover get the default schedules.
     """
-    # Argument types first (ConfigError naming the argument), before any import or build.
+    # The arguments only compile takes (ConfigError naming the argument) and the target, which the
+    # tuning database is read for; plan checks the rest (input shapes, calibration, config).
     frozen = checks.check_flag("frozen", frozen)
-    input_shapes = checks.check_input_shapes(input_shapes)
     samples = checks.check_sample_map(samples)
-    config = _check_args(samples, seed, config)
-    calibration = checks.check_calibration(calibration)
     tuning_db = checks.check_tuning_db(tuning_db)
     target = checks.check_target(target)
     choices = None
@@ -235,8 +233,7 @@ def _warn_range(name: str, st, config: PSBConfig, bits: int) -> None:
         warnings.warn(f"layer {name!r}: its input was 0 on all calibration data; its activation scale (frac_bits=0) is "
                       "a guess (calibrate with inputs that exercise this layer)", stacklevel=3)
         return
-    hi = numerics.act_range(bits, st.signed)[1]
-    unclamped = int(np.floor(np.log2(hi / r)))
+    unclamped = numerics.unclamped_frac_bits(r, bits, st.signed)
     if not -numerics.MAX_FRAC_BITS <= unclamped <= numerics.MAX_FRAC_BITS:
         warnings.warn(f"layer {name!r}: calibration range {r:.3g} needs frac_bits={unclamped}, clamped to "
                       f"[-{numerics.MAX_FRAC_BITS}, {numerics.MAX_FRAC_BITS}]: most inputs will saturate or round to 0 "

@@ -26,7 +26,8 @@ from .build import build
 from .compiler import lower_plan, plan
 from .emulate import Emulator
 from .errors import ConfigError
-from .evaluate import _atomic_write, _chunks, load_inputs
+from .evaluate import _chunks, load_inputs
+from .files import write_text
 from .runtime import PSBModule
 
 #: Emulated variants (``psb_tvm.emulate``): (sampled weights, rounded activations).
@@ -148,8 +149,8 @@ class Diagnosis:
         """Write ``<prefix>.json``, ``<prefix>.md`` and (``plots``) ``<prefix>.png`` into ``out_dir``."""
         out = pathlib.Path(out_dir)
         files = {"json": out / f"{prefix}.json", "markdown": out / f"{prefix}.md"}
-        _atomic_write(files["json"], self.to_json())
-        _atomic_write(files["markdown"], self.markdown())
+        write_text(files["json"], self.to_json())
+        write_text(files["markdown"], self.markdown())
         written = {k: str(v) for k, v in files.items()}
         if plots and self.plot(out / f"{prefix}.png"):
             written["plot"] = str(out / f"{prefix}.png")

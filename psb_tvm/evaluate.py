@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .errors import ConfigError, InputError
+from .files import write_text
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".pgm", ".ppm", ".tif", ".tiff", ".webp")
 METRICS = ("accuracy", "top5", "agreement", "rel_error")
@@ -357,8 +358,8 @@ class EvalReport:
         if plots:
             files.update(_plots(self, out, prefix))
         self.files = files
-        _atomic_write(files["markdown"], self.markdown())
-        _atomic_write(files["json"], json.dumps(self.to_dict(), indent=1, default=_json_default) + "\n")
+        write_text(files["markdown"], self.markdown())
+        write_text(files["json"], json.dumps(self.to_dict(), indent=1, default=_json_default) + "\n")
         return files
 
 
@@ -376,13 +377,6 @@ def _json_default(o):
     if isinstance(o, np.ndarray):
         return o.tolist()
     return str(o)
-
-
-def _atomic_write(path: str, text: str) -> None:
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
 
 
 def _plots(report: EvalReport, out: pathlib.Path, prefix: str) -> dict:

@@ -24,6 +24,7 @@ import hashlib
 import json
 import logging
 import os
+import pathlib
 import shutil
 import stat
 import struct
@@ -72,6 +73,11 @@ def write_output(path, write, suffix: str = "", executable: bool = False) -> str
     replaces the target (see the module docstring for links, devices and permissions). Returns
     the path as given. Nothing is left behind when ``write`` raises."""
     return write_outputs([(path, write)], suffix, executable)[0]
+
+
+def write_text(path, text: str) -> str:
+    """``write_output`` of a text file (reports: eval.json, eval.md, diagnosis files)."""
+    return write_output(path, lambda tmp: pathlib.Path(tmp).write_text(text), suffix=".tmp")
 
 
 def write_outputs(items, suffix: str = "", executable: bool = False) -> list:

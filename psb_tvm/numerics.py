@@ -266,15 +266,22 @@ def act_range(bits: int, signed: bool) -> tuple[int, int]:
 MAX_FRAC_BITS = 64
 
 
-def choose_frac_bits(max_abs: float, bits: int, signed: bool) -> int:
-    """Largest ``f`` with ``max_abs * 2**f`` inside the integer range (0 when ``max_abs`` is 0)."""
+def unclamped_frac_bits(max_abs: float, bits: int, signed: bool) -> int:
+    """Largest ``f`` with ``max_abs * 2**f`` inside the integer range, before ``choose_frac_bits``
+    clamps it to +-MAX_FRAC_BITS (0 when ``max_abs`` is 0 or not finite)."""
     hi = act_range(bits, signed)[1]
     if not np.isfinite(max_abs) or max_abs <= 0:
         return 0
     f = int(np.floor(np.log2(hi / max_abs)))
     while max_abs * 2.0**f > hi:  # guard against log2 rounding
         f -= 1
-    return max(-MAX_FRAC_BITS, min(MAX_FRAC_BITS, f))
+    return f
+
+
+def choose_frac_bits(max_abs: float, bits: int, signed: bool) -> int:
+    """Largest ``f`` with ``max_abs * 2**f`` inside the integer range (0 when ``max_abs`` is 0),
+    clamped to +-MAX_FRAC_BITS."""
+    return max(-MAX_FRAC_BITS, min(MAX_FRAC_BITS, unclamped_frac_bits(max_abs, bits, signed)))
 
 
 def quantize_activations(x, frac_bits: int, bits: int, signed: bool) -> np.ndarray:

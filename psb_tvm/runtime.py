@@ -86,7 +86,7 @@ class PSBModule:
             vm = self._local.vm = relax.VirtualMachine(self._lib, tvm.cpu())
         return vm
 
-    def _check_inputs(self, arrays) -> list:
+    def _check_inputs(self, arrays, extrema: list | None = None) -> list:
         expected = self.inputs
         if len(arrays) != len(expected):
             names = [n for n, _, _ in expected]
@@ -99,27 +99,33 @@ class PSBModule:
                 raise InputError(f"input {name!r}: expected dtype {dtype}, got {arr.dtype}")
             if tuple(arr.shape) != shape:
                 raise InputError(f"input {name!r}: expected shape {shape}, got {tuple(arr.shape)}")
-            if arr.dtype.kind == "f" and not np.isfinite(arr).all():
+            # min and max: NaN or infinity shows in them (NaN propagates), and they are the range
+            # _check_range compares with the calibration: one pass each, no temporary
+            lo, hi = (float(arr.min()), float(arr.max())) if arr.dtype.kind == "f" and arr.size else (0.0, 0.0)
+            if not (np.isfinite(lo) and np.isfinite(hi)):
                 bad = tuple(int(i) for i in np.argwhere(~np.isfinite(arr))[0])
                 raise InputError(f"input {name!r}: non-finite value {arr[bad]} at index {bad} (pass "
                                  "nonfinite='propagate' to get NaN outputs for such batch items instead)")
+            if extrema is not None:
+                extrema.append((lo, hi) if arr.dtype.kind == "f" and arr.size else None)
             checked.append(np.ascontiguousarray(arr))
         return checked
 
-    def _check_range(self, arrays) -> None:
+    def _check_range(self, extrema) -> None:
         """Warn (once per input and direction) when an input lies far outside the range it was
         calibrated on: beyond 2x, the first layers saturate; below 1/64, they use a few codes
         only. Either way the output degrades without any error, e.g. when the calibration data
-        was scaled 0..255 and the inputs 0..1."""
+        was scaled 0..255 and the inputs 0..1. ``extrema``: per input, its (min, max) from
+        ``_check_inputs`` (None for non-float or empty inputs)."""
         ranges = self.metadata.get("input_ranges") or {}
         warned = self.__dict__.setdefault("_range_warned", set())
-        for arr, (name, _, _) in zip(arrays, self.inputs):
-            if name not in ranges or arr.dtype.kind != "f" or not arr.size:
+        for seen, (name, _, _) in zip(extrema, self.inputs):
+            if name not in ranges or seen is None:
                 continue
             lo, hi = ranges[name]
             cal = max(abs(lo), abs(hi))
-            peak = max(abs(float(arr.min())), abs(float(arr.max())))
-            if not cal or not np.isfinite(peak):
+            peak = max(abs(seen[0]), abs(seen[1]))
+            if not cal:
                 continue
             for kind, far in (("above", peak > 2 * cal), ("below", 0 < peak < cal / 64)):
                 if far and (name, kind) not in warned:
@@ -253,8 +259,9 @@ class PSBModule:
 
         inputs, items = self._nonfinite_items(inputs, nonfinite)
         per_layer, seed = self.resolve_samples(samples), self._resolve_seed(seed)
-        args = self._tensors(inputs)
-        self._check_range(inputs)
+        extrema = []
+        args = [tvm.runtime.tensor(a, tvm.cpu()) for a in self._check_inputs(inputs, extrema)]
+        self._check_range(extrema)
         vm = self._machine()
         if not self.metadata.get("runtime_args"):
             return self._to_numpy(vm["main"](*args)), items

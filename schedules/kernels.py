@@ -415,14 +415,12 @@ def _weight_stage(spec: KernelSpec, counts, enc: _Encoding, n, layout: str | Non
             spec.w_shape, lambda *i: enc.normal(i).astype("int32") * n32 + counts[i].astype("int32"), name="q"
         )
     if layout == "OHWI":
-        return te.compute(spec.packed_weight_shape, lambda o, kh, kw, c: q_value(o, c, kh, kw), name="q")
+        return te.compute(spec.packed_weight_shape, lambda *p: q_value(*_source_index(spec, p)), name="q")
     if layout in ("vnni", "dp4a"):
-        Cg = spec.w_shape[1]
+        O, Cg = spec.w_shape[:2]
 
-        O = spec.w_shape[0]
-
-        def packed(ob, kh, kw, c4, oi, ci):
-            c, o = c4 * 4 + ci, ob * 16 + oi
+        def packed(*p):
+            o, c, kh, kw = _source_index(spec, p)
             # channels past C (the round-up to 4) and outputs past O (dp4a's round-up to 16) are
             # zero weights
             inside = tirx.all(c < Cg, o < O) if spec.packed_outputs != O else c < Cg

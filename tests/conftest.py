@@ -1,6 +1,19 @@
-"""Test setup: the ONNX builders in tests/onnx_models.py are importable as ``onnx_models``."""
+"""Test setup: the ONNX builders in tests/onnx_models.py are importable as ``onnx_models``; scripts of
+tools/ load with ``tool_module``."""
 
 import os
 import sys
 
 sys.path.insert(0, os.path.dirname(__file__))
+
+
+def tool_module(name: str):
+    """A script of tools/ (e.g. ``gpu_check``) loaded as a module, for tests that reuse its parts."""
+    import importlib.util
+    import pathlib
+
+    path = pathlib.Path(__file__).resolve().parents[1] / "tools" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

@@ -10,6 +10,7 @@ import warnings
 
 import pytest
 import tvm
+from conftest import tool_module
 from onnx_models import small_cnn
 
 import psb_tvm
@@ -56,14 +57,7 @@ def test_generated_cuda_source_compiles_with_nvcc(lowering):
 
 
 def _gpu_check():
-    import importlib.util
-    import pathlib
-
-    path = pathlib.Path(__file__).resolve().parents[1] / "tools" / "gpu_check.py"
-    spec = importlib.util.spec_from_file_location("gpu_check", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return tool_module("gpu_check")
 
 
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not found (CUDA toolkit not installed)")
