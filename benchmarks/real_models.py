@@ -401,12 +401,13 @@ def _ppocr_data(which: str, quick: bool):
 
 
 def ppocr_metric(which: str, output: np.ndarray, truth, float_output: np.ndarray | None = None) -> float:
-    """rec: CER vs the rendered strings; cls: accuracy (0 / 180 degrees); det: mean per-page F1 of
+    """rec: CER vs the rendered strings (``zoo.normalize_text``: edge spaces dropped); cls: accuracy
+    (0 / 180 degrees); det: mean per-page F1 of
     IoU-matched boxes (IoU >= 0.5) against the float model's boxes."""
     from psb_tvm import zoo
 
     if which == "rec":
-        return zoo.cer(zoo.ctc_greedy_decode(output, zoo.ppocr_labels()), list(truth))
+        return zoo.cer([zoo.normalize_text(t) for t in zoo.ctc_greedy_decode(output, zoo.ppocr_labels())], list(truth))
     if which == "cls":
         return float(np.mean(output.argmax(1) == np.asarray(truth)))
     return float(np.mean([zoo.box_agreement(zoo.detection_boxes(f[0]), zoo.detection_boxes(o[0]))

@@ -28,8 +28,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from .calibration import normalize_calibration
 from .compiler import plan as compile_plan
 from .config import PSBConfig
+from .datasets import as_input_dict, chunks, run_dataset, top1_accuracy
 from .emulate import Emulator
 from .errors import ConfigError
 
@@ -130,8 +132,6 @@ class _Evaluator:
     """Runs a module over a data set at per-layer sample counts; caches by (allocation, seed)."""
 
     def __init__(self, module, data: dict, reference: list, labels, seeds, metric=None):
-        from .evaluate import run_dataset
-
         self._run = run_dataset
         self.module, self.data, self.reference, self.labels, self.seeds = module, data, reference, labels, list(seeds)
         self.metric = metric
@@ -176,11 +176,6 @@ class _Evaluator:
         return value
 
 
-def top1_accuracy(output: np.ndarray, labels: np.ndarray) -> float:
-    """Top-1 accuracy; the class axis is axis 1 ([N, C] or [N, C, H, W] with labels [N, H, W])."""
-    return float(np.mean(np.asarray(output).argmax(axis=1) == np.asarray(labels)))
-
-
 def _levels(lo: int, hi: int) -> list:
     out, n = [], lo
     while n <= hi:
@@ -199,7 +194,7 @@ def sensitivity(module, calibration_inputs, reference=None, seeds=(0, 1, 2), min
                 max_samples: int | None = None, progress: bool = False, _evaluator=None) -> Sensitivity:
     """Measure each PSB layer's added squared output error at n = min_samples .. max_samples/2
     while every other layer runs at ``max_samples`` (default ``n_max``). See ``allocate``."""
-    ev = _evaluator or _make_evaluator(module, calibration_inputs, reference, None, seeds)[0]
+    ev = _evaluator or make_evaluator(module, calibration_inputs, reference, None, seeds)[0]
     names = module.psb_layers
     n_max = int(module.metadata["n_max"])
     n_ref = _pow2(max_samples if max_samples is not None else n_max, "max_samples", n_max)
@@ -247,9 +242,7 @@ def greedy_path(sens: Sensitivity, min_samples: int | None = None) -> list:
         path.append(dict(cur))
 
 
-def _make_evaluator(module, calibration_inputs, reference, labels, seeds, metric=None):
-    from .evaluate import as_input_dict, run_dataset
-
+def make_evaluator(module, calibration_inputs, reference, labels, seeds, metric=None):
     if not module.psb_layers:
         raise ConfigError("the module has no PSB layers: nothing to allocate")
     if module.metadata.get("frozen"):
@@ -358,7 +351,7 @@ def allocate(module, calibration_inputs, budget: float, kind: str = "error", lab
                               "not a compiled module")
         return allocate_with_widths(module, calibration_inputs, budget, kind, labels, reference, seeds, min_samples,
                                     max_samples, metric, input_shapes, config, progress)
-    ev, ref_desc = _evaluator or _make_evaluator(module, calibration_inputs, reference, labels, seeds, metric)
+    ev, ref_desc = _evaluator or make_evaluator(module, calibration_inputs, reference, labels, seeds, metric)
     sens = sensitivity_table or sensitivity(module, None, seeds=seeds, min_samples=min_samples,
                                             max_samples=max_samples, progress=progress, _evaluator=ev)
     names = sens.layers
@@ -445,13 +438,12 @@ class _EmulatedEvaluator(_Evaluator):
         self.bits = None
 
     def outputs(self, samples, seed):
-        from .evaluate import _chunks
 
         names = [l.name for l in self.emulator.layers]
         n = [samples[name] for name in names]
         bits = [self.bits[name] for name in names]
         outs = []
-        for chunk, valid in _chunks(self.emulator.plan.imported.inputs, self.data):
+        for chunk, valid in chunks(self.emulator.plan.imported.inputs, self.data):
             outs.append([o[:valid] for o in self.emulator.run(chunk, n, seed, bits)[0]])
         return [np.concatenate([o[i] for o in outs]) for i in range(len(outs[0]))]
 
@@ -517,7 +509,6 @@ def allocate_with_widths(model, calibration_inputs, budget: float, kind: str = "
     """
     from tqdm import tqdm
 
-    from .calibration import normalize_calibration
 
     _check_budget(kind, budget, labels, metric)
     if not isinstance(calibration_inputs, (dict, np.ndarray)):

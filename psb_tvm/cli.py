@@ -208,7 +208,7 @@ def _calibration(path, model, input_shapes):
         return None
     p = pathlib.Path(path)
     if p.is_dir():
-        from .evaluate import load_inputs
+        from .datasets import load_inputs
         from .frontend import import_onnx
 
         specs = [(n, tuple(s), d) for n, s, d in import_onnx(model, input_shapes).inputs]
@@ -249,7 +249,7 @@ def _input_set_options(p):
 
 
 def _preprocess(args):
-    from .evaluate import Preprocess
+    from .datasets import Preprocess
 
     return Preprocess(size=tuple(args.resize) if args.resize else None, mean=args.mean, std=args.std,
                       scale=1.0 / args.scale, layout=args.layout)

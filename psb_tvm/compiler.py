@@ -17,6 +17,7 @@ from .passes import PSBLayer, find_layer_sites, name_sites, rewrite_to_psb
 from .runtime import PSBModule
 from .schedules.kernels import KernelSpec
 from .target import is_host_cpu, resolve_target
+from .tuning_db import lowering_choices
 
 __version__ = "0.1.0"
 
@@ -109,11 +110,7 @@ def compile(onnx_model, target="llvm", samples: int | dict = 16, seed: int = 0, 
     samples = checks.check_sample_map(samples)
     tuning_db = checks.check_tuning_db(tuning_db)
     target = checks.check_target(target)
-    choices = None
-    if tuning_db is not None:
-        from .tuning import lowering_choices
-
-        choices = lowering_choices(tuning_db, resolve_target(target))
+    choices = lowering_choices(tuning_db, resolve_target(target)) if tuning_db is not None else None
     mod, metadata, tgt = lower(onnx_model, target, samples, seed, input_shapes, calibration, config, frozen, choices)
     executable, metadata = build(mod, tgt, tuning_db=tuning_db, metadata=metadata)
     return PSBModule(executable, metadata, executable=executable)
@@ -193,10 +190,7 @@ def plan(onnx_model, target="llvm", seed: int = 0, input_shapes: dict | None = N
                                       config.act_percentile, config.act_headroom, config.act_auto_error)
         _warn_range(site.name, st, config, act_bits)
         lowering, lowering_source = _lowering(site, config, lowering_choices, tgt)
-        try:
-            enc = numerics.encode_weights(site.weight, config.E, config.P, config.per_channel)
-        except ValueError as err:
-            raise ConfigError(f"layer {site.name!r}: {err}") from None
+        enc, flushed = _encode(site, config, frac)
         _check_scale_range(site.name, enc, frac, config.n_max)
         spec = _spec(site, lowering, config, act_bits, frac, st.signed, gpu=tgt.kind.name == "cuda",
                      threshold_dtype="uint16" if int(enc.threshold.max(initial=0)) < 1 << 16 else "int32")
@@ -211,6 +205,9 @@ def plan(onnx_model, target="llvm", seed: int = 0, input_shapes: dict | None = N
                             "acc_dtype": spec.acc_dtype, "q_dtype": spec.q_dtype, "act_max_abs": st.max_abs,
                             "threshold_dtype": spec.threshold_dtype,
                             "act_bits": act_bits,
+                            # output channels encoded as zero: weights below float32's scale range
+                            # (numerics.negligible_channels)
+                            "negligible_channels": flushed,
                             # the |x| the fixed point holds (max or percentile, times the headroom)
                             "act_range": st.range(config.act_range, config.act_percentile, config.act_headroom),
                             # estimated on a subsample of the calibration data
@@ -240,13 +237,28 @@ def _warn_range(name: str, st, config: PSBConfig, bits: int) -> None:
                       "(are the calibration inputs scaled like the real ones?)", stacklevel=3)
 
 
+def _encode(site, config: PSBConfig, frac: int):
+    """``(encoded weights, channels encoded as zero)``: the weights whose scale float32 cannot hold
+    (``numerics.negligible_channels``, e.g. BatchNorm-folded dead channels) become zero."""
+    try:
+        enc = numerics.encode_weights(site.weight, config.E, config.P, config.per_channel)
+        dead = numerics.negligible_channels(enc.k_lo, frac, config.n_max)
+        if dead.any():
+            w = np.array(site.weight, np.float32)
+            w[dead] = 0
+            enc = numerics.encode_weights(w, config.E, config.P, config.per_channel)
+    except ValueError as err:
+        raise ConfigError(f"layer {site.name!r}: {err}") from None
+    return enc, int(dead.sum())
+
+
 def _check_scale_range(name: str, enc, frac: int, n_max: int) -> None:
     """The dequantisation ``acc * 2**(k_lo - f - log2 n)`` must stay in float32's normal range for
     every accumulator up to 2**31 and every n <= n_max; else outputs would be inf or 0."""
     log2n = int(n_max).bit_length() - 1
     low = int(enc.k_lo.min()) - frac - log2n
     high = int(enc.k_lo.max()) - frac + 31
-    if low < -126 or high > 127:
+    if low < numerics.MIN_SCALE_EXP or high > 127:
         raise ConfigError(f"layer {name!r}: weight exponents [{int(enc.k_lo.min())}, {int(enc.k_lo.max()) + enc.E - 1}] "
                           f"with activation frac_bits={frac} give output scales 2**{low} .. 2**{high}, outside float32's "
                           "range [2**-126, 2**127]: weights or calibration inputs far out of range")

@@ -24,9 +24,9 @@ import numpy as np
 from . import numerics
 from .build import build
 from .compiler import lower_plan, plan
+from .datasets import chunks, load_inputs
 from .emulate import Emulator
 from .errors import ConfigError
-from .evaluate import _chunks, load_inputs
 from .files import write_text
 from .runtime import PSBModule
 
@@ -234,7 +234,7 @@ def _diagnose(module: PSBModule, emulator: Emulator, data: dict, samples, seed: 
     out_sums = {k: _Sums() for k in names + ("kernel",)}
     saturated, elements, observed = [0] * L, [0] * L, [0.0] * L
     count = 0
-    for chunk, valid in _chunks(module, data):
+    for chunk, valid in chunks(module, data):
         runs = {name: emulator.run(chunk, n, seed, bits) for name, (n, bits) in variants.items()}
         c_outs, c_layers = module.layer_outputs(*chunk, samples=samples, seed=seed)
         runs["compiled"] = (list(c_outs), None, c_layers)

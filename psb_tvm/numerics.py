@@ -309,6 +309,23 @@ def accumulator_bits(K: int, E: int, n: int, act_bits: int, signed: bool) -> int
     return 32 if bound <= (1 << 31) - 1 else 64
 
 
+#: The smallest exponent of a dequantisation scale ``2**(k_lo - f - log2 n)``: float32's smallest normal.
+MIN_SCALE_EXP = -126
+
+
+def negligible_channels(k_lo: np.ndarray, frac_bits: int, n_max: int) -> np.ndarray:
+    """Output channels whose weights are too small for float32 to scale: ``k_lo - f - log2 n_max``
+    below 2**-126 (bool ``[O]``).
+
+    Their weights are below ``2**(k_lo + E)`` and the inputs below ``2**(bits - 1 - f)``, so every
+    product is below ``2**(-126 + E + bits - 1 + log2 n_max)`` (2**-101 at E=4, 16 bits, n_max=64):
+    such a channel contributes nothing float32 can show next to any bias or other channel. Real
+    models have them: BatchNorm folding leaves dead channels of denormal (1e-40) or 1e-32 weights
+    (PP-OCRv4's recognizer has 53 in 5 layers). The compiler encodes them as zero."""
+    log2n = check_samples(n_max)
+    return (np.asarray(k_lo, np.int64) - frac_bits - log2n) < MIN_SCALE_EXP
+
+
 def output_scale(k_lo: np.ndarray, frac_bits: int, n: int) -> np.ndarray:
     """Per-channel float32 ``2**(k_lo - f - log2 n)``: exact powers of two, so scaling never rounds."""
     log2n = check_samples(n)

@@ -12,7 +12,6 @@ default and the search starts from it.
 from __future__ import annotations
 
 import dataclasses
-import importlib
 import json
 import os
 import time
@@ -23,14 +22,22 @@ import tvm
 import tvm_ffi
 from tvm import tirx
 
+from .build import legalize
 from .checks import check_flag, is_int, is_real
+from .compiler import lower
+from .config import PSBConfig
 from .errors import ConfigError, TuningError, TuningWarning
-
-MANIFEST = "psb_tuning.json"
-CANONICAL_N = 8  # the value ``n`` is bound to while tuning; the loop nest does not depend on it
-# Samplers and masked kernels have run-time loop extents; pack kernels (elementwise, once per
-# configuration with the weight cache) are not worth a tuning budget.
-_UNTUNABLE = ("sample", "pack", "conv2d_masked", "dense_masked")
+from .schedules.kernels import LOWERINGS
+from .tuning_db import (
+    MANIFEST,
+    best_ms,
+    canonical,
+    is_tunable,
+    meta_schedule,
+    open_json_database,
+    read_manifest,
+    target_key,
+)
 
 
 @dataclasses.dataclass
@@ -63,36 +70,6 @@ class TuneResult:
         return "\n".join(rows)
 
 
-def _ms():
-    from tvm.s_tir import meta_schedule as ms  # heavy import, only when tuning or applying
-
-    return ms
-
-
-def is_tunable(func) -> bool:
-    if not isinstance(func, tirx.PrimFunc):
-        return False
-    attrs = func.attrs or {}
-    if attrs.get("tirx.is_scheduled", False):
-        return False
-    return attrs.get("psb.kind") not in _UNTUNABLE
-
-
-def canonical(func: tirx.PrimFunc) -> tvm.IRModule:
-    """The task's workload: scalar params bound to constants, the symbol renamed ``main``."""
-    scalars = {p: tirx.IntImm(str(p.ty), CANONICAL_N) for p in func.params if _is_scalar(p)}
-    if scalars:
-        func = func.specialize(scalars)
-    return tvm.IRModule({"main": func.with_attr("global_symbol", "main")})
-
-
-def _is_scalar(param) -> bool:
-    try:
-        return str(param.ty).startswith("int")
-    except AttributeError:
-        return False
-
-
 def extract_tasks(mod: tvm.IRModule, psb_only: bool = False) -> list:
     """``[(workload module, [kernel names])]``, identical kernels grouped into one task."""
     tasks = []
@@ -109,28 +86,10 @@ def extract_tasks(mod: tvm.IRModule, psb_only: bool = False) -> list:
     return tasks
 
 
-def _target_key(target: tvm.target.Target) -> dict:
-    """What must match between the tuning target and the compile target."""
-    attrs = target.attrs
-    return {"kind": target.kind.name, "mcpu": str(attrs.get("mcpu", "") or ""),
-            "mtriple": str(attrs.get("mtriple", "") or ""), "arch": str(attrs.get("arch", "") or "")}
-
-
 def _with_threads(target: tvm.target.Target, threads: int) -> tvm.target.Target:
     config = dict(target.export())
     config["num-cores"] = int(threads)
     return tvm.target.Target(config)
-
-
-def _read_manifest(work_dir: str) -> dict | None:
-    path = os.path.join(work_dir, MANIFEST)
-    if not os.path.exists(path):
-        return None
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except (OSError, json.JSONDecodeError) as err:
-        raise TuningError(f"{path}: unreadable tuning manifest ({err})") from None
 
 
 def _write_manifest(work_dir: str, manifest: dict) -> None:
@@ -139,13 +98,6 @@ def _write_manifest(work_dir: str, manifest: dict) -> None:
     with open(tmp, "w") as f:
         json.dump(manifest, f, indent=1)
     os.replace(tmp, path)  # a killed run never leaves a half-written manifest
-
-
-def _open_json_database(work_dir: str):
-    ms = _ms()
-    return ms.database.JSONDatabase(path_workload=os.path.join(work_dir, "database_workload.json"),
-                                    path_tuning_record=os.path.join(work_dir, "database_tuning_record.json"),
-                                    allow_missing=True)
 
 
 @contextmanager
@@ -192,13 +144,13 @@ def _builder_worker_init():
 
 
 def _make_builder(threads: int, timeout: float):
-    return _ms().builder.LocalBuilder(max_workers=threads, timeout_sec=timeout, initializer=_builder_worker_init,
+    return meta_schedule().builder.LocalBuilder(max_workers=threads, timeout_sec=timeout, initializer=_builder_worker_init,
                                       f_build="psb_tvm.tuning.build_candidate")
 
 
 def _measure(schedules, target, builder, runner) -> list:
     """Build and run schedules with MetaSchedule's builder and runner: seconds per run or None."""
-    ms = _ms()
+    ms = meta_schedule()
     built = builder.build([ms.builder.BuilderInput(s.mod, target) for s in schedules])
     inputs, index = [], []
     for i, (s, b) in enumerate(zip(schedules, built)):
@@ -232,7 +184,7 @@ def _require_local_gpu() -> None:
 
 
 def _make_runner(rpc_tracker, rpc_key, threads, timeout):
-    ms = _ms()
+    ms = meta_schedule()
     evaluator = ms.runner.EvaluatorConfig(number=3, repeat=1, min_repeat_ms=50, enable_cpu_cache_flush=False)
     if rpc_tracker is None:
         return ms.runner.LocalRunner(timeout_sec=timeout, evaluator_config=evaluator)
@@ -255,7 +207,7 @@ def _make_runner(rpc_tracker, rpc_key, threads, timeout):
 
 def _progress_callback(total: int, tasks: list, enabled: bool):
     """A measure callback that drives a tqdm bar showing the weighted best latency so far."""
-    ms = _ms()
+    ms = meta_schedule()
     from tqdm.auto import tqdm
 
     @tvm.ir.utils.derived_object
@@ -305,8 +257,6 @@ def tune(onnx_model, target="llvm", work_dir: str = "psb_tuning", trials: int = 
     measures on a GPU: locally if this machine has one, else through ``rpc_tracker`` / ``runner``
     (without either it raises ``TuningError``); ``num_threads`` then only sizes the builder.
     """
-    from .build import legalize
-    from .compiler import lower
 
     if not is_int(trials) or trials < 0:
         raise ConfigError(f"trials must be a non-negative int, got {trials!r}")
@@ -316,8 +266,6 @@ def tune(onnx_model, target="llvm", work_dir: str = "psb_tuning", trials: int = 
     if not is_real(timeout) or not 0 < timeout < float("inf"):
         raise ConfigError(f"timeout must be a positive number of seconds, got {timeout!r}")
     progress = check_flag("progress", progress)
-    from .config import PSBConfig
-    from .schedules.kernels import LOWERINGS
 
     cfg = PSBConfig.coerce(config)
     candidates = tuple(dict.fromkeys(lowerings or ("intdot",)))
@@ -339,10 +287,10 @@ def tune(onnx_model, target="llvm", work_dir: str = "psb_tuning", trials: int = 
     if not gpu:
         tgt = _with_threads(tgt, threads)
     os.makedirs(work_dir, exist_ok=True)
-    manifest = _read_manifest(work_dir) or {"target": _target_key(tgt), "num_threads": None if gpu else threads,
+    manifest = read_manifest(work_dir) or {"target": target_key(tgt), "num_threads": None if gpu else threads,
                                             "tasks": {}}
-    if manifest["target"] != _target_key(tgt):
-        raise TuningError(f"{work_dir} holds tuning for target {manifest['target']}, not {_target_key(tgt)}; "
+    if manifest["target"] != target_key(tgt):
+        raise TuningError(f"{work_dir} holds tuning for target {manifest['target']}, not {target_key(tgt)}; "
                           "use another work_dir")
     if not gpu and manifest.get("num_threads") != threads:
         raise TuningError(f"{work_dir} was tuned with {manifest.get('num_threads')} threads, not {threads}; "
@@ -365,10 +313,10 @@ def tune(onnx_model, target="llvm", work_dir: str = "psb_tuning", trials: int = 
                     layer_tasks.setdefault(layer, {})[low] = wl
     if not tasks:
         raise TuningError("the model has no tunable kernels")
-    ms = _ms()
+    ms = meta_schedule()
     start = time.time()
     with _env("TVM_NUM_THREADS", str(threads)):
-        database = _open_json_database(work_dir)
+        database = open_json_database(work_dir)
         builder = builder or _make_builder(threads, timeout)
         runner = runner or _make_runner(rpc_tracker, rpc_key, threads, timeout)
         # 1. the default schedule of every task not in the database yet, measured and stored.
@@ -408,7 +356,7 @@ def tune(onnx_model, target="llvm", work_dir: str = "psb_tuning", trials: int = 
                 manifest["tasks"][key]["trials"] = per_task[key]
         manifest["trials_total"] = sum(t.get("trials", 0) for t in manifest["tasks"].values())
         if len(candidates) > 1:  # the measured pick: fastest tuned kernel per layer
-            timing = {layer: {low: _best_ms(database, wl) for low, wl in per.items()} for layer, per in layer_tasks.items()}
+            timing = {layer: {low: best_ms(database, wl) for low, wl in per.items()} for layer, per in layer_tasks.items()}
             manifest["lowering_ms"] = timing
             manifest["lowerings"] = {layer: min((ms, low) for low, ms in t.items() if ms is not None)[1]
                                      for layer, t in timing.items() if any(v is not None for v in t.values())}
@@ -417,7 +365,7 @@ def tune(onnx_model, target="llvm", work_dir: str = "psb_tuning", trials: int = 
     for wl, names in tasks:
         key = str(tvm_ffi.structural_hash(wl))
         info = manifest["tasks"].get(key, {})
-        reports.append(TaskReport(names[0], names, info.get("default_ms"), _best_ms(database, wl), info.get("trials", 0)))
+        reports.append(TaskReport(names[0], names, info.get("default_ms"), best_ms(database, wl), info.get("trials", 0)))
     return TuneResult(os.path.abspath(work_dir), str(tgt), threads, manifest["trials_total"] - done,
                       manifest["trials_total"], time.time() - start, reports)
 
@@ -435,27 +383,6 @@ def _layer_kernels(mod: tvm.IRModule, metadata: dict) -> dict:
     return out
 
 
-def _best_ms(database, wl) -> float | None:
-    if not database.has_workload(wl):
-        return None
-    top = database.get_top_k(database.commit_workload(wl), 1)
-    return 1e3 * sum(float(v) for v in top[0].run_secs) / len(top[0].run_secs) if top else None
-
-
-def lowering_choices(tuning_db, target) -> dict | None:
-    """The per-layer lowerings ``tune(..., lowerings=...)`` measured, or ``None`` (not a work dir,
-    no pick recorded, or tuned for another target: then the database is ignored anyway)."""
-    if not isinstance(tuning_db, (str, os.PathLike)) or not os.path.isdir(tuning_db):
-        return None
-    try:
-        manifest = _read_manifest(os.fspath(tuning_db))
-    except TuningError:
-        return None
-    if not manifest or manifest.get("target") != _target_key(target):
-        return None
-    return manifest.get("lowerings") or None
-
-
 def _records_per_task(database, tasks) -> dict:
     """Measured search candidates per task (all records minus the stored default schedule)."""
     counts = {}
@@ -466,69 +393,3 @@ def _records_per_task(database, tasks) -> dict:
     return counts
 
 
-def open_database(tuning_db, target: tvm.target.Target):
-    """The database ``compile(..., tuning_db=)`` names, or ``None`` (with a warning) if unusable."""
-    ms = _ms()
-    if isinstance(tuning_db, ms.database.Database):
-        return tuning_db
-    work_dir = os.fspath(tuning_db)
-    if not os.path.isdir(work_dir):
-        raise TuningError(f"tuning_db {work_dir!r} is not a directory (pass the work_dir of psb_tvm.tune)")
-    try:
-        manifest = _read_manifest(work_dir)
-    except TuningError as err:
-        warnings.warn(f"{err}; using the default schedules", TuningWarning, stacklevel=3)
-        return None
-    if manifest is not None and manifest.get("target") != _target_key(target):
-        warnings.warn(f"tuning_db {work_dir} was tuned for {manifest.get('target')}, not {_target_key(target)}; "
-                      "using the default schedules", TuningWarning, stacklevel=3)
-        return None
-    for name in ("database_workload.json", "database_tuning_record.json"):
-        if not os.path.exists(os.path.join(work_dir, name)):
-            raise TuningError(f"tuning_db {work_dir!r} has no {name} (pass the work_dir of psb_tvm.tune)")
-    try:
-        try:
-            return _open_json_database(work_dir)
-        except Exception as err:  # noqa: BLE001
-            if "TensorIntrin" not in str(err):
-                raise
-            # GPU records can name TVM's tensor-core intrinsics (wmma, mma), which must be
-            # registered before their traces parse; the import takes ~30 s, so only such
-            # databases pay it.
-            importlib.import_module("tvm.s_tir.tensor_intrin")
-            return _open_json_database(work_dir)
-    except Exception as err:  # noqa: BLE001 - TVM raises plain errors for corrupt JSON lines
-        warnings.warn(f"tuning_db {work_dir} is unreadable ({str(err).splitlines()[-1][:200]}); "
-                      "using the default schedules", TuningWarning, stacklevel=3)
-        return None
-
-
-def apply_database(mod: tvm.IRModule, target: tvm.target.Target, tuning_db) -> tuple[tvm.IRModule, set]:
-    """Replay the best record of every tunable kernel found in the database; returns the module
-    and the names of the kernels it scheduled. A record that does not replay is skipped with a
-    warning (that kernel keeps the default schedule)."""
-    database = open_database(tuning_db, target)
-    if database is None:
-        return mod, set()
-    tuned, updates = set(), {}
-    for gv, func in mod.functions.items():
-        if not is_tunable(func):
-            continue
-        wl = canonical(func)
-        if not database.has_workload(wl):
-            continue
-        top = database.get_top_k(database.commit_workload(wl), 1)
-        if not top:
-            continue
-        try:
-            sch = tvm.s_tir.Schedule(tvm.IRModule({"main": func}))
-            top[0].trace.apply_to_schedule(sch, remove_postproc=False)
-            updates[gv] = sch.mod["main"].with_attr("tirx.is_scheduled", True)
-        except Exception as err:  # noqa: BLE001 - a stale record must not stop the build
-            warnings.warn(f"tuning record for {gv.name_hint} does not apply ({str(err).splitlines()[-1][:200]}); "
-                          "using its default schedule", TuningWarning, stacklevel=3)
-            continue
-        tuned.add(gv.name_hint)
-    for gv, func in updates.items():
-        mod[gv] = func
-    return mod, tuned

@@ -515,6 +515,14 @@ def ctc_greedy_decode(logits: np.ndarray, labels: list[str]) -> list[str]:
     return out
 
 
+def normalize_text(text: str) -> str:
+    """A recognised line as OCR evaluation compares it: leading and trailing spaces dropped, runs
+    of spaces collapsed. The PP-OCR recognizer emits a space at the edge of the zero padding on
+    most of our rendered lines (float: 2.4% CER raw, 0.24% normalised); PaddleOCR's own metric
+    goes further and ignores every space."""
+    return " ".join(text.split())
+
+
 def edit_distance(a: str, b: str) -> int:
     """Levenshtein distance between two strings."""
     prev = list(range(len(b) + 1))

@@ -11,12 +11,14 @@ import warnings
 import numpy as np
 import onnx
 import onnx_models
+import onnxruntime as ort
 import pytest
 import tvm
 from onnx import numpy_helper
 
 import psb_tvm
-from psb_tvm import cli, files, numerics, onnxsim_worker
+from psb_tvm import PSBConfig, cli, files, numerics, onnxsim_worker
+from psb_tvm.compiler import plan
 from psb_tvm.data.digits import DIGITS_ONNX, load_digits_split
 from psb_tvm.errors import ConfigError, InputError, ModelLoadError, OutputError
 
@@ -180,6 +182,34 @@ def test_bad_weights_are_a_config_error_naming_the_layer(scale, match):
     x = np.random.default_rng(0).random((8, 32), np.float32)
     with pytest.raises(ConfigError, match=rf"layer 'fc': .*{match}"):
         psb_tvm.compile(model, calibration=x)
+
+
+def test_dead_channels_below_float32s_scale_range_are_encoded_as_zero():
+    """BatchNorm folding leaves dead channels (PP-OCRv4's recognizer: weights of 1e-40 and 1e-32)
+    whose output scale 2**(k_lo - f - log2 n) float32 cannot hold. They become zero weights (their
+    true contribution is below 2**-100), counted in the layer info, and the layer still matches
+    the numpy oracle bit for bit and ONNX Runtime closely."""
+    model = copy.deepcopy(onnx_models.conv_model(in_ch=4, out_ch=8, relu=False, batch=2))
+    w = next(t for t in model.graph.initializer if t.name == "conv_W")
+    arr = numpy_helper.to_array(w).copy()
+    arr[2] = 3e-40  # denormal
+    arr[5] = 4e-32  # normal, but 2**(k_lo - f - 6) < 2**-126 at 16-bit activations
+    w.CopyFrom(numpy_helper.from_array(arr, "conv_W"))
+    x = np.random.default_rng(1).normal(size=(16, 4, 10, 10)).astype(np.float32)
+    cfg = PSBConfig(act_bits=16)
+    m = _quiet_compile(model, samples=64, calibration={"x": x}, config=cfg)
+    assert m.layers[0]["negligible_channels"] == 2
+    layer = plan(model, calibration={"x": x}, config=cfg).layers[0]
+    assert not layer.enc.threshold[[2, 5]].any() and layer.enc.threshold.any()
+    spec = layer.spec
+    q = numerics.integer_weights(layer.enc, 64, 0, layer.site_index)
+    acc = numerics.conv2d_int(numerics.quantize_activations(x[:2], spec.frac_bits, 16, True), q, spec.stride, spec.padding)
+    want = numerics.epilogue(acc, numerics.output_scale(layer.enc.k_lo, spec.frac_bits, 64), layer.bias, None, 1)
+    got = m.run(x[:2], samples=64, seed=0)
+    np.testing.assert_array_equal(got, want)
+    ref = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x[:2]})[0]
+    np.testing.assert_array_equal(got[:, [2, 5]], ref[:, [2, 5]])  # the bias, exactly
+    assert np.linalg.norm(got - ref) / np.linalg.norm(ref) < 0.02
 
 
 # ---------------------------------------------------------------------------- non-finite inputs

@@ -8,6 +8,8 @@ a margin (``benchmarks/real_models.py`` prints the full tables).
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import onnx
 import onnxruntime as ort
@@ -164,7 +166,7 @@ def test_ppocr_rendered_inputs_are_meaningful_for_the_float_models():
     rec = _session(_fetch(zoo.ppocr_path, "rec"))
     x, texts, _ = zoo.render_text_lines(12, 320, seed=1)
     out = np.concatenate([rec.run(None, {"x": x[i:i + 1]})[0] for i in range(len(x))])
-    assert zoo.cer(zoo.ctc_greedy_decode(out, zoo.ppocr_labels()), texts) < 0.05
+    assert zoo.cer([zoo.normalize_text(t) for t in zoo.ctc_greedy_decode(out, zoo.ppocr_labels())], texts) < 0.01
     cls = _session(zoo.ppocr_path("cls"))
     x, _, flipped = zoo.render_text_lines(24, 192, seed=2, rotate_odd=True)
     assert flipped.sum() == 12
@@ -177,6 +179,30 @@ def test_ppocr_rendered_inputs_are_meaningful_for_the_float_models():
         # DB shrinks text regions: a found box lies inside its drawn line
         assert len(found) == len(drawn)
         assert all(any(zoo.box_iou(d, f) > 0.3 for f in found) for d in drawn)
+
+
+def test_ppocr_recognizer_compiles_with_the_default_config_and_reads_the_lines():
+    """PP-OCRv4's recognizer with the default config: its BatchNorm-folded dead channels (weights
+    of 1e-40) compile (encoded as zero, counted per layer) and at n=16 the lines are read. On the
+    benchmark's 60 lines CER is 0.60% vs float 0.24% (issue target <= 1.0%); these 12 lines hold
+    ~150 characters, one error is 0.66 points, hence the 2-point bound (the bug it guards against
+    gave 80% CER)."""
+    path = _fetch(zoo.ppocr_path, "rec")
+    x, texts, _ = zoo.render_text_lines(12, 320, seed=1)
+    calib, _, _ = zoo.render_text_lines(16, 320, seed=100)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        module = psb_tvm.compile(str(path), samples=16, input_shapes={"x": (1, 3, 48, 320)}, calibration={"x": calib})
+    assert sum(l.get("negligible_channels", 0) for l in module.layers) > 0
+    labels = zoo.ppocr_labels()
+
+    def cer(out):
+        return zoo.cer([zoo.normalize_text(t) for t in zoo.ctc_greedy_decode(out, labels)], texts)
+
+    ref = _session(path)
+    want = cer(np.concatenate([ref.run(None, {"x": x[i:i + 1]})[0] for i in range(len(x))]))
+    got = cer(np.concatenate([module.run(x[i:i + 1], samples=16, seed=0) for i in range(len(x))]))
+    assert got <= want + 0.02, (got, want)
 
 
 @pytest.mark.slow
