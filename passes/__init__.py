@@ -1,11 +1,18 @@
-"""Passes of psb_tvm, one per file: layer selection, the calibration probe, the PSB rewrite, its
-float emulation (the diagnosis), and the kernels' own sample-count check."""
+"""Passes of psb_tvm, one per file, each a ``tvm.transform`` module pass that composes in any
+Relax pipeline (``psb_tvm.pipeline`` lists them in order): the import clean-up, the calibration
+probe, the PSB rewrite, its float emulation (the diagnosis), the tuning database's schedules, the
+kernels' own sample-count check and the metadata. Layer selection (``find_layer_sites``) is an
+analysis, not a pass: it reads ``main`` and returns the sites."""
 
+from .apply_psb_tuning_database import ApplyPSBTuningDatabase
 from .assert_sample_bounds import AssertSampleBounds
-from .expose_layer_inputs import expose_layer_inputs
-from .rewrite_conv2d_dense_to_psb import PSBLayer, rewrite_to_psb
+from .attach_psb_metadata import AttachPSBMetadata
+from .expose_layer_inputs import ExposeLayerInputs
+from .rewrite_conv2d_dense_to_psb import PSBLayer, RewriteToPSB
+from .scalar_minmax_call_tir_to_relax_ops import ScalarMinMaxCallTIRToRelaxOps
 from .select_psb_layers import LayerSite, find_layer_sites, name_sites
-from .simulate_psb_layers import simulate_psb
+from .simulate_psb_layers import SimulatePSBLayers
 
-__all__ = ["AssertSampleBounds", "LayerSite", "PSBLayer", "expose_layer_inputs", "find_layer_sites", "name_sites",
-           "rewrite_to_psb", "simulate_psb"]
+__all__ = ["ApplyPSBTuningDatabase", "AssertSampleBounds", "AttachPSBMetadata", "ExposeLayerInputs", "LayerSite",
+           "PSBLayer", "RewriteToPSB", "ScalarMinMaxCallTIRToRelaxOps", "SimulatePSBLayers", "find_layer_sites",
+           "name_sites"]

@@ -8,14 +8,25 @@ from tvm import relax
 from .select_psb_layers import find_layer_sites
 
 
-def expose_layer_inputs(mod: tvm.IRModule, site_indices: list[int]) -> tvm.IRModule:
-    """A copy of ``mod`` whose ``main`` returns a tuple of the input tensors of those sites."""
-    mod = relax.transform.ToNonDataflow()(mod)
-    func = mod["main"]
-    sites = {s.index: s for s in find_layer_sites(func)}
-    outputs = relax.Tuple([sites[i].data for i in site_indices])
-    body = relax.SeqExpr(func.body.blocks, outputs)
-    probe = relax.Function(func.params, body, ret_ty=outputs.ty, is_pure=func.is_pure, attrs=func.attrs)
-    mod = mod.clone() if hasattr(mod, "clone") else tvm.IRModule(dict(mod.functions))
-    mod["main"] = probe  # keep the other functions: the importer emits PrimFuncs (e.g. for Clip)
-    return relax.transform.DeadCodeElimination(["main"])(mod)
+@tvm.transform.module_pass(opt_level=0, name="ExposeLayerInputs")
+class ExposeLayerInputs:
+    """``main`` returns a tuple of the input tensors of the linear-layer sites ``site_indices``
+    (``LayerSite.index`` of ``find_layer_sites``) instead of its outputs; the other functions are
+    kept (the importer emits PrimFuncs, e.g. for Clip)."""
+
+    def __init__(self, site_indices):
+        self.site_indices = [int(i) for i in site_indices]
+
+    def transform_module(self, mod: tvm.IRModule, _ctx) -> tvm.IRModule:
+        mod = relax.transform.ToNonDataflow()(mod)
+        func = mod["main"]
+        sites = {s.index: s for s in find_layer_sites(func)}
+        missing = sorted(set(self.site_indices) - set(sites))
+        if missing:
+            raise ValueError(f"ExposeLayerInputs: main has no linear-layer sites {missing} (it has {sorted(sites)})")
+        outputs = relax.Tuple([sites[i].data for i in self.site_indices])
+        body = relax.SeqExpr(func.body.blocks, outputs)
+        probe = relax.Function(func.params, body, ret_ty=outputs.ty, is_pure=func.is_pure, attrs=func.attrs)
+        mod = mod.clone() if hasattr(mod, "clone") else tvm.IRModule(dict(mod.functions))
+        mod["main"] = probe
+        return relax.transform.DeadCodeElimination(["main"])(mod)

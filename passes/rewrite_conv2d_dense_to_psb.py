@@ -164,11 +164,23 @@ def rewrite_main(mod, main, layers_by_var, absorbed, make_call, extra_params, na
     return relax.utils.copy_with_new_vars(func).with_attr("global_symbol", name)
 
 
-def rewrite_to_psb(mod: tvm.IRModule, layers: list[PSBLayer], frozen: dict | None = None) -> tvm.IRModule:
-    """Replace the sites named by ``layers`` (by ``LayerSite.index``) in ``mod["main"]``.
+@tvm.transform.module_pass(opt_level=0, name="RewriteToPSB")
+class RewriteToPSB:
+    """Replace the sites named by ``layers`` (``PSBLayer.site_index``, from ``find_layer_sites``
+    of the same module) in ``main`` with PSB kernels, and add the functions listed above.
 
     ``frozen``: ``{"counts": [array per layer], "samples": [n per layer]}`` bakes one draw in.
+    With no layers the module is returned unchanged.
     """
+
+    def __init__(self, layers: list[PSBLayer], frozen: dict | None = None):
+        self.layers, self.frozen = list(layers), frozen
+
+    def transform_module(self, mod: tvm.IRModule, _ctx) -> tvm.IRModule:
+        return _rewrite(mod, self.layers, self.frozen)
+
+
+def _rewrite(mod: tvm.IRModule, layers: list[PSBLayer], frozen: dict | None) -> tvm.IRModule:
     if not layers:
         return mod
     sites = {s.index: s for s in find_layer_sites(mod["main"])}

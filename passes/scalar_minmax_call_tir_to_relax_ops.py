@@ -66,10 +66,13 @@ class _Rewriter(relax.PyExprMutator):
 
 
 @tvm.transform.module_pass(opt_level=0, name="ScalarMinMaxCallTIRToRelaxOps")
-def scalar_minmax_call_tir_to_relax_ops(mod, _ctx):
-    """Rewrite every function of ``mod``; PrimFuncs left unused are removed by dead-code elimination."""
-    rewriter = _Rewriter(mod)
-    for gv, func in list(mod.functions.items()):
-        if isinstance(func, relax.Function):
-            mod[gv] = rewriter.visit_expr(func)
-    return mod
+class ScalarMinMaxCallTIRToRelaxOps:
+    """Rewrite every Relax function of the module; PrimFuncs left unused are removed by dead-code
+    elimination (the import phase runs it next)."""
+
+    def transform_module(self, mod: tvm.IRModule, _ctx) -> tvm.IRModule:
+        rewriter = _Rewriter(mod)
+        for gv, func in list(mod.functions.items()):
+            if isinstance(func, relax.Function):
+                mod[gv] = rewriter.visit_expr(func)
+        return mod

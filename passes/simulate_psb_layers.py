@@ -60,23 +60,31 @@ def _emulate(layer: PSBLayer, ordinal: int, site, builder, data, act, weight) ->
     return y
 
 
-def simulate_psb(mod: tvm.IRModule, layers: list[PSBLayer]) -> tvm.IRModule:
-    """A float module emulating ``layers`` with run-time weights and activation rounding (see above)."""
-    sites = {s.index: s for s in find_layer_sites(mod["main"])}
-    act = relax.Var("act", relax.TensorType((len(layers), 4), "float32"))
-    weights = [relax.Var(f"w_{l}", relax.TensorType(emulation_weight_shape(layer), "float32"))
-               for l, layer in enumerate(layers)]
-    inputs = {}
+@tvm.transform.module_pass(opt_level=0, name="SimulatePSBLayers")
+class SimulatePSBLayers:
+    """A float module emulating ``layers`` with run-time weights and activation rounding (see the
+    module docstring): the diagnosis' and the allocator's reference."""
 
-    def make_call(l, builder, data):
-        inputs[l] = data
-        return _emulate(layers[l], l, sites[layers[l].site_index], builder, data, act, weights[l])
+    def __init__(self, layers: list[PSBLayer]):
+        self.layers = list(layers)
 
-    layers_by_var = {sites[layer.site_index].final_var: (l, sites[layer.site_index], layer, None)
-                     for l, layer in enumerate(layers)}
-    absorbed = {v for layer in layers for v in sites[layer.site_index].fused_vars}
-    func = rewrite_main(mod, mod["main"], layers_by_var, absorbed, make_call, [act] + weights, "main",
-                        expose_layers=True, expose_inputs=inputs)
-    out = tvm.IRModule({gv: f for gv, f in mod.functions.items() if gv.name_hint != "main"})
-    out["main"] = func
-    return relax.transform.DeadCodeElimination(["main"])(out)
+    def transform_module(self, mod: tvm.IRModule, _ctx) -> tvm.IRModule:
+        layers = self.layers
+        sites = {s.index: s for s in find_layer_sites(mod["main"])}
+        act = relax.Var("act", relax.TensorType((len(layers), 4), "float32"))
+        weights = [relax.Var(f"w_{l}", relax.TensorType(emulation_weight_shape(layer), "float32"))
+                   for l, layer in enumerate(layers)]
+        inputs = {}
+
+        def make_call(l, builder, data):
+            inputs[l] = data
+            return _emulate(layers[l], l, sites[layers[l].site_index], builder, data, act, weights[l])
+
+        layers_by_var = {sites[layer.site_index].final_var: (l, sites[layer.site_index], layer, None)
+                         for l, layer in enumerate(layers)}
+        absorbed = {v for layer in layers for v in sites[layer.site_index].fused_vars}
+        func = rewrite_main(mod, mod["main"], layers_by_var, absorbed, make_call, [act] + weights, "main",
+                            expose_layers=True, expose_inputs=inputs)
+        out = tvm.IRModule({gv: f for gv, f in mod.functions.items() if gv.name_hint != "main"})
+        out["main"] = func
+        return relax.transform.DeadCodeElimination(["main"])(out)

@@ -19,7 +19,7 @@ from tvm import relax
 from . import numerics
 from .build import build
 from .errors import ConfigError
-from .passes import expose_layer_inputs
+from .passes import ExposeLayerInputs
 from .target import host_target
 
 #: The fallback when no calibration data is given: standard-normal inputs. A real input
@@ -143,7 +143,7 @@ def collect_stats(mod: tvm.IRModule, site_indices: list[int], batches: list, inp
     """Run the float model on the calibration data and record each site's input range."""
     if not site_indices:
         return []
-    probe = expose_layer_inputs(mod, site_indices)
+    probe = ExposeLayerInputs(site_indices)(mod)
     vm = relax.VirtualMachine(build(probe, host_target())[0], tvm.cpu())
     max_abs = np.zeros(len(site_indices))
     mins = np.full(len(site_indices), np.inf)

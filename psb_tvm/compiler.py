@@ -13,7 +13,7 @@ from .calibration import choose_width, collect_stats, normalize_calibration
 from .config import PSBConfig
 from .errors import ConfigError
 from .frontend import import_onnx
-from .passes import PSBLayer, find_layer_sites, name_sites, rewrite_to_psb
+from .passes import PSBLayer, RewriteToPSB, find_layer_sites, name_sites
 from .runtime import PSBModule
 from .schedules.kernels import KernelSpec
 from .target import is_host_cpu, resolve_target
@@ -290,7 +290,7 @@ def lower_plan(p: Plan, samples: int | dict = 16, seed: int = 0, frozen: bool = 
         frozen_draw = {"samples": layer_samples,
                        "counts": [numerics.sample_counts(l.enc, n, seed, l.site_index, config.sampler)
                                   for l, n in zip(layers, layer_samples)]}
-    mod = rewrite_to_psb(imported.mod, layers, frozen_draw)
+    mod = RewriteToPSB(layers, frozen_draw)(imported.mod)
 
     metadata = {
         "psb_tvm_version": __version__,

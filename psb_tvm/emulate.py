@@ -1,6 +1,6 @@
 """Float emulation of a compile plan's PSB layers, for any n, seed and activation width per layer.
 
-One build of ``passes.simulate_psb`` serves every variant: the weights (float or the represented
+One build of ``passes.SimulatePSBLayers`` serves every variant: the weights (float or the represented
 sampled weights ``w~``) and each layer's fixed point ``(2^f, lo, hi)`` are run-time arguments. With
 the compiled module's draw and widths it reproduces the compiled integer kernels up to float
 summation order (``psb_tvm.diagnose`` checks this), so it can score allocations of n and
@@ -17,7 +17,7 @@ from . import numerics
 from .build import build
 from .calibration import choose_width
 from .compiler import Plan
-from .passes import simulate_psb
+from .passes import SimulatePSBLayers
 from .passes.simulate_psb_layers import emulation_weight_shape
 from .target import host_target
 
@@ -36,7 +36,7 @@ class Emulator:
         self.frac_bits = [{b: choose_width(st, b, cfg.act_range, cfg.act_percentile, cfg.act_headroom,
                                            cfg.act_auto_error)[1] for b in (8, 16)} for st in p.stats]
         self.signed = [st.signed for st in p.stats]
-        lib = build(simulate_psb(p.imported.mod, p.layers), host_target())[0]
+        lib = build(SimulatePSBLayers(p.layers)(p.imported.mod), host_target())[0]
         self._vm = relax.VirtualMachine(lib, tvm.cpu())
         self._weights = {}
 

@@ -8,9 +8,15 @@ import warnings
 from dataclasses import dataclass
 
 import onnx
+import tvm
+import tvm.relax.frontend.onnx  # noqa: F401 - registers the frontend
+from onnx import external_data_helper as ext
+from tvm.relax.frontend.onnx.onnx_frontend import _get_convert_map
 
+from . import onnx_rewrite as rw
 from . import onnxsim_worker
 from .errors import DynamicShapeError, ModelLoadError, UnsupportedModelError
+from .pipeline import import_passes
 
 #: Models older than this opset are converted up first (TVM's importer covers recent opsets best).
 MIN_OPSET = 11
@@ -68,7 +74,6 @@ def _all_tensors(graph):
 def _load_external_data(proto: onnx.ModelProto, source: str) -> None:
     """Read tensors stored outside the model file (every model over 2 GiB does this) from paths
     relative to the model's directory, whatever the working directory."""
-    from onnx import external_data_helper as ext
 
     tensors = [t for t in _all_tensors(proto.graph) if ext.uses_external_data(t)]
     if not tensors:
@@ -198,7 +203,6 @@ def check_supported_ops(proto: onnx.ModelProto, source: str, allow=(), notes: di
 
     ``allow``: ops accepted for now (rewritten later); ``notes``: {node name: why it was not rewritten}.
     """
-    from tvm.relax.frontend.onnx.onnx_frontend import _get_convert_map
 
     known = set(_get_convert_map()) | {"If", "Constant"} | set(allow)
     notes = notes or {}
@@ -217,7 +221,6 @@ def rewrite(proto: onnx.ModelProto, source: str, use_onnxsim: bool = True) -> tu
     (so PSB can convert them). Returns ``(model, {LSTM node: why it was not unrolled})``.
     Warns when linear layers remain inside ``If`` branches (they stay float and are not listed).
     """
-    from . import onnx_rewrite as rw
 
     left: dict = {}
     for _ in range(8):
@@ -287,10 +290,6 @@ def linear_layer_names(proto: onnx.ModelProto, original: onnx.ModelProto | None 
 
 def to_relax(proto: onnx.ModelProto, inputs: list, source: str):
     """Import with TVM and normalise: fold batch norm into convs, decompose the rest, fold constants."""
-    import tvm
-    import tvm.relax.frontend.onnx  # noqa: F401 - registers the frontend
-    from tvm import relax
-
     shape_dict = {name: list(shape) for name, shape, _ in inputs}
     dtype_dict = {name: dtype for name, _, dtype in inputs}
     try:
@@ -303,20 +302,7 @@ def to_relax(proto: onnx.ModelProto, inputs: list, source: str):
         raise UnsupportedModelError(
             f"{source}: TVM's ONNX importer failed: {type(err).__name__}: {msg[-1] if msg else ''}"
         ) from err
-    from psb_tvm.passes.scalar_minmax_call_tir_to_relax_ops import scalar_minmax_call_tir_to_relax_ops
-
-    seq = tvm.transform.Sequential(
-        [
-            relax.transform.FoldConstant(),
-            relax.transform.FoldBatchnormToConv2D(),
-            relax.transform.DecomposeOpsForInference(),
-            relax.transform.FoldConstant(),
-            scalar_minmax_call_tir_to_relax_ops,  # after folding: Clip's bounds are constants by now
-            relax.transform.CanonicalizeBindings(),
-            relax.transform.DeadCodeElimination(),
-        ]
-    )
-    mod = seq(mod)
+    mod = tvm.transform.Sequential(import_passes(), name="psb_import")(mod)
     for param in mod["main"].params:
         shape = getattr(param.ty, "shape", None)
         if shape is None or any(not isinstance(d, tvm.tirx.IntImm) for d in shape.values):

@@ -22,17 +22,17 @@ import tvm
 import tvm_ffi
 from tvm import tirx
 
-from .build import legalize
 from .checks import check_flag, is_int, is_real
 from .compiler import lower
 from .config import PSBConfig
 from .errors import ConfigError, TuningError, TuningWarning
+from .passes.apply_psb_tuning_database import canonical, is_tunable
+from .pipeline import legalize_passes
+from .schedules import default_rules
 from .schedules.kernels import LOWERINGS
 from .tuning_db import (
     MANIFEST,
     best_ms,
-    canonical,
-    is_tunable,
     meta_schedule,
     open_json_database,
     read_manifest,
@@ -115,18 +115,19 @@ def _env(name: str, value: str):
 
 def _default_trace(wl: tvm.IRModule, target: tvm.target.Target):
     """Our default rule's schedule of a workload (``None`` if no rule applies)."""
-    if target.kind.name == "cuda":
-        from .schedules.gpu import default_rules
-    else:
-        from .schedules.cpu import default_rules
-
     func = wl["main"]
     with target:
-        for rule in default_rules():
+        for rule in default_rules(target):
             sch = rule.apply(func, target, False)
             if sch is not None:
                 return sch if not isinstance(sch, list) else sch[0]
     return None
+
+
+def legalize(mod: tvm.IRModule, target: tvm.target.Target) -> tvm.IRModule:
+    """The module as ``psb_cpu`` schedules it: the tuning tasks are its PrimFuncs."""
+    with target:
+        return tvm.transform.Sequential(legalize_passes(target))(mod)
 
 
 def _build_candidate(mod, target, _params):

@@ -13,45 +13,16 @@ import os
 import warnings
 
 import tvm
-from tvm import tirx
 
 from .errors import TuningError, TuningWarning
 
 MANIFEST = "psb_tuning.json"
-CANONICAL_N = 8  # the value ``n`` is bound to while tuning; the loop nest does not depend on it
-# Samplers and masked kernels have run-time loop extents; pack kernels (elementwise, once per
-# configuration with the weight cache) are not worth a tuning budget.
-_UNTUNABLE = ("sample", "pack", "conv2d_masked", "dense_masked")
 
 
 def meta_schedule():
     from tvm.s_tir import meta_schedule as ms  # heavy import, only when tuning or applying
 
     return ms
-
-
-def is_tunable(func) -> bool:
-    if not isinstance(func, tirx.PrimFunc):
-        return False
-    attrs = func.attrs or {}
-    if attrs.get("tirx.is_scheduled", False):
-        return False
-    return attrs.get("psb.kind") not in _UNTUNABLE
-
-
-def canonical(func: tirx.PrimFunc) -> tvm.IRModule:
-    """The task's workload: scalar params bound to constants, the symbol renamed ``main``."""
-    scalars = {p: tirx.IntImm(str(p.ty), CANONICAL_N) for p in func.params if _is_scalar(p)}
-    if scalars:
-        func = func.specialize(scalars)
-    return tvm.IRModule({"main": func.with_attr("global_symbol", "main")})
-
-
-def _is_scalar(param) -> bool:
-    try:
-        return str(param.ty).startswith("int")
-    except AttributeError:
-        return False
 
 
 def target_key(target: tvm.target.Target) -> dict:
@@ -135,34 +106,3 @@ def open_database(tuning_db, target: tvm.target.Target):
         warnings.warn(f"tuning_db {work_dir} is unreadable ({str(err).splitlines()[-1][:200]}); "
                       "using the default schedules", TuningWarning, stacklevel=3)
         return None
-
-
-def apply_database(mod: tvm.IRModule, target: tvm.target.Target, tuning_db) -> tuple[tvm.IRModule, set]:
-    """Replay the best record of every tunable kernel found in the database; returns the module
-    and the names of the kernels it scheduled. A record that does not replay is skipped with a
-    warning (that kernel keeps the default schedule)."""
-    database = open_database(tuning_db, target)
-    if database is None:
-        return mod, set()
-    tuned, updates = set(), {}
-    for gv, func in mod.functions.items():
-        if not is_tunable(func):
-            continue
-        wl = canonical(func)
-        if not database.has_workload(wl):
-            continue
-        top = database.get_top_k(database.commit_workload(wl), 1)
-        if not top:
-            continue
-        try:
-            sch = tvm.s_tir.Schedule(tvm.IRModule({"main": func}))
-            top[0].trace.apply_to_schedule(sch, remove_postproc=False)
-            updates[gv] = sch.mod["main"].with_attr("tirx.is_scheduled", True)
-        except Exception as err:  # noqa: BLE001 - a stale record must not stop the build
-            warnings.warn(f"tuning record for {gv.name_hint} does not apply ({str(err).splitlines()[-1][:200]}); "
-                          "using its default schedule", TuningWarning, stacklevel=3)
-            continue
-        tuned.add(gv.name_hint)
-    for gv, func in updates.items():
-        mod[gv] = func
-    return mod, tuned

@@ -10,10 +10,10 @@ from tvm.s_tir import dlight
 
 import psb_tvm
 from psb_tvm import numerics
-from psb_tvm.build import legalize
 from psb_tvm.data.digits import DIGITS_ONNX, load_digits_split
 from psb_tvm.frontend import import_onnx
 from psb_tvm.target import host_target
+from psb_tvm.tuning import legalize
 
 
 def _sites(imported):

@@ -289,11 +289,11 @@ def _stub_module(path, metadata):
     with ``metadata`` as its psb_metadata() (or none). Checks the runner's argument plumbing
     independently of psb_tvm.compile, including a scalar ("int") runtime argument."""
     import tvm
+    from psb_tvm.passes.attach_psb_metadata import attach_string
     from tvm.script import ir as I
     from tvm.script import relax as R
     from tvm.script import tirx as T
 
-    from psb_tvm.build import attach_string
     from psb_tvm.target import host_target
 
     @I.ir_module
