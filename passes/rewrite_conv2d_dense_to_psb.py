@@ -57,7 +57,7 @@ class PSBLayer:
 class _Kernels:
     """Per-layer global vars and shared constants (one copy used by every function)."""
 
-    sample: tvm.ir.GlobalVar
+    sample: tvm.ir.GlobalVar | None  # None in frozen modules (drawn at compile time)
     layer: tvm.ir.GlobalVar
     masked: tvm.ir.GlobalVar
     threshold: object
@@ -187,7 +187,11 @@ def _rewrite(mod: tvm.IRModule, layers: list[PSBLayer], frozen: dict | None) -> 
     bb = relax.BlockBuilder(mod)
     layers_by_var, absorbed, kernels = {}, set(), []
     for ordinal, layer in enumerate(layers):
-        site = sites[layer.site_index]
+        site = sites.get(layer.site_index)
+        if site is None or site.kind != layer.spec.kind or site.weight is None \
+                or tuple(site.weight.shape) != tuple(layer.spec.w_shape):
+            raise ValueError(f"RewriteToPSB: layer {layer.name!r} ({layer.spec.kind} {tuple(layer.spec.w_shape)}) does not "
+                             f"match site {layer.site_index} of this module; plan the layers on the module you rewrite")
         if not site.convertible:
             raise ValueError(f"layer {layer.name!r} cannot be PSB: {site.reason}")
         enc = layer.enc
@@ -215,7 +219,7 @@ def _rewrite(mod: tvm.IRModule, layers: list[PSBLayer], frozen: dict | None) -> 
             encoding = [] if packed is not None else [relax.const(a) for a in (enc.sign, enc.normal, enc.shift)]
         storage = spec.packed_weight_shape if spec.packed_encoding else spec.w_shape
         kern = _Kernels(
-            sample=add("psb_sample", psb_sample_kernel, spec),
+            sample=None if frozen is not None else add("psb_sample", psb_sample_kernel, spec),  # frozen: drawn here
             layer=add("psb", psb_layer_kernel, layer_spec),
             masked=None if frozen is not None else add("psb_masked", psb_masked_kernel, spec),
             threshold=relax.const(threshold),

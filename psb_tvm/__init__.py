@@ -7,7 +7,7 @@ reapplied with ``compile(..., tuning_db=)``) and the exception types.
 """
 
 from .allocate import Allocation, allocate
-from .compiler import __version__, compile  # noqa: A004 - mirrors tvm.compile
+from .compiler import Plan, __version__, compile, plan  # noqa: A004 - mirrors tvm.compile
 from .config import PSBConfig
 from .diagnose import Diagnosis, LayerDiagnosis, diagnose
 from .errors import (
@@ -27,6 +27,7 @@ from .runtime import PSBModule, load
 from .tuning import TuneResult, tune
 
 __all__ = [
+    "plan",
     "Allocation",
     "EvalReport",
     "Preprocess",
@@ -38,6 +39,7 @@ __all__ = [
     "OutputError",
     "ModelLoadError",
     "PSBConfig",
+    "Plan",
     "PSBError",
     "PSBModule",
     "TargetMismatchError",

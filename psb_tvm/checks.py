@@ -9,6 +9,7 @@ from collections.abc import Iterable, Mapping, Sequence
 import numpy as np
 
 from .errors import ConfigError
+from .target import resolve_target
 
 
 def is_int(value) -> bool:
@@ -116,7 +117,6 @@ TARGET_KINDS = ("llvm", "cuda")
 
 def check_target(target):
     """``target`` resolved to a ``tvm.target.Target`` of a kind psb_tvm builds (llvm or cuda)."""
-    from .target import resolve_target
 
     tgt = resolve_target(target)
     if tgt.kind.name not in TARGET_KINDS:

@@ -15,9 +15,19 @@ import pathlib
 import sys
 import zipfile
 
-from .errors import UsageError
+from .compiler import compile as psb_compile
+from .config import PSBConfig
+from .data.digits import DIGITS_ONNX, load_digits_split
+from .datasets import Preprocess, load_inputs
+from .demo import digits_study, format_table, median_latency
+from .diagnose import diagnose
+from .errors import PSBError, UsageError
+from .evaluate import evaluate
 from .files import resolve_output, write_outputs
+from .frontend import import_onnx
 from .numerics import SAMPLERS
+from .runtime import load
+from .tuning import tune
 
 # "auto" + schedules.kernels.LOWERINGS (spelled out: importing the kernels loads TVM; a test checks they agree)
 LOWERING_CHOICES = ("auto", "intdot", "shiftadd", "bitserial")
@@ -166,7 +176,6 @@ def _layer_bits(text: str):
 
 
 def _config(args):
-    from .config import PSBConfig
 
     fields = {}
     if getattr(args, "exclude", None):
@@ -208,8 +217,6 @@ def _calibration(path, model, input_shapes):
         return None
     p = pathlib.Path(path)
     if p.is_dir():
-        from .datasets import load_inputs
-        from .frontend import import_onnx
 
         specs = [(n, tuple(s), d) for n, s, d in import_onnx(model, input_shapes).inputs]
         return load_inputs(p, specs)[0]
@@ -249,7 +256,6 @@ def _input_set_options(p):
 
 
 def _preprocess(args):
-    from .datasets import Preprocess
 
     return Preprocess(size=tuple(args.resize) if args.resize else None, mean=args.mean, std=args.std,
                       scale=1.0 / args.scale, layout=args.layout)
@@ -282,7 +288,6 @@ def _model_options(p, compile_only=False):
 
 # ---------------------------------------------------------------------------- commands
 def cmd_tune(args) -> int:
-    from .tuning import tune
 
     _require_file(args.model, "ONNX model")
     shapes = dict(args.input_shape) or None
@@ -303,7 +308,6 @@ def cmd_tune(args) -> int:
 
 
 def cmd_compile(args) -> int:
-    from .compiler import compile as psb_compile
 
     _require_file(args.model, "ONNX model")
     if args.output is not None and not args.output:
@@ -331,7 +335,6 @@ def _layer_rows(module) -> list:
 
 
 def _load(path):
-    from .runtime import load
 
     _require_file(path, "compiled module")
     return load(path)
@@ -417,14 +420,12 @@ def cmd_run(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from .evaluate import evaluate
 
     if not os.path.isdir(args.out_dir):
         raise UsageError(f"output directory {args.out_dir} does not exist")
     shapes = dict(args.input_shape) or None
     labels, calibration, inputs = args.labels, None, args.inputs
     if args.model == "digits":  # the bundled example: test split, labels, train-split calibration
-        from .data.digits import DIGITS_ONNX, load_digits_split
 
         x_train, _, x_test, y_test = load_digits_split()
         model = str(DIGITS_ONNX)
@@ -467,7 +468,6 @@ def _write_report(args, report) -> None:
 
 
 def cmd_diagnose(args) -> int:
-    from .diagnose import diagnose
 
     model = _require_file(args.model, "ONNX model")
     if not os.path.isdir(args.out_dir):
@@ -570,7 +570,6 @@ def cmd_demo(args) -> int:
     if args.export_samples is not None and args.export_samples not in args.samples:
         raise UsageError(f"--export-samples {args.export_samples} is not one of the evaluated --samples "
                          f"{','.join(map(str, args.samples))}")
-    from .demo import digits_study, format_table, median_latency
 
     study = digits_study(samples=args.samples, batch=args.batch, seed=args.seed, progress=not args.json)
     rows = study["rows"]
@@ -731,7 +730,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-    from .errors import PSBError
 
     parser = build_parser()
     try:

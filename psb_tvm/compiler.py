@@ -6,13 +6,14 @@ import warnings
 from dataclasses import dataclass
 
 import numpy as np
+import tvm
 
 from . import checks, numerics
 from .build import build
 from .calibration import choose_width, collect_stats, normalize_calibration
 from .config import PSBConfig
 from .errors import ConfigError
-from .frontend import import_onnx
+from .frontend import from_relax, import_onnx
 from .passes import PSBLayer, RewriteToPSB, find_layer_sites, name_sites
 from .runtime import PSBModule
 from .schedules.kernels import KernelSpec
@@ -159,7 +160,10 @@ class Plan:
 def plan(onnx_model, target="llvm", seed: int = 0, input_shapes: dict | None = None, calibration=None,
          config: PSBConfig | dict | None = None, lowering_choices: dict | None = None) -> Plan:
     """Import, select layers, calibrate and encode the weights (no code is generated). The entry of
-    ``compile``, ``tune``, ``diagnose`` and ``allocate``: every public argument is checked here."""
+    ``compile``, ``tune``, ``diagnose`` and ``allocate``: every public argument is checked here.
+
+    ``onnx_model`` may also be a Relax ``IRModule`` you imported yourself (``frontend.from_relax``):
+    the plan's ``layers`` then feed ``passes.RewriteToPSB`` in your own pipeline."""
     input_shapes = checks.check_input_shapes(input_shapes)
     calibration = checks.check_calibration(calibration)
     target = checks.check_target(target)
@@ -169,7 +173,12 @@ def plan(onnx_model, target="llvm", seed: int = 0, input_shapes: dict | None = N
     except ValueError as err:
         raise ConfigError(str(err)) from None
     tgt = resolve_target(target)
-    imported = import_onnx(onnx_model, input_shapes)
+    if isinstance(onnx_model, tvm.IRModule):
+        if input_shapes:
+            raise ConfigError("input_shapes applies to ONNX models; a Relax module's shapes are fixed by its import")
+        imported = from_relax(onnx_model)
+    else:
+        imported = import_onnx(onnx_model, input_shapes)
     sites = find_layer_sites(imported.mod["main"])
     name_sites(sites, imported.layer_names)
     reasons = _select(sites, config)

@@ -306,7 +306,7 @@ def to_relax(proto: onnx.ModelProto, inputs: list, source: str):
     for param in mod["main"].params:
         shape = getattr(param.ty, "shape", None)
         if shape is None or any(not isinstance(d, tvm.tirx.IntImm) for d in shape.values):
-            raise DynamicShapeError(f"{source}: input {param.name_hint!r} still has a dynamic shape after import")
+            raise DynamicShapeError(f"{source}: input {param.name!r} still has a dynamic shape after import")
     return mod
 
 
@@ -334,3 +334,19 @@ def import_onnx(model, input_shapes: dict | None = None, use_onnxsim: bool = Tru
         output_names=[o.name for o in proto.graph.output],
         layer_names=linear_layer_names(proto, original),
     )
+
+
+def from_relax(mod: tvm.IRModule, source: str = "<relax module>") -> ImportedModel:
+    """An ``ImportedModel`` of a Relax module you imported (and normalised) yourself, e.g. with
+    ``relax.frontend.onnx.from_onnx`` and ``pipeline.import_passes()``: inputs from ``main``'s
+    parameters (static shapes required); layers get positional names (``conv2d_0``, ``dense_1``)."""
+    if not isinstance(mod, tvm.IRModule) or "main" not in [gv.name_hint for gv in mod.functions]:
+        raise UnsupportedModelError(f"{source}: expected a tvm.IRModule with a Relax function 'main'")
+    inputs = []
+    for param in mod["main"].params:
+        shape = getattr(param.ty, "shape", None)
+        if shape is None or any(not isinstance(d, tvm.tirx.IntImm) for d in shape.values):
+            raise DynamicShapeError(f"{source}: input {param.name!r} has a dynamic or unknown shape; "
+                                    "give the importer static shapes (shape_dict)")
+        inputs.append((param.name, tuple(int(d) for d in shape.values), str(param.ty.dtype)))
+    return ImportedModel(mod=mod, source=source, inputs=inputs, output_names=[], layer_names={})

@@ -11,10 +11,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from . import attention
 from .abi import METADATA_FUNC
 from .errors import ConfigError, InputError, ModelLoadError, OutputError, TargetMismatchError
 from .files import append_record, native_stderr_to_log, verify_module, write_output
-from .numerics import check_samples
+from .numerics import check_samples, check_seed
 from .weight_cache import DEFAULT_MAX_BYTES, WeightCache
 
 LOG = logging.getLogger("psb_tvm")
@@ -212,7 +213,6 @@ class PSBModule:
 
         if seed is None:
             return int(self.metadata["seed"])
-        from .numerics import check_seed
 
         try:
             seed = check_seed(seed)
@@ -324,7 +324,6 @@ class PSBModule:
 
         import tvm
 
-        from . import attention
 
         if not self.metadata.get("runtime_args"):
             raise ConfigError("attention needs a module compiled with run-time sampling (not frozen, with PSB layers)")

@@ -40,6 +40,7 @@ import numpy as np
 
 from .errors import DownloadError, FetchError, WheelHashError
 from .files import file_sha256
+from .onnx_rewrite import bind_inputs, make_static, set_input_shapes
 
 FACENET = ("facenet-pytorch", "2.6.0")
 SILERO = ("silero-vad", "6.2.3")
@@ -353,7 +354,6 @@ def silero_vad_onnx(variant: str = "silero_vad.onnx", sample_rate: int = 16000, 
     """
     import onnx
 
-    from .onnx_rewrite import bind_inputs, make_static, set_input_shapes
 
     if sample_rate not in VAD_CHUNK:
         raise ValueError(f"sample_rate must be 8000 or 16000, got {sample_rate}")

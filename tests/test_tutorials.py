@@ -46,7 +46,7 @@ def _expect(stdout, *patterns):
 def test_every_tutorial_is_listed_in_the_readme():
     readme = (TUTORIALS / "README.md").read_text()
     scripts = sorted(p.name for p in TUTORIALS.glob("[0-9][0-9]_*.py"))
-    assert len(scripts) == 5
+    assert len(scripts) == 6
     for name in scripts:
         assert name in readme, f"{name} is not listed in tutorials/README.md"
 
@@ -113,3 +113,12 @@ def test_05_arm_cross_compile(tmp_path):
                 r"^qemu aarch64 vs x86 at n=4 seed=9: bit-identical True")
     else:
         _expect(stdout, r"^SKIPPED")
+
+
+def test_06_tvm_pipeline(tmp_path):
+    stdout = _run("06_tvm_pipeline.py", tmp_path)
+    _expect(stdout, r"^PSB layers: conv2d_0 \(conv2d",
+            r"^functions after RewriteToPSB: attend, cached, forward, main, probe, sample, weights$",
+            r"^passes seen by the instrument \(some\): RewriteToPSB -> psb_cpu -> ApplyDefaultSchedule -> AssertSampleBounds$",
+            r"^n=4: accuracy [0-9.]+%, bit-identical to psb_tvm.compile: True$",
+            r"^n=16: accuracy [0-9.]+%, bit-identical to psb_tvm.compile: True$")
