@@ -9,6 +9,7 @@ import tvm
 from tvm import relax, tirx
 
 from psb_tvm.abi import METADATA_FUNC
+from psb_tvm.metadata import ModuleMetadata
 
 from .apply_psb_tuning_database import tuned_kernels
 
@@ -32,13 +33,19 @@ def schedule_summary(mod: tvm.IRModule) -> dict:
 
 @tvm.transform.module_pass(opt_level=0, name="AttachPSBMetadata")
 class AttachPSBMetadata:
-    """Add ``psb_metadata()`` returning ``metadata`` as JSON, with its ``schedules`` entry filled
-    in from the module (run it after scheduling). ``metadata`` (a dict) is updated in place, so
-    the caller sees the entry too."""
+    """Add ``psb_metadata()`` returning ``metadata`` (a ``ModuleMetadata``, or any JSON-able dict)
+    as JSON, with its ``schedules`` entry filled in from the module (run it after scheduling).
+    ``metadata`` is updated in place, so the caller sees the entry too."""
 
-    def __init__(self, metadata: dict):
+    def __init__(self, metadata):
         self.metadata = metadata
 
     def transform_module(self, mod: tvm.IRModule, _ctx) -> tvm.IRModule:
-        self.metadata["schedules"] = schedule_summary(mod)
-        return attach_string(mod, METADATA_FUNC, json.dumps(self.metadata))
+        summary = schedule_summary(mod)
+        if isinstance(self.metadata, ModuleMetadata):
+            self.metadata.schedules = summary
+            text = self.metadata.to_json()
+        else:
+            self.metadata["schedules"] = summary
+            text = json.dumps(self.metadata)
+        return attach_string(mod, METADATA_FUNC, text)

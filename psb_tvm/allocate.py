@@ -196,7 +196,7 @@ def sensitivity(module, calibration_inputs, reference=None, seeds=(0, 1, 2), min
     while every other layer runs at ``max_samples`` (default ``n_max``). See ``allocate``."""
     ev = _evaluator or make_evaluator(module, calibration_inputs, reference, None, seeds)[0]
     names = module.psb_layers
-    n_max = int(module.metadata["n_max"])
+    n_max = int(module.metadata.n_max)
     n_ref = _pow2(max_samples if max_samples is not None else n_max, "max_samples", n_max)
     lo = _pow2(min_samples, "min_samples", n_max)
     if lo > n_ref:
@@ -245,13 +245,13 @@ def greedy_path(sens: Sensitivity, min_samples: int | None = None) -> list:
 def make_evaluator(module, calibration_inputs, reference, labels, seeds, metric=None):
     if not module.psb_layers:
         raise ConfigError("the module has no PSB layers: nothing to allocate")
-    if module.metadata.get("frozen"):
+    if module.metadata.frozen:
         raise ConfigError("a frozen module has fixed samples; compile without frozen=True to allocate")
     data = as_input_dict(calibration_inputs, module)
     seeds = [int(s) for s in seeds]
     if not seeds:
         raise ConfigError("seeds must name at least one seed")
-    n_max = int(module.metadata["n_max"])
+    n_max = int(module.metadata.n_max)
     if reference is None:
         # The module's own best estimate: the mean output at n_max over the seeds.
         runs = [run_dataset(module, data, samples=n_max, seed=s + 1000) for s in seeds]

@@ -2,26 +2,29 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import tvm
 from tvm import relax
 
+from .metadata import ModuleMetadata
 from .pipeline import PIPELINES
 from .tuning_db import open_database
 
 
-def build(mod: tvm.IRModule, target: tvm.target.Target, tuning_db=None, metadata: dict | None = None):
+def build(mod: tvm.IRModule, target: tvm.target.Target, tuning_db=None, metadata: ModuleMetadata | None = None):
     """Compile ``mod`` for ``target``; returns ``(Relax VM executable, metadata)``.
 
-    ``metadata`` (if given) gains the schedule source of every kernel (``schedules``) and, for
-    CUDA, whether the module replays as a CUDA graph; it travels inside the executable as the
-    Relax function ``psb_metadata()``. ``tuning_db``: a ``psb_tvm.tune`` work dir or MetaSchedule
+    ``metadata`` (if given) is returned with the schedule source of every kernel (``schedules``)
+    and, for CUDA, whether the module replays as a CUDA graph; it travels inside the executable as
+    the Relax function ``psb_metadata()``. ``tuning_db``: a ``psb_tvm.tune`` work dir or MetaSchedule
     database whose schedules are reapplied.
     """
     if target.kind.name not in PIPELINES:
         raise NotImplementedError(f"target kind {target.kind.name!r} is not supported; use llvm (CPU) or cuda")
-    metadata = dict(metadata or {})
-    if target.kind.name == "cuda":
-        metadata["cuda_graph"] = not metadata.get("runtime_args")
+    metadata = dataclasses.replace(metadata) if metadata is not None else None  # the caller's stays as it was
+    if metadata is not None and target.kind.name == "cuda":
+        metadata.cuda_graph = not metadata.runtime_args
     database = open_database(tuning_db, target) if tuning_db is not None else None
     name = PIPELINES[target.kind.name][0]
     pipeline = relax.get_pipeline(name, target=target, database=database, metadata=metadata)

@@ -320,7 +320,7 @@ def cmd_compile(args) -> int:
                          frozen=args.frozen, tuning_db=args.tuning_db)
     module.export_library(out)
     if args.json:
-        _emit(args, {"output": out, "samples": args.samples, "seed": args.seed, "target": module.metadata["target"],
+        _emit(args, {"output": out, "samples": args.samples, "seed": args.seed, "target": module.metadata.target,
                      "psb_layers": module.psb_layers, "layers": _layer_rows(module)})
     else:
         print(module.report())
@@ -378,11 +378,11 @@ def cmd_run(args) -> int:
         if arr.dtype != np.dtype(dtype) or tuple(arr.shape) != tuple(shape):
             raise UsageError(f"input {name!r} from {path}: expected {dtype} {tuple(shape)}, got {arr.dtype} {tuple(arr.shape)}")
         xs.append(arr)
-    kwargs = {} if module.metadata.get("frozen") and args.samples is None and args.seed is None else \
+    kwargs = {} if module.metadata.frozen and args.samples is None and args.seed is None else \
         {"samples": args.samples, "seed": args.seed}
     y = module.run(*xs, **kwargs, nonfinite=args.nonfinite)
     outs = list(y) if isinstance(y, tuple) else [y]
-    out_names = module.metadata.get("outputs") or [f"output_{i}" for i in range(len(outs))]
+    out_names = module.metadata.outputs or [f"output_{i}" for i in range(len(outs))]
     if args.output:
         if len(args.output) != len(outs):
             raise UsageError(f"{len(args.output)} --output path(s) for {len(outs)} model output(s)")
@@ -518,7 +518,7 @@ def cmd_bench(args) -> int:
     rng = np.random.default_rng(0)
     xs = [rng.standard_normal(shape).astype(dtype) if np.issubdtype(np.dtype(dtype), np.floating)
           else np.zeros(shape, dtype) for _, shape, dtype in module.inputs]
-    frozen = module.metadata.get("frozen") or not module.psb_layers
+    frozen = module.metadata.frozen or not module.psb_layers
     ns = [None] if frozen else (args.samples or [module.samples])
     repeats = 20 if args.repeats is None else args.repeats
     rows = []
@@ -549,15 +549,15 @@ def cmd_info(args) -> int:
     module = _load(args.model)
     md = module.metadata
     if args.json:
-        _emit(args, md)
+        _emit(args, md.to_dict())
         return 0
-    print(f"{args.model}: psb_tvm {md.get('psb_tvm_version')} module from {md.get('source')}")
-    print(f"target: {md.get('target')}")
-    print(f"n_max: {md.get('n_max')}  default samples: {md.get('layer_samples') or md.get('samples')}  seed: {md.get('seed')}"
-          f"  sampler: {md.get('sampler', 'iid')}  frozen: {md.get('frozen')}  calibration: {md.get('calibration')}")
-    for i in md.get("inputs", []):
+    print(f"{args.model}: psb_tvm {md.psb_tvm_version} module from {md.source}")
+    print(f"target: {md.target}")
+    print(f"n_max: {md.n_max}  default samples: {md.layer_samples or md.samples}  seed: {md.seed}"
+          f"  sampler: {md.sampler}  frozen: {md.frozen}  calibration: {md.calibration}")
+    for i in md.inputs:
         print(f"input  {i['name']}: {i['dtype']} {tuple(i['shape'])}")
-    for o in md.get("outputs", []):
+    for o in md.outputs:
         print(f"output {o}")
     print()
     print(module.report())

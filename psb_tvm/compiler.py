@@ -14,6 +14,7 @@ from .calibration import choose_width, collect_stats, normalize_calibration
 from .config import PSBConfig
 from .errors import ConfigError
 from .frontend import from_relax, import_onnx
+from .metadata import ModuleMetadata
 from .passes import PSBLayer, RewriteToPSB, find_layer_sites, name_sites
 from .runtime import PSBModule
 from .schedules.kernels import KernelSpec
@@ -301,42 +302,37 @@ def lower_plan(p: Plan, samples: int | dict = 16, seed: int = 0, frozen: bool = 
                                   for l, n in zip(layers, layer_samples)]}
     mod = RewriteToPSB(layers, frozen_draw)(imported.mod)
 
-    metadata = {
-        "psb_tvm_version": __version__,
-        "source": imported.source,
-        "target": str(tgt),
-        "target_kind": tgt.kind.name,
-        "mtriple": str(tgt.attrs.get("mtriple", "") or ""),
-        "host_runnable": is_host_cpu(tgt),
-        "samples": int(samples),
-        # per-layer default n when ``samples`` was a map (absent: every layer at ``samples``)
-        **({"layer_samples": dict(zip([l.name for l in layers], layer_samples))}
-           if len(set(layer_samples)) > 1 else {}),
-        "seed": int(seed),
-        "n_max": config.n_max,
-        "sampler": config.sampler,
-        "frozen": bool(frozen),
-        "psb_layers": [l.name for l in layers],
-        # Extra arguments of ``main`` after the model inputs (absent for frozen modules).
-        # Sampled modules also have ``weights(samples, seed)`` and ``cached(*inputs, samples, w...)``
-        # (psb_tvm.weight_cache).
-        "weight_cache": bool(layers) and not frozen,
-        "runtime_args": [] if frozen or not layers else [
+    names = [l.name for l in layers]
+    metadata = ModuleMetadata(
+        psb_tvm_version=__version__,
+        source=imported.source,
+        target=str(tgt),
+        target_kind=tgt.kind.name,
+        mtriple=str(tgt.attrs.get("mtriple", "") or ""),
+        host_runnable=is_host_cpu(tgt),
+        samples=int(samples),
+        layer_samples=dict(zip(names, layer_samples)) if len(set(layer_samples)) > 1 else None,
+        seed=int(seed),
+        n_max=config.n_max,
+        sampler=config.sampler,
+        frozen=bool(frozen),
+        psb_layers=names,
+        weight_cache=bool(layers) and not frozen,
+        runtime_args=[] if frozen or not layers else [
             {"name": "samples", "kind": "shape", "length": len(layers)},
             {"name": "seed", "kind": "shape", "length": 1},
         ],
-        "config": config.to_dict(),
-        "calibration": "fallback (synthetic standard-normal)" if fallback else "user data" if chosen else "none",
-        "inputs": [{"name": n, "shape": list(s), "dtype": d} for n, s, d in imported.inputs],
-        # [min, max] of each float input over the calibration data: run() warns far outside it
-        "input_ranges": p.input_ranges or {},
-        "outputs": imported.output_names,
-        "layers": [
+        config=config.to_dict(),
+        calibration="fallback (synthetic standard-normal)" if fallback else "user data" if chosen else "none",
+        inputs=[{"name": n, "shape": list(s), "dtype": d} for n, s, d in imported.inputs],
+        input_ranges=p.input_ranges or {},
+        outputs=imported.output_names,
+        layers=[
             {"name": s.name, "op": s.kind, "status": "float" if reasons[s.index] else "psb",
              "reason": reasons[s.index], "weight_shape": list(s.weight.shape) if s.weight is not None else None,
              "activation": s.activation if not isinstance(s.activation, tuple) else list(s.activation),
              "bias": s.bias is not None, **info.get(s.index, {})}
             for s in sites
         ],
-    }
+    )
     return mod, metadata, tgt

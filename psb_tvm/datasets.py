@@ -253,7 +253,7 @@ def run_dataset(module, data: dict, samples=None, seed=None) -> list:
     """Run ``module`` over a whole input set in chunks of its batch; a list with one array per output."""
     outs = []
     for chunk, valid in chunks(module, data):
-        y = module.run(*chunk, samples=samples, seed=seed) if module.psb_layers and not module.metadata.get("frozen") \
+        y = module.run(*chunk, samples=samples, seed=seed) if module.psb_layers and not module.metadata.frozen \
             else module.run(*chunk)
         y = y if isinstance(y, tuple) else (y,)
         outs.append([o[:valid] for o in y])

@@ -206,7 +206,7 @@ def diagnose(model, inputs, *, samples=16, seed: int = 0, input_shapes: dict | N
     if not p.layers:
         raise ConfigError("the model has no PSB layer to diagnose (every linear layer stays float)")
     mod, metadata, tgt = lower_plan(p, points[0], seed)
-    module = PSBModule(build(mod, tgt, metadata=metadata)[0], metadata)
+    module = PSBModule(*build(mod, tgt, metadata=metadata))
     steps.update()
     data, _, _ = load_inputs(inputs, module.inputs, preprocess)
     if max_inputs is not None:
@@ -275,7 +275,7 @@ def _diagnose(module: PSBModule, emulator: Emulator, data: dict, samples, seed: 
     output["excess"] = _excess(output["compiled"], output["scheme"] + output["activation"], tolerance)
     first = next((l.name for l in layers if l.excess), "output" if output["excess"] else None)
     notes = []
-    if metadata["calibration"].startswith("fallback"):
+    if metadata.calibration.startswith("fallback"):
         notes.append("no calibration data: activation ranges come from synthetic inputs")
     if output["excess"] and not any(l.excess for l in layers) and output["kernel"] <= 1e-3:
         notes.append("only the output exceeds scheme + activation: every PSB layer is explained and the kernels match "

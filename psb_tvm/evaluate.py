@@ -176,7 +176,7 @@ def _plots(report: EvalReport, out: pathlib.Path, prefix: str) -> dict:
 def _float_reference(model, module, target, input_shapes, config):
     """Compile the same model with every layer float, when the ONNX source is at hand."""
 
-    cfg = PSBConfig.coerce(config if config is not None or module is None else module.metadata["config"])
+    cfg = PSBConfig.coerce(config if config is not None or module is None else module.metadata.config)
     shapes = input_shapes or {n: tuple(s) for n, s, _ in module.inputs}
     return psb_compile(model, target=target, samples=1, input_shapes=shapes, config=dataclasses.replace(cfg, include=()))
 
@@ -214,7 +214,7 @@ def evaluate(model, inputs, labels=None, *, metric=None, samples=None, seeds=(0,
     onnx_source = None
     if isinstance(model, PSBModule):
         module = model
-        src = module.metadata.get("source")
+        src = module.metadata.source
         if src and isinstance(src, str) and os.path.isfile(src):
             onnx_source = src
     else:
@@ -256,10 +256,10 @@ def evaluate(model, inputs, labels=None, *, metric=None, samples=None, seeds=(0,
         bar.update()
     if not module.psb_layers:
         raise ConfigError("the module has no PSB layers: nothing to evaluate over n")
-    if module.metadata.get("frozen"):
+    if module.metadata.frozen:
         raise ConfigError("a frozen module has one fixed n; evaluate needs run-time sampling (compile without frozen=True)")
 
-    n_max = int(module.metadata["n_max"])
+    n_max = int(module.metadata.n_max)
     if samples is None:
         samples = [n for n in (2 ** k for k in range(11)) if n <= n_max]
     samples = sorted({int(n) for n in samples})
@@ -370,9 +370,9 @@ def evaluate(model, inputs, labels=None, *, metric=None, samples=None, seeds=(0,
 
     report = EvalReport(metric=name, higher_is_better=higher, float_row=float_row, rows=rows, attention=attn_rows,
                         allocated=allocated,
-                        meta={"model": str(onnx_source or module.metadata.get("source")), "inputs": desc, "count": count,
+                        meta={"model": str(onnx_source or module.metadata.source), "inputs": desc, "count": count,
                               "batch": module.inputs[0][1][0], "seeds": seeds, "reference": ref_desc,
-                              "n_max": n_max, "labels": labels is not None, "target": module.metadata.get("target"),
+                              "n_max": n_max, "labels": labels is not None, "target": module.metadata.target,
                               "psb_layers": module.psb_layers, "notes": notes})
     report.module = module  # not serialised: the compiled module, for reuse
     if out_dir is not None:

@@ -30,6 +30,7 @@ from tvm.relax.backend.cpu_generic import pipeline as cpu_generic
 from tvm.relax.backend.cuda import pipeline as cuda_generic
 from tvm.s_tir import dlight
 
+from .metadata import ModuleMetadata
 from .passes import (
     ApplyPSBTuningDatabase,
     AssertSampleBounds,
@@ -78,11 +79,11 @@ def schedule_passes(target: tvm.target.Target, database=None, n_max: int | None 
     return passes
 
 
-def _metadata_passes(metadata: dict | None) -> list:
+def _metadata_passes(metadata: ModuleMetadata | dict | None) -> list:
     return [AttachPSBMetadata(metadata)] if metadata is not None else []
 
 
-def cpu_build_passes(target: tvm.target.Target, database=None, metadata: dict | None = None,
+def cpu_build_passes(target: tvm.target.Target, database=None, metadata: ModuleMetadata | dict | None = None,
                      n_max: int | None = None) -> list:
     """The ``psb_cpu`` pipeline's passes (see the module docstring)."""
     n_max = n_max if n_max is not None else (metadata or {}).get("n_max")
@@ -105,7 +106,7 @@ class WithPassConfig:
             return tvm.transform.Sequential(self.passes)(mod)
 
 
-def cuda_build_passes(target: tvm.target.Target, database=None, metadata: dict | None = None,
+def cuda_build_passes(target: tvm.target.Target, database=None, metadata: ModuleMetadata | dict | None = None,
                       n_max: int | None = None, cuda_graph: bool | None = None) -> list:
     """The ``psb_cuda`` pipeline's passes (see the module docstring). ``cuda_graph`` defaults to
     the metadata's: modules without run-time arguments besides the inputs (frozen, or all float)
@@ -131,13 +132,13 @@ def _sequential(passes: list, name: str, target: tvm.target.Target) -> tvm.trans
     return _pipeline
 
 
-def psb_cpu(target, database=None, metadata: dict | None = None, n_max: int | None = None) -> tvm.transform.Pass:
+def psb_cpu(target, database=None, metadata: ModuleMetadata | dict | None = None, n_max: int | None = None) -> tvm.transform.Pass:
     """The CPU build pipeline: ``relax.get_pipeline("psb_cpu", target=...)``."""
     target = tvm.target.Target(target) if not isinstance(target, tvm.target.Target) else target
     return _sequential(cpu_build_passes(target, database, metadata, n_max), "psb_cpu", target)
 
 
-def psb_cuda(target, database=None, metadata: dict | None = None, n_max: int | None = None,
+def psb_cuda(target, database=None, metadata: ModuleMetadata | dict | None = None, n_max: int | None = None,
              cuda_graph: bool | None = None) -> tvm.transform.Pass:
     """The CUDA build pipeline: ``relax.get_pipeline("psb_cuda", target=...)``."""
     target = tvm.target.Target(target) if not isinstance(target, tvm.target.Target) else target

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import threading
@@ -15,6 +14,7 @@ from . import attention
 from .abi import METADATA_FUNC
 from .errors import ConfigError, InputError, ModelLoadError, OutputError, TargetMismatchError
 from .files import append_record, native_stderr_to_log, verify_module, write_output
+from .metadata import ModuleMetadata
 from .numerics import check_samples, check_seed
 from .weight_cache import DEFAULT_MAX_BYTES, WeightCache
 
@@ -33,10 +33,10 @@ class PSBModule:
     from several threads: each thread gets its own virtual machine, the cache is shared.
     """
 
-    def __init__(self, lib, metadata: dict, executable=None, weight_cache_bytes: int = DEFAULT_MAX_BYTES):
+    def __init__(self, lib, metadata: ModuleMetadata | dict, executable=None, weight_cache_bytes: int = DEFAULT_MAX_BYTES):
         self._lib = lib
         self._executable = executable  # set when built in this process (export needs it)
-        self.metadata = metadata
+        self.metadata = ModuleMetadata.coerce(metadata)
         self._local = threading.local()  # one Relax VM per thread (a VM is not thread-safe)
         self.weight_cache = WeightCache(weight_cache_bytes)
 
@@ -44,16 +44,16 @@ class PSBModule:
     @property
     def inputs(self) -> list:
         """``[(name, shape, dtype)]`` of the compiled model."""
-        return [(i["name"], tuple(i["shape"]), i["dtype"]) for i in self.metadata["inputs"]]
+        return [(i["name"], tuple(i["shape"]), i["dtype"]) for i in self.metadata.inputs]
 
     @property
     def layers(self) -> list:
         """Per linear layer: name, op, status ("psb" or "float"), reason, lowering, activation scale."""
-        return self.metadata["layers"]
+        return self.metadata.layers
 
     @property
     def samples(self) -> int:
-        return self.metadata["samples"]
+        return self.metadata.samples
 
     def report(self) -> str:
         """A table of which layers became PSB and why the others stayed float."""
@@ -65,9 +65,9 @@ class PSBModule:
         lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
         lines.insert(1, "  ".join("-" * w for w in widths))
         psb = sum(l["status"] == "psb" for l in self.layers)
-        per_layer = self.metadata.get("layer_samples")
+        per_layer = self.metadata.layer_samples
         n_text = f"n={self.samples}" if not per_layer else "n per layer " + ", ".join(f"{k}={v}" for k, v in per_layer.items())
-        lines.append(f"{psb} of {len(self.layers)} linear layers are PSB ({n_text}, seed={self.metadata['seed']})")
+        lines.append(f"{psb} of {len(self.layers)} linear layers are PSB ({n_text}, seed={self.metadata.seed})")
         clipped = [f"{l['name']} {100 * l['calibration_saturated']:.2g}%" for l in self.layers
                    if l.get("calibration_saturated")]
         if clipped:
@@ -81,8 +81,8 @@ class PSBModule:
             import tvm
             from tvm import relax
 
-            if self.metadata.get("target_kind", "llvm") != "llvm" or not self.metadata.get("host_runnable", True):
-                raise TargetMismatchError(f"this module was built for {self.metadata.get('target')}; it cannot run on this "
+            if self.metadata.target_kind != "llvm" or not self.metadata.host_runnable:
+                raise TargetMismatchError(f"this module was built for {self.metadata.target}; it cannot run on this "
                                           "host CPU (export it and run it there, e.g. with psb_run)")
             vm = self._local.vm = relax.VirtualMachine(self._lib, tvm.cpu())
         return vm
@@ -118,7 +118,7 @@ class PSBModule:
         only. Either way the output degrades without any error, e.g. when the calibration data
         was scaled 0..255 and the inputs 0..1. ``extrema``: per input, its (min, max) from
         ``_check_inputs`` (None for non-float or empty inputs)."""
-        ranges = self.metadata.get("input_ranges") or {}
+        ranges = self.metadata.input_ranges or {}
         warned = self.__dict__.setdefault("_range_warned", set())
         for seen, (name, _, _) in zip(extrema, self.inputs):
             if name not in ranges or seen is None:
@@ -175,14 +175,14 @@ class PSBModule:
     @property
     def psb_layers(self) -> list:
         """Names of the PSB layers, in the order of the per-layer sample counts."""
-        return list(self.metadata.get("psb_layers", []))
+        return list(self.metadata.psb_layers)
 
     @property
     def default_samples(self) -> dict:
         """``{PSB layer: n}`` used by ``run(samples=None)``: ``compile(samples=...)``, per layer when
         that was a map (metadata ``layer_samples``)."""
-        per_layer = self.metadata.get("layer_samples") or {}
-        return {name: int(per_layer.get(name, self.metadata["samples"])) for name in self.psb_layers}
+        per_layer = self.metadata.layer_samples or {}
+        return {name: int(per_layer.get(name, self.metadata.samples)) for name in self.psb_layers}
 
     def resolve_samples(self, samples=None) -> list:
         """Per-PSB-layer sample counts from ``None`` (the compiled default), an int, or a map
@@ -201,25 +201,25 @@ class PSBModule:
             per_layer = [samples] * len(names)
         for name, n in zip(names, per_layer):
             try:
-                check_samples(n, self.metadata["n_max"])
+                check_samples(n, self.metadata.n_max)
             except ValueError as err:
                 raise ConfigError(f"layer {name!r}: {err}") from None
-        if self.metadata.get("frozen") and per_layer != [compiled[name] for name in names]:
-            raise ConfigError(f"this module is frozen at samples={self.metadata['samples']}; "
+        if self.metadata.frozen and per_layer != [compiled[name] for name in names]:
+            raise ConfigError(f"this module is frozen at samples={self.metadata.samples}; "
                               "compile without frozen=True to choose n at run time")
         return [int(n) for n in per_layer]
 
     def _resolve_seed(self, seed) -> int:
 
         if seed is None:
-            return int(self.metadata["seed"])
+            return int(self.metadata.seed)
 
         try:
             seed = check_seed(seed)
         except ValueError as err:
             raise ConfigError(str(err)) from None
-        if self.metadata.get("frozen") and seed != self.metadata["seed"]:
-            raise ConfigError(f"this module is frozen at seed={self.metadata['seed']}; compile without frozen=True to re-sample")
+        if self.metadata.frozen and seed != self.metadata.seed:
+            raise ConfigError(f"this module is frozen at seed={self.metadata.seed}; compile without frozen=True to re-sample")
         return int(seed)
 
     def _runtime_args(self, samples, seed) -> list:
@@ -227,7 +227,7 @@ class PSBModule:
 
         per_layer = self.resolve_samples(samples)
         seed = self._resolve_seed(seed)
-        if not self.metadata.get("runtime_args"):
+        if not self.metadata.runtime_args:
             return []
         return [tvm.runtime.ShapeTuple(per_layer), tvm.runtime.ShapeTuple([seed])]
 
@@ -263,10 +263,10 @@ class PSBModule:
         args = [tvm.runtime.tensor(a, tvm.cpu()) for a in self._check_inputs(inputs, extrema)]
         self._check_range(extrema)
         vm = self._machine()
-        if not self.metadata.get("runtime_args"):
+        if not self.metadata.runtime_args:
             return self._to_numpy(vm["main"](*args)), items
         samples_arg, seed_arg = tvm.runtime.ShapeTuple(per_layer), tvm.runtime.ShapeTuple([seed])
-        if not self.metadata.get("weight_cache") or not self.weight_cache.enabled:
+        if not self.metadata.weight_cache or not self.weight_cache.enabled:
             return self._to_numpy(vm["main"](*args, samples_arg, seed_arg)), items
         weights = self.weight_cache.get((tuple(per_layer), seed), lambda: list(vm["weights"](samples_arg, seed_arg)))
         return self._to_numpy(vm["cached"](*args, samples_arg, *weights)), items
@@ -276,7 +276,7 @@ class PSBModule:
         layer by layer (conv outputs NCHW, dense outputs flattened to ``[rows, out]``). Needs a
         module with run-time sampling (not frozen)."""
 
-        if not self.metadata.get("runtime_args"):
+        if not self.metadata.runtime_args:
             raise ConfigError("layer outputs need a module compiled with run-time sampling (not frozen, with PSB layers)")
         out = self._machine()["probe"](*self._tensors(inputs), *self._runtime_args(samples, seed))
         result = self._to_numpy(out[0])
@@ -288,7 +288,7 @@ class PSBModule:
         Returns ``{"mean", "std", "outputs"}`` (arrays for one output, tuples for several).
         """
 
-        if self.metadata.get("frozen"):
+        if self.metadata.frozen:
             raise ConfigError("a frozen module has one fixed draw; compile without frozen=True for Monte-Carlo stats")
         if not isinstance(draws, int) or draws < 2:
             raise ConfigError(f"draws must be an int >= 2, got {draws!r}")
@@ -325,7 +325,7 @@ class PSBModule:
         import tvm
 
 
-        if not self.metadata.get("runtime_args"):
+        if not self.metadata.runtime_args:
             raise ConfigError("attention needs a module compiled with run-time sampling (not frozen, with PSB layers)")
         info = {l["name"]: l for l in self.layers}
         names = self.psb_layers
@@ -447,7 +447,7 @@ class PSBModule:
 
     def _export_options(self) -> dict:
         """Cross-compiled modules link with the target's toolchain (checked before anything is written)."""
-        triple = self.metadata.get("mtriple") or ""
+        triple = self.metadata.mtriple or ""
         if not triple.startswith("aarch64"):
             return {}
         import shutil
@@ -462,8 +462,8 @@ class PSBModule:
 
     def __repr__(self):
         psb = sum(l["status"] == "psb" for l in self.layers)
-        return (f"<PSBModule {self.metadata.get('source')} n={self.samples} psb_layers={psb}/{len(self.layers)} "
-                f"target={self.metadata.get('target')}>")
+        return (f"<PSBModule {self.metadata.source} n={self.samples} psb_layers={psb}/{len(self.layers)} "
+                f"target={self.metadata.target}>")
 
 
 @dataclass
@@ -491,7 +491,7 @@ class RefinementSession:
 
     def __init__(self, module: PSBModule, inputs, samples, seed):
 
-        if not module.metadata.get("runtime_args"):
+        if not module.metadata.runtime_args:
             raise ConfigError("progressive refinement needs a module compiled with run-time sampling "
                               "(not frozen, with PSB layers)")
         self.module = module
@@ -508,7 +508,7 @@ class RefinementSession:
         # the stratified sampler's closed form takes ranges from and to 0 or a power of two <= n_max
         for v in list(lo) + list(hi):
             if v:
-                check_samples(v, self.module.metadata["n_max"])
+                check_samples(v, self.module.metadata.n_max)
         vm = self.module._machine()
         out = vm["sample"](tvm.runtime.ShapeTuple(lo), tvm.runtime.ShapeTuple(hi), tvm.runtime.ShapeTuple([self.seed]))
         return [out[i].numpy() for i in range(len(lo))]
@@ -523,7 +523,7 @@ class RefinementSession:
     def refine(self):
         """Double every layer's n (up to n_max) using only the new samples; returns the new output."""
 
-        n_max = self.module.metadata["n_max"]
+        n_max = self.module.metadata.n_max
         if all(n >= n_max for n in self.samples):
             raise ConfigError(f"already at n_max={n_max}")
         hi = [min(2 * n, n_max) for n in self.samples]
@@ -538,7 +538,7 @@ class RefinementSession:
         """Early exit for classifiers: refine until the top-1 class of every row is unchanged over
         ``stable`` consecutive levels and the softmax gap between the best two classes is at
         least ``margin``, or n reaches ``max_samples`` (default n_max). Returns the output."""
-        limit = max_samples or self.module.metadata["n_max"]
+        limit = max_samples or self.module.metadata.n_max
         while True:
             if self._confident(margin, stable) or max(self.samples) >= limit:
                 return self.output
@@ -576,9 +576,9 @@ def load(path, weight_cache_bytes: int = DEFAULT_MAX_BYTES) -> PSBModule:
     try:
         vm = relax.VirtualMachine(lib, tvm.cpu())
         text = str(vm[METADATA_FUNC]())
-        metadata = json.loads(text)
     except Exception as err:  # noqa: BLE001
         raise ModelLoadError(f"{path}: not a psb_tvm module (no readable {METADATA_FUNC}): {err}") from err
+    metadata = ModuleMetadata.from_json(text, where=f"{path}: {METADATA_FUNC}")
     module = PSBModule(lib, metadata, weight_cache_bytes=weight_cache_bytes)
     module._local.vm = vm
     return module

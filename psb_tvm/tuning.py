@@ -371,9 +371,9 @@ def tune(onnx_model, target="llvm", work_dir: str = "psb_tuning", trials: int = 
                       manifest["trials_total"], time.time() - start, reports)
 
 
-def _layer_kernels(mod: tvm.IRModule, metadata: dict) -> dict:
+def _layer_kernels(mod: tvm.IRModule, metadata) -> dict:
     """PSB layer name -> the name of its layer kernel in the legalized module."""
-    ids = {l["layer_id"]: l["name"] for l in metadata["layers"] if l.get("status") == "psb"}
+    ids = {l["layer_id"]: l["name"] for l in metadata.layers if l.get("status") == "psb"}
     out = {}
     for gv, func in mod.functions.items():
         kind = (func.attrs or {}).get("psb.kind") if isinstance(func, tirx.PrimFunc) else None

@@ -865,6 +865,14 @@ Metadata ParseMetadata(const std::string& json) {
   }
   if (!err.empty()) throw Error("module metadata is not valid JSON: " + std::string(err));
   auto obj = AsObject(root, "the top level");
+  // psb_tvm.metadata.FORMAT_VERSION: absent in modules written before it existed (version 0).
+  if (auto fv = OptField(obj, "format_version")) {
+    int64_t version = AsInt(*fv, "\"format_version\"");
+    if (version > kMetadataFormatVersion)
+      throw Error("module metadata format_version " + std::to_string(version) +
+                  " was written by a newer psb_tvm; this runner reads up to " +
+                  std::to_string(kMetadataFormatVersion) + " (rebuild psb_run from the newer psb_tvm)");
+  }
   auto inputs = AsArray(Field(obj, "inputs", "the top level"), "\"inputs\"");
   for (size_t i = 0; i < inputs.size(); ++i) {
     std::string where = "inputs[" + std::to_string(i) + "]";

@@ -103,6 +103,9 @@ struct RuntimeArgInfo {
   int64_t length = 0;
 };
 
+/*! \brief The newest metadata layout this runner reads (psb_tvm.metadata.FORMAT_VERSION). */
+constexpr int64_t kMetadataFormatVersion = 1;
+
 /*! \brief The parts of the module's ``psb_metadata()`` JSON the runner uses. */
 struct Metadata {
   std::string json;  // the full text, as stored in the module

@@ -446,7 +446,7 @@ FRESH_PROCESS = textwrap.dedent(
     module = psb_tvm.load(so)
     np.save(out_path, module.run(np.load(x_path)))
     with open(meta_path, "w") as f:
-        json.dump(module.metadata, f)
+        f.write(module.metadata.to_json())
     """
 )
 
@@ -471,7 +471,7 @@ def test_end_to_end_in_a_fresh_process(tmp_path):
     assert meta["samples"] == 32 and meta["seed"] == 7
     assert meta["config"] == module.metadata["config"]
     assert PSBConfig.from_dict(meta["config"]) == PSBConfig(lowerings={"pwconv": "shiftadd"}, exclude=("fc",))
-    assert meta == json.loads(json.dumps(module.metadata))
+    assert meta == json.loads(module.metadata.to_json())
     assert all(math.isfinite(l["act_max_abs"]) for l in meta["layers"] if l["status"] == "psb")
     assert os.path.getsize(so) > 0
 

@@ -6,6 +6,7 @@ aarch64: the runner is cross built against the aarch64 wheels and run under qemu
 compiled with ``target="aarch64"``; PSB outputs are compared with the x86 run.
 """
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -198,7 +199,7 @@ def test_metadata_flag_prints_the_module_metadata(psb_run, host_models):
     m = host_models["digits"]
     proc = _run(psb_run, m.path, (), (), "--metadata")
     assert proc.returncode == 0, proc.stderr
-    assert json.loads(proc.stdout) == m.module.metadata
+    assert json.loads(proc.stdout) == m.module.metadata.to_dict()
 
 
 def test_time_flag_prints_median_latency(psb_run, host_models, tmp_path):
@@ -512,6 +513,56 @@ def test_failed_run_leaves_an_existing_output_untouched(psb_run, host_models, tm
     assert proc.returncode != 0 and "expected shape" in proc.stderr
     assert out.read_bytes() == b"previous"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["x.npy", "y.npy"]
+
+
+# ------------------------------------------------------------------ metadata: Python writes, C++ reads
+def _cpp_metadata(psb_run, path):
+    proc = subprocess.run([str(psb_run.parent / "psb_call"), "--parse-metadata", str(path)],
+                          capture_output=True, text=True, timeout=60)
+    return proc, [line.split("=", 1) for line in proc.stdout.splitlines()]
+
+
+def _expected_lines(md):
+    lines = [["input", f"{i['name']}:{i['dtype']}:{','.join(map(str, i['shape']))}"] for i in md.inputs]
+    per_layer = [md.layer_samples.get(n, md.samples) for n in md.psb_layers] if md.layer_samples else []
+    lines += [["outputs", ",".join(md.outputs)], ["samples", str(md.samples)], ["seed", str(md.seed)],
+              ["n_max", str(md.n_max)], ["layer_samples", ",".join(map(str, per_layer))], ["frozen", str(int(md.frozen))]]
+    lines += [["runtime_arg", f"{a['name']}:{a['kind']}:{a.get('length', 0)}"] for a in md.runtime_args]
+    return lines + [["unsupported", ""]]
+
+
+def test_cpp_runner_reads_the_metadata_python_writes(psb_run, host_models, tmp_path):
+    """ModuleMetadata.to_json (format_version 1) as ParseMetadata reads it, field by field, for
+    sampled, frozen and per-layer-n modules; a version-0 module (no format_version, n_max only in
+    config) still reads; a newer version is refused by both sides with the same reason."""
+    from psb_tvm.metadata import FORMAT_VERSION, ModuleMetadata
+
+    mds = [host_models[name].module.metadata for name in ("digits", "frozen", "two_outputs")]
+    per_layer = dataclasses.replace(mds[0], layer_samples={mds[0].psb_layers[0]: 4, mds[0].psb_layers[-1]: 32})
+    for i, md in enumerate(mds + [per_layer]):
+        path = tmp_path / f"md{i}.json"
+        path.write_text(md.to_json())
+        assert json.loads(path.read_text())["format_version"] == FORMAT_VERSION
+        assert ModuleMetadata.from_json(path.read_text()) == md  # the Python round trip
+        proc, lines = _cpp_metadata(psb_run, path)
+        assert proc.returncode == 0, proc.stderr
+        assert lines == _expected_lines(md)
+    old = mds[0].to_dict()
+    del old["format_version"], old["n_max"], old["sampler"]
+    (tmp_path / "v0.json").write_text(json.dumps(old))
+    proc, lines = _cpp_metadata(psb_run, tmp_path / "v0.json")
+    assert proc.returncode == 0 and ["n_max", str(old["config"]["n_max"])] in lines, proc.stderr
+    with pytest.raises(psb_tvm.ModelLoadError, match="missing \\['n_max'\\]"):
+        ModuleMetadata.from_dict(old)  # Python needs n_max at the top (every module since 0.1 has it)
+    assert ModuleMetadata.from_dict({**old, "n_max": 64}).sampler == "iid"  # before the stratified default
+    newer = {**mds[0].to_dict(), "format_version": FORMAT_VERSION + 1}
+    (tmp_path / "v2.json").write_text(json.dumps(newer))
+    proc, _ = _cpp_metadata(psb_run, tmp_path / "v2.json")
+    assert proc.returncode == 1 and f"format_version {FORMAT_VERSION + 1} was written by a newer psb_tvm" in proc.stderr
+    with pytest.raises(psb_tvm.ModelLoadError, match=f"format_version {FORMAT_VERSION + 1} was written by a newer"):
+        ModuleMetadata.from_dict(newer)
+    kept = ModuleMetadata.from_dict({**mds[0].to_dict(), "future_field": [1, 2]})
+    assert json.loads(kept.to_json())["future_field"] == [1, 2]  # unknown keys survive a round trip
 
 
 # ------------------------------------------------------------------ module integrity

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import ctypes
+import dataclasses
 import hashlib
 import json
 import os
@@ -123,7 +124,7 @@ def _fp16(onnx_model, target, input_shapes):
 
     mod, metadata, tgt = lower(onnx_model, target, input_shapes=input_shapes, config=PSBConfig(include=()))
     mod = relax.transform.ToMixedPrecision(out_dtype="float16")(mod)
-    executable, metadata = build(mod, tgt, metadata=dict(metadata, precision="fp16"))
+    executable, metadata = build(mod, tgt, metadata=dataclasses.replace(metadata, extra={**metadata.extra, "precision": "fp16"}))
     return PSBModule(executable, metadata, executable=executable)
 
 
