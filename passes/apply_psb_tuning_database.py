@@ -13,6 +13,7 @@ import warnings
 import tvm
 from tvm import tirx
 
+from psb_tvm.abi import ATTR_KIND, ATTR_TUNED
 from psb_tvm.errors import TuningWarning
 
 CANONICAL_N = 8  # the value ``n`` is bound to while tuning; the loop nest does not depend on it
@@ -27,7 +28,7 @@ def is_tunable(func) -> bool:
     attrs = func.attrs or {}
     if attrs.get("tirx.is_scheduled", False):
         return False
-    return attrs.get("psb.kind") not in _UNTUNABLE
+    return attrs.get(ATTR_KIND) not in _UNTUNABLE
 
 
 def canonical(func: tirx.PrimFunc) -> tvm.IRModule:
@@ -48,7 +49,7 @@ def _is_scalar(param) -> bool:
 def tuned_kernels(mod: tvm.IRModule) -> set:
     """Names of the PrimFuncs a database scheduled (``psb.tuned``)."""
     return {gv.name_hint for gv, f in mod.functions.items()
-            if isinstance(f, tirx.PrimFunc) and (f.attrs or {}).get("psb.tuned", False)}
+            if isinstance(f, tirx.PrimFunc) and (f.attrs or {}).get(ATTR_TUNED, False)}
 
 
 @tvm.transform.module_pass(opt_level=0, name="ApplyPSBTuningDatabase")
@@ -77,7 +78,7 @@ class ApplyPSBTuningDatabase:
                 warnings.warn(f"tuning record for {gv.name_hint} does not apply ({str(err).splitlines()[-1][:200]}); "
                               "using its default schedule", TuningWarning, stacklevel=2)
                 continue
-            updates[gv] = sch.mod["main"].with_attr("tirx.is_scheduled", True).with_attr("psb.tuned", True)
+            updates[gv] = sch.mod["main"].with_attr("tirx.is_scheduled", True).with_attr(ATTR_TUNED, True)
         if not updates:
             return mod
         mod = mod.clone() if hasattr(mod, "clone") else tvm.IRModule(dict(mod.functions))

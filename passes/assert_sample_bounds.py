@@ -15,6 +15,8 @@ import tvm
 from tvm import ir, tirx
 from tvm.s_tir import SBlock, SBlockRealize
 
+from psb_tvm.abi import ATTR_KIND
+
 #: Scalar kernel parameters that are sample counts: ``n`` (a power of two in [1, n_max]) and the
 #: sampler's range ends ``lo``, ``hi`` (0 or a power of two <= n_max).
 SAMPLE_PARAMS = {"n": False, "lo": True, "hi": True}
@@ -47,7 +49,7 @@ class AssertSampleBounds:
     def transform_module(self, mod: tvm.IRModule, _ctx) -> tvm.IRModule:
         updates = {}
         for gv, func in mod.functions.items():
-            if not isinstance(func, tirx.PrimFunc) or func.attrs is None or "psb.kind" not in func.attrs:
+            if not isinstance(func, tirx.PrimFunc) or func.attrs is None or ATTR_KIND not in func.attrs:
                 continue
             checks = []
             for param in func.params:

@@ -1,3 +1,11 @@
 """Names shared by compiled modules and the runtime that loads them (the module's ABI)."""
 
 METADATA_FUNC = "psb_metadata"  # Relax function returning the metadata JSON inside every module
+
+# PrimFunc attributes of the PSB kernels (schedules/kernels.py sets them; the schedule rules,
+# passes and tuning dispatch on them).
+ATTR_KIND = "psb.kind"  # "conv2d", "dense", "sample", "pack", "conv2d_masked", "dense_masked"
+ATTR_LOWERING = "psb.lowering"  # "intdot", "shiftadd", "bitserial"
+ATTR_LAYOUT = "psb.layout"  # the weight layout of the kernel ("vnni", "ohwi", "dp4a", "gemm", ...)
+ATTR_SAMPLER = "psb.sampler"  # "stratified" or "iid" (samplers)
+ATTR_TUNED = "psb.tuned"  # set by passes.ApplyPSBTuningDatabase on the kernels it scheduled

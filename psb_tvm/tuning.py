@@ -22,6 +22,7 @@ import tvm
 import tvm_ffi
 from tvm import tirx
 
+from .abi import ATTR_KIND
 from .checks import check_flag, is_int, is_real
 from .compiler import lower
 from .config import PSBConfig
@@ -74,7 +75,7 @@ def extract_tasks(mod: tvm.IRModule, psb_only: bool = False) -> list:
     """``[(workload module, [kernel names])]``, identical kernels grouped into one task."""
     tasks = []
     for gv, func in mod.functions.items():
-        if not is_tunable(func) or (psb_only and "psb.kind" not in (func.attrs or {})):
+        if not is_tunable(func) or (psb_only and ATTR_KIND not in (func.attrs or {})):
             continue
         wl = canonical(func)
         for existing, names in tasks:
@@ -376,7 +377,7 @@ def _layer_kernels(mod: tvm.IRModule, metadata) -> dict:
     ids = {l["layer_id"]: l["name"] for l in metadata.layers if l.get("status") == "psb"}
     out = {}
     for gv, func in mod.functions.items():
-        kind = (func.attrs or {}).get("psb.kind") if isinstance(func, tirx.PrimFunc) else None
+        kind = (func.attrs or {}).get(ATTR_KIND) if isinstance(func, tirx.PrimFunc) else None
         if kind in ("conv2d", "dense"):
             for lid, name in ids.items():
                 if gv.name_hint.startswith(f"psb_{lid}_"):

@@ -17,6 +17,7 @@ import tvm
 from tvm import te, tirx
 
 from psb_tvm import numerics
+from psb_tvm.abi import ATTR_KIND, ATTR_LAYOUT, ATTR_LOWERING, ATTR_SAMPLER
 
 from .hash import layer_key, sample_bit, sample_offset, stratified_count
 
@@ -268,7 +269,7 @@ def psb_sample_kernel(spec: KernelSpec, name: str) -> tvm.tirx.PrimFunc:
 
         counts = te.compute(shape, count, name="counts")
         func = te.create_prim_func([thr, lo, hi, seed, counts])
-        return func.with_attrs({"global_symbol": name, "psb.kind": "sample", "psb.sampler": "stratified",
+        return func.with_attrs({"global_symbol": name, ATTR_KIND: "sample", ATTR_SAMPLER: "stratified",
                                 "op_pattern": 8})
     if spec.sampler != "iid":
         raise ValueError(f"unknown sampler {spec.sampler!r}; expected one of {numerics.SAMPLERS}")
@@ -281,7 +282,7 @@ def psb_sample_kernel(spec: KernelSpec, name: str) -> tvm.tirx.PrimFunc:
 
     counts = te.compute(shape, count_iid, name="counts")
     func = te.create_prim_func([thr, lo, hi, seed, counts])
-    return func.with_attrs({"global_symbol": name, "psb.kind": "sample", "psb.sampler": "iid", "op_pattern": 8})
+    return func.with_attrs({"global_symbol": name, ATTR_KIND: "sample", ATTR_SAMPLER: "iid", "op_pattern": 8})
 
 
 def _quantize(spec: KernelSpec, value):
@@ -481,7 +482,7 @@ def psb_pack_kernel(spec: KernelSpec, name: str, draw: bool = False) -> tvm.tirx
         outputs.append(_wsum(spec, q))
     params = inputs + enc.params + [n] + ([seed] if draw else []) + outputs
     func = te.create_prim_func(params)
-    return func.with_attrs({"global_symbol": name, "psb.kind": "pack", "psb.layout": spec.weight_layout,
+    return func.with_attrs({"global_symbol": name, ATTR_KIND: "pack", ATTR_LAYOUT: spec.weight_layout,
                             "op_pattern": 8})
 
 
@@ -614,8 +615,8 @@ def psb_layer_kernel(spec: KernelSpec, name: str, expose_acc: bool = False) -> t
             if expose_acc and spec.gpu:
                 outputs = [te.compute(spec.out_shape, lambda *i: true_acc[i], name="acc_nchw"), out]
             func = te.create_prim_func(params + outputs)
-            return func.with_attrs({"global_symbol": name, "psb.kind": spec.kind, "psb.lowering": spec.lowering,
-                                    "psb.layout": layout, "op_pattern": 8})
+            return func.with_attrs({"global_symbol": name, ATTR_KIND: spec.kind, ATTR_LOWERING: spec.lowering,
+                                    ATTR_LAYOUT: layout, "op_pattern": 8})
         axes = [rc, rh, rw]
         rb = None
         if shiftadd:
@@ -650,8 +651,8 @@ def psb_layer_kernel(spec: KernelSpec, name: str, expose_acc: bool = False) -> t
     return func.with_attrs(
         {
             "global_symbol": name,
-            "psb.kind": spec.kind,
-            "psb.lowering": spec.lowering,
+            ATTR_KIND: spec.kind,
+            ATTR_LOWERING: spec.lowering,
             "op_pattern": 8,  # kOpaque: keep Relax's FuseOps from merging (and unscheduling) it
         }
     )
@@ -752,8 +753,8 @@ def _vnni_conv(spec: KernelSpec, name, expose_acc, params, q, padded, finish):
     if expose_acc:  # the accumulators in the common NCHW layout, for tests
         outputs = [te.compute(spec.out_shape, lambda b, o, y, xx: true_acc[b, y, xx, o], name="acc_nchw"), out]
     func = te.create_prim_func(params + outputs)
-    return func.with_attrs({"global_symbol": name, "psb.kind": spec.kind, "psb.lowering": spec.lowering,
-                            "psb.layout": spec.weight_layout, "op_pattern": 8})
+    return func.with_attrs({"global_symbol": name, ATTR_KIND: spec.kind, ATTR_LOWERING: spec.lowering,
+                            ATTR_LAYOUT: spec.weight_layout, "op_pattern": 8})
 
 
 def _bitserial_kernel(spec: KernelSpec, name, expose_acc, params):
@@ -872,8 +873,8 @@ def _bitserial_kernel(spec: KernelSpec, name, expose_acc, params):
 
     outputs = [acc, out] if expose_acc else [out]
     func = te.create_prim_func([x, counts, sign, normal, shift, scale, bias, n] + outputs)
-    return func.with_attrs({"global_symbol": name, "psb.kind": spec.kind, "psb.lowering": "bitserial",
-                            "psb.layout": "bitserial", "op_pattern": 8})
+    return func.with_attrs({"global_symbol": name, ATTR_KIND: spec.kind, ATTR_LOWERING: "bitserial",
+                            ATTR_LAYOUT: "bitserial", "op_pattern": 8})
 
 
 def psb_masked_kernel(spec: KernelSpec, name: str) -> tvm.tirx.PrimFunc:
@@ -957,5 +958,5 @@ def psb_masked_kernel(spec: KernelSpec, name: str) -> tvm.tirx.PrimFunc:
 
     out = te.compute(spec.out_shape, blend, name="out")
     func = te.create_prim_func([x, counts, *enc.params, scale, bias, low, pos, slot, n, m, out])
-    return func.with_attrs({"global_symbol": name, "psb.kind": f"{spec.kind}_masked", "psb.lowering": spec.lowering,
+    return func.with_attrs({"global_symbol": name, ATTR_KIND: f"{spec.kind}_masked", ATTR_LOWERING: spec.lowering,
                             "op_pattern": 8})

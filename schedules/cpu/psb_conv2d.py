@@ -6,23 +6,24 @@ from tvm import s_tir, tirx
 from tvm.s_tir.dlight.cpu.base import CPUScheduleRule
 from tvm.target import Target
 
+from psb_tvm.abi import ATTR_LAYOUT
+
+from ..rule import PSBRule
 from .common import VECTOR_LANES, block_names, largest_divisor, loop_extents, parallel_vectorize, vectorize_below_reductions
 from .psb_sampling import schedule_shared_stages
 
 
-class PSBConv2D(CPUScheduleRule):
+class PSBConv2D(PSBRule, CPUScheduleRule):
     """Parallel over (batch, output channel), vectorized over output columns, reduction outside.
 
     Vectorizing over output width keeps every lane's reduction independent and needs no
     horizontal sums; the lane count is a divisor of the width so no tail predicate blocks it.
     """
 
-    def apply(self, func: tirx.PrimFunc, target: Target, _: bool) -> None | s_tir.Schedule:
-        if not isinstance(func, tirx.PrimFunc) or not self.is_target_available(target):
-            return None
-        if func.attrs is None or func.attrs.get("psb.kind") != "conv2d":
-            return None
-        if func.attrs.get("psb.layout") in ("dp4a", "gemm"):
+    kinds = ("conv2d",)
+
+    def schedule(self, func: tirx.PrimFunc, attrs, target: Target, _: bool) -> None | s_tir.Schedule:
+        if attrs.get(ATTR_LAYOUT) in ("dp4a", "gemm"):
             return None  # GPU kernels (flattened pixels); built for a CPU only by the numerics tests
         sch = s_tir.Schedule(func)
         schedule_shared_stages(sch)
@@ -30,11 +31,11 @@ class PSBConv2D(CPUScheduleRule):
         loops = sch.get_loops(acc)
         b, o, y, x = loops[:4]
         reductions = loops[4:]
-        if func.attrs.get("psb.layout") == "vnni":
+        if attrs.get(ATTR_LAYOUT) == "vnni":
             return _schedule_vnni(sch, acc, target)
-        if func.attrs.get("psb.layout") == "bitserial":
+        if attrs.get(ATTR_LAYOUT) == "bitserial":
             schedule_bitserial_packs(sch)  # then the NCHW nest below: vectorized over output columns
-        if func.attrs.get("psb.layout") == "channels_last":
+        if attrs.get(ATTR_LAYOUT) == "channels_last":
             # Reduction over contiguous channels innermost: LLVM vectorizes it into dot products.
             sch.reorder(b, y, x, o, *reductions)
             sch.parallel(sch.fuse(b, y))

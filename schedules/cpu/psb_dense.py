@@ -6,27 +6,28 @@ from tvm import s_tir, tirx
 from tvm.s_tir.dlight.cpu.base import CPUScheduleRule
 from tvm.target import Target
 
+from psb_tvm.abi import ATTR_LAYOUT
+
+from ..rule import PSBRule
 from .common import parallel_vectorize, vectorize_below_reductions
 from .psb_conv2d import schedule_bitserial_packs
 from .psb_sampling import schedule_shared_stages
 
 
-class PSBDense(CPUScheduleRule):
+class PSBDense(PSBRule, CPUScheduleRule):
     """Parallel over (row, output), the contiguous reduction innermost.
 
     TVM does not vectorize reduction loops itself, but LLVM's loop vectorizer turns a contiguous
     innermost integer reduction into packed multiply-adds (vpdpwssd on AVX-512 VNNI).
     """
 
-    def apply(self, func: tirx.PrimFunc, target: Target, _: bool) -> None | s_tir.Schedule:
-        if not isinstance(func, tirx.PrimFunc) or not self.is_target_available(target):
-            return None
-        if func.attrs is None or func.attrs.get("psb.kind") != "dense":
-            return None
+    kinds = ("dense",)
+
+    def schedule(self, func: tirx.PrimFunc, attrs, target: Target, _: bool) -> None | s_tir.Schedule:
         sch = s_tir.Schedule(func)
         schedule_shared_stages(sch)
         acc = sch.get_sblock("acc")
-        if func.attrs.get("psb.layout") == "bitserial":
+        if attrs.get(ATTR_LAYOUT) == "bitserial":
             return _schedule_bitserial(sch, acc)
         m, o = sch.get_loops(acc)[:2]
         sch.parallel(sch.fuse(m, o))

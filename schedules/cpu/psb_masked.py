@@ -6,18 +6,17 @@ from tvm import s_tir, tirx
 from tvm.s_tir.dlight.cpu.base import CPUScheduleRule
 from tvm.target import Target
 
+from ..rule import PSBRule
 from .common import parallel_vectorize, vectorize_below_reductions
 from .psb_sampling import schedule_shared_stages
 
 
-class PSBMasked(CPUScheduleRule):
+class PSBMasked(PSBRule, CPUScheduleRule):
     """Listed positions in parallel; output channels vectorized with the reduction outside them."""
 
-    def apply(self, func: tirx.PrimFunc, target: Target, _: bool) -> None | s_tir.Schedule:
-        if not isinstance(func, tirx.PrimFunc) or not self.is_target_available(target):
-            return None
-        if func.attrs is None or func.attrs.get("psb.kind") not in ("conv2d_masked", "dense_masked"):
-            return None
+    kinds = ("conv2d_masked", "dense_masked")
+
+    def schedule(self, func: tirx.PrimFunc, attrs, target: Target, _: bool) -> None | s_tir.Schedule:
         sch = s_tir.Schedule(func)
         schedule_shared_stages(sch)
         acc = sch.get_sblock("acc")

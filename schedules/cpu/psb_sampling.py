@@ -7,6 +7,9 @@ from tvm import s_tir, tirx
 from tvm.s_tir.dlight.cpu.base import CPUScheduleRule
 from tvm.target import Target
 
+from psb_tvm.abi import ATTR_SAMPLER
+
+from ..rule import PSBRule
 from .common import VECTOR_LANES, block_names, largest_divisor, loop_extents, parallel_vectorize
 
 
@@ -15,19 +18,17 @@ def _parallel_spatial(sch: s_tir.Schedule, block, n_spatial: int) -> None:
     sch.parallel(sch.fuse(*loops) if len(loops) > 1 else loops[0])
 
 
-class PSBSample(CPUScheduleRule):
+class PSBSample(PSBRule, CPUScheduleRule):
     """Parallel over weights; i.i.d.: each weight's run-time sample loop stays innermost and
     serial; stratified (closed form, no sample loop): parallel and vectorized over weights."""
 
-    def apply(self, func: tirx.PrimFunc, target: Target, _: bool) -> None | s_tir.Schedule:
-        if not isinstance(func, tirx.PrimFunc) or not self.is_target_available(target):
-            return None
-        if func.attrs is None or func.attrs.get("psb.kind") != "sample":
-            return None
+    kinds = ("sample",)
+
+    def schedule(self, func: tirx.PrimFunc, attrs, target: Target, _: bool) -> None | s_tir.Schedule:
         sch = s_tir.Schedule(func)
         counts = sch.get_sblock("counts")
         loops = sch.get_loops(counts)
-        if func.attrs.get("psb.sampler") == "stratified":
+        if attrs.get(ATTR_SAMPLER) == "stratified":
             parallel_vectorize(sch, counts)
             return sch
         _parallel_spatial(sch, counts, len(loops) - 1)
@@ -36,17 +37,15 @@ class PSBSample(CPUScheduleRule):
         return sch
 
 
-class PSBPack(CPUScheduleRule):
+class PSBPack(PSBRule, CPUScheduleRule):
     """Run-time weight packing and drawing: every array is in the kernel's weight layout, so walk
     it in storage order, parallel over the outer dimension and vectorized over the rest (loads and
     stores contiguous); then the offset correction ``wsum`` parallel over output channels (its
     reduction serial)."""
 
-    def apply(self, func: tirx.PrimFunc, target: Target, _: bool) -> None | s_tir.Schedule:
-        if not isinstance(func, tirx.PrimFunc) or not self.is_target_available(target):
-            return None
-        if func.attrs is None or func.attrs.get("psb.kind") != "pack":
-            return None
+    kinds = ("pack",)
+
+    def schedule(self, func: tirx.PrimFunc, attrs, target: Target, _: bool) -> None | s_tir.Schedule:
         sch = s_tir.Schedule(func)
         q = sch.get_sblock("q")
         # Measured on a 256x256x3x3 vnni draw (uint16 thresholds, one-byte code): 0.64 ns per

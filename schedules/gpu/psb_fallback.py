@@ -11,13 +11,11 @@ from tvm.s_tir import dlight
 from tvm.s_tir.dlight.gpu.base import GPUScheduleRule
 from tvm.target import Target
 
+from ..rule import PSBRule
 
-class PSBGpuFallback(GPUScheduleRule):
+
+class PSBGpuFallback(PSBRule, GPUScheduleRule):
     """Spatial loops fused and bound to blocks x threads; reductions serial per thread."""
 
-    def apply(self, func: tirx.PrimFunc, target: Target, tunable: bool) -> None | s_tir.Schedule:
-        if not isinstance(func, tirx.PrimFunc) or not self.is_target_available(target):
-            return None
-        if func.attrs is None or "psb.kind" not in func.attrs:
-            return None
+    def schedule(self, func: tirx.PrimFunc, attrs, target: Target, tunable: bool) -> None | s_tir.Schedule:
         return dlight.gpu.Fallback().apply(func, target, tunable)

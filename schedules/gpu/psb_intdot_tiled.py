@@ -16,7 +16,10 @@ from tvm import s_tir, tirx
 from tvm.s_tir.dlight.gpu.base import GPUScheduleRule
 from tvm.target import Target
 
+from psb_tvm.abi import ATTR_KIND, ATTR_LAYOUT, ATTR_LOWERING
+
 from ..cpu.common import block_names, largest_divisor, loop_extents
+from ..rule import PSBRule
 from .common import bind_spatial
 
 #: Threads per block of the tiled kernels.
@@ -66,16 +69,15 @@ def _stage(sch: s_tir.Schedule, block, read_index: int, at, tx: int, ty: int, ve
     sch.bind(xo, "threadIdx.x")
 
 
-class PSBIntdotTiled(GPUScheduleRule):
+class PSBIntdotTiled(PSBRule, GPUScheduleRule):
     """Tiled implicit GEMM for intdot convs (``dp4a`` / channels-last layouts) and dense."""
 
-    def apply(self, func: tirx.PrimFunc, target: Target, _: bool) -> None | s_tir.Schedule:
-        if not isinstance(func, tirx.PrimFunc) or not self.is_target_available(target):
+    kinds = ("conv2d", "dense")
+
+    def schedule(self, func: tirx.PrimFunc, attrs, target: Target, _: bool) -> None | s_tir.Schedule:
+        if attrs.get(ATTR_LOWERING) != "intdot":
             return None
-        attrs = func.attrs
-        if attrs is None or attrs.get("psb.lowering") != "intdot":
-            return None
-        kind, layout = attrs.get("psb.kind"), attrs.get("psb.layout")
+        kind, layout = attrs.get(ATTR_KIND), attrs.get(ATTR_LAYOUT)
         if not (kind == "dense" or (kind == "conv2d" and layout in ("dp4a", "gemm"))):
             return None
         sch = s_tir.Schedule(func)
