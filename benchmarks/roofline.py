@@ -256,8 +256,10 @@ def _compile(func, rule, target):
 
 def _stage_funcs(spec):
     """The layer kernel's two per-call preparation stages as standalone PrimFuncs, defined as in
-    ``schedules/kernels.py`` (layout per path) and scheduled as ``schedule_shared_stages`` does."""
-    from psb_tvm.schedules.kernels import COUNTS_DTYPE, _Encoding, _padded, _weight_stage, xq_row_width
+    ``schedules/kernels/`` (layout per path) and scheduled as ``schedule_shared_stages`` does."""
+    from psb_tvm.schedules.kernels import COUNTS_DTYPE, xq_row_width
+    from psb_tvm.schedules.kernels.layer import _padded
+    from psb_tvm.schedules.kernels.weights import _Encoding, _weight_stage
     from tvm import te, tirx
 
     N, C, H, W = spec.x_shape

@@ -2,7 +2,7 @@
 
 METADATA_FUNC = "psb_metadata"  # Relax function returning the metadata JSON inside every module
 
-# PrimFunc attributes of the PSB kernels (schedules/kernels.py sets them; the schedule rules,
+# PrimFunc attributes of the PSB kernels (schedules/kernels/ sets them; the schedule rules,
 # passes and tuning dispatch on them).
 ATTR_KIND = "psb.kind"  # "conv2d", "dense", "sample", "pack", "conv2d_masked", "dense_masked"
 ATTR_LOWERING = "psb.lowering"  # "intdot", "shiftadd", "bitserial"

@@ -12,8 +12,7 @@ import numpy as np
 from .checks import is_int as _is_int
 from .checks import is_real as _is_real
 from .errors import ConfigError
-from .numerics import SAMPLERS
-from .schedules.kernels import LOWERINGS
+from .numerics import LOWERINGS, SAMPLERS
 
 
 @dataclass(frozen=True)

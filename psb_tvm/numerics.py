@@ -53,6 +53,9 @@ def weight_hash(seed: int, layer: int, index):
 #: The sample streams (DESIGN.md section 2): ``"stratified"`` (the default: rotated van der Corput
 #: points, count error at most one sample) and ``"iid"`` (the paper's independent Bernoulli samples).
 SAMPLERS = ("stratified", "iid")
+#: How a PSB layer computes its products (DESIGN.md section 5): integer dot products, shifts and
+#: adds, or bit-serial popcounts.
+LOWERINGS = ("intdot", "shiftadd", "bitserial")
 
 
 def check_sampler(sampler: str) -> str:

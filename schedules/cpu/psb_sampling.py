@@ -78,7 +78,7 @@ def schedule_shared_stages(sch: s_tir.Schedule) -> None:
         # Padded NCHW/NHWC rows: parallel over rows, vectorize along the row. Fusing everything
         # (parallel_vectorize) turns the padding test into per-lane div/mod and gathers: measured
         # ~10x slower on a 144-channel 56x56 depthwise input.
-        # (5 loops: the phase-split rows of a strided conv, see kernels.py)
+        # (5 loops: the phase-split rows of a strided conv, see kernels/layer.py)
         sch.parallel(sch.fuse(*loops[:-1]))
         width = loop_extents(sch, loops[-1:])[0]
         lanes = largest_divisor(width, VECTOR_LANES)

@@ -1,0 +1,408 @@
+"""``psb_layer_kernel``: from the weights (or counts) and a run-time ``n``, the fixed-point
+activations ``xq``, the exact integer products ``acc`` and the float32 output ``out`` (scale, bias,
+activation), per lowering (intdot, its VNNI / dp4a layouts, shiftadd, bitserial)."""
+
+from __future__ import annotations
+
+import tvm
+from tvm import te, tirx
+
+from psb_tvm import numerics
+from psb_tvm.abi import ATTR_KIND, ATTR_LAYOUT, ATTR_LOWERING
+
+from .spec import BITSERIAL_WORD, COUNTS_DTYPE, GPU_PIXEL_MULTIPLE, LOWERINGS, KernelSpec, bitserial_levels, xq_row_width
+from .weights import _Encoding, _weight_params, _weight_stage, _wsum
+
+
+def _quantize(spec: KernelSpec, value):
+    """``clip(rint(x * 2**f), lo, hi)``; ``nearbyint`` rounds half to even like ``np.rint``."""
+    lo, hi = numerics.act_range(spec.act_bits, spec.act_signed)
+    scaled = tirx.nearbyint(value * tirx.const(2.0**spec.frac_bits, "float32"))
+    clipped = tirx.max(tirx.min(scaled, tirx.const(hi, "float32")), tirx.const(lo, "float32"))
+    return clipped.astype(spec.act_dtype)
+
+
+def _activation(spec: KernelSpec, y):
+    act = spec.activation
+    if act is None:
+        return y
+    if act == "relu":
+        return tirx.max(y, tirx.const(0.0, "float32"))
+    return tirx.max(tirx.min(y, tirx.const(float(act[2]), "float32")), tirx.const(float(act[1]), "float32"))
+
+
+def _shiftadd_bits(spec: KernelSpec) -> int:
+    """Bits of the largest magnitude ``2 * n_max``."""
+    return (2 * spec.n_max).bit_length()
+
+
+def _product(spec: KernelSpec, xv, qv, sign, shift, rb):
+    """One term of the integer dot product, in the accumulator type.
+
+    shiftadd multiplies by the magnitude ``c`` bit-serially: ``sum_b [bit b of c] * (x << (shift+b))``,
+    then applies the sign by negation: shifts, adds and negation only.
+    """
+    acc = spec.acc_dtype
+    if spec.lowering == "intdot":
+        return xv.astype(acc) * qv.astype(acc)
+    bit = (qv >> rb.astype("int32")) & tirx.const(1, "int32")
+    mag = xv.astype(acc) << (shift.astype(acc) + rb.astype(acc))
+    signed = tirx.Select(sign < tirx.const(0, "int8"), tirx.const(0, acc) - mag, mag)
+    return tirx.Select(bit == 0, tirx.const(0, acc), signed)
+
+
+def _layer_inputs(spec: KernelSpec):
+    """Placeholders shared by the layer kernels: x, counts, sign, normal, shift, scale, bias."""
+    O = spec.w_shape[0]
+    return (
+        te.placeholder(spec.x_shape, "float32", name="x"),
+        te.placeholder(spec.w_shape, COUNTS_DTYPE, name="counts"),
+        te.placeholder(spec.w_shape, "int8", name="sign"),
+        te.placeholder(spec.w_shape, "int8", name="normal"),
+        te.placeholder(spec.w_shape, "int8", name="shift"),
+        te.placeholder((O,), "float32", name="scale"),
+        te.placeholder((O,), "float32", name="bias"),
+    )
+
+
+def _padded(spec: KernelSpec, x):
+    """``(b, c, h, w) ->`` the quantized activation of the zero-padded NCHW input."""
+    _, _, H, W = spec.x_shape
+    pt, pl, _, _ = spec.padding
+
+    def value(b, c, h, w):
+        # if_then_else, not Select: Select evaluates both sides and would read outside ``x``.
+        inside = tirx.all(h >= pt, h < H + pt, w >= pl, w < W + pl)
+        return tirx.if_then_else(inside, _quantize(spec, x[b, c, h - pt, w - pl]), tirx.const(0, spec.act_dtype))
+
+    return value
+
+
+def psb_layer_kernel(spec: KernelSpec, name: str, expose_acc: bool = False) -> tvm.tirx.PrimFunc:
+    """``(x, counts, sign, normal, shift, scale, bias, n) -> out`` (and ``acc`` first if exposed).
+
+    ``scale[o] = 2**(k_lo - f)``; the kernel multiplies by ``1/n`` (exact: a power of two).
+    """
+    if spec.lowering not in LOWERINGS:
+        raise ValueError(f"unknown lowering {spec.lowering!r}; expected one of {LOWERINGS}")
+    O = spec.w_shape[0]
+    x, counts, sign, normal, shift, scale, bias = _layer_inputs(spec)
+    n = tirx.Var("n", "int64")
+    if spec.prepacked and spec.lowering != "intdot":
+        raise ValueError(f"prepacked weights need the intdot lowering, not {spec.lowering!r}")
+    if spec.lowering == "bitserial":
+        return _bitserial_kernel(spec, name, expose_acc, [x, counts, sign, normal, shift, scale, bias, n])
+    q = _weight_stage(spec, counts, _Encoding(spec, sign, normal, shift), n)
+    params = [x, *_weight_params(spec, q, counts, sign, normal, shift), scale, bias, n]
+    shiftadd = spec.lowering == "shiftadd"
+    inv_n = tirx.const(1.0, "float32") / n.astype("float32")
+
+    def finish(acc, o, *idx):
+        return _activation(spec, acc[idx].astype("float32") * (scale[o] * inv_n) + bias[o])
+
+    if spec.kind == "dense":
+        M, K = spec.x_shape
+        xq = te.compute((M, K), lambda m, k: _quantize(spec, x[m, k]), name="xq")
+        rk = te.reduce_axis((0, K), name="rk")
+        axes = [rk]
+        rb = None
+        if shiftadd:
+            rb = te.reduce_axis((0, _shiftadd_bits(spec)), name="rb")
+            axes = [rk, rb]
+        acc = te.compute(
+            (M, O),
+            lambda m, o: te.sum(_product(spec, xq[m, rk], q[o, rk], sign[o, rk], shift[o, rk], rb), axis=axes),
+            name="acc",
+        )
+        out = te.compute((M, O), lambda m, o: finish(acc, o, m, o), name="out")
+    else:
+        N, C, H, W = spec.x_shape
+        _, Cg, KH, KW = spec.w_shape
+        pt, pl, pb, pr = spec.padding
+        sh, sw = spec.stride
+        dh, dw = spec.dilation
+        Og = O // spec.groups
+
+        padded = _padded(spec, x)
+
+        rc = te.reduce_axis((0, Cg), name="rc")
+        rh = te.reduce_axis((0, KH), name="rh")
+        rw = te.reduce_axis((0, KW), name="rw")
+        if spec.vnni or spec.dp4a:
+            return _vnni_conv(spec, name, expose_acc, params, q, padded, finish)
+        if spec.channels_last:
+            xq = te.compute((N, H + pt + pb, W + pl + pr, C), lambda b, h, w, c: padded(b, c, h, w), name="xq")
+
+            def channels_last_term(b, y, xx, o):
+                return te.sum(xq[b, y * sh + rh * dh, xx * sw + rw * dw, rc].astype(spec.acc_dtype)
+                              * q[o, rh, rw, rc].astype(spec.acc_dtype), axis=[rh, rw, rc])
+
+            if spec.gpu:  # acc[o, m] over flattened output pixels (see _flat_pixels)
+                M, unflat, view = _flat_pixels(spec)
+                acc = te.compute((O, M), lambda o, m: channels_last_term(*unflat(m), o), name="acc")
+                true_acc = view(acc, lambda b, o, y, xx: (b, y, xx, o))
+                layout = "gemm"
+            else:
+                acc = te.compute(spec.out_shape, lambda b, o, y, xx: channels_last_term(b, y, xx, o), name="acc")
+                true_acc, layout = acc, "channels_last"
+            out = te.compute(spec.out_shape, lambda b, o, y, xx: finish(true_acc, o, b, o, y, xx), name="out")
+            outputs = [acc, out] if expose_acc and not spec.gpu else [out]
+            if expose_acc and spec.gpu:
+                outputs = [te.compute(spec.out_shape, lambda *i: true_acc[i], name="acc_nchw"), out]
+            func = te.create_prim_func(params + outputs)
+            return func.with_attrs({"global_symbol": name, ATTR_KIND: spec.kind, ATTR_LOWERING: spec.lowering,
+                                    ATTR_LAYOUT: layout, "op_pattern": 8})
+        axes = [rc, rh, rw]
+        rb = None
+        if shiftadd:
+            rb = te.reduce_axis((0, _shiftadd_bits(spec)), name="rb")
+            axes = [rc, rh, rw, rb]
+        # xq rows padded to xq_row_width columns
+        if sw > 1 and dw == 1:
+            # Strided conv: columns split by phase, xq[b, c, h, p, j] = column s*j + p, so the
+            # vectorized reads of consecutive output columns are contiguous (a stride-2 depthwise
+            # conv spent most of its time in gathers).
+            xq = te.compute((N, C, H + pt + pb, sw, xq_row_width(-(-(W + pl + pr) // sw))),
+                            lambda b, c, h, ph, j: padded(b, c, h, j * sw + ph), name="xq")
+
+            def x_at(b, c, h, xx, r):
+                return xq[b, c, h, r % sw, xx + r // sw]
+        else:
+            xq = te.compute((N, C, H + pt + pb, xq_row_width(W + pl + pr)), padded, name="xq")
+
+            def x_at(b, c, h, xx, r):
+                return xq[b, c, h, xx * sw + r * dw]
+
+        def term(b, o, y, xx):
+            xv = x_at(b, (o // Og) * Cg + rc, y * sh + rh * dh, xx, rw)
+            w = (o, rc, rh, rw)
+            return _product(spec, xv, q[w], sign[w], shift[w], rb)
+
+        acc = te.compute(spec.out_shape, lambda *i: te.sum(term(*i), axis=axes), name="acc")
+        out = te.compute(spec.out_shape, lambda b, o, y, xx: finish(acc, o, b, o, y, xx), name="out")
+
+    outputs = [acc, out] if expose_acc else [out]
+    func = te.create_prim_func(params + outputs)
+    return func.with_attrs(
+        {
+            "global_symbol": name,
+            ATTR_KIND: spec.kind,
+            ATTR_LOWERING: spec.lowering,
+            "op_pattern": 8,  # kOpaque: keep Relax's FuseOps from merging (and unscheduling) it
+        }
+    )
+
+
+def _flat_pixels(spec: KernelSpec):
+    """GPU convs accumulate ``acc[o, m]`` over flattened output pixels ``m = (b*OH + y)*OW + x``:
+    the GPU schedules tile ``m``, and a tile of ``m`` is a rectangle of ``acc`` only in this form;
+    with ``m`` innermost the NCHW epilogue reads ``acc`` in runs of ``OH*OW`` (coalesced).
+    ``m`` runs to a multiple of ``GPU_PIXEL_MULTIPLE`` (the extra rows repeat the last pixel and
+    are never read), so tiles divide it and the tensorized block needs no bounds predicate.
+    Returns ``(M, m -> (b, y, x), view)`` where ``view(acc, idx_map)`` reads ``acc`` by
+    ``idx_map``'s (b, y, x, o) as if it were a 4-d tensor."""
+    N, _, OH, OW = spec.out_shape
+    M = N * OH * OW
+
+    def unflat(m):
+        m = tirx.min(m, M - 1)
+        return m // (OH * OW), m // OW % OH, m % OW
+
+    class _View:
+        def __init__(self, acc, idx_map):
+            self.acc, self.idx_map = acc, idx_map
+
+        def __getitem__(self, idx):
+            b, y, xx, o = self.idx_map(*idx)
+            return self.acc[o, (b * OH + y) * OW + xx]
+
+    return -(-M // GPU_PIXEL_MULTIPLE) * GPU_PIXEL_MULTIPLE, unflat, _View
+
+
+def _vnni_conv(spec: KernelSpec, name, expose_acc, params, q, padded, finish):
+    """Conv with the reduction blocked as (C/4, 4) and outputs as (O/16, 16): the shape of x86's
+    ``vpdpbusd`` (see ``schedules/cpu/psb_conv2d.py``, which tensorizes it). ``C`` is rounded up
+    to 4 with zero activations and zero weights.
+
+    ``vpdpbusd`` multiplies unsigned by signed bytes. Signed (int8) activations are stored offset,
+    ``x + 128`` as uint8, and the offset is taken back exactly per output channel:
+    ``sum x*q = wsum + sum (x+128)*q``, ``wsum[o] = -128 * sum q[o, ...]`` (integers, no rounding;
+    ``KernelSpec.vnni`` checks that the offset sums still fit int32). Padding becomes 128 as well,
+    so the correction is the same at every output position. ``wsum`` is a block of the kernel, or
+    a compile-time constant argument when the weights are prepacked.
+
+    The GPU's ``dp4a`` layout is the same conv with signed bytes on both sides: unsigned
+    activations are stored ``x - 128`` as int8 and ``wsum[o] = +128 * sum q[o, ...]``
+    (``KernelSpec.dot_offset``); signed ones go in unchanged.
+    """
+    N, C, H, W = spec.x_shape
+    O, Cg, KH, KW = spec.w_shape
+    pt, pl, pb, pr = spec.padding
+    sh, sw = spec.stride
+    dh, dw = spec.dilation
+    C4 = spec.vnni_channels
+    offset = spec.dot_offset
+    xq_dtype = "uint8" if spec.vnni else "int8"
+
+    def xq_value(b, h, w, c):
+        v = padded(b, tirx.min(c, C - 1) if C4 != C else c, h, w)
+        if offset:
+            v = (v.astype("int32") + offset).astype(xq_dtype)
+        return tirx.if_then_else(c < C, v, tirx.const(0, xq_dtype)) if C4 != C else v
+
+    xq = te.compute((N, H + pt + pb, W + pl + pr, C4), xq_value, name="xq")
+    rh = te.reduce_axis((0, KH), name="rh")
+    rw = te.reduce_axis((0, KW), name="rw")
+    rc = te.reduce_axis((0, C4 // 4), name="rc")
+    rk = te.reduce_axis((0, 4), name="rk")
+    _, _, OH, OW = spec.out_shape
+
+    def term(b, y, xx, o):
+        return te.sum(xq[b, y * sh + rh * dh, xx * sw + rw * dw, rc * 4 + rk].astype("int32")
+                      * q[o // 16, rh, rw, rc, o % 16, rk].astype("int32"), axis=[rh, rw, rc, rk])
+
+    if spec.dp4a:  # acc[o, m] over flattened output pixels (see _flat_pixels)
+        M, unflat, view = _flat_pixels(spec)
+        # outputs padded to 16 (zero weights; the epilogue reads o < O only)
+        acc = view(te.compute((spec.packed_outputs, M), lambda o, m: term(*unflat(m), o), name="acc"), lambda *i: i)
+    else:  # acc[b, y, x, o]
+        acc = te.compute((N, OH, OW, O), term, name="acc")
+    true_acc = acc
+    if offset:
+        if spec.prepacked:  # a compile-time constant next to q (pack_weights)
+            wsum = params[2]
+        else:
+            wsum = _wsum(spec, q)
+
+        class _Corrected:  # acc[b, y, x, o] + wsum[o], read where the epilogue reads acc
+            def __getitem__(self, idx):
+                return acc[idx] + wsum[idx[3]]
+
+        true_acc = _Corrected()
+    out = te.compute(spec.out_shape, lambda b, o, y, xx: finish(true_acc, o, b, y, xx, o), name="out")
+    outputs = [out]
+    if expose_acc:  # the accumulators in the common NCHW layout, for tests
+        outputs = [te.compute(spec.out_shape, lambda b, o, y, xx: true_acc[b, y, xx, o], name="acc_nchw"), out]
+    func = te.create_prim_func(params + outputs)
+    return func.with_attrs({"global_symbol": name, ATTR_KIND: spec.kind, ATTR_LOWERING: spec.lowering,
+                            ATTR_LAYOUT: spec.weight_layout, "op_pattern": 8})
+
+
+def _bitserial_kernel(spec: KernelSpec, name, expose_acc, params):
+    """Bit-serial layer kernel: ``acc = sum_{s,e,b} (-1)^s * sign_b * 2^(e+b) * popcount(X_b & M_se)``.
+
+    Weights are split into binary masks ``M_se`` (sign ``s``: 0 positive, 1 negative; level ``e``:
+    bit ``e`` of ``|q|``), activations into two's-complement bit planes ``X_b`` (for signed
+    activations the top plane counts ``-2^(B-1)``); the reduction over input channels is packed 32 to
+    a ``uint32`` word (zero-padded to a whole word per group), so every term is an AND and a
+    popcount. Exact for every run-time ``n <= n_max``: the level loop runs over the ``E + 1 + log2 n``
+    levels that ``n`` can reach, so the cost grows with ``log2 n`` (it is meant for n = 1, 2).
+    Sign-magnitude masks keep every partial sum within the bound that chose ``acc_dtype``.
+
+    Stages: ``q`` (per-weight plane codes, channel-padded), ``wpack`` (weight masks), ``xq`` (quantized,
+    padded activations), ``xpack`` (activation bit planes), ``acc``, ``out``.
+    """
+    x, counts, sign, normal, shift, scale, bias, n = params
+    WB, wdt, acc_t = BITSERIAL_WORD, f"uint{BITSERIAL_WORD}", spec.acc_dtype
+    xbits = tvm.DataType(spec.act_dtype).bits
+    L = bitserial_levels(spec.E, spec.n_max)
+    # levels reached at run time (n is a power of two: popcount(n - 1) = log2 n), capped by n_max
+    levels = tirx.min(tirx.popcount(n - 1) + (spec.E + 1), tirx.const(L, "int64"))
+    n32 = n.astype("int32")
+    O = spec.w_shape[0]
+    K = spec.w_shape[1]  # channels per group (conv) or input features (dense)
+    words = (K + WB - 1) // WB
+    inv_n = tirx.const(1.0, "float32") / n.astype("float32")
+
+    code_t = "int32" if 2 * L <= 31 else "int64"
+
+    def q_value(i):
+        """The plane code of weight ``i``: ``|q|`` in bits ``[0, L)`` if ``q > 0``, in ``[L, 2L)`` if ``q < 0``."""
+        mag = ((normal[i].astype("int32") * n32 + counts[i].astype("int32")) << shift[i].astype("int32")).astype(code_t)
+        return tirx.Select(sign[i] < tirx.const(0, "int8"), mag << tirx.const(L, code_t), mag * sign[i].astype(code_t))
+
+    def wbit(code, s, e):
+        """Mask bit of sign ``s`` (0: positive, 1: negative) and level ``e`` of a weight's plane code."""
+        return ((code >> (s * L + e).astype(code_t)) & tirx.const(1, code_t)).astype(wdt)
+
+    def xbit(v, b):
+        """Bit ``b`` of the two's-complement activation ``v`` (sign-extended for signed types)."""
+        return ((v.astype("int32") >> b.astype("int32")) & 1).astype(wdt)
+
+    def pack(bit_of):
+        rj = te.reduce_axis((0, WB), name="rj")
+        return te.sum(bit_of(rj) << rj.astype(wdt), axis=rj)
+
+    top = xbits - 1 if spec.act_signed else -1
+
+    def term(xw, ww, rs, re, rb):
+        mag = tirx.popcount(xw & ww).astype(acc_t) << (re.astype(acc_t) + rb.astype(acc_t))
+        neg = (rs == 1) if top < 0 else tirx.Select(rb == top, rs == 0, rs == 1)
+        return tirx.Select(neg, tirx.const(0, acc_t) - mag, mag)
+
+    rs = te.reduce_axis((0, 2), name="rs")
+    re = te.reduce_axis((0, levels), name="re")
+    rb = te.reduce_axis((0, xbits), name="rb")
+
+    def finish(o, v):
+        return _activation(spec, v.astype("float32") * (scale[o] * inv_n) + bias[o])
+
+    if spec.kind == "dense":
+        M = spec.x_shape[0]
+        zero = tirx.const(0, spec.act_dtype)
+        xq = te.compute((M, words * WB), lambda m, k: tirx.if_then_else(k < K, _quantize(spec, x[m, tirx.min(k, K - 1)]), zero),
+                        name="xq")
+        xpack = te.compute((M, words, xbits), lambda m, w, b: pack(lambda j: xbit(xq[m, w * WB + j], b)), name="xpack")
+        # weights [K, O]: the packed masks are contiguous over outputs (vectorized)
+        q = te.compute((words * WB, O), lambda k, o: tirx.if_then_else(k < K, q_value((o, tirx.min(k, K - 1))),
+                                                                      tirx.const(0, code_t)), name="q")
+        wpack = te.compute((words, 2, L, O), lambda w, s, e, o: pack(lambda j: wbit(q[w * WB + j, o], s, e)), name="wpack")
+        rw = te.reduce_axis((0, words), name="rw")
+        acc = te.compute(
+            (M, O),
+            lambda m, o: te.sum(term(xpack[m, rw, rb], wpack[rw, rs, re, o], rs, re, rb), axis=[rw, rs, re, rb]),
+            name="acc",
+        )
+        out = te.compute((M, O), lambda m, o: finish(o, acc[m, o]), name="out")
+    else:
+        N, C, H, W = spec.x_shape
+        _, Cg, KH, KW = spec.w_shape
+        pt, pl, pb, pr = spec.padding
+        sh, sw = spec.stride
+        dh, dw = spec.dilation
+        G = spec.groups
+        Og = O // G
+        Hp, Wp = H + pt + pb, W + pl + pr
+        padded = _padded(spec, x)
+        zero = tirx.const(0, spec.act_dtype)
+        # activations [N, G, Hp, C/G padded, Wp]: planes contiguous over columns (vectorized)
+        xq = te.compute(
+            (N, G, Hp, words * WB, Wp),
+            lambda b, g, h, c, w: tirx.if_then_else(c < Cg, padded(b, g * Cg + tirx.min(c, Cg - 1), h, w), zero),
+            name="xq",
+        )
+        xpack = te.compute((N, G, Hp, words, xbits, Wp),
+                           lambda b, g, h, wd, bit, w: pack(lambda j: xbit(xq[b, g, h, wd * WB + j, w], bit)),
+                           name="xpack")
+        q = te.compute((O, KH, KW, words * WB),
+                       lambda o, kh, kw, c: tirx.if_then_else(c < Cg, q_value((o, tirx.min(c, Cg - 1), kh, kw)),
+                                                              tirx.const(0, code_t)),
+                       name="q")
+        wpack = te.compute((O, KH, KW, words, 2, L),
+                           lambda o, kh, kw, wd, s, e: pack(lambda j: wbit(q[o, kh, kw, wd * WB + j], s, e)),
+                           name="wpack")
+        rh = te.reduce_axis((0, KH), name="rh")
+        rw = te.reduce_axis((0, KW), name="rw")
+        rc = te.reduce_axis((0, words), name="rc")
+
+        def conv_term(b, o, y, xx):
+            xw = xpack[b, o // Og, y * sh + rh * dh, rc, rb, xx * sw + rw * dw]
+            return term(xw, wpack[o, rh, rw, rc, rs, re], rs, re, rb)
+
+        acc = te.compute(spec.out_shape, lambda *i: te.sum(conv_term(*i), axis=[rh, rw, rc, rs, re, rb]), name="acc")
+        out = te.compute(spec.out_shape, lambda b, o, y, xx: finish(o, acc[b, o, y, xx]), name="out")
+
+    outputs = [acc, out] if expose_acc else [out]
+    func = te.create_prim_func([x, counts, sign, normal, shift, scale, bias, n] + outputs)
+    return func.with_attrs({"global_symbol": name, ATTR_KIND: spec.kind, ATTR_LOWERING: "bitserial",
+                            ATTR_LAYOUT: "bitserial", "op_pattern": 8})

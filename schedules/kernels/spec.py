@@ -1,0 +1,176 @@
+"""``KernelSpec``: everything a PSB layer kernel is generated from (shapes, lowering, layouts,
+activation width, epilogue), plus the constants shared by the kernels."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from psb_tvm import numerics
+from psb_tvm.numerics import LOWERINGS  # noqa: F401 - re-exported
+
+COUNTS_DTYPE = "int16"  # counts <= n_max <= 1024
+
+
+BITSERIAL_WORD = 32  # bits per packed word of the bitserial lowering (popcount on uint32)
+
+
+def bitserial_levels(E: int, n: int) -> int:
+    """Power-of-two levels of the sampled magnitudes ``|q| <= n * 2**E``: ``E + 1 + log2 n``."""
+    return E + 1 + (int(n).bit_length() - 1)
+
+
+@dataclass(frozen=True)
+class KernelSpec:
+    """Everything that shapes one PSB layer's kernels (the sample count and seed are run-time)."""
+
+    kind: str  # "conv2d" or "dense"
+    lowering: str
+    x_shape: tuple  # conv: (N, C, H, W); dense: (M, K)
+    w_shape: tuple  # conv: (O, C/groups, KH, KW); dense: (O, K)
+    n_max: int
+    layer: int  # layer id of the sample stream
+    E: int
+    P: int
+    act_bits: int
+    act_signed: bool
+    frac_bits: int
+    activation: object = None  # None, "relu", ("clip", lo, hi)
+    stride: tuple = (1, 1)
+    padding: tuple = (0, 0, 0, 0)  # top, left, bottom, right
+    dilation: tuple = (1, 1)
+    groups: int = 1
+    # intdot only: the integer weights q arrive as one constant already in the kernel's layout
+    # (``pack_weights``), made at compile time from a frozen draw; no weight stage per call.
+    prepacked: bool = False
+    # The kernel is built for a GPU (CUDA): the int8 preset's packed conv takes the ``dp4a`` layout
+    # (signed bytes on both sides) instead of x86's ``vnni`` one (unsigned x signed).
+    gpu: bool = False
+    # The sample stream (numerics.SAMPLERS): "stratified" counts in closed form, "iid" sums the
+    # per-sample hash bits.
+    sampler: str = "stratified"
+    # Storage of the thresholds: "uint16" when every threshold of the layer is below 2**16 (P <= 16
+    # and no weight rounds up to the next power of two), else "int32". The same integers either
+    # way; the samplers read half the bytes (measured: the draw kernel is memory-bound).
+    threshold_dtype: str = "int32"
+    # intdot layers sampled at run time: their threshold, counts and encoding are stored in the
+    # kernel's weight layout (``pack_layout``, padding zero), the encoding as one byte per weight
+    # (``numerics.weight_code``) instead of three int8 arrays; their sample and masked kernels read
+    # them so, and the pack / draw kernels (which always do) walk every array contiguously. In the
+    # source order, the draw's stores into the vnni / OHWI layouts were byte scatters.
+    packed_encoding: bool = False
+
+    @property
+    def reduction_size(self) -> int:
+        size = 1
+        for d in self.w_shape[1:]:
+            size *= d
+        return size
+
+    @property
+    def acc_dtype(self) -> str:
+        bits = numerics.accumulator_bits(self.reduction_size, self.E, self.n_max, self.act_bits, self.act_signed)
+        return f"int{bits}"
+
+    @property
+    def q_dtype(self) -> str:
+        qmax = numerics.max_abs_q(self.E, self.n_max)
+        return "int8" if qmax <= 127 else "int16" if qmax <= 32767 else "int32"
+
+    @property
+    def act_dtype(self) -> str:
+        bits = 8 if self.act_bits <= 8 else 16 if self.act_bits <= 16 else 32
+        return f"{'' if self.act_signed else 'u'}int{bits}"
+
+    def _packed_int8_conv(self, act_signed_bound: bool, any_outputs: bool) -> bool:
+        """The int8 preset's conv (8-bit activations x int8 weights, 16 outputs x 4 channels per
+        packed step), when its sums in the packed domain still fit int32 (and, unless
+        ``any_outputs``, the output channels come in 16s)."""
+        bits = numerics.accumulator_bits(self.reduction_size, self.E, self.n_max, 8, act_signed_bound)
+        return (self.kind == "conv2d" and self.lowering == "intdot" and self.groups == 1
+                and self.q_dtype == "int8" and self.act_bits == 8 and bits == 32
+                and (any_outputs or self.w_shape[0] % 16 == 0) and self.w_shape[1] >= 3)
+
+    @property
+    def vnni(self) -> bool:
+        """int8 preset on CPUs: 8-bit activations (int8 ones offset to uint8) x int8 weights, 16
+        outputs x 4 channels per ``vpdpbusd`` (weights packed [O/16, KH, KW, C/4, 16, 4],
+        accumulators NHWC)."""
+        # Signed activations go in offset by +128 (see _vnni_conv): the sums then need the
+        # unsigned 8-bit bound to fit int32.
+        return not self.gpu and self._packed_int8_conv(act_signed_bound=False, any_outputs=False)
+
+    @property
+    def dp4a(self) -> bool:
+        """int8 preset on GPUs: the ``vnni`` blocking with both operands signed bytes (uint8
+        activations offset to int8), for CUDA's ``__dp4a`` (4 int8 x int8 products per step).
+        Output channels are padded to ``packed_outputs`` with zero weights (MobileNet's 24 / 40)."""
+        return self.gpu and self._packed_int8_conv(act_signed_bound=True, any_outputs=True)
+
+    @property
+    def packed_outputs(self) -> int:
+        """Output channels of the packed layouts: ``O`` rounded up to 16 (``dp4a`` pads; ``vnni``
+        needs 16 | O)."""
+        return -(-self.w_shape[0] // 16) * 16
+
+    @property
+    def dot_offset(self) -> int:
+        """What the packed int8 conv adds to every activation so both operands have the signedness
+        its instruction wants (``vpdpbusd``: unsigned x signed, ``dp4a``: signed x signed); the
+        kernel takes ``offset * sum q`` back per output channel (``wsum``)."""
+        if self.vnni and self.act_signed:
+            return 128
+        if self.dp4a and not self.act_signed:
+            return -128
+        return 0
+
+    @property
+    def vnni_channels(self) -> int:
+        """Input channels of the VNNI layout: ``C`` rounded up to 4 (zero weights, zero activations),
+        so a 3-channel stem still takes one ``vpdpbusd`` per 16 outputs x 4 channels."""
+        return -(-self.w_shape[1] // 4) * 4
+
+    @property
+    def weight_layout(self) -> str:
+        """Layout of the integer weights ``q`` inside the layer kernel (``pack_weights`` makes it)."""
+        if self.kind == "dense":
+            return "OI"
+        return "vnni" if self.vnni else "dp4a" if self.dp4a else "OHWI" if self.channels_last else "OIHW"
+
+    @property
+    def packed_weight_shape(self) -> tuple:
+        O, Cg, KH, KW = self.w_shape if self.kind == "conv2d" else (*self.w_shape, 1, 1)
+        return {"OI": self.w_shape, "OIHW": self.w_shape, "OHWI": (O, KH, KW, Cg),
+                "vnni": (O // 16, KH, KW, self.vnni_channels // 4, 16, 4),
+                "dp4a": (self.packed_outputs // 16, KH, KW, self.vnni_channels // 4, 16, 4)}[self.weight_layout]
+
+    @property
+    def channels_last(self) -> bool:
+        """Dense-style conv: activations NHWC and weights OHWI, so the reduction over input
+        channels is contiguous and innermost and LLVM emits packed dot products (VNNI)."""
+        return self.kind == "conv2d" and self.lowering == "intdot" and self.groups == 1 and self.w_shape[1] >= 3
+
+    @property
+    def out_shape(self) -> tuple:
+        if self.kind == "dense":
+            return (self.x_shape[0], self.w_shape[0])
+        N, _, H, W = self.x_shape
+        O, _, KH, KW = self.w_shape
+        pt, pl, pb, pr = self.padding
+        OH = (H + pt + pb - self.dilation[0] * (KH - 1) - 1) // self.stride[0] + 1
+        OW = (W + pl + pr - self.dilation[1] * (KW - 1) - 1) // self.stride[1] + 1
+        return (N, O, OH, OW)
+
+
+#: Columns an NCHW activation row of ``xq`` is padded to (zeros, never read): its stage is
+#: vectorized along rows, and an odd row width (30 = 15 lanes) made a 192-channel 28x28 depthwise
+#: conv 10x slower per MAC than a 14x14 one.
+XQ_ROW_MULTIPLE = 16
+
+
+def xq_row_width(width: int) -> int:
+    """``width`` rounded up to ``XQ_ROW_MULTIPLE``."""
+    return -(-width // XQ_ROW_MULTIPLE) * XQ_ROW_MULTIPLE
+
+
+#: GPU convs round their flattened pixel count up to a multiple of this (see _flat_pixels).
+GPU_PIXEL_MULTIPLE = 16
