@@ -3,7 +3,7 @@
     python benchmarks/real_models.py [--quick] [--out-dir benchmarks/results] [--samples 1,2,4,...]
                                      [--models pnet,rnet,onet,silero,cls,rec,det]
 
-Models (fetched from PyPI wheels into ``$PSB_TVM_CACHE``, see ``psb_tvm.zoo``):
+Models (fetched from PyPI wheels into ``$PSB_TVM_CACHE``, see ``tools/zoo.py``):
 
 * MTCNN PNet (1x3x48x48 -> 19x19 windows), RNet (24x24), ONet (48x48) from ``facenet-pytorch``
   (needs torch for the export: ``pip install 'psb-tvm[real]'``), on numpy-drawn synthetic faces and
@@ -11,13 +11,13 @@ Models (fetched from PyPI wheels into ``$PSB_TVM_CACHE``, see ``psb_tvm.zoo``):
   agreement (prob > 0.5; per window for PNet), mean absolute error of the face probability, of the
   box regression and (ONet) of the landmarks.
 * Silero VAD (``silero_vad.onnx`` of ``silero-vad``, 16 kHz: ``sr`` bound, constant ``If`` inlined,
-  LSTM unrolled, see ``psb_tvm.zoo.silero_vad_onnx``), streamed chunk by chunk with its LSTM state
+  LSTM unrolled, see ``tools/zoo.py silero_vad_onnx``), streamed chunk by chunk with its LSTM state
   over espeak-ng speech (or formant-synthesised vowels when espeak-ng is missing) and over noise.
   Metrics: speech decision agreement (prob > 0.5) and mean absolute probability error. Also a table
   of every ONNX file of the wheel: imported as shipped, and after ``silero_vad_onnx``.
 * PP-OCR (``rapidocr-onnxruntime``): the text direction classifier (1x3x48x192), the PP-OCRv4
   recognizer (1x3x48x320) and detector (1x3x320x320), on text lines and pages rendered with Pillow
-  (``psb_tvm.zoo``). Metrics: recognizer CER (CTC greedy decoding) against the rendered strings,
+  (``tools/zoo.py``). Metrics: recognizer CER (CTC greedy decoding) against the rendered strings,
   classifier accuracy (0 / 180 degrees), detector box F1 against the float model's boxes (IoU 0.5).
   PSB with 8-bit, ``"auto"`` (default) and 16-bit activations at n = 4, 16, 64 (mean over the
   seeds), ORT int8, ``psb_tvm.diagnose`` at n = 4, 16, 64 and ``allocate(act_bits=(8, 16))``.
@@ -58,6 +58,7 @@ import numpy as np  # noqa: E402
 
 HERE = pathlib.Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
+sys.path.insert(1, str(HERE.parent / "tools"))  # zoo.py: the real models and their data
 
 import run as bench_run  # noqa: E402 - the ORT session / int8 helpers of the latency benchmark
 
@@ -133,9 +134,9 @@ SILERO_CRITERIA = {"agreement >= 99.5% (speech and noise)": lambda m: min(m["spe
 # ---------------------------------------------------------------------------- MTCNN
 def bench_mtcnn(net: str, samples, quick: bool, workdir: pathlib.Path, alloc_seeds=ALLOC_SEEDS) -> dict:
     import onnx
+    import zoo
 
     import psb_tvm
-    from psb_tvm import zoo
 
     shape = zoo.MTCNN_SHAPES[net]
     count = 64 if quick else (128 if net == "pnet" else 256)
@@ -202,8 +203,9 @@ def _step(fn):
 
 
 def bench_silero(samples, quick: bool, workdir: pathlib.Path, alloc_seeds=ALLOC_SEEDS, alloc_bits=(8, 16)) -> dict:
+    import zoo
+
     import psb_tvm
-    from psb_tvm import zoo
 
     speech, source = zoo.speech_audio(16000, seed=0, texts=zoo.SPEECH_TEXTS[:2] if quick else zoo.SPEECH_TEXTS)
     noise = zoo.noise_audio(4.0 if quick else 8.0, 16000, seed=1)
@@ -265,8 +267,8 @@ def bench_silero(samples, quick: bool, workdir: pathlib.Path, alloc_seeds=ALLOC_
 def silero_variants() -> list:
     """Every ONNX file of the wheel: import as shipped (frontend only) and after ``silero_vad_onnx``."""
     import onnxruntime as ort
+    import zoo
 
-    from psb_tvm import zoo
     from psb_tvm.frontend import import_onnx
 
     rows = []
@@ -332,7 +334,7 @@ def diagnosis_rows(path, inputs: dict, calibration: dict, input_shapes=None) -> 
 def diagnose_only(models: list, checkpoint=lambda partial: None) -> dict:
     """The diagnosis of every listed real model on the same data as its benchmark (fewer inputs);
     ``checkpoint(results so far)`` is called before each model."""
-    from psb_tvm import zoo
+    import zoo
 
     out = {}
     for net in ("pnet", "rnet", "onet"):
@@ -387,7 +389,7 @@ def diagnosis_markdown(diag: dict, date: str) -> str:
 def _ppocr_data(which: str, quick: bool):
     """(eval inputs, calibration inputs, the eval inputs' truth): text lines for rec / cls (their
     strings / flips), pages for det (their boxes)."""
-    from psb_tvm import zoo
+    import zoo
 
     shape = zoo.PPOCR_SHAPES[which]
     if which == "det":
@@ -404,7 +406,7 @@ def ppocr_metric(which: str, output: np.ndarray, truth, float_output: np.ndarray
     """rec: CER vs the rendered strings (``zoo.normalize_text``: edge spaces dropped); cls: accuracy
     (0 / 180 degrees); det: mean per-page F1 of
     IoU-matched boxes (IoU >= 0.5) against the float model's boxes."""
-    from psb_tvm import zoo
+    import zoo
 
     if which == "rec":
         return zoo.cer([zoo.normalize_text(t) for t in zoo.ctc_greedy_decode(output, zoo.ppocr_labels())], list(truth))
@@ -419,9 +421,9 @@ def bench_ppocr(which: str, samples, quick: bool, workdir: pathlib.Path, seeds=(
     ``seeds``), ORT int8, the per-layer diagnosis at n = 4, 16, 64 (compiled error vs the scheme's
     own + activation rounding) and (rec, cls) an allocation of n and activation width."""
     import onnx
+    import zoo
 
     import psb_tvm
-    from psb_tvm import zoo
     from psb_tvm.evaluate import rel_error, run_dataset
     from psb_tvm.onnx_rewrite import set_input_shapes
 

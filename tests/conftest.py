@@ -1,10 +1,12 @@
-"""Test setup: the ONNX builders in tests/onnx_models.py are importable as ``onnx_models``; scripts of
-tools/ load with ``tool_module``."""
+"""Test setup: the ONNX builders in tests/onnx_models.py are importable as ``onnx_models`` and the
+real-model zoo as ``zoo`` (tools/zoo.py: test and benchmark data, not part of the installed
+package); other scripts of tools/ load with ``tool_module``."""
 
 import os
 import sys
 
 sys.path.insert(0, os.path.dirname(__file__))
+sys.path.insert(1, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools"))
 
 
 def tool_module(name: str):

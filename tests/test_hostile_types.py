@@ -157,7 +157,7 @@ def test_layer_with_2_31_inputs_or_weights_stays_float(monkeypatch):
 # ---------------------------------------------------------------------------- the zoo's wheel hashes
 @pytest.fixture
 def zoo_cache(tmp_path, monkeypatch):
-    from psb_tvm import zoo
+    import zoo
 
     monkeypatch.setenv("PSB_TVM_CACHE", str(tmp_path))
     monkeypatch.delenv(zoo.TRUST_UNPINNED_ENV, raising=False)

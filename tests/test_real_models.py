@@ -1,5 +1,5 @@
 """Real pretrained models from PyPI wheels (fetched into ``$PSB_TVM_CACHE`` at test time, see
-``psb_tvm.zoo``): MTCNN PNet/RNet/ONet (facenet-pytorch) and Silero VAD (silero-vad).
+``tools/zoo.py``): MTCNN PNet/RNet/ONet (facenet-pytorch) and Silero VAD (silero-vad).
 
 Each test skips only when the wheel cannot be downloaded (no network); the MTCNN tests also need
 torch for the ONNX export (``pip install 'psb-tvm[real]'``). Thresholds are measured values with
@@ -14,9 +14,10 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
+import zoo
 
 import psb_tvm
-from psb_tvm import PSBConfig, zoo
+from psb_tvm import PSBConfig
 from psb_tvm.errors import UnsupportedModelError
 from psb_tvm.frontend import import_onnx
 

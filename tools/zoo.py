@@ -1,4 +1,6 @@
-"""Real pretrained models from PyPI wheels, fetched and cached at use time (never committed).
+"""Real pretrained models from PyPI wheels, fetched and cached at use time (never committed): the
+real-model tests and benchmarks import it (``import zoo`` with tools/ on the path); it is not part of
+the installed package.
 
 * MTCNN (PNet, RNet, ONet) from the ``facenet-pytorch`` wheel: the weights (``data/*.pt``) and
   the class definitions of ``models/mtcnn.py`` (only the three ``nn.Module`` classes are executed,
@@ -38,9 +40,9 @@ import zipfile
 
 import numpy as np
 
-from .errors import DownloadError, FetchError, WheelHashError
-from .files import file_sha256
-from .onnx_rewrite import bind_inputs, make_static, set_input_shapes
+from psb_tvm.errors import DownloadError, FetchError, WheelHashError
+from psb_tvm.files import file_sha256
+from psb_tvm.onnx_rewrite import bind_inputs, make_static, set_input_shapes
 
 FACENET = ("facenet-pytorch", "2.6.0")
 SILERO = ("silero-vad", "6.2.3")
@@ -100,7 +102,7 @@ def verify_wheel(path: pathlib.Path) -> str:
                           f"sha256 {got}", stacklevel=3)
             return got
         raise WheelHashError(f"{path}: no pinned SHA-256 for the wheel file {path.name} (pinned: {sorted(WHEEL_SHA256)}); "
-                             f"pip picked another build. Add its hash to psb_tvm.zoo.WHEEL_SHA256, or set "
+                             f"pip picked another build. Add its hash to WHEEL_SHA256 in tools/zoo.py, or set "
                              f"{TRUST_UNPINNED_ENV}=1 to use it unchecked (sha256 {got})")
     if got != expected:
         path.unlink(missing_ok=True)
