@@ -191,3 +191,73 @@ def test_no_function_local_import_of_psb_tvm_modules():
     at module level only, so a cycle fails at import instead of hiding in a function."""
     files = sorted((ROOT / "psb_tvm").glob("*.py")) + sorted((ROOT / "passes").glob("*.py"))
     assert [hit for f in files for hit in _local_internal_imports(f)] == []
+
+
+def _module_graph() -> dict:
+    """psb_tvm module -> the psb_tvm modules it imports at module level (packages as one node)."""
+    roots = {"psb_tvm": ROOT / "psb_tvm", "psb_tvm.passes": ROOT / "passes", "psb_tvm.schedules": ROOT / "schedules"}
+    graph = {}
+    for pkg, folder in roots.items():
+        for path in folder.rglob("*.py"):
+            rel = path.relative_to(folder).with_suffix("")
+            parts = [p for p in rel.parts if p != "__init__"]
+            name = ".".join([pkg, *parts])
+            node = name if pkg == "psb_tvm" else pkg  # passes/ and schedules/ are one layer each
+            base = name if path.name == "__init__.py" else name.rsplit(".", 1)[0]
+            deps = graph.setdefault(node, set())
+            for stmt in ast.parse(path.read_text()).body:
+                if isinstance(stmt, ast.ImportFrom):
+                    if stmt.level:
+                        target = base.rsplit(".", stmt.level - 1)[0] if stmt.level > 1 else base
+                        target = f"{target}.{stmt.module}" if stmt.module else target
+                    else:
+                        target = stmt.module or ""
+                    names = [target] if stmt.module or not stmt.level else [f"{target}.{a.name}" for a in stmt.names]
+                    for t in names:
+                        if not t.startswith("psb_tvm"):
+                            continue
+                        for layer in ("psb_tvm.passes", "psb_tvm.schedules"):
+                            if t.startswith(layer):
+                                t = layer
+                        if t == "psb_tvm":  # "from psb_tvm import numerics"
+                            t = "psb_tvm." + stmt.names[0].name
+                        if t != node and t != "psb_tvm.data":
+                            deps.add(t)
+    return graph
+
+
+def test_psb_tvm_modules_import_each_other_without_cycles():
+    graph = _module_graph()
+    order, state = [], {}
+
+    def visit(node, path):
+        if state.get(node) == "done":
+            return
+        assert state.get(node) != "open", f"import cycle: {' -> '.join(path + [node])}"
+        state[node] = "open"
+        for dep in sorted(graph.get(node, ())):
+            if dep in graph:
+                visit(dep, path + [node])
+        state[node] = "done"
+        order.append(node)
+
+    for node in sorted(graph):
+        if node != "psb_tvm":  # the package __init__ imports the public API from everything
+            visit(node, [])
+    # the layers of DESIGN.md section 7, spot-checked: nothing below reaches what is above it
+
+    def reachable(node):
+        seen, todo = set(), [node]
+        while todo:
+            for dep in graph.get(todo.pop(), ()):
+                if dep not in seen:
+                    seen.add(dep)
+                    todo.append(dep)
+        return seen
+
+    for low, high in [("psb_tvm.config", "psb_tvm.schedules"), ("psb_tvm.passes", "psb_tvm.build"),
+                      ("psb_tvm.pipeline", "psb_tvm.tuning_db"), ("psb_tvm.build", "psb_tvm.calibration"),
+                      ("psb_tvm.runtime", "psb_tvm.compiler"), ("psb_tvm.datasets", "psb_tvm.allocate"),
+                      ("psb_tvm.allocate", "psb_tvm.evaluate"), ("psb_tvm.evaluate", "psb_tvm.cli")]:
+        assert high not in reachable(low), f"{low} reaches {high}"
+    assert "psb_tvm.numerics" in reachable("psb_tvm.cli") and "psb_tvm.passes" in reachable("psb_tvm.compiler")

@@ -62,7 +62,7 @@ def main(argv=None):
     float_module = psb_tvm.compile(DIGITS_ONNX, input_shapes={"input": (BATCH, 1, 8, 8)},
                                    config=psb_tvm.PSBConfig(include=()))
     y_float = predict(float_module, x_test)
-    print(f"digits CNN, {n_test} test images; PSB layers: {module.psb_layers}; n_max={module.metadata['n_max']}")
+    print(f"digits CNN, {n_test} test images; PSB layers: {module.psb_layers}; n_max={module.metadata.n_max}")
     print(f"float accuracy: {100 * accuracy(y_float, y_test):.2f}%")
 
     # ------------------------------------------------------------------ 1. accuracy vs n
@@ -116,7 +116,7 @@ def main(argv=None):
     while True:
         n = session.samples[0]
         print(f"n={n:<3d} accuracy {100 * accuracy(session.output, y_test[:BATCH]):6.2f}%")
-        if n >= module.metadata["n_max"] or (args.fast and n >= 16):
+        if n >= module.metadata.n_max or (args.fast and n >= 16):
             break
         session.refine()
     same = session.output.tobytes() == module.run(x, samples=n, seed=0).tobytes()

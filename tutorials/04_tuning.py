@@ -72,9 +72,9 @@ def run(args, work_dir: pathlib.Path, trials: int, threads: int):
     # ------------------------------------------------------------------ 2. compile with the database
     default = psb_tvm.compile(DIGITS_ONNX, **model_args)
     tuned = psb_tvm.compile(DIGITS_ONNX, tuning_db=str(work_dir), **model_args)
-    print(f"\ncompile(tuning_db=...): schedules {tuned.metadata['schedules']['tuned']} tuned, "
-          f"{tuned.metadata['schedules']['default']} default; tuned kernels "
-          f"{tuned.metadata['schedules']['tuned_kernels']}")
+    print(f"\ncompile(tuning_db=...): schedules {tuned.metadata.schedules['tuned']} tuned, "
+          f"{tuned.metadata.schedules['default']} default; tuned kernels "
+          f"{tuned.metadata.schedules['tuned_kernels']}")
 
     # ------------------------------------------------------------------ 3. same outputs, bit for bit
     x = np.ascontiguousarray(x_test[:BATCH])

@@ -95,8 +95,8 @@ def run(args, out: pathlib.Path):
     # ------------------------------------------------------------------ 1. two targets, one model
     x86 = psb_tvm.compile(DIGITS_ONNX, target="llvm", **model_args)
     arm = psb_tvm.compile(DIGITS_ONNX, target="aarch64", **model_args)
-    print(f"x86 target:     {x86.metadata['target']}")
-    print(f"aarch64 target: {arm.metadata['target']}")
+    print(f"x86 target:     {x86.metadata.target}")
+    print(f"aarch64 target: {arm.metadata.target}")
     # Same calibration data -> same activation scales -> same integer kernels on both.
     same_scales = [l.get("frac_bits") for l in x86.layers] == [l.get("frac_bits") for l in arm.layers]
     print(f"same PSB layers and activation scales on both targets: {same_scales}")
