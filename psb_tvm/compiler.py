@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import logging
 import warnings
 from dataclasses import dataclass
 
 import numpy as np
 import tvm
 
-from . import checks, numerics
+from . import checks, module_cache, numerics
 from .build import build
 from .calibration import choose_width, collect_stats, normalize_calibration
 from .config import PSBConfig
@@ -16,12 +17,13 @@ from .errors import ConfigError
 from .frontend import from_relax, import_onnx
 from .metadata import ModuleMetadata
 from .passes import PSBLayer, RewriteToPSB, find_layer_sites, name_sites
-from .runtime import PSBModule
+from .runtime import PSBModule, load
 from .schedules.kernels import KernelSpec
 from .target import is_host_cpu, resolve_target
 from .tuning_db import lowering_choices
 
 __version__ = "0.1.0"
+LOG = logging.getLogger("psb_tvm")
 
 
 def _check_args(samples, seed, config) -> PSBConfig:
@@ -93,7 +95,7 @@ def _spec(site, lowering, config, act_bits, frac_bits, signed, gpu: bool, thresh
 
 def compile(onnx_model, target="llvm", samples: int | dict = 16, seed: int = 0, input_shapes: dict | None = None,
             calibration=None, config: PSBConfig | dict | None = None, frozen: bool = False,
-            tuning_db=None) -> PSBModule:
+            tuning_db=None, cache=None) -> PSBModule:
     """Compile an ONNX model (path, bytes or ModelProto) into a PSB module.
 
     ``samples`` is the default sample count n (a power of two <= ``config.n_max``; ``run`` may pick
@@ -104,7 +106,9 @@ def compile(onnx_model, target="llvm", samples: int | dict = 16, seed: int = 0, 
     to choose the activation scales. ``frozen=True`` bakes the draw for (samples, seed) into
     constants: no sampling at run time, but n and seed are then fixed. ``tuning_db`` is the
     ``work_dir`` of ``psb_tvm.tune`` (or a MetaSchedule database): its schedules are reapplied
-    without retuning; kernels it does not cover get the default schedules.
+    without retuning; kernels it does not cover get the default schedules. ``cache``: where
+    compiled host-CPU modules are kept (``psb_tvm.module_cache``: machine code generated here, not
+    on the first call; a repeated compile loads it); ``False`` keeps the module in memory only.
     """
     # The arguments only compile takes (ConfigError naming the argument) and the target, which the
     # tuning database is read for; plan checks the rest (input shapes, calibration, config).
@@ -114,8 +118,20 @@ def compile(onnx_model, target="llvm", samples: int | dict = 16, seed: int = 0, 
     target = checks.check_target(target)
     choices = lowering_choices(tuning_db, resolve_target(target)) if tuning_db is not None else None
     mod, metadata, tgt = lower(onnx_model, target, samples, seed, input_shapes, calibration, config, frozen, choices)
+    directory = module_cache.cache_dir(cache) if is_host_cpu(tgt) else None
+    key = module_cache.module_key(mod, tgt, metadata, tuning_db) if directory is not None else None
+    if key is not None:
+        hit = module_cache.lookup(directory, key)
+        if hit is not None:
+            LOG.info("compile: module cache hit %s", hit)
+            return load(hit)
     executable, metadata = build(mod, tgt, tuning_db=tuning_db, metadata=metadata)
-    return PSBModule(executable, metadata, executable=executable)
+    module = PSBModule(executable, metadata, executable=executable)
+    if key is not None:
+        stored = module_cache.store(directory, key, module.export_library)
+        if stored is not None:
+            return load(stored)
+    return module
 
 
 def default_lowering(target) -> str:

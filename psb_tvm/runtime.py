@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import threading
 import warnings
 from dataclasses import dataclass
@@ -36,6 +37,8 @@ class PSBModule:
     def __init__(self, lib, metadata: ModuleMetadata | dict, executable=None, weight_cache_bytes: int = DEFAULT_MAX_BYTES):
         self._lib = lib
         self._executable = executable  # set when built in this process (export needs it)
+        self._source_path = None  # the exported .so this module was loaded from (export copies it)
+        self._source_sha256 = None  # ... and its SHA-256 when loaded
         self.metadata = ModuleMetadata.coerce(metadata)
         self._local = threading.local()  # one Relax VM per thread (a VM is not thread-safe)
         self.weight_cache = WeightCache(weight_cache_bytes)
@@ -430,6 +433,15 @@ class PSBModule:
     def export_library(self, path) -> str:
         """Write one ``.so`` holding code, weights and metadata, ending with an integrity record
         (size and SHA-256, checked by ``load`` and ``psb_run``). All-or-nothing, see ``files``."""
+        if self._source_path is not None and self._source_unchanged():
+            source = self._source_path  # already a library on disk: copy it, with its record
+
+            def copy(tmp):
+                shutil.copyfile(source, tmp)
+                if verify_module(tmp)["library_sha256"] != self._source_sha256:
+                    raise OutputError(f"cannot export {os.fspath(path)}: {source} changed while it was copied")
+
+            return write_output(path, copy, suffix=".so", executable=True)
         lib = self._executable if self._executable is not None else self._lib
         options = self._export_options()
 
@@ -445,13 +457,18 @@ class PSBModule:
 
         return write_output(path, write, suffix=".so", executable=True)
 
+    def _source_unchanged(self) -> bool:
+        """The library this module was loaded from is still the one loaded (same SHA-256)."""
+        try:
+            return verify_module(self._source_path)["library_sha256"] == self._source_sha256
+        except (OSError, ModelLoadError):
+            return False
+
     def _export_options(self) -> dict:
         """Cross-compiled modules link with the target's toolchain (checked before anything is written)."""
         triple = self.metadata.mtriple or ""
         if not triple.startswith("aarch64"):
             return {}
-        import shutil
-
         from tvm.support import cc
 
         compiler = "aarch64-linux-gnu-g++"
@@ -568,7 +585,7 @@ def load(path, weight_cache_bytes: int = DEFAULT_MAX_BYTES) -> PSBModule:
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise ModelLoadError(f"compiled module not found: {path}")
-    verify_module(path)  # before the loader maps the file or runs any of its code
+    record = verify_module(path)  # before the loader maps the file or runs any of its code
     try:
         lib = tvm.runtime.load_module(path)
     except Exception as err:  # noqa: BLE001
@@ -581,4 +598,5 @@ def load(path, weight_cache_bytes: int = DEFAULT_MAX_BYTES) -> PSBModule:
     metadata = ModuleMetadata.from_json(text, where=f"{path}: {METADATA_FUNC}")
     module = PSBModule(lib, metadata, weight_cache_bytes=weight_cache_bytes)
     module._local.vm = vm
+    module._source_path, module._source_sha256 = path, record["library_sha256"]
     return module
