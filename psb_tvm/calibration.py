@@ -8,22 +8,31 @@ how much of the calibration data saturates, and the rounding error of each width
 
 from __future__ import annotations
 
+import logging
 import warnings
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 import numpy as np
+import onnx
 import tvm
 from tvm import relax
+
+try:
+    import onnxruntime as ort
+except ImportError:  # optional: without it calibration builds a float TVM probe
+    ort = None
 
 from . import numerics
 from .build import build
 from .errors import ConfigError
-from .passes import ExposeLayerInputs
+from .passes import ExposeLayerInputs, find_layer_sites
 from .target import host_target
 
 #: The fallback when no calibration data is given: standard-normal inputs. A real input
 #: distribution (images in [0, 1], tokens, audio) is usually different, hence the warning.
+LOG = logging.getLogger("psb_tvm")
+
 FALLBACK_NOTE = (
     "no calibration data given: activation scales come from {n} synthetic standard-normal inputs; "
     "accuracy will suffer. Pass calibration={{input_name: array}} with real samples."
@@ -139,24 +148,125 @@ def normalize_calibration(calibration, inputs: list, fallback_samples: int, seed
     return result, False
 
 
-def collect_stats(mod: tvm.IRModule, site_indices: list[int], batches: list, inputs: list) -> list[ActStats]:
-    """Run the float model on the calibration data and record each site's input range."""
-    if not site_indices:
+def collect_stats(imported, sites: list, batches: list) -> list[ActStats]:
+    """Run the float model on the calibration data and record the input range of each of ``sites``
+    (``LayerSite``s of ``imported.mod``).
+
+    In ONNX Runtime when every site's input is a tensor of the imported ONNX model (seconds: nothing
+    is compiled); else in a float TVM module whose ``main`` returns the sites' inputs
+    (``ExposeLayerInputs``: built, so it costs a compile). Both record the same statistics.
+    """
+    if not sites:
         return []
+    tensors = onnx_layer_tensors(imported, sites)
+    if tensors is not None and ort is not None:
+        sizes = [int(np.prod([int(d) for d in s.data.ty.shape.values])) for s in sites]
+        dtypes = [np.dtype(str(s.data.ty.dtype)) for s in sites]
+        try:
+            stats = _accumulate(_ort_runner(imported.proto, tensors, sizes, dtypes, imported.inputs), len(sites),
+                                batches, imported.inputs)
+        except Exception as err:  # noqa: BLE001 - ORT rejects some models TVM imports (e.g. > 2 GiB)
+            LOG.info("calibration: ONNX Runtime cannot give the layer inputs (%s); using a float TVM probe", err)
+        else:
+            LOG.info("calibration: %d layer inputs from ONNX Runtime", len(sites))
+            return stats
+    LOG.info("calibration: %d layer inputs from a float TVM probe", len(sites))
+    return _accumulate(_tvm_runner(imported.mod, [s.index for s in sites]), len(sites), batches, imported.inputs)
+
+
+def onnx_layer_tensors(imported, sites: list) -> list | None:
+    """The ONNX tensor that is each site's input, or ``None`` when one cannot be named for sure:
+    the i-th site of a kind is the i-th linear node of that kind (as ``name_sites`` pairs them), and
+    the tensor must hold as many values as the site's input."""
+    if imported.proto is None:
+        return None
+    all_sites = find_layer_sites(imported.mod["main"])
+    position = {s.index: sum(t.kind == s.kind for t in all_sites if t.index < s.index) for s in all_sites}
+    counts = {kind: sum(t.kind == kind for t in all_sites) for kind in {t.kind for t in all_sites}}
+    shapes = _value_sizes(imported.proto)
+    names = []
+    for site in sites:
+        listed = imported.layer_inputs.get(site.kind, [])
+        if len(listed) != counts[site.kind]:
+            return None
+        name = listed[position[site.index]]
+        size = int(np.prod([int(d) for d in site.data.ty.shape.values]))
+        if name is None or shapes.get(name, size) != size:
+            return None
+        names.append(name)
+    return names
+
+
+def _value_sizes(proto) -> dict:
+    """Element counts of the model's tensors whose shapes shape inference can tell."""
+    try:
+        inferred = onnx.shape_inference.infer_shapes(proto)
+    except Exception:  # noqa: BLE001 - unknown shapes are checked at run time instead
+        return {}
+    sizes = {}
+    for vi in list(inferred.graph.value_info) + list(inferred.graph.input) + list(inferred.graph.output):
+        dims = vi.type.tensor_type.shape.dim
+        if dims and all(d.HasField("dim_value") for d in dims):
+            sizes[vi.name] = int(np.prod([d.dim_value for d in dims]))
+    return sizes
+
+
+def _ort_runner(proto, tensors: list, sizes: list, dtypes: list, inputs: list):
+    """``run(arrays in input order) -> [array per tensor]`` on an ONNX Runtime session of ``proto``
+    with the tensors added as graph outputs (model inputs are taken from the feed); a tensor that
+    is not a float array of its site's size is an error (the caller then uses the TVM probe)."""
+    model = onnx.ModelProto()
+    model.CopyFrom(proto)
+    graph_inputs = {i.name for i in model.graph.input}
+    outputs = {o.name for o in model.graph.output}
+    for name, dtype in dict(zip(tensors, dtypes)).items():
+        if name not in graph_inputs and name not in outputs:
+            elem = onnx.helper.np_dtype_to_tensor_dtype(dtype)
+            model.graph.output.append(onnx.helper.make_tensor_value_info(name, elem, None))
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    fetch = [name for name in dict.fromkeys(tensors) if name not in graph_inputs]
+    names = [n for n, _, _ in inputs]
+
+    def run(arrays):
+        feed = dict(zip(names, arrays))
+        got = dict(zip(fetch, session.run(fetch, feed))) if fetch else {}
+        got.update({n: feed[n] for n in tensors if n in graph_inputs})
+        values = [np.asarray(got[name]) for name in tensors]
+        for name, v, size in zip(tensors, values, sizes):
+            if v.dtype.kind != "f" or v.size != size:
+                raise ValueError(f"ONNX tensor {name!r} is {v.dtype} {v.shape}, the layer input has {size} floats")
+        return values
+
+    return run
+
+
+def _tvm_runner(mod: tvm.IRModule, site_indices: list):
     probe = ExposeLayerInputs(site_indices)(mod)
     vm = relax.VirtualMachine(build(probe, host_target())[0], tvm.cpu())
-    max_abs = np.zeros(len(site_indices))
-    mins = np.full(len(site_indices), np.inf)
-    samples = [[] for _ in site_indices]
+
+    def run(arrays):
+        outs = vm["main"](*[tvm.runtime.tensor(a, tvm.cpu()) for a in arrays])
+        return [outs[i].numpy() for i in range(len(site_indices))]
+
+    return run
+
+
+def _accumulate(run, n_sites: int, batches: list, inputs: list) -> list[ActStats]:
+    """Run the model chunk by chunk (its compiled batch; the last chunk wraps around: repeated
+    samples add no range) and keep each site's max |x|, min and a strided subsample."""
+    max_abs = np.zeros(n_sites)
+    mins = np.full(n_sites, np.inf)
+    samples = [[] for _ in range(n_sites)]
     for batch in batches:
         count = next(iter(batch.values())).shape[0]
         model_batch = inputs[0][1][0]
         for start in range(0, count, model_batch):
-            idx = np.arange(start, start + model_batch) % count  # wrap: repeated samples add no range
-            args = [tvm.runtime.tensor(np.ascontiguousarray(batch[name][idx]), tvm.cpu()) for name, _, _ in inputs]
-            outs = vm["main"](*args)
-            for i in range(len(site_indices)):
-                x = outs[i].numpy()
+            idx = np.arange(start, start + model_batch) % count
+            outs = run([np.ascontiguousarray(batch[name][idx]) for name, _, _ in inputs])
+            for i in range(n_sites):
+                x = outs[i]
                 max_abs[i] = max(max_abs[i], float(np.abs(x).max()))
                 mins[i] = min(mins[i], float(x.min()))
                 flat = x.reshape(-1)

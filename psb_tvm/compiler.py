@@ -204,7 +204,7 @@ def plan(onnx_model, target="llvm", seed: int = 0, input_shapes: dict | None = N
     batches, fallback = [], False
     if chosen:  # an all-float module needs no activation scales (and no fallback warning)
         batches, fallback = normalize_calibration(calibration, imported.inputs, config.calibration_fallback_samples, seed)
-    stats = collect_stats(imported.mod, [s.index for s in chosen], batches, imported.inputs)
+    stats = collect_stats(imported, chosen, batches)
 
     layers, info = [], {}
     unknown = sorted(set(config.layer_act_bits) - {s.name for s in sites})

@@ -5,7 +5,7 @@ from __future__ import annotations
 import copy
 import os
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import onnx
 import tvm
@@ -32,6 +32,11 @@ class ImportedModel:
     inputs: list  # [(name, shape tuple, dtype str)]
     output_names: list
     layer_names: dict  # {"conv2d": [ONNX node names in graph order], "dense": [...], ...}
+    # the ONNX model TVM imported (after onnxsim and onnx_rewrite; None for a Relax module given
+    # directly) and, like layer_names, the data input tensor of each linear node: calibration runs
+    # it in ONNX Runtime instead of building a float TVM module
+    proto: onnx.ModelProto | None = None
+    layer_inputs: dict = field(default_factory=dict)
 
 
 def load_onnx(model) -> tuple[onnx.ModelProto, str]:
@@ -260,7 +265,6 @@ def linear_layer_names(proto: onnx.ModelProto, original: onnx.ModelProto | None 
     + Add becomes a Gemm "Gemm_0"); such a node keeps the name of the one original node that used
     the same weight, so layer names stay the ones the user sees in their model.
     """
-    consts = {t.name: t for t in proto.graph.initializer}
     kept, by_weight = set(), {}
     if original is not None:
         kept = {n.name for n in original.graph.node}
@@ -272,10 +276,28 @@ def linear_layer_names(proto: onnx.ModelProto, original: onnx.ModelProto | None 
             if n.op_type in ("Conv", "Gemm", "MatMul") and len(n.input) > 1 and n.name and users[n.input[1]] == 1:
                 by_weight[n.input[1]] = n.name
     names: dict = {}
-    for i, node in enumerate(proto.graph.node):
+    for i, node, kind in _linear_nodes(proto):
         name = node.name or f"{node.op_type}_{i}"
         if name not in kept and len(node.input) > 1 and node.input[1] in by_weight:
             name = by_weight[node.input[1]]
+        names.setdefault(kind, []).append(name)
+    return names
+
+
+def linear_layer_inputs(proto: onnx.ModelProto) -> dict:
+    """The data input tensor of each linear node, per op kind in graph order (as ``linear_layer_names``);
+    ``None`` where the data operand is a constant (not an activation)."""
+    consts = {t.name for t in proto.graph.initializer}
+    out: dict = {}
+    for _, node, kind in _linear_nodes(proto):
+        out.setdefault(kind, []).append(node.input[0] if node.input[0] not in consts else None)
+    return out
+
+
+def _linear_nodes(proto: onnx.ModelProto):
+    """``(index, node, kind)`` of the nodes that import as linear Relax ops, in graph order."""
+    consts = {t.name: t for t in proto.graph.initializer}
+    for i, node in enumerate(proto.graph.node):
         kind = None
         if node.op_type in ("Conv", "ConvTranspose"):
             rank = _conv_rank(node, consts)
@@ -284,8 +306,7 @@ def linear_layer_names(proto: onnx.ModelProto, original: onnx.ModelProto | None 
         elif node.op_type in ("Gemm", "MatMul"):
             kind = "dense"
         if kind:
-            names.setdefault(kind, []).append(name)
-    return names
+            yield i, node, kind
 
 
 def to_relax(proto: onnx.ModelProto, inputs: list, source: str):
@@ -333,6 +354,8 @@ def import_onnx(model, input_shapes: dict | None = None, use_onnxsim: bool = Tru
         inputs=inputs,
         output_names=[o.name for o in proto.graph.output],
         layer_names=linear_layer_names(proto, original),
+        proto=proto,
+        layer_inputs=linear_layer_inputs(proto),
     )
 
 
