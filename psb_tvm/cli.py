@@ -9,13 +9,16 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import math
 import os
 import pathlib
 import sys
 import zipfile
 
+from .build import kernel_codegen_times
 from .compiler import compile as psb_compile
+from .compiler import lower
 from .config import PSBConfig
 from .data.digits import DIGITS_ONNX, load_digits_split
 from .datasets import Preprocess, load_inputs
@@ -315,15 +318,28 @@ def cmd_compile(args) -> int:
     out = args.output if args.output is not None else pathlib.Path(args.model).stem + "_psb.so"
     _require_out_dir(out)
     shapes = dict(args.input_shape) or None
+    calibration = _calibration(args.calibration, args.model, shapes)
     module = psb_compile(args.model, target=args.target, samples=args.samples, seed=args.seed, input_shapes=shapes,
-                         calibration=_calibration(args.calibration, args.model, shapes), config=_config(args),
-                         frozen=args.frozen, tuning_db=args.tuning_db)
+                         calibration=calibration, config=_config(args), frozen=args.frozen, tuning_db=args.tuning_db,
+                         cache=False if args.no_cache else None)
     module.export_library(out)
+    kernels = []
+    if args.kernel_report:
+        mod, _, tgt = lower(args.model, args.target, args.samples, args.seed, shapes, calibration, _config(args),
+                            args.frozen)
+        kernels = kernel_codegen_times(mod, tgt, args.tuning_db)[:args.kernel_report]
     if args.json:
         _emit(args, {"output": out, "samples": args.samples, "seed": args.seed, "target": module.metadata.target,
-                     "psb_layers": module.psb_layers, "layers": _layer_rows(module)})
+                     "psb_layers": module.psb_layers, "layers": _layer_rows(module),
+                     "compile_seconds": module.compile_seconds,
+                     **({"kernel_codegen": [{"kernel": k, "seconds": round(t, 3), "asm_bytes": b} for t, k, b in kernels]}
+                        if args.kernel_report else {})})
     else:
         print(module.report())
+        seconds = module.compile_seconds or {}
+        print("compile: " + ", ".join(f"{k} {v:.1f} s" for k, v in seconds.items()))
+        for t, k, b in kernels:
+            print(f"kernel {k}: code generation {t:.2f} s, {b} bytes of assembly")
         print(f"wrote {out}")
     return 0
 
@@ -611,6 +627,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "One compiled module serves every n up to n_max (choose it per call, even per layer, with "
                     "--samples); 'psb-tvm eval' measures accuracy and cost at every n.",
         epilog="Exit codes: 0 ok, 2 bad usage or input, 1 internal error. Every command takes --json.")
+    parser.add_argument("-v", "--verbose", action="store_true",
+                        help="log what psb_tvm does (stages, timings, cache) to stderr; also $PSB_TVM_LOG=info|debug")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("compile", help="compile an ONNX model into one .so", description=f"Compile ONNX -> .so. {ACCURACY_KNOB}")
@@ -620,6 +638,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="default draw of the sample stream (default 0)")
     p.add_argument("--frozen", action="store_true", help="bake one draw (samples, seed) into constants: no run-time n")
     p.add_argument("--tuning-db", metavar="DIR", help="reapply the schedules of 'psb-tvm tune --work-dir DIR'")
+    p.add_argument("--no-cache", action="store_true", help="do not use or fill the compiled-module cache")
+    p.add_argument("--kernel-report", type=_positive_int, metavar="N", default=0,
+                   help="also generate each kernel's code alone and list the N slowest (finds a kernel that makes "
+                        "the build slow; about one more build)")
     _model_options(p)
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=cmd_compile)
@@ -729,6 +751,22 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _configure_logging(verbose: bool) -> None:
+    """``--verbose`` or ``$PSB_TVM_LOG`` (a level name): psb_tvm's log on stderr."""
+    level = os.environ.get("PSB_TVM_LOG", "").strip().upper() or ("INFO" if verbose else "")
+    if not level:
+        return
+    if level not in ("DEBUG", "INFO", "WARNING", "ERROR"):
+        raise UsageError(f"$PSB_TVM_LOG must be debug, info, warning or error, got {level.lower()!r}")
+    log = logging.getLogger("psb_tvm")
+    if not any(getattr(h, "_psb_cli", False) for h in log.handlers):
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("psb_tvm %(levelname)s: %(message)s"))
+        handler._psb_cli = True
+        log.addHandler(handler)
+    log.setLevel(level)
+
+
 def main(argv=None) -> int:
 
     parser = build_parser()
@@ -752,6 +790,7 @@ def main(argv=None) -> int:
         return code
 
     try:
+        _configure_logging(args.verbose)
         return args.func(args)
     except (UsageError, PSBError, FileNotFoundError, IsADirectoryError, PermissionError) as err:
         return fail(2, str(err))

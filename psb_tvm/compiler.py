@@ -17,6 +17,7 @@ from .errors import ConfigError
 from .frontend import from_relax, import_onnx
 from .metadata import ModuleMetadata
 from .passes import PSBLayer, RewriteToPSB, find_layer_sites, name_sites
+from .progress import CompileProgress, stage, tracking
 from .runtime import PSBModule, load
 from .schedules.kernels import KernelSpec
 from .target import is_host_cpu, resolve_target
@@ -95,7 +96,7 @@ def _spec(site, lowering, config, act_bits, frac_bits, signed, gpu: bool, thresh
 
 def compile(onnx_model, target="llvm", samples: int | dict = 16, seed: int = 0, input_shapes: dict | None = None,
             calibration=None, config: PSBConfig | dict | None = None, frozen: bool = False,
-            tuning_db=None, cache=None) -> PSBModule:
+            tuning_db=None, cache=None, progress: bool | None = None) -> PSBModule:
     """Compile an ONNX model (path, bytes or ModelProto) into a PSB module.
 
     ``samples`` is the default sample count n (a power of two <= ``config.n_max``; ``run`` may pick
@@ -109,6 +110,9 @@ def compile(onnx_model, target="llvm", samples: int | dict = 16, seed: int = 0, 
     without retuning; kernels it does not cover get the default schedules. ``cache``: where
     compiled host-CPU modules are kept (``psb_tvm.module_cache``: machine code generated here, not
     on the first call; a repeated compile loads it); ``False`` keeps the module in memory only.
+    ``progress``: a bar of the stages (``None``: on a terminal only). The stage timings are logged
+    (logger ``psb_tvm``, INFO) and kept as ``module.compile_seconds``; a compile running longer
+    than a minute logs (WARNING) which stage and TVM pass it is in, every minute.
     """
     # The arguments only compile takes (ConfigError naming the argument) and the target, which the
     # tuning database is read for; plan checks the rest (input shapes, calibration, config).
@@ -117,6 +121,21 @@ def compile(onnx_model, target="llvm", samples: int | dict = 16, seed: int = 0, 
     tuning_db = checks.check_tuning_db(tuning_db)
     target = checks.check_target(target)
     choices = lowering_choices(tuning_db, resolve_target(target)) if tuning_db is not None else None
+    progress = CompileProgress(bar=progress)
+    try:
+        with tracking(progress):
+            module = _compile(onnx_model, target, samples, seed, input_shapes, calibration, config, frozen, tuning_db,
+                              cache, choices, progress)
+    finally:
+        seconds = progress.close()
+    module.compile_seconds = seconds
+    LOG.info("compile: %.1f s in all (%s)", seconds["total"],
+             ", ".join(f"{k} {v:.1f} s" for k, v in seconds.items() if k != "total"))
+    return module
+
+
+def _compile(onnx_model, target, samples, seed, input_shapes, calibration, config, frozen, tuning_db, cache, choices,
+             progress) -> PSBModule:
     mod, metadata, tgt = lower(onnx_model, target, samples, seed, input_shapes, calibration, config, frozen, choices)
     directory = module_cache.cache_dir(cache) if is_host_cpu(tgt) else None
     key = module_cache.module_key(mod, tgt, metadata, tuning_db) if directory is not None else None
@@ -124,13 +143,16 @@ def compile(onnx_model, target="llvm", samples: int | dict = 16, seed: int = 0, 
         hit = module_cache.lookup(directory, key)
         if hit is not None:
             LOG.info("compile: module cache hit %s", hit)
-            return load(hit)
-    executable, metadata = build(mod, tgt, tuning_db=tuning_db, metadata=metadata)
+            with stage("codegen"):
+                return load(hit)
+    with stage("build"), progress.passes():
+        executable, metadata = build(mod, tgt, tuning_db=tuning_db, metadata=metadata)
     module = PSBModule(executable, metadata, executable=executable)
     if key is not None:
-        stored = module_cache.store(directory, key, module.export_library)
-        if stored is not None:
-            return load(stored)
+        with stage("codegen"):  # machine code, written into the cache and loaded from there
+            stored = module_cache.store(directory, key, module.export_library)
+            if stored is not None:
+                return load(stored)
     return module
 
 
@@ -195,53 +217,57 @@ def plan(onnx_model, target="llvm", seed: int = 0, input_shapes: dict | None = N
             raise ConfigError("input_shapes applies to ONNX models; a Relax module's shapes are fixed by its import")
         imported = from_relax(onnx_model)
     else:
-        imported = import_onnx(onnx_model, input_shapes)
+        with stage("import"):
+            imported = import_onnx(onnx_model, input_shapes)
     sites = find_layer_sites(imported.mod["main"])
     name_sites(sites, imported.layer_names)
     reasons = _select(sites, config)
     chosen = [s for s in sites if not reasons[s.index]]
 
     batches, fallback = [], False
-    if chosen:  # an all-float module needs no activation scales (and no fallback warning)
-        batches, fallback = normalize_calibration(calibration, imported.inputs, config.calibration_fallback_samples, seed)
-    stats = collect_stats(imported, chosen, batches)
+    with stage("calibration"):
+        if chosen:  # an all-float module needs no activation scales (and no fallback warning)
+            batches, fallback = normalize_calibration(calibration, imported.inputs, config.calibration_fallback_samples,
+                                                      seed)
+        stats = collect_stats(imported, chosen, batches)
 
     layers, info = [], {}
     unknown = sorted(set(config.layer_act_bits) - {s.name for s in sites})
     if unknown:
         raise ConfigError(f"config.layer_act_bits names unknown layers {unknown}; the model's linear layers are "
                           f"{[s.name for s in sites]}")
-    for site, st in zip(chosen, stats):
-        act_bits, frac = choose_width(st, config.layer_act_bits.get(site.name, config.act_bits), config.act_range,
-                                      config.act_percentile, config.act_headroom, config.act_auto_error)
-        _warn_range(site.name, st, config, act_bits)
-        lowering, lowering_source = _lowering(site, config, lowering_choices, tgt)
-        enc, flushed = _encode(site, config, frac)
-        _check_scale_range(site.name, enc, frac, config.n_max)
-        spec = _spec(site, lowering, config, act_bits, frac, st.signed, gpu=tgt.kind.name == "cuda",
-                     threshold_dtype="uint16" if int(enc.threshold.max(initial=0)) < 1 << 16 else "int32")
-        bias = site.bias if site.bias is not None else np.zeros(site.weight.shape[0], np.float32)
-        layers.append(PSBLayer(site.index, site.name, spec, enc, numerics.output_scale(enc.k_lo, frac, 1),
-                               bias.astype(np.float32)))
-        info[site.index] = {"lowering": lowering, "lowering_source": lowering_source,
-                            # the integer weights' layout in the kernel; "vnni": packed for vpdpbusd /
-                            # sdot, "dp4a": the same packing for CUDA's __dp4a
-                            "weight_layout": spec.weight_layout if lowering == "intdot" else lowering,
-                            "frac_bits": frac, "act_dtype": spec.act_dtype,
-                            "acc_dtype": spec.acc_dtype, "q_dtype": spec.q_dtype, "act_max_abs": st.max_abs,
-                            "threshold_dtype": spec.threshold_dtype,
-                            "act_bits": act_bits,
-                            # output channels encoded as zero: weights below float32's scale range
-                            # (numerics.negligible_channels)
-                            "negligible_channels": flushed,
-                            # the |x| the fixed point holds (max or percentile, times the headroom)
-                            "act_range": st.range(config.act_range, config.act_percentile, config.act_headroom),
-                            # estimated on a subsample of the calibration data
-                            "calibration_saturated": st.saturated_fraction(frac, act_bits),
-                            "act_rounding_error": st.rounding_error(frac, act_bits),
-                            "layer_id": site.index, "out_shape": list(spec.out_shape),
-                            # the paper's cost: one addition per weight, sample and output position
-                            "additions_per_sample": int(np.prod(spec.out_shape)) * spec.reduction_size}
+    with stage("encode"):
+        for site, st in zip(chosen, stats):
+            act_bits, frac = choose_width(st, config.layer_act_bits.get(site.name, config.act_bits), config.act_range,
+                                          config.act_percentile, config.act_headroom, config.act_auto_error)
+            _warn_range(site.name, st, config, act_bits)
+            lowering, lowering_source = _lowering(site, config, lowering_choices, tgt)
+            enc, flushed = _encode(site, config, frac)
+            _check_scale_range(site.name, enc, frac, config.n_max)
+            spec = _spec(site, lowering, config, act_bits, frac, st.signed, gpu=tgt.kind.name == "cuda",
+                         threshold_dtype="uint16" if int(enc.threshold.max(initial=0)) < 1 << 16 else "int32")
+            bias = site.bias if site.bias is not None else np.zeros(site.weight.shape[0], np.float32)
+            layers.append(PSBLayer(site.index, site.name, spec, enc, numerics.output_scale(enc.k_lo, frac, 1),
+                                   bias.astype(np.float32)))
+            info[site.index] = {"lowering": lowering, "lowering_source": lowering_source,
+                                # the integer weights' layout in the kernel; "vnni": packed for vpdpbusd /
+                                # sdot, "dp4a": the same packing for CUDA's __dp4a
+                                "weight_layout": spec.weight_layout if lowering == "intdot" else lowering,
+                                "frac_bits": frac, "act_dtype": spec.act_dtype,
+                                "acc_dtype": spec.acc_dtype, "q_dtype": spec.q_dtype, "act_max_abs": st.max_abs,
+                                "threshold_dtype": spec.threshold_dtype,
+                                "act_bits": act_bits,
+                                # output channels encoded as zero: weights below float32's scale range
+                                # (numerics.negligible_channels)
+                                "negligible_channels": flushed,
+                                # the |x| the fixed point holds (max or percentile, times the headroom)
+                                "act_range": st.range(config.act_range, config.act_percentile, config.act_headroom),
+                                # estimated on a subsample of the calibration data
+                                "calibration_saturated": st.saturated_fraction(frac, act_bits),
+                                "act_rounding_error": st.rounding_error(frac, act_bits),
+                                "layer_id": site.index, "out_shape": list(spec.out_shape),
+                                # the paper's cost: one addition per weight, sample and output position
+                                "additions_per_sample": int(np.prod(spec.out_shape)) * spec.reduction_size}
     ranges = {} if fallback else {
         name: [min(float(b[name].min()) for b in batches), max(float(b[name].max()) for b in batches)]
         for name, _, dtype in imported.inputs if np.dtype(dtype).kind == "f" and batches}
@@ -316,7 +342,8 @@ def lower_plan(p: Plan, samples: int | dict = 16, seed: int = 0, frozen: bool = 
         frozen_draw = {"samples": layer_samples,
                        "counts": [numerics.sample_counts(l.enc, n, seed, l.site_index, config.sampler)
                                   for l, n in zip(layers, layer_samples)]}
-    mod = RewriteToPSB(layers, frozen_draw)(imported.mod)
+    with stage("rewrite"):
+        mod = RewriteToPSB(layers, frozen_draw)(imported.mod)
 
     names = [l.name for l in layers]
     metadata = ModuleMetadata(

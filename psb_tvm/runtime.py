@@ -39,6 +39,7 @@ class PSBModule:
         self._executable = executable  # set when built in this process (export needs it)
         self._source_path = None  # the exported .so this module was loaded from (export copies it)
         self._source_sha256 = None  # ... and its SHA-256 when loaded
+        self.compile_seconds = None  # psb_tvm.compile's stage timings (None for a loaded module)
         self.metadata = ModuleMetadata.coerce(metadata)
         self._local = threading.local()  # one Relax VM per thread (a VM is not thread-safe)
         self.weight_cache = WeightCache(weight_cache_bytes)

@@ -306,6 +306,35 @@ def mobile_block_model(seed=0, hw=16):
     return _model("mobile_block_model", nodes, [1, 3, hw, hw], [1, 10], inits, opset=14)
 
 
+def conv_bn_hardswish_model(hw=112, cin=3, cout=16, seed=0, hardswish="clip"):
+    """x[1, cin, hw, hw] -> Conv 3x3 stride 2 (+bias) -> batch norm as per-channel Mul + Add ->
+    HardSwish (``"clip"``: ``x * Clip(x + 3, 0, 6) / 6``; ``"op"``: the HardSwish op; ``"sigmoid"``:
+    ``x * HardSigmoid(x)``): the MobileNetV3 stem whose fused float kernel once took minutes of LLVM
+    code generation."""
+    rng = np.random.default_rng(seed)
+    inits = [_t("W", _conv_w(rng, cout, cin, 3)), _t("B", _bias(rng, cout)),
+             _t("s", rng.uniform(0.5, 1.5, (1, cout, 1, 1)).astype(np.float32)),
+             _t("b", (rng.standard_normal((1, cout, 1, 1)) * 0.1).astype(np.float32)),
+             _t("lo", np.array(0.0, np.float32)), _t("hi", np.array(6.0, np.float32)),
+             _t("three", np.array(3.0, np.float32)), _t("six", np.array(6.0, np.float32))]
+    nodes = [helper.make_node("Conv", ["x", "W", "B"], ["c"], name="stem", kernel_shape=[3, 3], strides=[2, 2],
+                              pads=[1, 1, 1, 1]),
+             helper.make_node("Mul", ["c", "s"], ["m"], name="bn_mul"),
+             helper.make_node("Add", ["m", "b"], ["bn"], name="bn_add")]
+    if hardswish == "op":
+        nodes.append(helper.make_node("HardSwish", ["bn"], ["y"], name="hswish"))
+    elif hardswish == "sigmoid":
+        nodes += [helper.make_node("HardSigmoid", ["bn"], ["g"], name="hsig", alpha=1 / 6, beta=0.5),
+                  helper.make_node("Mul", ["bn", "g"], ["y"], name="hs_mul")]
+    else:
+        nodes += [helper.make_node("Add", ["bn", "three"], ["p3"], name="hs_add"),
+                  helper.make_node("Clip", ["p3", "lo", "hi"], ["cl"], name="hs_clip"),
+                  helper.make_node("Mul", ["bn", "cl"], ["hm"], name="hs_mul"),
+                  helper.make_node("Div", ["hm", "six"], ["y"], name="hs_div")]
+    out = (hw + 1) // 2
+    return _model("conv_bn_hardswish", nodes, [1, cin, hw, hw], [1, cout, out, out], inits, opset=14)
+
+
 def save(model, path):
     """Write the serialized model to ``path`` and return the path."""
     with open(path, "wb") as f:
