@@ -126,6 +126,8 @@ def compile(onnx_model, target="llvm", samples: int | dict = 16, seed: int = 0, 
         with tracking(progress):
             module = _compile(onnx_model, target, samples, seed, input_shapes, calibration, config, frozen, tuning_db,
                               cache, choices, progress)
+            with stage("weights"):  # the default draw's weights: the first run costs what later ones do
+                module.prepare()
     finally:
         seconds = progress.close()
     module.compile_seconds = seconds

@@ -19,7 +19,7 @@ LOG = logging.getLogger("psb_tvm")
 #: Seconds between "still running" messages (``$PSB_TVM_HEARTBEAT_S``; 0 disables them).
 HEARTBEAT_S = 60.0
 
-STAGES = ("import", "calibration", "encode", "rewrite", "build", "codegen")
+STAGES = ("import", "calibration", "encode", "rewrite", "build", "codegen", "weights")
 
 
 @tvm.instrument.pass_instrument

@@ -275,6 +275,21 @@ class PSBModule:
         weights = self.weight_cache.get((tuple(per_layer), seed), lambda: list(vm["weights"](samples_arg, seed_arg)))
         return self._to_numpy(vm["cached"](*args, samples_arg, *weights)), items
 
+    def prepare(self, samples=None, seed=None) -> None:
+        """Make the weights of a configuration (default: the compiled ``samples`` and ``seed``) now
+        and keep them in ``weight_cache``, so the first ``run`` at it costs what later ones do.
+        ``compile`` does this for the default configuration; nothing to do for frozen modules."""
+        import tvm
+
+        if not self.metadata.runtime_args or not self.metadata.weight_cache or not self.weight_cache.enabled:
+            return
+        if self.metadata.target_kind != "llvm" or not self.metadata.host_runnable:
+            return  # built for another machine: nothing can run here
+        per_layer, seed = self.resolve_samples(samples), self._resolve_seed(seed)
+        vm = self._machine()
+        samples_arg, seed_arg = tvm.runtime.ShapeTuple(per_layer), tvm.runtime.ShapeTuple([seed])
+        self.weight_cache.get((tuple(per_layer), seed), lambda: list(vm["weights"](samples_arg, seed_arg)))
+
     def layer_outputs(self, *inputs, samples=None, seed=None) -> tuple:
         """``(outputs, [output of every PSB layer])`` for one run: what ``psb_tvm.diagnose`` compares
         layer by layer (conv outputs NCHW, dense outputs flattened to ``[rows, out]``). Needs a

@@ -42,7 +42,8 @@ def test_compile_records_stage_timings(tmp_path):
     model = onnx_models.conv_bn_hardswish_model(hw=16)
     x = np.random.default_rng(0).random((4, 3, 16, 16), np.float32)
     cold = psb_tvm.compile(model, calibration={"x": x}, cache=tmp_path)
-    assert set(cold.compile_seconds) == {"import", "calibration", "encode", "rewrite", "build", "codegen", "total"}
+    assert set(cold.compile_seconds) == {"import", "calibration", "encode", "rewrite", "build", "codegen", "weights",
+                                          "total"}
     warm = psb_tvm.compile(model, calibration={"x": x}, cache=tmp_path)
     assert "build" not in warm.compile_seconds  # loaded from the module cache
     assert warm._source_path == cold._source_path
