@@ -276,19 +276,26 @@ class PSBModule:
         return self._to_numpy(vm["cached"](*args, samples_arg, *weights)), items
 
     def prepare(self, samples=None, seed=None) -> None:
-        """Make the weights of a configuration (default: the compiled ``samples`` and ``seed``) now
-        and keep them in ``weight_cache``, so the first ``run`` at it costs what later ones do.
-        ``compile`` does this for the default configuration; nothing to do for frozen modules."""
+        """Make the weights of a configuration (default: the compiled ``samples`` and ``seed``) now,
+        keep them in ``weight_cache``, and run the model once on zeros (the virtual machine's
+        functions and memory pools are set up on a first call), so the first ``run`` at it costs
+        what later ones do. ``compile`` does this for the default configuration."""
         import tvm
 
-        if not self.metadata.runtime_args or not self.metadata.weight_cache or not self.weight_cache.enabled:
-            return
         if self.metadata.target_kind != "llvm" or not self.metadata.host_runnable:
             return  # built for another machine: nothing can run here
-        per_layer, seed = self.resolve_samples(samples), self._resolve_seed(seed)
         vm = self._machine()
+        zeros = [tvm.runtime.tensor(np.zeros(shape, dtype), tvm.cpu()) for _, shape, dtype in self.inputs]
+        if not self.metadata.runtime_args:
+            vm["main"](*zeros)
+            return
+        per_layer, seed = self.resolve_samples(samples), self._resolve_seed(seed)
         samples_arg, seed_arg = tvm.runtime.ShapeTuple(per_layer), tvm.runtime.ShapeTuple([seed])
-        self.weight_cache.get((tuple(per_layer), seed), lambda: list(vm["weights"](samples_arg, seed_arg)))
+        if not self.metadata.weight_cache or not self.weight_cache.enabled:
+            vm["main"](*zeros, samples_arg, seed_arg)
+            return
+        weights = self.weight_cache.get((tuple(per_layer), seed), lambda: list(vm["weights"](samples_arg, seed_arg)))
+        vm["cached"](*zeros, samples_arg, *weights)
 
     def layer_outputs(self, *inputs, samples=None, seed=None) -> tuple:
         """``(outputs, [output of every PSB layer])`` for one run: what ``psb_tvm.diagnose`` compares
