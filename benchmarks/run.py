@@ -503,11 +503,16 @@ def markdown(results: dict) -> str:
         fc = r.get("first_call_s", {})
         if fc:
             lines.append("First call (s), not included above: " + ", ".join(f"{k} {v:.2f}" for k, v in fc.items())
-                         + " (TVM generates an in-process executable's machine code lazily at its first call;"
-                         " a module loaded from an exported `.so` has no such cost).")
+                         + " (a module compiled in memory, `cache=False`, generates its machine code at its"
+                         " first call; a compiled module is loaded from the module cache and prepared, see"
+                         " Compile time).")
         lines.append(f"Agreement inputs: {r.get('quality', {}).get('inputs', '–')}.")
         for v, msg in r.get("errors", {}).items():
             lines.append(f"- **{v} failed**: {msg}")
+    compile_md = HERE / "results" / "compile_time.md"
+    if compile_md.exists():  # benchmarks/compile_time.py: a separate run, its own machine line
+        body = compile_md.read_text().split("\n", 2)[2].strip()
+        lines += ["", "## Compile time", "", body]
     lines += ["", "## Reproduce", "", "```bash",
               "pip install -e '.[test]'            # psb_tvm, TVM, onnx, onnxruntime",
               "python benchmarks/run.py            # all models; writes benchmarks/results/latest.{json,md} and BENCHMARKS.md",
