@@ -4,8 +4,12 @@ Public API: ``compile``, ``load``, ``PSBConfig``, ``PSBModule``, ``evaluate`` (a
 vs n), ``diagnose`` (per-layer error vs what sampling and activation rounding explain), ``allocate``
 (per-layer sample counts for a budget), ``tune`` (MetaSchedule + XGBoost;
 reapplied with ``compile(..., tuning_db=)``) and the exception types.
+
+TVM's CPU thread pool: ``TVM_NUM_THREADS`` is set to the physical cores available when unset
+(``psb_tvm.threads``), before TVM starts its pool.
 """
 
+from . import threads  # noqa: F401 - first: sets TVM_NUM_THREADS before anything starts TVM's pool
 from .allocate import Allocation, allocate
 from .compiler import Plan, __version__, compile, plan  # noqa: A004 - mirrors tvm.compile
 from .config import PSBConfig
