@@ -19,7 +19,9 @@ Per model it builds, in this process:
 * ``tvm_fp32``: the same compiler with ``PSBConfig(include=())`` (every layer float);
 * ``ort_fp32``: ONNX Runtime, default graph optimizations;
 * ``ort_int8``: ONNX Runtime static int8 (``quant_pre_process`` then ``quantize_static``, QDQ,
-  uint8 activations, per-channel int8 weights, MinMax calibration on 16 inputs).
+  uint8 activations, per-channel int8 weights, MinMax calibration on 16 inputs);
+* ``ov_fp32`` / ``ov_int8``: OpenVINO on the CPU, fp32 (``INFERENCE_PRECISION_HINT=f32``) and int8
+  from NNCF's post-training quantization on the same 16 calibration inputs (``pip install '.[bench]'``).
 
 With ``--tuning-trials N`` every psb_tvm module and TVM fp32 are tuned with ``psb_tvm.tune`` (MetaSchedule,
 XGBoost cost model, 2 threads), N measured candidates each, and compiled with ``tuning_db``;
@@ -65,9 +67,10 @@ SAMPLED_VARIANTS = [f"psb_n{n}" for n in PSB_SAMPLES]  # one module, n chosen at
 IID_VARIANTS = [f"psb_iid_n{n}" for n in IID_SAMPLES]
 PSB_VARIANTS = (SAMPLED_VARIANTS + IID_VARIANTS
                 + [f"psb_frozen_n{FROZEN_SAMPLES}", "psb_int8_n8", "psb_int8_n8_new_draw", "psb_int8_frozen_n8"])
-BASELINES = ["tvm_fp32", "ort_fp32", "ort_int8"]
+BASELINES = ["tvm_fp32", "ort_fp32", "ort_int8", "ov_fp32", "ov_int8"]
 VARIANTS = PSB_VARIANTS + BASELINES
-RATIO_BASES = {"vs_ort_fp32": "ort_fp32", "vs_ort_int8": "ort_int8", "vs_tvm_fp32": "tvm_fp32"}
+RATIO_BASES = {"vs_ort_fp32": "ort_fp32", "vs_ort_int8": "ort_int8", "vs_tvm_fp32": "tvm_fp32",
+               "vs_ov_int8": "ov_int8"}
 DEFAULT_REPEATS = {"digits": 30, "resnet18": 20, "mobilenetv2": 20}
 QUICK_REPEATS = 3
 WARMUP = 2
@@ -166,6 +169,38 @@ def ort_int8_model(proto, calibration: np.ndarray, workdir: pathlib.Path) -> pat
     return dst
 
 
+def ov_compiled(proto, calibration: np.ndarray | None):
+    """OpenVINO on the CPU with ``THREADS`` threads: fp32 (``INFERENCE_PRECISION_HINT=f32``; the
+    default would be bf16 where the CPU has it) or, with ``calibration``, int8 by NNCF's
+    post-training quantization on those inputs (default preset, as a user would call it)."""
+    import openvino as ov
+
+    fixed = _batch1(proto)
+    model = ov.Core().read_model(fixed.SerializeToString())
+    if calibration is not None:
+        import nncf
+
+        model = nncf.quantize(model, nncf.Dataset([calibration[i:i + 1] for i in range(len(calibration))]),
+                              subset_size=len(calibration))
+    config = {"INFERENCE_NUM_THREADS": THREADS, "PERFORMANCE_HINT": "LATENCY"}
+    if calibration is None:
+        config["INFERENCE_PRECISION_HINT"] = "f32"
+    compiled = ov.Core().compile_model(model, "CPU", config)
+    request = compiled.create_infer_request()
+    return lambda x: request.infer({0: x})[0]
+
+
+def _batch1(proto):
+    import onnx
+
+    fixed = onnx.ModelProto.FromString(proto.SerializeToString())
+    dim0 = fixed.graph.input[0].type.tensor_type.shape.dim[0]
+    if not dim0.HasField("dim_value"):  # digits: dynamic batch -> 1 (the shape we benchmark)
+        dim0.Clear()
+        dim0.dim_value = 1
+    return fixed
+
+
 def build_variants(name: str, data: dict, workdir: pathlib.Path, bar, trials: int = 0) -> tuple[dict, dict, dict, dict]:
     """Returns (callables {variant: fn(x)}, compile seconds, errors {variant: message}, info).
 
@@ -244,6 +279,10 @@ def build_variants(name: str, data: dict, workdir: pathlib.Path, bar, trials: in
     q = attempt(["ort_int8"], "ort_int8", lambda: ort_session(str(ort_int8_model(proto, data["ort_calibration"], workdir))))
     if q is not None:
         fns["ort_int8"] = (lambda s: lambda x: s.run(None, {"input": x})[0])(q)
+    for variant, calib in (("ov_fp32", None), ("ov_int8", data["ort_calibration"])):
+        fn = attempt([variant], variant, lambda calib=calib: ov_compiled(proto, calib))
+        if fn is not None:
+            fns[variant] = fn
     info["first_call_s"] = {}
     for v in list(fns):  # a variant that builds but cannot run is a failure too
         try:
@@ -348,6 +387,18 @@ class ForeignLoad:
 
 
 # ---------------------------------------------------------------------------- machine / report
+def _optional_versions(*names) -> dict:
+    import importlib.metadata
+
+    out = {}
+    for name in names:
+        try:
+            out[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            pass
+    return out
+
+
 def machine() -> dict:
     import onnx
     import onnxruntime
@@ -391,6 +442,7 @@ def machine() -> dict:
         "os": platform.platform(),
         "python": platform.python_version(),
         "versions": {"tvm": tvm.__version__, "onnxruntime": onnxruntime.__version__, "onnx": onnx.__version__,
+                     **_optional_versions("openvino", "nncf"),
                      "numpy": np.__version__, "psb_tvm": psb_tvm.__version__},
         "git_commit": commit,
     }
@@ -419,7 +471,7 @@ LABELS = {"psb_n1": "psb_tvm n=1", "psb_n4": "psb_tvm n=4", "psb_n8": "psb_tvm n
           "psb_frozen_n8": "psb_tvm frozen n=8", "psb_int8_n8": "psb_tvm int8 preset n=8",
           "psb_int8_n8_new_draw": "psb_tvm int8 preset n=8, new draw every call",
           "psb_int8_frozen_n8": "psb_tvm int8 preset frozen n=8", "tvm_fp32": "TVM fp32", "ort_fp32": "ORT fp32",
-          "ort_int8": "ORT int8 (static QDQ)"}
+          "ort_int8": "ORT int8 (static QDQ)", "ov_fp32": "OpenVINO fp32", "ov_int8": "OpenVINO int8 (NNCF PTQ)"}
 
 
 def markdown(results: dict) -> str:
@@ -440,7 +492,8 @@ def markdown(results: dict) -> str:
         f"- **Threads**: {m['threads_used']} everywhere (`TVM_NUM_THREADS={m['threads_used']}` set before importing tvm;"
         f" ONNX Runtime `intra_op_num_threads={m['threads_used']}, inter_op_num_threads=1`). Batch 1, float32 input.",
         f"- **Versions**: TVM {m['versions']['tvm']}, ONNX Runtime {m['versions']['onnxruntime']}, "
-        f"onnx {m['versions']['onnx']}, numpy {m['versions']['numpy']}, psb_tvm {m['versions']['psb_tvm']}.",
+        f"onnx {m['versions']['onnx']}, OpenVINO {m['versions'].get('openvino', '-')}, NNCF "
+        f"{m['versions'].get('nncf', '-')}, numpy {m['versions']['numpy']}, psb_tvm {m['versions']['psb_tvm']}.",
         f"- **Tuning budget**: {meta['tuning_budget']}",
         f"- **Timing**: {meta['timing']}",
         "- **Variants**: `psb_tvm n=k` is ONE module compiled once (default n=16) and run with"
@@ -456,7 +509,10 @@ def markdown(results: dict) -> str:
         " `ORT int8` is `quant_pre_process` + `quantize_static` (QDQ, per-channel int8 weights, uint8 activations,"
         f" MinMax calibration on {ORT_CALIBRATION_COUNT} inputs). U8S8 is the fast path of ONNX Runtime's x86 VNNI"
         " kernels: with int8 activations (S8S8, the quantizer's default) ORT int8 measured 3.5x slower on ResNet-18"
-        " (22 vs 6.4 ms) and 2.2x slower on MobileNetV2 (4.4 vs 2.0 ms) here, slower than ORT fp32.",
+        " (22 vs 6.4 ms) and 2.2x slower on MobileNetV2 (4.4 vs 2.0 ms) here, slower than ORT fp32."
+        " `OpenVINO fp32` is OpenVINO's CPU plugin with `INFERENCE_PRECISION_HINT=f32` (its default is bf16 where the"
+        f" CPU has it), `OpenVINO int8` the model quantized by NNCF (`nncf.quantize`, default preset) on the same"
+        f" {ORT_CALIBRATION_COUNT} inputs; both `PERFORMANCE_HINT=LATENCY`, `INFERENCE_NUM_THREADS={THREADS}`.",
         "- **Models**: random He-init weights (fixed seed), built by `benchmarks/models.py`: ResNet-18 and"
         " MobileNetV2 (width 1.0) topologies at 1x3x224x224 with BatchNormalization nodes, and the bundled digits"
         " CNN (1x1x8x8). Accuracy numbers on the random nets mean nothing; agreement with ORT fp32 is a sanity check.",
@@ -476,9 +532,9 @@ def markdown(results: dict) -> str:
         agree = r.get("quality", {}).get("top1_agreement_with_ort_fp32", {})
         err = r.get("quality", {}).get("rel_l2_error_vs_ort_fp32", {})
         acc = r.get("quality", {}).get("accuracy")
-        head = ("| variant | latency ms, median (p10–p90) | / ORT fp32 | / ORT int8 | / TVM fp32 | top-1 agree w/ ORT fp32 "
-                "| rel. logit error |")
-        sep = "|---|---|---|---|---|---|---|"
+        head = ("| variant | latency ms, median (p10–p90) | / ORT fp32 | / ORT int8 | / TVM fp32 | / OpenVINO int8 "
+                "| top-1 agree w/ ORT fp32 | rel. logit error |")
+        sep = "|---|---|---|---|---|---|---|---|"
         if acc:
             head += " accuracy |"
             sep += "---|"
@@ -487,6 +543,7 @@ def markdown(results: dict) -> str:
             rat = r.get("ratios", {}).get(v, {})
             row = (f"| {LABELS[v]} | {_fmt_ms(lat.get(v))} | {_fmt_ratio(rat.get('vs_ort_fp32'))} | "
                    f"{_fmt_ratio(rat.get('vs_ort_int8'))} | {_fmt_ratio(rat.get('vs_tvm_fp32'))} | "
+                   f"{_fmt_ratio(rat.get('vs_ov_int8'))} | "
                    f"{'–' if v not in agree else f'{100 * agree[v]:.0f}%'} | {'–' if v not in err else f'{err[v]:.3g}'} |")
             if acc:
                 row += f" {'–' if v not in acc else f'{100 * acc[v]:.1f}%'} |"
@@ -578,7 +635,7 @@ def main(argv=None) -> int:
         "notes": notes,
     }, "models": {}}
 
-    steps = sum(6 + repeats[n] for n in names)
+    steps = sum(8 + repeats[n] for n in names)  # inputs, 7 builds (ORT fp32 and int8 share one), agreement, rounds
     with tqdm(total=steps, desc="benchmark", file=sys.stderr, dynamic_ncols=True) as bar, \
             tempfile.TemporaryDirectory(prefix="psb_bench_") as tmp:
         for name in names:
