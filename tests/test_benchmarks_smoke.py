@@ -17,8 +17,8 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 RUN = ROOT / "benchmarks" / "run.py"
 PSB_VARIANTS = ["psb_n1", "psb_n4", "psb_n8", "psb_n16", "psb_iid_n4", "psb_iid_n16", "psb_frozen_n8", "psb_int8_n8",
                 "psb_int8_n8_new_draw", "psb_int8_frozen_n8"]
-VARIANTS = PSB_VARIANTS + ["tvm_fp32", "ort_fp32", "ort_int8"]
-RATIOS = ["vs_ort_fp32", "vs_ort_int8", "vs_tvm_fp32"]
+VARIANTS = PSB_VARIANTS + ["tvm_fp32", "ort_fp32", "ort_int8", "ov_fp32", "ov_int8"]
+RATIOS = ["vs_ort_fp32", "vs_ort_int8", "vs_tvm_fp32", "vs_ov_int8"]
 
 
 @pytest.fixture(scope="module")
@@ -58,7 +58,8 @@ def test_model_facts_and_report(quick_run):
     digits = results["models"]["digits"]
     assert digits["float_macs"] > 0 and digits["psb_additions_per_sample"] > 0
     assert set(digits["compile_s"]) >= {"psb", "psb_iid", "psb_frozen_n8", "psb_int8_n8", "psb_int8_frozen_n8", "tvm_fp32",
-                                        "ort_fp32", "ort_int8"}
+                                        "ort_fp32", "ort_int8", "ov_fp32", "ov_int8"}
+    assert "| OpenVINO int8 (NNCF PTQ) |" in (out / "latest.md").read_text()
     assert set(digits["quality"]["top1_agreement_with_ort_fp32"]) == set(VARIANTS)
     assert results["meta"]["machine"]["threads_used"] == 2
     assert "| psb_tvm n=8 |" in (out / "latest.md").read_text()
