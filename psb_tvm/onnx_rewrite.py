@@ -5,7 +5,7 @@
 * :func:`inline_constant_ifs`: replace each ``If`` whose condition is a constant by the nodes of
   the branch it takes (exporters guard code paths on shapes and on flags such as the sample rate;
   once those are fixed the conditions fold to constants, and TVM can then see the convs inside).
-* :func:`unroll_lstms`: rewrite single-direction, peephole-free ``LSTM`` nodes with a static
+* :func:`unroll_lstms`: rewrite peephole-free ``LSTM`` nodes (forward, reverse, bidirectional) with a static
   sequence length (TVM 0.27's ONNX importer has no LSTM) into per-step MatMul, Add, Sigmoid, Tanh
   and Mul nodes; the input and recurrent MatMuls have constant weights, so they are linear layers.
 * :func:`make_static`: fold with onnxsim and apply the two rewrites above until nothing changes.
@@ -123,11 +123,16 @@ def _attr(node, name, default=None):
     return default
 
 
+def _direction(node) -> str:
+    d = _attr(node, "direction", b"forward") or b"forward"
+    return d.decode() if isinstance(d, bytes) else d
+
+
 def lstm_unroll_problem(node, consts: dict, shapes: dict) -> str:
     """Why ``node`` (an LSTM) cannot be unrolled, or "" when it can."""
     ins = list(node.input) + [""] * (8 - len(node.input))
-    if (_attr(node, "direction", b"forward") or b"forward") not in (b"forward", "forward"):
-        return f"direction {_attr(node, 'direction')!r} (only forward)"
+    if _direction(node) not in ("forward", "reverse", "bidirectional"):
+        return f"direction {_direction(node)!r}"
     if _attr(node, "layout", 0):
         return "layout=1 (only 0)"
     if _attr(node, "clip") is not None or _attr(node, "input_forget", 0):
@@ -166,21 +171,22 @@ def _static_shapes(proto: onnx.ModelProto) -> dict:
 
 
 def _unroll(node, consts: dict, shapes: dict, add_init) -> list:
+    """Per-step nodes of an LSTM, every direction (``reverse`` runs the steps from the last; its
+    outputs stay at their time positions): ``Y`` [T, directions, B, H], ``Y_h`` and ``Y_c``
+    [directions, B, H], as the ONNX spec (layout 0)."""
     ins = list(node.input) + [""] * (8 - len(node.input))
     outs = list(node.output) + [""] * (3 - len(node.output))
     T, B, _ = shapes[ins[0]]
-    W, R = consts[ins[1]][0], consts[ins[2]][0]  # [4H, I], [4H, H]
-    H = R.shape[1]
-    bias = consts[ins[3]][0] if ins[3] else np.zeros(8 * H, np.float32)
-    b = (bias[:4 * H] + bias[4 * H:]).astype(np.float32)
+    directions = ["forward", "reverse"] if _direction(node) == "bidirectional" else [_direction(node)]
+    H = consts[ins[2]].shape[2]
     p = (node.name or "lstm").replace("/", "_")
-    w_t = add_init(f"{p}_W_T", np.ascontiguousarray(W.T).astype(np.float32))
-    r_t = add_init(f"{p}_R_T", np.ascontiguousarray(R.T).astype(np.float32))
-    b_n = add_init(f"{p}_B", b)
     shape_bh = add_init(f"{p}_shape_bh", np.array([B, H], np.int64))
     shape_y = add_init(f"{p}_shape_y", np.array([1, 1, B, H], np.int64))
+    shape_last = add_init(f"{p}_shape_last", np.array([1, B, H], np.int64))
     gate_bounds = [add_init(f"{p}_g{i}", np.array([i * H], np.int64)) for i in range(5)]
     axis1 = add_init(f"{p}_axis1", np.array([1], np.int64))
+    zeros = add_init(f"{p}_zeros", np.zeros((B, H), np.float32))
+    steps = [add_init(f"{p}_t{t}", np.array(t, np.int64)) for t in range(T)]
     nodes = []
 
     def mk(op, inputs, name, **attrs):
@@ -188,29 +194,57 @@ def _unroll(node, consts: dict, shapes: dict, add_init) -> list:
         nodes.append(helper.make_node(op, inputs, [out], name=f"{node.name}/{name}", **attrs))
         return out
 
-    zeros = add_init(f"{p}_zeros", np.zeros((B, H), np.float32))
-    h = mk("Reshape", [ins[5], shape_bh], "h0") if ins[5] else zeros
-    c = mk("Reshape", [ins[6], shape_bh], "c0") if ins[6] else zeros
-    ys = []
-    for t in range(T):
-        idx = add_init(f"{p}_t{t}", np.array(t, np.int64))
-        x_t = mk("Gather", [ins[0], idx], f"x{t}", axis=0)
-        g = mk("Gemm", [x_t, w_t, b_n], f"Gemm_W_{t}")
-        g = mk("Add", [g, mk("MatMul", [h, r_t], f"MatMul_R_{t}")], f"gates{t}")
-        gi, go, gf, gc = (mk("Slice", [g, gate_bounds[k], gate_bounds[k + 1], axis1], f"gate{k}_{t}") for k in range(4))
-        i_t, o_t, f_t = (mk("Sigmoid", [v], f"{nm}{t}") for v, nm in ((gi, "i"), (go, "o"), (gf, "f")))
-        c_hat = mk("Tanh", [gc], f"chat{t}")
-        c = mk("Add", [mk("Mul", [f_t, c], f"fc{t}"), mk("Mul", [i_t, c_hat], f"ic{t}")], f"c{t + 1}")
-        h = mk("Mul", [o_t, mk("Tanh", [c], f"tc{t}")], f"h{t + 1}")
-        ys.append(mk("Reshape", [h, shape_y], f"y{t}"))
-    shape_last = add_init(f"{p}_shape_last", np.array([1, B, H], np.int64))
+    ys, last_h, last_c = [], [], []
+    for d, direction in enumerate(directions):
+        # the first direction keeps the unsuffixed names (Gemm_W_<t>, MatMul_R_<t>): layer names
+        # of forward LSTMs do not change
+        sfx = "" if d == 0 else "_reverse"
+        W, R = consts[ins[1]][d], consts[ins[2]][d]  # [4H, I], [4H, H]
+        bias = consts[ins[3]][d] if ins[3] else np.zeros(8 * H, np.float32)
+        w_t = add_init(f"{p}_W_T{sfx}", np.ascontiguousarray(W.T).astype(np.float32))
+        r_t = add_init(f"{p}_R_T{sfx}", np.ascontiguousarray(R.T).astype(np.float32))
+        b_n = add_init(f"{p}_B{sfx}", (bias[:4 * H] + bias[4 * H:]).astype(np.float32))
+        dir_idx = add_init(f"{p}_dir{d}", np.array(d, np.int64))
+        h = mk("Reshape", [mk("Gather", [ins[5], dir_idx], f"h0_all{sfx}", axis=0), shape_bh], f"h0{sfx}") if ins[5] \
+            else zeros
+        c = mk("Reshape", [mk("Gather", [ins[6], dir_idx], f"c0_all{sfx}", axis=0), shape_bh], f"c0{sfx}") if ins[6] \
+            else zeros
+        y_dir = [None] * T
+        order = range(T) if direction == "forward" else range(T - 1, -1, -1)
+        for k, t in enumerate(order):  # k: step number (names), t: time position
+            x_t = mk("Gather", [ins[0], steps[t]], f"x{t}{sfx}", axis=0)
+            g = mk("Gemm", [x_t, w_t, b_n], f"Gemm_W_{k}{sfx}")
+            g = mk("Add", [g, mk("MatMul", [h, r_t], f"MatMul_R_{k}{sfx}")], f"gates{k}{sfx}")
+            gi, go, gf, gc = (mk("Slice", [g, gate_bounds[j], gate_bounds[j + 1], axis1], f"gate{j}_{k}{sfx}")
+                              for j in range(4))
+            i_t, o_t, f_t = (mk("Sigmoid", [v], f"{nm}{k}{sfx}") for v, nm in ((gi, "i"), (go, "o"), (gf, "f")))
+            c_hat = mk("Tanh", [gc], f"chat{k}{sfx}")
+            c = mk("Add", [mk("Mul", [f_t, c], f"fc{k}{sfx}"), mk("Mul", [i_t, c_hat], f"ic{k}{sfx}")], f"c{k + 1}{sfx}")
+            h = mk("Mul", [o_t, mk("Tanh", [c], f"tc{k}{sfx}")], f"h{k + 1}{sfx}")
+            y_dir[t] = mk("Reshape", [h, shape_y], f"y{t}{sfx}")
+        ys.append(y_dir)
+        last_h.append(mk("Reshape", [h, shape_last], f"h_last{sfx}"))
+        last_c.append(mk("Reshape", [c, shape_last], f"c_last{sfx}"))
+
+    def join(parts, out, name, axis):
+        op = helper.make_node("Concat", parts, [out], name=f"{node.name}/{name}", axis=axis) if len(parts) > 1 \
+            else helper.make_node("Identity", parts, [out], name=f"{node.name}/{name}")
+        nodes.append(op)
+
     if outs[0]:
-        nodes.append(helper.make_node("Concat", ys, [outs[0]], name=f"{node.name}/Y", axis=0) if T > 1
-                     else helper.make_node("Identity", ys, [outs[0]], name=f"{node.name}/Y"))
+        steps_y = []
+        for t in range(T):  # [1, directions, B, H] per time position
+            parts = [ys[d][t] for d in range(len(directions))]
+            if len(parts) == 1:
+                steps_y.append(parts[0])
+            else:
+                steps_y.append(f"{p}/y{t}_dirs")
+                join(parts, steps_y[-1], f"y{t}_dirs", axis=1)
+        join(steps_y, outs[0], "Y", axis=0)
     if outs[1]:
-        nodes.append(helper.make_node("Reshape", [h, shape_last], [outs[1]], name=f"{node.name}/Y_h"))
+        join(last_h, outs[1], "Y_h", axis=0)
     if outs[2]:
-        nodes.append(helper.make_node("Reshape", [c, shape_last], [outs[2]], name=f"{node.name}/Y_c"))
+        join(last_c, outs[2], "Y_c", axis=0)
     return nodes
 
 
