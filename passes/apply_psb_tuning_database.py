@@ -16,6 +16,8 @@ from tvm import tirx
 from psb_tvm.abi import ATTR_KIND, ATTR_TUNED
 from psb_tvm.errors import TuningWarning
 
+from .module_copy import with_functions
+
 CANONICAL_N = 8  # the value ``n`` is bound to while tuning; the loop nest does not depend on it
 # Samplers and masked kernels have run-time loop extents; pack kernels (elementwise, once per
 # configuration with the weight cache) are not worth a tuning budget.
@@ -79,9 +81,4 @@ class ApplyPSBTuningDatabase:
                               "using its default schedule", TuningWarning, stacklevel=2)
                 continue
             updates[gv] = sch.mod["main"].with_attr("tirx.is_scheduled", True).with_attr(ATTR_TUNED, True)
-        if not updates:
-            return mod
-        mod = mod.clone() if hasattr(mod, "clone") else tvm.IRModule(dict(mod.functions))
-        for gv, func in updates.items():
-            mod[gv] = func
-        return mod
+        return with_functions(mod, updates)

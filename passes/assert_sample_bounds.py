@@ -17,6 +17,8 @@ from tvm.s_tir import SBlock, SBlockRealize
 
 from psb_tvm.abi import ATTR_KIND
 
+from .module_copy import with_functions
+
 #: Scalar kernel parameters that are sample counts: ``n`` (a power of two in [1, n_max]) and the
 #: sampler's range ends ``lo``, ``hi`` (0 or a power of two <= n_max).
 SAMPLE_PARAMS = {"n": False, "lo": True, "hi": True}
@@ -65,9 +67,4 @@ class AssertSampleBounds:
                                   "(the bound the kernels were compiled for)")]))
             if checks:
                 updates[gv] = func.with_body(_prepend(func.body, checks))
-        if not updates:
-            return mod
-        mod = mod.clone() if hasattr(mod, "clone") else tvm.IRModule(dict(mod.functions))
-        for gv, func in updates.items():
-            mod[gv] = func
-        return mod
+        return with_functions(mod, updates)

@@ -12,15 +12,14 @@ from psb_tvm.abi import METADATA_FUNC
 from psb_tvm.metadata import ModuleMetadata
 
 from .apply_psb_tuning_database import tuned_kernels
+from .module_copy import with_functions
 
 
 def attach_string(mod: tvm.IRModule, name: str, text: str) -> tvm.IRModule:
     """A copy of ``mod`` with a Relax function ``name() -> str`` returning ``text``."""
     value = tvm.ir.StringImm(text)
     func = relax.Function([], relax.SeqExpr([], value), ret_ty=value.ty, is_pure=True)
-    mod = mod.clone() if hasattr(mod, "clone") else tvm.IRModule(dict(mod.functions))
-    mod[name] = func.with_attr("global_symbol", name)
-    return mod
+    return with_functions(mod, {name: func.with_attr("global_symbol", name)})
 
 
 def schedule_summary(mod: tvm.IRModule) -> dict:

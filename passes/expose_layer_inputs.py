@@ -5,6 +5,7 @@ from __future__ import annotations
 import tvm
 from tvm import relax
 
+from .module_copy import with_functions
 from .select_psb_layers import find_layer_sites
 
 
@@ -27,6 +28,4 @@ class ExposeLayerInputs:
         outputs = relax.Tuple([sites[i].data for i in self.site_indices])
         body = relax.SeqExpr(func.body.blocks, outputs)
         probe = relax.Function(func.params, body, ret_ty=outputs.ty, is_pure=func.is_pure, attrs=func.attrs)
-        mod = mod.clone() if hasattr(mod, "clone") else tvm.IRModule(dict(mod.functions))
-        mod["main"] = probe
-        return relax.transform.DeadCodeElimination(["main"])(mod)
+        return relax.transform.DeadCodeElimination(["main"])(with_functions(mod, {"main": probe}))

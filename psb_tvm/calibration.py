@@ -26,6 +26,7 @@ except ImportError:  # optional: without it calibration builds a float TVM probe
 from . import numerics
 from .build import build
 from .errors import ConfigError
+from .onnx_rewrite import static_shapes
 from .passes import ExposeLayerInputs, find_layer_sites
 from .target import host_target
 
@@ -198,17 +199,9 @@ def onnx_layer_tensors(imported, sites: list) -> list | None:
 
 
 def _value_sizes(proto) -> dict:
-    """Element counts of the model's tensors whose shapes shape inference can tell."""
-    try:
-        inferred = onnx.shape_inference.infer_shapes(proto)
-    except Exception:  # noqa: BLE001 - unknown shapes are checked at run time instead
-        return {}
-    sizes = {}
-    for vi in list(inferred.graph.value_info) + list(inferred.graph.input) + list(inferred.graph.output):
-        dims = vi.type.tensor_type.shape.dim
-        if dims and all(d.HasField("dim_value") for d in dims):
-            sizes[vi.name] = int(np.prod([d.dim_value for d in dims]))
-    return sizes
+    """Element counts of the model's tensors whose shapes are fully known."""
+    return {name: int(np.prod(shape)) for name, shape in static_shapes(proto).items()
+            if all(d is not None for d in shape)}
 
 
 def _ort_runner(proto, tensors: list, sizes: list, dtypes: list, inputs: list):

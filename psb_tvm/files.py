@@ -199,3 +199,9 @@ def verify_module(path) -> dict:
         raise ModelLoadError(f"{os.fspath(path)}: SHA-256 mismatch: the module was damaged or edited after export "
                              "(re-export or copy it again)")
     return record
+
+
+def cache_root() -> pathlib.Path:
+    """Where psb_tvm keeps what it fetches or builds: ``$PSB_TVM_CACHE`` or ``~/.cache/psb_tvm``."""
+    root = os.environ.get("PSB_TVM_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "psb_tvm")
+    return pathlib.Path(root)

@@ -29,7 +29,7 @@ import tvm
 import tvm_ffi
 
 from .errors import ConfigError, ModelLoadError, OutputError
-from .files import file_sha256, verify_module
+from .files import cache_root, file_sha256, verify_module
 
 LOG = logging.getLogger("psb_tvm")
 ENV_DIR = "PSB_TVM_MODULE_CACHE"
@@ -50,8 +50,7 @@ def cache_dir(setting=None) -> pathlib.Path | None:
             return None
         if env:
             return pathlib.Path(env)
-        root = os.environ.get("PSB_TVM_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "psb_tvm")
-        return pathlib.Path(root) / "modules"
+        return cache_root() / "modules"
     if isinstance(setting, (str, os.PathLike)):
         return pathlib.Path(setting)
     raise ConfigError(f"cache must be a directory, True, False or None, got {type(setting).__name__}")

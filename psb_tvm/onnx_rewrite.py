@@ -154,7 +154,9 @@ def lstm_unroll_problem(node, consts: dict, shapes: dict) -> str:
     return ""
 
 
-def _static_shapes(proto: onnx.ModelProto) -> dict:
+def static_shapes(proto: onnx.ModelProto) -> dict:
+    """Tensor name -> shape (``None`` for an unknown dimension) where shape inference or the
+    initializers tell it."""
     try:
         inferred = onnx.shape_inference.infer_shapes(proto)
     except Exception:  # noqa: BLE001
@@ -260,7 +262,7 @@ def unroll_lstms(proto: onnx.ModelProto) -> tuple[onnx.ModelProto, int, dict]:
     if not any(n.op_type == "LSTM" for n in graph.node):
         return proto, 0, {}
     consts = _constants(graph, {})
-    shapes = _static_shapes(proto)
+    shapes = static_shapes(proto)
     existing = {t.name for t in graph.initializer}
 
     def add_init(name, value):
@@ -376,7 +378,7 @@ def fold_constants(proto: onnx.ModelProto, max_elements: int = 1 << 16) -> tuple
     proto = copy.deepcopy(proto)
     graph = proto.graph
     consts = _constants(graph, {})
-    shapes = _static_shapes(proto)
+    shapes = static_shapes(proto)
     graph_outputs = {o.name for o in graph.output}
     keep, folded, new_inits = [], 0, []
     for node in graph.node:

@@ -99,11 +99,18 @@ class WithPassConfig:
         self.passes, self.config = list(passes), dict(config)
 
     def transform_module(self, mod: tvm.IRModule, _ctx) -> tvm.IRModule:
-        ctx = tvm.transform.PassContext.current()
-        with tvm.transform.PassContext(opt_level=ctx.opt_level, required_pass=ctx.required_pass,
-                                       disabled_pass=ctx.disabled_pass,
-                                       config={**ctx.config, **self.config}):
+        with derived_pass_context(config=self.config):
             return tvm.transform.Sequential(self.passes)(mod)
+
+
+def derived_pass_context(config: dict | None = None, instruments: list | None = None) -> tvm.transform.PassContext:
+    """A PassContext like the current one (opt level, required and disabled passes, options) with
+    ``config`` options added and ``instruments`` (default none: a nested context re-enters the
+    instruments it is given, so the outer ones are not repeated unless asked)."""
+    ctx = tvm.transform.PassContext.current()
+    return tvm.transform.PassContext(opt_level=ctx.opt_level, required_pass=ctx.required_pass,
+                                     disabled_pass=ctx.disabled_pass, config={**ctx.config, **(config or {})},
+                                     instruments=instruments)
 
 
 def cuda_build_passes(target: tvm.target.Target, database=None, metadata: ModuleMetadata | dict | None = None,

@@ -14,6 +14,8 @@ from contextlib import contextmanager
 import tvm
 from tqdm.auto import tqdm
 
+from .pipeline import derived_pass_context
+
 LOG = logging.getLogger("psb_tvm")
 
 #: Seconds between "still running" messages (``$PSB_TVM_HEARTBEAT_S``; 0 disables them).
@@ -68,10 +70,8 @@ class CompileProgress:
     @contextmanager
     def passes(self):
         """A PassContext like the current one that also tells the heartbeat the running pass."""
-        ctx = tvm.transform.PassContext.current()
-        with tvm.transform.PassContext(opt_level=ctx.opt_level, required_pass=ctx.required_pass,
-                                       disabled_pass=ctx.disabled_pass, config=ctx.config,
-                                       instruments=list(ctx.instruments) + [_CurrentPass(self)]):
+        outer = tvm.transform.PassContext.current().instruments
+        with derived_pass_context(instruments=list(outer) + [_CurrentPass(self)]):
             yield
 
     def _heartbeat(self, every: float):

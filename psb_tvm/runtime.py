@@ -272,8 +272,14 @@ class PSBModule:
         samples_arg, seed_arg = tvm.runtime.ShapeTuple(per_layer), tvm.runtime.ShapeTuple([seed])
         if not self.metadata.weight_cache or not self.weight_cache.enabled:
             return self._to_numpy(vm["main"](*args, samples_arg, seed_arg)), items
-        weights = self.weight_cache.get((tuple(per_layer), seed), lambda: list(vm["weights"](samples_arg, seed_arg)))
-        return self._to_numpy(vm["cached"](*args, samples_arg, *weights)), items
+        return self._to_numpy(vm["cached"](*args, samples_arg, *self._weights(vm, per_layer, seed))), items
+
+    def _weights(self, vm, per_layer: list, seed: int) -> list:
+        """The weight arguments of ``cached`` for (per-layer n, seed): from ``weight_cache``, made on a miss."""
+        import tvm
+
+        samples_arg, seed_arg = tvm.runtime.ShapeTuple(per_layer), tvm.runtime.ShapeTuple([seed])
+        return self.weight_cache.get((tuple(per_layer), seed), lambda: list(vm["weights"](samples_arg, seed_arg)))
 
     def prepare(self, samples=None, seed=None) -> None:
         """Make the weights of a configuration (default: the compiled ``samples`` and ``seed``) now,
@@ -294,8 +300,7 @@ class PSBModule:
         if not self.metadata.weight_cache or not self.weight_cache.enabled:
             vm["main"](*zeros, samples_arg, seed_arg)
             return
-        weights = self.weight_cache.get((tuple(per_layer), seed), lambda: list(vm["weights"](samples_arg, seed_arg)))
-        vm["cached"](*zeros, samples_arg, *weights)
+        vm["cached"](*zeros, samples_arg, *self._weights(vm, per_layer, seed))
 
     def layer_outputs(self, *inputs, samples=None, seed=None) -> tuple:
         """``(outputs, [output of every PSB layer])`` for one run: what ``psb_tvm.diagnose`` compares

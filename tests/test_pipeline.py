@@ -46,10 +46,6 @@ def _prim_funcs(mod):
     return {gv.name_hint: f for gv, f in mod.functions.items() if isinstance(f, tirx.PrimFunc)}
 
 
-class _Record:
-    pass
-
-
 @tvm.instrument.pass_instrument
 class RecordPasses:
     def __init__(self):

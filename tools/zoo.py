@@ -41,7 +41,7 @@ import zipfile
 import numpy as np
 
 from psb_tvm.errors import DownloadError, FetchError, WheelHashError
-from psb_tvm.files import file_sha256
+from psb_tvm.files import cache_root, file_sha256
 from psb_tvm.onnx_rewrite import bind_inputs, make_static, set_input_shapes
 
 FACENET = ("facenet-pytorch", "2.6.0")
@@ -78,9 +78,8 @@ VAD_CONTEXT = {16000: 64, 8000: 32}
 
 # ---------------------------------------------------------------------------- cache and wheels
 def cache_dir() -> pathlib.Path:
-    """``$PSB_TVM_CACHE`` or ``~/.cache/psb_tvm``."""
-    root = os.environ.get("PSB_TVM_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "psb_tvm")
-    return pathlib.Path(root)
+    """``$PSB_TVM_CACHE`` or ``~/.cache/psb_tvm`` (``psb_tvm.files.cache_root``)."""
+    return cache_root()
 
 
 def _wheel_glob(package: str, version: str) -> str:
