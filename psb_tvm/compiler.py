@@ -10,7 +10,7 @@ import numpy as np
 import tvm
 
 from . import checks, module_cache, numerics
-from .build import build
+from .build import build, build_objects_and_link
 from .calibration import choose_width, collect_stats, normalize_calibration
 from .config import PSBConfig
 from .errors import ConfigError
@@ -131,6 +131,7 @@ def compile(onnx_model, target="llvm", samples: int | dict = 16, seed: int = 0, 
     finally:
         seconds = progress.close()
     module.compile_seconds = seconds
+    module.compile_kernels = progress.kernels
     LOG.info("compile: %.1f s in all (%s)", seconds["total"],
              ", ".join(f"{k} {v:.1f} s" for k, v in seconds.items() if k != "total"))
     return module
@@ -147,15 +148,21 @@ def _compile(onnx_model, target, samples, seed, input_shapes, calibration, confi
             LOG.info("compile: module cache hit %s", hit)
             with stage("codegen"):
                 return load(hit)
-    with stage("build"), progress.passes():
-        executable, metadata = build(mod, tgt, tuning_db=tuning_db, metadata=metadata)
-    module = PSBModule(executable, metadata, executable=executable)
-    if key is not None:
-        with stage("codegen"):  # machine code, written into the cache and loaded from there
-            stored = module_cache.store(directory, key, module.export_library)
+    if key is not None and module_cache.writable(directory):
+        # Kernels generated in parallel (and reused) as object files, linked into the cache's .so
+        # and loaded from there: machine code now, not on the first call.
+        with stage("build"), progress.passes():
+            executable, linked, objects, stats = build_objects_and_link(
+                mod, tgt, module_cache.kernel_dir(directory), tuning_db=tuning_db, metadata=metadata, progress=progress)
+        progress.kernels = stats
+        with stage("codegen"):
+            stored = module_cache.store(directory, key, PSBModule(executable, linked, executable=executable,
+                                                                  objects=objects).export_library)
             if stored is not None:
                 return load(stored)
-    return module
+    with stage("build"), progress.passes():
+        executable, metadata = build(mod, tgt, tuning_db=tuning_db, metadata=metadata)
+    return PSBModule(executable, metadata, executable=executable)
 
 
 def default_lowering(target) -> str:

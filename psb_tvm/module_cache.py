@@ -10,6 +10,8 @@ The key is a SHA-256 of everything the library depends on: psb_tvm's and TVM's v
 target, the lowered Relax module (structural hash, weights included), the metadata it embeds and
 the tuning database's files. Entries are written all-or-nothing with the integrity record that
 ``load`` checks, and the least recently used ones are removed beyond ``PSB_TVM_MODULE_CACHE_MAX_BYTES``.
+The kernels the libraries are linked from live in ``kernels/`` beside them (``psb_tvm.kernel_cache``,
+a quarter of that budget): a compile that misses here reuses every kernel it shares with earlier ones.
 
 Where: ``compile(..., cache=...)``: a directory, ``False`` (no cache: the executable is kept in
 memory and generates its code on the first call, as TVM does), or ``None``: ``$PSB_TVM_MODULE_CACHE``
@@ -54,6 +56,29 @@ def cache_dir(setting=None) -> pathlib.Path | None:
     if isinstance(setting, (str, os.PathLike)):
         return pathlib.Path(setting)
     raise ConfigError(f"cache must be a directory, True, False or None, got {type(setting).__name__}")
+
+
+def kernel_dir(directory: pathlib.Path) -> pathlib.Path:
+    """Where the kernel objects of the modules in ``directory`` are kept."""
+    return pathlib.Path(directory) / "kernels"
+
+
+def writable(directory: pathlib.Path) -> bool:
+    """``directory`` exists (created if need be) and this process may write there; if not, a
+    warning says so (the compile goes on without the cache)."""
+    try:
+        pathlib.Path(directory).mkdir(parents=True, exist_ok=True)
+        if not os.access(directory, os.W_OK | os.X_OK):
+            raise PermissionError("not writable")
+    except OSError as err:
+        _warn_unusable(directory, err)
+        return False
+    return True
+
+
+def _warn_unusable(directory, err):
+    warnings.warn(f"module cache {directory} is not usable ({err}); compiling without it "
+                  f"(set ${ENV_DIR}=off to silence this)", stacklevel=4)
 
 
 def _max_bytes() -> int:
@@ -112,18 +137,20 @@ def store(directory: pathlib.Path, key: str, export) -> pathlib.Path | None:
         directory.mkdir(parents=True, exist_ok=True)
         export(path)
     except (OSError, OutputError) as err:
-        warnings.warn(f"module cache {directory} is not usable ({err}); compiling without it "
-                      f"(set ${ENV_DIR}=off to silence this)", stacklevel=3)
+        _warn_unusable(directory, err)
         return None
     prune(directory, _max_bytes(), keep=path)
+    prune(kernel_dir(directory), _max_bytes() // 4, suffix=".o")
     return path
 
 
-def prune(directory: pathlib.Path, max_bytes: int, keep: pathlib.Path | None = None) -> int:
-    """Remove the least recently used entries until the cache holds at most ``max_bytes``; returns
-    the bytes removed. ``keep`` (the entry just written) is never removed."""
+def prune(directory: pathlib.Path, max_bytes: int, keep: pathlib.Path | None = None, suffix: str = SUFFIX) -> int:
+    """Remove the least recently used entries (files ending in ``suffix``) until the cache holds at
+    most ``max_bytes``; returns the bytes removed. ``keep`` (the entry just written) is never removed.
+    A kernel object removed while a compile links it makes that compile fail its store and build
+    again without the cache: never a wrong module."""
     entries = []
-    for path in directory.glob("*" + SUFFIX):
+    for path in pathlib.Path(directory).glob("*" + suffix):
         try:
             st = path.stat()
         except FileNotFoundError:  # removed by another process

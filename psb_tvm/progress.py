@@ -32,7 +32,7 @@ class _CurrentPass:
         self.progress = progress
 
     def run_before_pass(self, _mod, info):
-        self.progress.current_pass = info.name
+        self.progress.current_pass = f"TVM pass {info.name}"
 
 
 class CompileProgress:
@@ -41,6 +41,7 @@ class CompileProgress:
     def __init__(self, bar: bool | None = None, heartbeat_s: float | None = None):
         self.seconds: dict = {}
         self.current_stage, self.current_pass = None, None
+        self.kernels = None  # kernel_cache.build_objects' stats, when the kernels were built as objects
         self._start = time.perf_counter()
         self._stage_start = self._start
         self._bar = tqdm(total=len(STAGES), desc="psb_tvm.compile", unit="stage", leave=False,
@@ -74,6 +75,11 @@ class CompileProgress:
         with derived_pass_context(instruments=list(outer) + [_CurrentPass(self)]):
             yield
 
+    def kernel(self, done: int, total: int, name: str):
+        """Kernel ``done`` of ``total`` (``name``) has been generated (``kernel_cache``)."""
+        self.current_pass = f"kernels ({done} of {total} generated, last {name})"
+        self._bar.set_postfix_str(f"{self.current_stage}: kernel {done}/{total}")
+
     def _heartbeat(self, every: float):
         while not self._stop.wait(every):
             stage = self.current_stage
@@ -81,7 +87,7 @@ class CompileProgress:
                 continue
             total = time.perf_counter() - self._start
             in_stage = time.perf_counter() - self._stage_start
-            running = f", TVM pass {self.current_pass}" if self.current_pass else ""
+            running = f", {self.current_pass}" if self.current_pass else ""
             LOG.warning("psb_tvm.compile still running after %.0f s: stage %r for %.0f s%s", total, stage, in_stage,
                         running)
 

@@ -34,12 +34,15 @@ class PSBModule:
     from several threads: each thread gets its own virtual machine, the cache is shared.
     """
 
-    def __init__(self, lib, metadata: ModuleMetadata | dict, executable=None, weight_cache_bytes: int = DEFAULT_MAX_BYTES):
+    def __init__(self, lib, metadata: ModuleMetadata | dict, executable=None, weight_cache_bytes: int = DEFAULT_MAX_BYTES,
+                 objects: list | None = None):
         self._lib = lib
         self._executable = executable  # set when built in this process (export needs it)
+        self._objects = list(objects or [])  # the executable's kernels, linked in at export (kernel_cache)
         self._source_path = None  # the exported .so this module was loaded from (export copies it)
         self._source_sha256 = None  # ... and its SHA-256 when loaded
         self.compile_seconds = None  # psb_tvm.compile's stage timings (None for a loaded module)
+        self.compile_kernels = None  # ... and its kernels: {"kernels", "reused", "generated", "jobs", ...}
         self.metadata = ModuleMetadata.coerce(metadata)
         self._local = threading.local()  # one Relax VM per thread (a VM is not thread-safe)
         self.weight_cache = WeightCache(weight_cache_bytes)
@@ -476,7 +479,7 @@ class PSBModule:
         def write(tmp):
             try:
                 with native_stderr_to_log(LOG, f"export {os.fspath(path)}"):
-                    lib.export_library(tmp, **options)
+                    lib.export_library(tmp, addons=list(self._objects), **options)
             except Exception as err:  # noqa: BLE001 - TVM's linker step raises TVMError / RuntimeError
                 msg = str(err).strip().splitlines()
                 raise OutputError(f"cannot export {os.fspath(path)}: {type(err).__name__}: "
