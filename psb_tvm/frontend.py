@@ -200,7 +200,7 @@ def simplify(proto: onnx.ModelProto, source: str) -> onnx.ModelProto:
 
 
 #: Ops TVM's importer lacks that ``onnx_rewrite`` can rewrite (checked again after the rewrite).
-REWRITTEN_OPS = {"LSTM"}
+REWRITTEN_OPS = {"LSTM", "GRU", "RNN"}
 
 
 def check_supported_ops(proto: onnx.ModelProto, source: str, allow=(), notes: dict | None = None) -> None:
@@ -222,8 +222,8 @@ def check_supported_ops(proto: onnx.ModelProto, source: str, allow=(), notes: di
 
 def rewrite(proto: onnx.ModelProto, source: str, use_onnxsim: bool = True) -> tuple[onnx.ModelProto, dict]:
     """The ``onnx_rewrite`` passes real exports need: fold constants, inline ``If`` nodes whose
-    condition is constant, unroll ``LSTM`` (TVM has no converter), then 1-D convs as 2-D convs
-    (so PSB can convert them). Returns ``(model, {LSTM node: why it was not unrolled})``.
+    condition is constant, unroll ``LSTM`` / ``GRU`` / ``RNN`` (TVM has no converter), then 1-D convs
+    as 2-D convs (so PSB can convert them). Returns ``(model, {recurrent node: why it was not unrolled})``.
     Warns when linear layers remain inside ``If`` branches (they stay float and are not listed).
     """
 
@@ -231,7 +231,7 @@ def rewrite(proto: onnx.ModelProto, source: str, use_onnxsim: bool = True) -> tu
     for _ in range(8):
         proto, folded = rw.fold_constants(proto)
         proto, inlined = rw.inline_constant_ifs(proto)
-        proto, unrolled, left = rw.unroll_lstms(proto)
+        proto, unrolled, left = rw.unroll_recurrent(proto)
         if not (folded or inlined or unrolled):
             break
         if use_onnxsim and (inlined or unrolled):
@@ -334,7 +334,7 @@ def to_relax(proto: onnx.ModelProto, inputs: list, source: str):
 def import_onnx(model, input_shapes: dict | None = None, use_onnxsim: bool = True) -> ImportedModel:
     """The whole frontend: a path/bytes/ModelProto to an ``ImportedModel`` with static shapes.
 
-    After onnxsim, :func:`rewrite` inlines constant Ifs, unrolls LSTMs and turns 1-D convs into 2-D.
+    After onnxsim, :func:`rewrite` inlines constant Ifs, unrolls LSTM/GRU/RNN nodes and turns 1-D convs into 2-D.
 
     ``use_onnxsim=False`` skips onnxsim (the path taken when it fails): batch norms are then
     folded by the Relax passes and the PSB layer selection instead.

@@ -5,9 +5,11 @@
 * :func:`inline_constant_ifs`: replace each ``If`` whose condition is a constant by the nodes of
   the branch it takes (exporters guard code paths on shapes and on flags such as the sample rate;
   once those are fixed the conditions fold to constants, and TVM can then see the convs inside).
-* :func:`unroll_lstms`: rewrite peephole-free ``LSTM`` nodes (forward, reverse, bidirectional) with a static
-  sequence length (TVM 0.27's ONNX importer has no LSTM) into per-step MatMul, Add, Sigmoid, Tanh
-  and Mul nodes; the input and recurrent MatMuls have constant weights, so they are linear layers.
+* :func:`unroll_recurrent`: rewrite ``LSTM``, ``GRU`` and ``RNN`` nodes (every direction, layout,
+  ``sequence_lens``, initial states, peepholes, clip; activations without alpha/beta) with a static
+  sequence length (TVM 0.27's ONNX importer has none of them) into one input-projection Gemm per
+  direction and per-step MatMul, Add, Sigmoid, Tanh and Mul nodes; the Gemm and MatMuls have
+  constant weights, so they are linear layers.
 * :func:`make_static`: fold with onnxsim and apply the two rewrites above until nothing changes.
 
 Each function takes and returns an ``onnx.ModelProto`` (a modified copy) and leaves what it
@@ -115,7 +117,15 @@ def inline_constant_ifs(proto: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
     return proto, count
 
 
-# ---------------------------------------------------------------------------- LSTM
+# ---------------------------------------------------------------------------- LSTM, GRU, RNN
+#: Gate blocks per recurrent op, in the ONNX weight order (LSTM i, o, f, c; GRU z, r, h; RNN one).
+RECURRENT_GATES = {"LSTM": 4, "GRU": 3, "RNN": 1}
+#: The activations ONNX uses when ``activations`` is absent (per direction).
+DEFAULT_ACTIVATIONS = {"LSTM": ["Sigmoid", "Tanh", "Tanh"], "GRU": ["Sigmoid", "Tanh"], "RNN": ["Tanh"]}
+#: Activations without alpha/beta: each is an ONNX op of the same name.
+PLAIN_ACTIVATIONS = ("Sigmoid", "Tanh", "Relu")
+
+
 def _attr(node, name, default=None):
     for a in node.attribute:
         if a.name == name:
@@ -128,29 +138,45 @@ def _direction(node) -> str:
     return d.decode() if isinstance(d, bytes) else d
 
 
-def lstm_unroll_problem(node, consts: dict, shapes: dict) -> str:
-    """Why ``node`` (an LSTM) cannot be unrolled, or "" when it can."""
+def _activations(node) -> list:
+    """Per direction, the activation op names (the spec's defaults when the attribute is absent)."""
+    dirs = 2 if _direction(node) == "bidirectional" else 1
+    acts = [a.decode() if isinstance(a, bytes) else a for a in (_attr(node, "activations") or [])]
+    per = len(DEFAULT_ACTIVATIONS[node.op_type])
+    if not acts:
+        return [DEFAULT_ACTIVATIONS[node.op_type]] * dirs
+    if len(acts) != per * dirs:
+        return [acts]  # reported by recurrent_unroll_problem
+    return [acts[d * per:(d + 1) * per] for d in range(dirs)]
+
+
+def recurrent_unroll_problem(node, consts: dict, shapes: dict) -> str:
+    """Why ``node`` (an LSTM, GRU or RNN) cannot be unrolled, or "" when it can."""
+    op = node.op_type
     ins = list(node.input) + [""] * (8 - len(node.input))
     if _direction(node) not in ("forward", "reverse", "bidirectional"):
         return f"direction {_direction(node)!r}"
-    if _attr(node, "layout", 0):
-        return "layout=1 (only 0)"
-    if _attr(node, "clip") is not None or _attr(node, "input_forget", 0):
-        return "clip / input_forget"
-    acts = [a.decode() if isinstance(a, bytes) else a for a in (_attr(node, "activations") or [])]
-    if acts and acts != ["Sigmoid", "Tanh", "Tanh"]:
-        return f"activations {acts}"
+    layout = _attr(node, "layout", 0)
+    if layout not in (0, 1):
+        return f"layout={layout}"
+    if op == "LSTM" and _attr(node, "input_forget", 0):
+        return "input_forget=1 (coupled input and forget gates)"
+    per, dirs = len(DEFAULT_ACTIVATIONS[op]), 2 if _direction(node) == "bidirectional" else 1
+    raw = [a.decode() if isinstance(a, bytes) else a for a in (_attr(node, "activations") or [])]
+    if raw and len(raw) != per * dirs:
+        return f"activations {raw}: {per * dirs} expected ({per} per direction)"
+    for acts in _activations(node):
+        if any(a not in PLAIN_ACTIVATIONS for a in acts):
+            return f"activations {acts} (supported: {', '.join(PLAIN_ACTIVATIONS)}; none with alpha/beta)"
+    if _attr(node, "activation_alpha") or _attr(node, "activation_beta"):
+        return "activation_alpha / activation_beta"
     if ins[1] not in consts or ins[2] not in consts or (ins[3] and ins[3] not in consts):
         return "W, R or B is not a constant"
-    if ins[7]:
-        return "peephole weights P"
+    if op == "LSTM" and ins[7] and ins[7] not in consts:
+        return "peephole weights P are not a constant"
     x_shape = shapes.get(ins[0])
-    if x_shape is None or any(not isinstance(d, int) or d <= 0 for d in x_shape) or len(x_shape) != 3:
-        return f"input X has no static shape ({x_shape})"
-    if ins[4] and ins[4] in consts and not np.all(consts[ins[4]] == x_shape[0]):
-        return "sequence_lens shorter than the sequence"
-    if ins[4] and ins[4] not in consts:
-        return "sequence_lens is not a constant"
+    if x_shape is None or len(x_shape) != 3 or any(not isinstance(d, int) or d <= 0 for d in x_shape):
+        return f"input X has no static shape ({x_shape}; fix it with input_shapes)"
     return ""
 
 
@@ -172,66 +198,179 @@ def static_shapes(proto: onnx.ModelProto) -> dict:
     return shapes
 
 
-def _unroll(node, consts: dict, shapes: dict, add_init) -> list:
-    """Per-step nodes of an LSTM, every direction (``reverse`` runs the steps from the last; its
-    outputs stay at their time positions): ``Y`` [T, directions, B, H], ``Y_h`` and ``Y_c``
-    [directions, B, H], as the ONNX spec (layout 0)."""
-    ins = list(node.input) + [""] * (8 - len(node.input))
-    outs = list(node.output) + [""] * (3 - len(node.output))
-    T, B, _ = shapes[ins[0]]
-    directions = ["forward", "reverse"] if _direction(node) == "bidirectional" else [_direction(node)]
-    H = consts[ins[2]].shape[2]
-    p = (node.name or "lstm").replace("/", "_")
-    shape_bh = add_init(f"{p}_shape_bh", np.array([B, H], np.int64))
-    shape_y = add_init(f"{p}_shape_y", np.array([1, 1, B, H], np.int64))
-    shape_last = add_init(f"{p}_shape_last", np.array([1, B, H], np.int64))
-    gate_bounds = [add_init(f"{p}_g{i}", np.array([i * H], np.int64)) for i in range(5)]
-    axis1 = add_init(f"{p}_axis1", np.array([1], np.int64))
-    zeros = add_init(f"{p}_zeros", np.zeros((B, H), np.float32))
-    steps = [add_init(f"{p}_t{t}", np.array(t, np.int64)) for t in range(T)]
-    nodes = []
+class _Emitter:
+    """Nodes and constants of one unrolled recurrent node, named ``<node>/<what>``."""
 
-    def mk(op, inputs, name, **attrs):
-        out = f"{p}/{name}"
-        nodes.append(helper.make_node(op, inputs, [out], name=f"{node.name}/{name}", **attrs))
+    def __init__(self, node, add_init):
+        self.node, self.add_init, self.nodes = node, add_init, []
+        self.prefix = (node.name or node.op_type.lower()).replace("/", "_")
+
+    def const(self, name, value):
+        return self.add_init(f"{self.prefix}_{name}", value)
+
+    def __call__(self, op, inputs, name, **attrs):
+        out = f"{self.prefix}/{name}"
+        self.nodes.append(helper.make_node(op, inputs, [out], name=f"{self.node.name}/{name}", **attrs))
         return out
 
-    ys, last_h, last_c = [], [], []
+    def to(self, op, inputs, out, name, **attrs):
+        """A node writing the original node's output ``out``."""
+        self.nodes.append(helper.make_node(op, inputs, [out], name=f"{self.node.name}/{name}", **attrs))
+
+
+def _unroll(node, consts: dict, shapes: dict, add_init) -> list:
+    """Per-step nodes of an LSTM, GRU or RNN, every direction.
+
+    Per direction, the input projection of all steps is one ``Gemm`` (``<node>/Gemm_W``) on the
+    ``[T*B, I]`` input, with the biases that add outside the recurrence; each step then adds its
+    recurrent product (``<node>/MatMul_R_<k>``; a GRU without ``linear_before_reset`` has its
+    candidate's product on ``r * h`` apart, ``MatMul_Rh_<k>``). The backward direction carries
+    ``_reverse`` and runs from the last step; outputs stay at their time positions.
+    ``sequence_lens`` (constant or not) masks the steps past each sequence's length: its state is
+    held and its outputs are zero, as the spec says. ``layout=1`` is transposed at the edges.
+    """
+    op, emit = node.op_type, _Emitter(node, add_init)
+    ins = list(node.input) + [""] * (8 - len(node.input))
+    outs = list(node.output) + [""] * (3 - len(node.output))
+    layout = _attr(node, "layout", 0)
+    x_shape = shapes[ins[0]]
+    T, B = (x_shape[1], x_shape[0]) if layout else (x_shape[0], x_shape[1])
+    I = x_shape[2]
+    G = RECURRENT_GATES[op]
+    H = consts[ins[2]].shape[2]
+    clip = _attr(node, "clip")
+    lbr = op == "GRU" and bool(_attr(node, "linear_before_reset", 0))
+    directions = ["forward", "reverse"] if _direction(node) == "bidirectional" else [_direction(node)]
+    activations = _activations(node)
+    x = emit("Transpose", [ins[0]], "x_time_major", perm=[1, 0, 2]) if layout else ins[0]
+    initial = {}
+    for k, idx in (("h", 5), ("c", 6)):
+        if ins[idx] and (op == "LSTM" or k == "h"):
+            initial[k] = emit("Transpose", [ins[idx]], f"{k}0_dir_major", perm=[1, 0, 2]) if layout else ins[idx]
+    x2d = emit("Reshape", [x, emit.const("shape_tb_i", np.array([T * B, I], np.int64))], "x_2d")
+    shape_tbg = emit.const("shape_t_b_gh", np.array([T, B, G * H], np.int64))
+    shape_bh = emit.const("shape_bh", np.array([B, H], np.int64))
+    shape_y = emit.const("shape_y", np.array([1, 1, B, H], np.int64))
+    shape_last = emit.const("shape_last", np.array([1, B, H], np.int64))
+    bounds = [emit.const(f"g{i}", np.array([i * H], np.int64)) for i in range(G + 1)]
+    axis1 = emit.const("axis1", np.array([1], np.int64))
+    zeros = emit.const("zeros", np.zeros((B, H), np.float32))
+    ones = emit.const("one", np.ones((), np.float32))
+    steps = [emit.const(f"t{t}", np.array(t, np.int64)) for t in range(T)]
+    masks = [None] * T
+    if ins[4]:  # sequence_lens [B]: step t counts for batch b when t < lens[b]
+        lens = emit("Cast", [ins[4]], "lens", to=onnx.TensorProto.INT64)
+        for t in range(T):
+            less = emit("Less", [steps[t], lens], f"valid{t}")
+            masks[t] = emit("Unsqueeze", [emit("Cast", [less], f"valid{t}_f", to=_FLOAT),
+                                          emit.const("axes1", np.array([1], np.int64))], f"mask{t}")
+
+    def act(name, value, out):
+        if clip is not None:
+            value = emit("Clip", [value, emit.const(f"clip_lo_{out}", np.array(-clip, np.float32)),
+                                  emit.const(f"clip_hi_{out}", np.array(clip, np.float32))], f"clip_{out}")
+        return emit(name, [value], out)
+
+    def gate(v, j, name):
+        return emit("Slice", [v, bounds[j], bounds[j + 1], axis1], name)
+
+    def held(new, prev, mask, name):  # new where the step counts, prev where it is past the sequence
+        return new if mask is None else emit("Add", [prev, emit("Mul", [mask, emit("Sub", [new, prev], f"d{name}")],
+                                                                f"md{name}")], name)
+
+    ys, last = [], {"h": [], "c": []}
     for d, direction in enumerate(directions):
-        # the first direction keeps the unsuffixed names (Gemm_W_<t>, MatMul_R_<t>): layer names
-        # of forward LSTMs do not change
+        # the first direction keeps the unsuffixed names (layer names of forward nodes do not change)
         sfx = "" if d == 0 else "_reverse"
-        W, R = consts[ins[1]][d], consts[ins[2]][d]  # [4H, I], [4H, H]
-        bias = consts[ins[3]][d] if ins[3] else np.zeros(8 * H, np.float32)
-        w_t = add_init(f"{p}_W_T{sfx}", np.ascontiguousarray(W.T).astype(np.float32))
-        r_t = add_init(f"{p}_R_T{sfx}", np.ascontiguousarray(R.T).astype(np.float32))
-        b_n = add_init(f"{p}_B{sfx}", (bias[:4 * H] + bias[4 * H:]).astype(np.float32))
-        dir_idx = add_init(f"{p}_dir{d}", np.array(d, np.int64))
-        h = mk("Reshape", [mk("Gather", [ins[5], dir_idx], f"h0_all{sfx}", axis=0), shape_bh], f"h0{sfx}") if ins[5] \
-            else zeros
-        c = mk("Reshape", [mk("Gather", [ins[6], dir_idx], f"c0_all{sfx}", axis=0), shape_bh], f"c0{sfx}") if ins[6] \
-            else zeros
+        f, g, h_act = (activations[d] + [None, None])[:3]
+        W, R = consts[ins[1]][d].astype(np.float32), consts[ins[2]][d].astype(np.float32)  # [G*H, I], [G*H, H]
+        bias = consts[ins[3]][d].astype(np.float32) if ins[3] else np.zeros(2 * G * H, np.float32)
+        wb, rb = bias[:G * H], bias[G * H:]
+        x_bias = wb + rb
+        if op == "GRU" and lbr:  # the candidate's recurrent bias sits inside r * (h R_h + Rb_h)
+            x_bias = np.concatenate([wb[:2 * H] + rb[:2 * H], wb[2 * H:]])
+        xp = emit("Gemm", [x2d, emit.const(f"W_T{sfx}", np.ascontiguousarray(W.T)), emit.const(f"B_x{sfx}", x_bias)],
+                  f"Gemm_W{sfx}")
+        xp = emit("Reshape", [xp, shape_tbg], f"x_proj{sfx}")
+        if op == "GRU" and not lbr:
+            r_zr = emit.const(f"R_zr_T{sfx}", np.ascontiguousarray(R[:2 * H].T))
+            r_h = emit.const(f"R_h_T{sfx}", np.ascontiguousarray(R[2 * H:].T))
+        else:
+            r_t = emit.const(f"R_T{sfx}", np.ascontiguousarray(R.T))
+            if lbr:
+                rb_h = emit.const(f"Rb_h{sfx}", np.concatenate([np.zeros(2 * H, np.float32), rb[2 * H:]]))
+        if op == "LSTM" and ins[7]:
+            p_i, p_o, p_f = (emit.const(f"P{j}{sfx}", consts[ins[7]][d][j * H:(j + 1) * H].astype(np.float32))
+                             for j in range(3))
+        dir_idx = emit.const(f"dir{d}", np.array(d, np.int64))
+        state = {}
+        for k in ("h", "c"):
+            if k in initial:
+                state[k] = emit("Reshape", [emit("Gather", [initial[k], dir_idx], f"{k}0_all{sfx}", axis=0), shape_bh],
+                                f"{k}0{sfx}")
+            else:
+                state[k] = zeros
         y_dir = [None] * T
         order = range(T) if direction == "forward" else range(T - 1, -1, -1)
         for k, t in enumerate(order):  # k: step number (names), t: time position
-            x_t = mk("Gather", [ins[0], steps[t]], f"x{t}{sfx}", axis=0)
-            g = mk("Gemm", [x_t, w_t, b_n], f"Gemm_W_{k}{sfx}")
-            g = mk("Add", [g, mk("MatMul", [h, r_t], f"MatMul_R_{k}{sfx}")], f"gates{k}{sfx}")
-            gi, go, gf, gc = (mk("Slice", [g, gate_bounds[j], gate_bounds[j + 1], axis1], f"gate{j}_{k}{sfx}")
-                              for j in range(4))
-            i_t, o_t, f_t = (mk("Sigmoid", [v], f"{nm}{k}{sfx}") for v, nm in ((gi, "i"), (go, "o"), (gf, "f")))
-            c_hat = mk("Tanh", [gc], f"chat{k}{sfx}")
-            c = mk("Add", [mk("Mul", [f_t, c], f"fc{k}{sfx}"), mk("Mul", [i_t, c_hat], f"ic{k}{sfx}")], f"c{k + 1}{sfx}")
-            h = mk("Mul", [o_t, mk("Tanh", [c], f"tc{k}{sfx}")], f"h{k + 1}{sfx}")
-            y_dir[t] = mk("Reshape", [h, shape_y], f"y{t}{sfx}")
+            x_t = emit("Gather", [xp, steps[t]], f"x{t}{sfx}", axis=0)
+            h_prev, c_prev, m = state["h"], state["c"], masks[t]
+            if op == "LSTM":
+                gates = emit("Add", [x_t, emit("MatMul", [h_prev, r_t], f"MatMul_R_{k}{sfx}")], f"gates{k}{sfx}")
+                gi, go, gf, gc = (gate(gates, j, f"gate{j}_{k}{sfx}") for j in range(4))
+                if ins[7]:
+                    gi = emit("Add", [gi, emit("Mul", [p_i, c_prev], f"pi{k}{sfx}")], f"gi{k}{sfx}")
+                    gf = emit("Add", [gf, emit("Mul", [p_f, c_prev], f"pf{k}{sfx}")], f"gf{k}{sfx}")
+                i_t, f_t = act(f, gi, f"i{k}{sfx}"), act(f, gf, f"f{k}{sfx}")
+                c_new = emit("Add", [emit("Mul", [f_t, c_prev], f"fc{k}{sfx}"),
+                                     emit("Mul", [i_t, act(g, gc, f"chat{k}{sfx}")], f"ic{k}{sfx}")], f"c_new{k}{sfx}")
+                if ins[7]:
+                    go = emit("Add", [go, emit("Mul", [p_o, c_new], f"po{k}{sfx}")], f"go{k}{sfx}")
+                o_t = act(f, go, f"o{k}{sfx}")
+                h_new = emit("Mul", [o_t, emit(h_act, [c_new], f"tc{k}{sfx}")], f"h_new{k}{sfx}")
+                state["c"] = held(c_new, c_prev, m, f"c{k + 1}{sfx}")
+            elif op == "GRU":
+                if lbr:
+                    rec = emit("Add", [emit("MatMul", [h_prev, r_t], f"MatMul_R_{k}{sfx}"), rb_h], f"rec{k}{sfx}")
+                    zr = emit("Add", [gate(x_t, 0, f"xz{k}{sfx}"), gate(rec, 0, f"rz{k}{sfx}")], f"zpre{k}{sfx}")
+                    rr = emit("Add", [gate(x_t, 1, f"xr{k}{sfx}"), gate(rec, 1, f"rr{k}{sfx}")], f"rpre{k}{sfx}")
+                    z_t, r_t_ = act(f, zr, f"z{k}{sfx}"), act(f, rr, f"r{k}{sfx}")
+                    cand = emit("Add", [gate(x_t, 2, f"xh{k}{sfx}"),
+                                        emit("Mul", [r_t_, gate(rec, 2, f"rh{k}{sfx}")], f"rrh{k}{sfx}")], f"hpre{k}{sfx}")
+                else:
+                    rec = emit("MatMul", [h_prev, r_zr], f"MatMul_R_{k}{sfx}")
+                    zr = emit("Add", [emit("Slice", [x_t, bounds[0], bounds[2], axis1], f"xzr{k}{sfx}"), rec],
+                              f"zrpre{k}{sfx}")
+                    z_t, r_t_ = act(f, gate(zr, 0, f"zp{k}{sfx}"), f"z{k}{sfx}"), act(f, gate(zr, 1, f"rp{k}{sfx}"),
+                                                                                     f"r{k}{sfx}")
+                    rh = emit("MatMul", [emit("Mul", [r_t_, h_prev], f"rhp{k}{sfx}"), r_h], f"MatMul_Rh_{k}{sfx}")
+                    cand = emit("Add", [gate(x_t, 2, f"xh{k}{sfx}"), rh], f"hpre{k}{sfx}")
+                hh = act(g, cand, f"hh{k}{sfx}")
+                # (1 - z) * hh + z * h_prev
+                h_new = emit("Add", [emit("Mul", [emit("Sub", [ones, z_t], f"omz{k}{sfx}"), hh], f"zhh{k}{sfx}"),
+                                     emit("Mul", [z_t, h_prev], f"zh{k}{sfx}")], f"h_new{k}{sfx}")
+            else:
+                pre = emit("Add", [x_t, emit("MatMul", [h_prev, r_t], f"MatMul_R_{k}{sfx}")], f"pre{k}{sfx}")
+                h_new = act(f, pre, f"h_new{k}{sfx}")
+            state["h"] = held(h_new, h_prev, m, f"h{k + 1}{sfx}")
+            y = h_new if m is None else emit("Mul", [h_new, m], f"y_masked{t}{sfx}")
+            y_dir[t] = emit("Reshape", [y, shape_y], f"y{t}{sfx}")
         ys.append(y_dir)
-        last_h.append(mk("Reshape", [h, shape_last], f"h_last{sfx}"))
-        last_c.append(mk("Reshape", [c, shape_last], f"c_last{sfx}"))
+        for k in last:
+            final = state[k]
+            if masks[0] is not None:  # a sequence of length 0 ends in zeros, as ONNX Runtime gives
+                final = emit("Mul", [final, masks[0]], f"{k}_final{sfx}")
+            last[k].append(emit("Reshape", [final, shape_last], f"{k}_last{sfx}"))
 
-    def join(parts, out, name, axis):
-        op = helper.make_node("Concat", parts, [out], name=f"{node.name}/{name}", axis=axis) if len(parts) > 1 \
-            else helper.make_node("Identity", parts, [out], name=f"{node.name}/{name}")
-        nodes.append(op)
+    def join(parts, out, name, axis, perm=None):
+        """Concatenate ``parts`` on ``axis`` into ``out`` (transposed by ``perm`` for layout 1)."""
+        target = f"{emit.prefix}/{name}_time_major" if perm else out
+        if len(parts) > 1:
+            emit.to("Concat", parts, target, name, axis=axis)
+        else:
+            emit.to("Identity", parts, target, name)
+        if perm:
+            emit.to("Transpose", [target], out, f"{name}_layout1", perm=perm)
 
     if outs[0]:
         steps_y = []
@@ -240,26 +379,28 @@ def _unroll(node, consts: dict, shapes: dict, add_init) -> list:
             if len(parts) == 1:
                 steps_y.append(parts[0])
             else:
-                steps_y.append(f"{p}/y{t}_dirs")
-                join(parts, steps_y[-1], f"y{t}_dirs", axis=1)
-        join(steps_y, outs[0], "Y", axis=0)
+                steps_y.append(f"{emit.prefix}/y{t}_dirs")
+                emit.to("Concat", parts, steps_y[-1], f"y{t}_dirs", axis=1)
+        join(steps_y, outs[0], "Y", 0, [2, 0, 1, 3] if layout else None)
     if outs[1]:
-        join(last_h, outs[1], "Y_h", axis=0)
-    if outs[2]:
-        join(last_c, outs[2], "Y_c", axis=0)
-    return nodes
+        join(last["h"], outs[1], "Y_h", 0, [1, 0, 2] if layout else None)
+    if op == "LSTM" and outs[2]:
+        join(last["c"], outs[2], "Y_c", 0, [1, 0, 2] if layout else None)
+    return emit.nodes
 
 
-def unroll_lstms(proto: onnx.ModelProto) -> tuple[onnx.ModelProto, int, dict]:
-    """Unroll the top-level LSTM nodes that :func:`lstm_unroll_problem` accepts.
+def unroll_recurrent(proto: onnx.ModelProto) -> tuple[onnx.ModelProto, int, dict]:
+    """Unroll the top-level ``LSTM``, ``GRU`` and ``RNN`` nodes that :func:`recurrent_unroll_problem`
+    accepts (TVM 0.27's ONNX importer has none of them).
 
-    Returns ``(model, number unrolled, {node name: reason} of those left in place)``. The per-step
-    linear nodes are named ``<lstm name>/Gemm_W_<t>`` (input weights and both biases) and
-    ``<lstm name>/MatMul_R_<t>`` (recurrent weights).
+    Returns ``(model, number unrolled, {node name: reason} of those left in place)``. The linear
+    nodes are ``<node>/Gemm_W`` (all steps' input projection) and ``<node>/MatMul_R_<k>`` per step
+    (``MatMul_Rh_<k>`` too for a GRU without ``linear_before_reset``), ``_reverse`` for the
+    backward direction.
     """
     proto = copy.deepcopy(proto)
     graph = proto.graph
-    if not any(n.op_type == "LSTM" for n in graph.node):
+    if not any(n.op_type in RECURRENT_GATES for n in graph.node):
         return proto, 0, {}
     consts = _constants(graph, {})
     shapes = static_shapes(proto)
@@ -271,18 +412,18 @@ def unroll_lstms(proto: onnx.ModelProto) -> tuple[onnx.ModelProto, int, dict]:
             k += 1
             name = f"{base}_{k}"
         existing.add(name)
-        graph.initializer.append(numpy_helper.from_array(value, name))
+        graph.initializer.append(numpy_helper.from_array(np.asarray(value), name))
         return name
 
     new, done, left = [], 0, {}
     for node in graph.node:
-        if node.op_type == "LSTM":
-            why = lstm_unroll_problem(node, consts, shapes)
+        if node.op_type in RECURRENT_GATES:
+            why = recurrent_unroll_problem(node, consts, shapes)
             if not why:
                 new.extend(_unroll(node, consts, shapes, add_init))
                 done += 1
                 continue
-            left[node.name or "LSTM"] = why
+            left[node.name or node.op_type] = why
         new.append(node)
     del graph.node[:]
     graph.node.extend(new)
@@ -421,12 +562,12 @@ def _simplify(proto: onnx.ModelProto) -> onnx.ModelProto:
 
 
 def make_static(proto: onnx.ModelProto, max_rounds: int = 8) -> onnx.ModelProto:
-    """onnxsim, then fold constants, inline constant Ifs and unroll LSTMs, until nothing changes."""
+    """onnxsim, then fold constants, inline constant Ifs and unroll recurrent nodes, until nothing changes."""
     proto = _simplify(proto)
     for _ in range(max_rounds):
         proto, folded = fold_constants(proto)
         proto, inlined = inline_constant_ifs(proto)
-        proto, unrolled, _ = unroll_lstms(proto)
+        proto, unrolled, _ = unroll_recurrent(proto)
         if not inlined and not unrolled and not folded:
             break
         proto = _simplify(proto)

@@ -1,5 +1,6 @@
 """Real pretrained models from PyPI wheels (fetched into ``$PSB_TVM_CACHE`` at test time, see
-``tools/zoo.py``): MTCNN PNet/RNet/ONet (facenet-pytorch) and Silero VAD (silero-vad).
+``tools/zoo.py``): MTCNN PNet/RNet/ONet (facenet-pytorch), Silero VAD (silero-vad), PP-OCR
+(rapidocr-onnxruntime) and ddddocr's CRNN with a bidirectional LSTM (ddddocr).
 
 Each test skips only when the wheel cannot be downloaded (no network); the MTCNN tests also need
 torch for the ONNX export (``pip install 'psb-tvm[real]'``). Thresholds are measured values with
@@ -150,7 +151,7 @@ def test_silero_psb_speech_agreement():
     module = psb_tvm.compile(str(path), samples=16, calibration={"input": calib_chunks, "state": calib_states[:, 0]})
     report = module.report()
     assert "8 of 8 linear layers are PSB" in report
-    assert "LSTM/Gemm_W_0" in report and "LSTM/MatMul_R_0" in report and "stft/Conv" in report
+    assert "LSTM/Gemm_W" in report and "LSTM/MatMul_R_0" in report and "stft/Conv" in report
     m = {}
     for n in (1, 64):
         psb = (lambda n: lambda c, s: module.run(c, s, samples=n))(n)
@@ -222,6 +223,33 @@ def test_ppocr_recognizer_compiles_with_the_default_config_and_reads_the_lines()
     ref = _session(path)
     want = cer(np.concatenate([ref.run(None, {"x": x[i:i + 1]})[0] for i in range(len(x))]))
     got = cer(np.concatenate([module.run(x[i:i + 1], samples=16, seed=0) for i in range(len(x))]))
+    assert got <= want + 0.02, (got, want)
+
+
+def test_crnn_with_a_bidirectional_lstm_reads_the_captchas():
+    """ddddocr's recognizer (the issue's CRNN: 21 convs, a bidirectional LSTM of hidden size 512
+    over 20 steps, a CTC head of 8210 classes) imports with its LSTM unrolled (one input projection
+    per direction, one recurrent product per step) and at n=16 reads rendered captchas within the
+    issue's 1 point of float CER (~120 characters here: one error is 0.8 points, hence the bound
+    of 2; ``benchmarks/real_models.py`` measures 200 lines)."""
+    path = _fetch(zoo.crnn_path)
+    labels = zoo.crnn_labels()
+    x, texts = zoo.render_captchas(24, seed=1)
+    calib, _ = zoo.render_captchas(16, seed=100)
+    module = psb_tvm.compile(str(path), samples=16, input_shapes={"input1": zoo.CRNN_SHAPE},
+                             calibration={"input1": calib})
+    names = module.psb_layers
+    assert "LSTM_79/Gemm_W" in names and "LSTM_79/Gemm_W_reverse" in names
+    assert sum("LSTM_79/MatMul_R_" in n for n in names) >= 2 * 19  # each direction's first step folds
+    assert len(names) == len(module.layers)  # every linear layer is PSB
+
+    def cer(outs):  # outputs [T, 1, classes] per image
+        return zoo.cer(zoo.ctc_greedy_decode(np.concatenate([o.transpose(1, 0, 2) for o in outs]), labels), texts)
+
+    ref = _session(path)
+    want = cer([ref.run(None, {"input1": x[i:i + 1]})[0] for i in range(len(x))])
+    got = cer([module.run(x[i:i + 1], samples=16, seed=0) for i in range(len(x))])
+    assert want < 0.05, want  # the rendered captchas are readable
     assert got <= want + 0.02, (got, want)
 
 

