@@ -10,9 +10,9 @@ from .attach_psb_metadata import AttachPSBMetadata
 from .expose_layer_inputs import ExposeLayerInputs
 from .rewrite_conv2d_dense_to_psb import PSBLayer, RewriteToPSB
 from .scalar_minmax_call_tir_to_relax_ops import ScalarMinMaxCallTIRToRelaxOps
-from .select_psb_layers import LayerSite, find_layer_sites, name_sites
+from .select_psb_layers import LayerSite, find_layer_sites, name_sites, select_layers
 from .simulate_psb_layers import SimulatePSBLayers
 
 __all__ = ["ApplyPSBTuningDatabase", "AssertSampleBounds", "AttachPSBMetadata", "ExposeLayerInputs", "LayerSite",
            "PSBLayer", "RewriteToPSB", "ScalarMinMaxCallTIRToRelaxOps", "SimulatePSBLayers", "find_layer_sites",
-           "name_sites"]
+           "name_sites", "select_layers"]

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from tvm import ir, relax
 
-from psb_tvm.errors import UnsupportedModelError
+from psb_tvm.errors import ConfigError, UnsupportedModelError
 
 LINEAR_OPS = {
     "relax.nn.conv2d": "conv2d",
@@ -297,3 +297,34 @@ def name_sites(sites: list[LayerSite], onnx_names: dict) -> None:
                          for s in big)
         raise UnsupportedModelError(f"too large to build: {what} (TVM's conv / matmul schedules index tensors with "
                                     "int32, float or PSB alike); use a smaller batch or input size")
+
+
+def select_layers(sites: list, config) -> dict:
+    """Map site index -> reason it stays float ("" when it becomes PSB): the sites' own reasons,
+    then ``config`` (a ``PSBConfig``: include, exclude, exclude_first_last). Names in the config
+    that match no site are a ``ConfigError``."""
+    names = [s.name for s in sites]
+    for option in ("include", "exclude"):
+        listed = getattr(config, option) or ()
+        unknown = sorted(set(listed) - set(names))
+        if unknown:
+            raise ConfigError(f"config.{option} names unknown layers {unknown}; the model's linear layers are {names}")
+    unknown = sorted(set(config.lowerings) - set(names))
+    if unknown:
+        raise ConfigError(f"config.lowerings names unknown layers {unknown}; the model's linear layers are {names}")
+    convertible = [s for s in sites if s.convertible]
+    edges = {}
+    if config.exclude_first_last and convertible:
+        edges = {convertible[0].index: "first layer (exclude_first_last)",
+                 convertible[-1].index: "last layer (exclude_first_last)"}
+    reasons = {}
+    for s in sites:
+        if not s.convertible:
+            reasons[s.index] = s.reason
+        elif config.include is not None and s.name not in config.include:
+            reasons[s.index] = "not in config.include"
+        elif s.name in config.exclude:
+            reasons[s.index] = "in config.exclude"
+        else:
+            reasons[s.index] = edges.get(s.index, "")
+    return reasons

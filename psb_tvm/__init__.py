@@ -1,7 +1,8 @@
 """psb_tvm: compile pretrained ONNX models into progressive stochastic binarized (PSB) networks.
 
-Public API: ``compile``, ``load``, ``PSBConfig``, ``PSBModule``, ``evaluate`` (accuracy and cost
-vs n), ``diagnose`` (per-layer error vs what sampling and activation rounding explain), ``allocate``
+Public API: ``check`` (what a compile would do with a model's ops and layers), ``compile``,
+``load``, ``PSBConfig``, ``PSBModule``, ``evaluate`` (accuracy and cost vs n), ``diagnose``
+(per-layer error vs what sampling and activation rounding explain), ``allocate``
 (per-layer sample counts for a budget), ``tune`` (MetaSchedule + XGBoost;
 reapplied with ``compile(..., tuning_db=)``) and the exception types.
 
@@ -27,6 +28,7 @@ from .errors import (
     UnsupportedModelError,
 )
 from .evaluate import EvalReport, Preprocess, evaluate
+from .model_check import ModelCheck, check
 from .runtime import PSBModule, load
 from .tuning import TuneResult, tune
 
@@ -52,7 +54,9 @@ __all__ = [
     "TuningWarning",
     "UnsupportedModelError",
     "__version__",
+    "ModelCheck",
     "allocate",
+    "check",
     "compile",
     "diagnose",
     "evaluate",

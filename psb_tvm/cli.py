@@ -1,4 +1,4 @@
-"""The ``psb-tvm`` command line: compile | run | eval | bench | demo | info.
+"""The ``psb-tvm`` command line: check | compile | run | eval | diagnose | bench | demo | info | tune.
 
 Exit codes: 0 ok, 2 bad usage or bad input (the message names it), 1 internal error. Every
 command takes ``--json`` (one JSON object on stdout; on failure ``{"error": ..., "exit_code": ...}``)
@@ -28,6 +28,7 @@ from .errors import PSBError, UsageError
 from .evaluate import evaluate
 from .files import resolve_output, write_outputs
 from .frontend import import_onnx
+from .model_check import check
 from .numerics import SAMPLERS
 from .runtime import load
 from .tuning import tune
@@ -308,6 +309,17 @@ def cmd_tune(args) -> int:
         print(f"{result.trials_run} trials in {result.seconds:.0f} s ({result.trials_total} in the database, "
               f"{result.num_threads} threads); reuse with: psb-tvm compile {args.model} --tuning-db {result.work_dir}")
     return 0
+
+
+def cmd_check(args) -> int:
+    """Exit 0 when the model compiles as checked, 2 (with the list) when something stops it."""
+    _require_file(args.model, "ONNX model")
+    result = check(args.model, input_shapes=dict(args.input_shape) or None, config=_config(args))
+    if args.json:
+        _emit(args, result.to_dict())
+    else:
+        print(result.report())
+    return 0 if result.ok else 2
 
 
 def cmd_compile(args) -> int:
@@ -630,6 +642,19 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true",
                         help="log what psb_tvm does (stages, timings, cache) to stderr; also $PSB_TVM_LOG=info|debug")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("check", help="before compiling: every op and how it is handled, the PSB layers, the dynamic "
+                                     "dims to fix; exit 2 when something is unsupported",
+                       description="List every op of an ONNX model with how it is handled (imported, rewritten, "
+                                   "unsupported), the dynamic input dimensions to fix and the linear layers that "
+                                   "become PSB. Exit 0 when it compiles as checked, 2 with the list otherwise.")
+    p.add_argument("model", help="ONNX model file")
+    p.add_argument("--input-shape", action="append", type=_input_shape, default=[], metavar="NAME=D0,D1,...",
+                   help="fix an input's shape (repeatable), e.g. input=1,3,224,224")
+    p.add_argument("--exclude", action="append", metavar="LAYER[,LAYER]", help="keep these layers float (repeatable)")
+    p.add_argument("--exclude-first-last", action="store_true", help="keep the first and last convertible layers float")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=cmd_check)
 
     p = sub.add_parser("compile", help="compile an ONNX model into one .so", description=f"Compile ONNX -> .so. {ACCURACY_KNOB}")
     p.add_argument("model", help="ONNX model file")

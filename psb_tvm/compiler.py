@@ -16,7 +16,7 @@ from .config import PSBConfig
 from .errors import ConfigError
 from .frontend import from_relax, import_onnx
 from .metadata import ModuleMetadata
-from .passes import PSBLayer, RewriteToPSB, find_layer_sites, name_sites
+from .passes import PSBLayer, RewriteToPSB, find_layer_sites, name_sites, select_layers
 from .progress import CompileProgress, stage, tracking
 from .runtime import PSBModule, load
 from .schedules.kernels import KernelSpec
@@ -36,35 +36,6 @@ def _check_args(samples, seed, config) -> PSBConfig:
     except ValueError as err:
         raise ConfigError(str(err)) from None
     return config
-
-
-def _select(sites, config: PSBConfig) -> dict:
-    """Map site index -> reason it stays float ("" when it becomes PSB)."""
-    names = [s.name for s in sites]
-    for field in ("include", "exclude"):
-        listed = getattr(config, field) or ()
-        unknown = sorted(set(listed) - set(names))
-        if unknown:
-            raise ConfigError(f"config.{field} names unknown layers {unknown}; the model's linear layers are {names}")
-    unknown = sorted(set(config.lowerings) - set(names))
-    if unknown:
-        raise ConfigError(f"config.lowerings names unknown layers {unknown}; the model's linear layers are {names}")
-    convertible = [s for s in sites if s.convertible]
-    edges = {}
-    if config.exclude_first_last and convertible:
-        edges = {convertible[0].index: "first layer (exclude_first_last)",
-                 convertible[-1].index: "last layer (exclude_first_last)"}
-    reasons = {}
-    for s in sites:
-        if not s.convertible:
-            reasons[s.index] = s.reason
-        elif config.include is not None and s.name not in config.include:
-            reasons[s.index] = "not in config.include"
-        elif s.name in config.exclude:
-            reasons[s.index] = "in config.exclude"
-        else:
-            reasons[s.index] = edges.get(s.index, "")
-    return reasons
 
 
 def _default_samples(samples, names: list) -> tuple[int, list]:
@@ -230,7 +201,7 @@ def plan(onnx_model, target="llvm", seed: int = 0, input_shapes: dict | None = N
             imported = import_onnx(onnx_model, input_shapes)
     sites = find_layer_sites(imported.mod["main"])
     name_sites(sites, imported.layer_names)
-    reasons = _select(sites, config)
+    reasons = select_layers(sites, config)
     chosen = [s for s in sites if not reasons[s.index]]
 
     batches, fallback = [], False

@@ -203,15 +203,25 @@ def simplify(proto: onnx.ModelProto, source: str) -> onnx.ModelProto:
 REWRITTEN_OPS = {"LSTM", "GRU", "RNN"}
 
 
+def importable_ops(allow=()) -> set:
+    """The ONNX ops TVM's importer converts (plus ``If``, inlined or imported, and ``allow``)."""
+    return set(_get_convert_map()) | {"If", "Constant"} | set(allow)
+
+
+def unsupported_nodes(proto: onnx.ModelProto, allow=()) -> list:
+    """``[(node name, op)]`` of the top-level nodes TVM's importer cannot convert, in graph order."""
+    known = importable_ops(allow)
+    return [(n.name or f"#{i}", n.op_type) for i, n in enumerate(proto.graph.node) if n.op_type not in known]
+
+
 def check_supported_ops(proto: onnx.ModelProto, source: str, allow=(), notes: dict | None = None) -> None:
     """Fail early, naming nodes, when TVM's ONNX importer has no converter for an op.
 
     ``allow``: ops accepted for now (rewritten later); ``notes``: {node name: why it was not rewritten}.
     """
 
-    known = set(_get_convert_map()) | {"If", "Constant"} | set(allow)
     notes = notes or {}
-    bad = [(n.name or f"#{i}", n.op_type) for i, n in enumerate(proto.graph.node) if n.op_type not in known]
+    bad = unsupported_nodes(proto, allow)
     if bad:
         listed = ", ".join(f"{name} ({op}{': not unrolled: ' + notes[name] if name in notes else ''})"
                            for name, op in bad[:10])

@@ -256,7 +256,11 @@ def _unroll(node, consts: dict, shapes: dict, add_init) -> list:
     axis1 = emit.const("axis1", np.array([1], np.int64))
     zeros = emit.const("zeros", np.zeros((B, H), np.float32))
     ones = emit.const("one", np.ones((), np.float32))
+    # steps are Slices, not Gathers: TVM logs a warning per Gather it imports (topi take, fast mode)
     steps = [emit.const(f"t{t}", np.array(t, np.int64)) for t in range(T)]
+    starts = [emit.const(f"start{t}", np.array([t], np.int64)) for t in range(T + 1)]
+    axis0 = emit.const("axis0", np.array([0], np.int64))
+    shape_bgh = emit.const("shape_b_gh", np.array([B, G * H], np.int64))
     masks = [None] * T
     if ins[4]:  # sequence_lens [B]: step t counts for batch b when t < lens[b]
         lens = emit("Cast", [ins[4]], "lens", to=onnx.TensorProto.INT64)
@@ -302,18 +306,19 @@ def _unroll(node, consts: dict, shapes: dict, add_init) -> list:
         if op == "LSTM" and ins[7]:
             p_i, p_o, p_f = (emit.const(f"P{j}{sfx}", consts[ins[7]][d][j * H:(j + 1) * H].astype(np.float32))
                              for j in range(3))
-        dir_idx = emit.const(f"dir{d}", np.array(d, np.int64))
+        dir_idx, dir_end = (emit.const(f"dir{d}_{e}", np.array([d + e], np.int64)) for e in (0, 1))
         state = {}
         for k in ("h", "c"):
             if k in initial:
-                state[k] = emit("Reshape", [emit("Gather", [initial[k], dir_idx], f"{k}0_all{sfx}", axis=0), shape_bh],
-                                f"{k}0{sfx}")
+                state[k] = emit("Reshape", [emit("Slice", [initial[k], dir_idx, dir_end, axis0], f"{k}0_all{sfx}"),
+                                            shape_bh], f"{k}0{sfx}")
             else:
                 state[k] = zeros
         y_dir = [None] * T
         order = range(T) if direction == "forward" else range(T - 1, -1, -1)
         for k, t in enumerate(order):  # k: step number (names), t: time position
-            x_t = emit("Gather", [xp, steps[t]], f"x{t}{sfx}", axis=0)
+            x_t = emit("Reshape", [emit("Slice", [xp, starts[t], starts[t + 1], axis0], f"x{t}_3d{sfx}"), shape_bgh],
+                       f"x{t}{sfx}")
             h_prev, c_prev, m = state["h"], state["c"], masks[t]
             if op == "LSTM":
                 gates = emit("Add", [x_t, emit("MatMul", [h_prev, r_t], f"MatMul_R_{k}{sfx}")], f"gates{k}{sfx}")
