@@ -359,6 +359,12 @@ def diagnose_only(models: list, checkpoint=lambda partial: None) -> dict:
         _, states = zoo.vad_stream(step, chunks)  # teacher-forced: each chunk with the float stream's state
         out["silero_vad"] = diagnosis_rows(path, {"input": chunks, "state": states[:, 0]},
                                            {"input": calib, "state": calib_states[:, 0]})
+    if "crnn" in models:
+        checkpoint(out)
+        log("diagnosis crnn ...")
+        x, calib, _ = _crnn_data(True)
+        out["ddddocr_crnn"] = diagnosis_rows(zoo.crnn_path(), {"input1": x[:8]}, {"input1": calib},
+                                             {"input1": zoo.CRNN_SHAPE})
     for which in ("cls", "rec", "det"):
         if which in models:
             checkpoint(out)
@@ -400,6 +406,64 @@ def _ppocr_data(which: str, quick: bool):
     x, texts, flipped = zoo.render_text_lines(count, shape[3], seed=1 if which == "rec" else 2, rotate_odd=which == "cls")
     calib, _, _ = zoo.render_text_lines(16, shape[3], seed=100, rotate_odd=which == "cls")
     return x, calib, texts if which == "rec" else flipped
+
+
+def _crnn_data(quick: bool):
+    """(eval captchas, calibration captchas, the eval captchas' strings) for ddddocr's CRNN."""
+    import zoo
+
+    x, texts = zoo.render_captchas(40 if quick else 200, seed=1)
+    calib, _ = zoo.render_captchas(16, seed=100)
+    return x, calib, texts
+
+
+def crnn_cer(outputs: np.ndarray, texts) -> float:
+    """CER of the CRNN's time-major outputs ``[images, T, 1, classes]`` against the rendered strings."""
+    import zoo
+
+    return zoo.cer(zoo.ctc_greedy_decode(np.concatenate([o.transpose(1, 0, 2) for o in outputs]), zoo.crnn_labels()),
+                   list(texts))
+
+
+def bench_crnn(samples, quick: bool, workdir: pathlib.Path, seeds=(0, 1, 2)) -> dict:
+    """ddddocr's CRNN (convs, bidirectional LSTM unrolled over 20 steps, CTC): CER vs n (mean over
+    ``seeds``) beside float and ONNX Runtime int8, compile time, and the diagnosis at n = 4, 16, 64."""
+    import onnx
+    import zoo
+
+    import psb_tvm
+    from psb_tvm.evaluate import rel_error
+    from psb_tvm.onnx_rewrite import set_input_shapes
+
+    path = zoo.crnn_path()
+    shapes = {"input1": zoo.CRNN_SHAPE}
+    x, calib, texts = _crnn_data(quick)
+    sess = _ort(path)
+    ref = np.stack([sess.run(None, {"input1": x[i:i + 1]})[0] for i in range(len(x))])
+    static = workdir / "crnn_static.onnx"
+    # opset 12: per-channel QDQ needs opset >= 13
+    onnx.save(onnx.version_converter.convert_version(set_input_shapes(onnx.load(str(path)), shapes), 13), str(static))
+    int8 = _ort(_ort_int8_multi(static, [{"input1": calib[i:i + 1]} for i in range(len(calib))], workdir, "crnn"))
+    q = np.stack([int8.run(None, {"input1": x[i:i + 1]})[0] for i in range(len(x))])
+    metrics = {"float": {"metric": crnn_cer(ref, texts), "rel_error": 0.0},
+               "ort_int8": {"metric": crnn_cer(q, texts), "rel_error": rel_error(q, ref)}}
+    start = time.perf_counter()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        module = psb_tvm.compile(str(path), samples=16, input_shapes=shapes, calibration={"input1": calib})
+    compile_s = round(time.perf_counter() - start, 1)
+    for n in samples:
+        cers, rels = [], []
+        for seed in seeds:
+            out = np.stack([module.run(x[i:i + 1], samples=n, seed=seed) for i in range(len(x))])
+            cers.append(crnn_cer(out, texts))
+            rels.append(rel_error(out, ref))
+        metrics[f"psb_n{n}"] = {"metric": float(np.mean(cers)), "rel_error": float(np.mean(rels))}
+    return {"model": "ddddocr CRNN (common.onnx)", "input_shape": list(zoo.CRNN_SHAPE), "inputs": f"{len(x)} captchas",
+            "metric": "CER", "metrics": metrics, "compile_s": compile_s, "compile_seconds": module.compile_seconds,
+            "psb_layers": len(module.psb_layers), "layers": len(module.layers),
+            "diagnosis": diagnosis_rows(path, {"input1": x[:8]}, {"input1": calib}, shapes),
+            "report": module.report()}
 
 
 def ppocr_metric(which: str, output: np.ndarray, truth, float_output: np.ndarray | None = None) -> float:
@@ -649,6 +713,22 @@ def markdown(results: dict) -> str:
                       f"n per layer {list(a['samples'].values())}; feasible on calibration: {a['feasible']}; "
                       f"{a['seconds']} s."]
         lines += ["", "```", r["report"], "```", ""]
+    c = results.get("crnn")
+    if c:
+        lines += [f"## {c['model']} (input {c['input_shape']}, {c['inputs']})", "",
+                  "A CRNN: 21 convs, a bidirectional LSTM (hidden 512) unrolled over 20 steps (one input projection "
+                  "per direction, one recurrent product per step), a CTC head over 8210 classes. Metric: CER against "
+                  f"the rendered strings, mean over seeds {results.get('alloc_seeds')}; rel. error: L2 of the output "
+                  f"vs float. PSB layers: {c['psb_layers']} of {c['layers']}. Compile s: {c['compile_s']}.", "",
+                  "| variant | CER | rel. error |", "|---|---|---|"]
+        lines += [f"| {k} | {100 * m['metric']:.2f}% | {m['rel_error']:.4f} |" for k, m in c["metrics"].items()]
+        lines += ["", "| n | compiled | scheme | activation | compiled / (scheme + act) | worst layer ratio | "
+                  "kernel (max layer) | first excess |", "|---|---|---|---|---|---|---|---|"]
+        for n, d in c["diagnosis"].items():
+            lines.append(f"| {n} | {d['compiled']:.4f} | {d['scheme']:.4f} | {d['activation']:.4f} | {d['ratio']:.2f} | "
+                         f"{d['max_layer_ratio']:.2f} | {d['kernel']:.1e} ({d['max_layer_kernel']:.1e}) | "
+                         f"{d['first_excess'] or '-'} |")
+        lines.append("")
     if results.get("silero_variants"):
         lines += ["## Silero ONNX files of the wheel", "",
                   "| file | `import_onnx` as shipped | after `zoo.silero_vad_onnx` (sr=16000) | max abs diff vs shipped (ORT) |",
@@ -665,8 +745,9 @@ def main(argv=None) -> int:
     parser.add_argument("--quick", action="store_true", help="fewer inputs")
     parser.add_argument("--out-dir", default=str(HERE / "results"))
     parser.add_argument("--samples", default=",".join(map(str, SAMPLES)))
-    parser.add_argument("--models", default="pnet,rnet,onet,silero,cls,rec,det",
-                        help="comma-separated: pnet, rnet, onet, silero, cls, rec, det (PP-OCR)")
+    parser.add_argument("--models", default="pnet,rnet,onet,silero,cls,rec,det,crnn",
+                        help="comma-separated: pnet, rnet, onet, silero, cls, rec, det (PP-OCR), crnn (ddddocr); "
+                             "the results of models not listed are kept from the last run")
     parser.add_argument("--no-ppocr-allocation", action="store_true",
                         help="skip the PP-OCR width allocations (the classifier's takes ~4 min; the recognizer's more "
                              "than an hour: its float64 emulation runs ~0.6 s per line, 47 layers x 5 points x 2 seeds)")
@@ -699,15 +780,24 @@ def main(argv=None) -> int:
         (out / "real_models.json").write_text(json.dumps(results, indent=1, default=str))
         (out / "real_models.md").write_text(markdown(results))
 
+    earlier_path = out / "real_models.json"
+    # integer keys (n) come back from JSON as strings: restore them
+    earlier = json.loads(earlier_path.read_text(), object_hook=lambda d: {int(k) if k.isdigit() else k: v
+                                                                          for k, v in d.items()}) \
+        if earlier_path.exists() else {}
     results = {"date": time.strftime("%Y-%m-%d"), "quick": args.quick, "samples": samples, "alloc_seeds": list(seeds),
-               "mtcnn": []}
+               "mtcnn": [r for r in earlier.get("mtcnn", []) if r["model"].removeprefix("mtcnn_") not in models]}
+    for key in ("silero", "silero_variants", "crnn"):  # models not run this time keep their last results
+        if key in earlier and key.split("_")[0] not in models:
+            results[key] = earlier[key]
     with tempfile.TemporaryDirectory() as tmp:
         for net in ("pnet", "rnet", "onet"):
             if net in models:
                 log(f"MTCNN {net} ...")
                 results["mtcnn"].append(bench_mtcnn(net, samples, args.quick, pathlib.Path(tmp), seeds))
                 save(results)
-        results["ppocr"] = []
+        results["ppocr"] = [r for r in earlier.get("ppocr", [])
+                            if r["model"].split()[0].removeprefix("ppocr_") not in models]
         for which in ("cls", "rec", "det"):
             if which in models:
                 log(f"PP-OCR {which} ...")
@@ -715,6 +805,11 @@ def main(argv=None) -> int:
                                                     args.quick, pathlib.Path(tmp), seeds,
                                                     allocate_widths=not args.no_ppocr_allocation))
                 save(results)
+        if "crnn" in models:
+            log("ddddocr CRNN ...")
+            results["crnn"] = bench_crnn([n for n in samples if n in (4, 16, 64)] or samples, args.quick,
+                                         pathlib.Path(tmp), seeds)
+            save(results)
         if "silero" in models:
             log("Silero variants ...")
             results["silero_variants"] = silero_variants()
