@@ -32,7 +32,7 @@ import run as bench_run  # noqa: E402
 
 import psb_tvm  # noqa: E402
 
-ALL = ("resnet18", "mobilenetv2", "pnet", "rnet", "onet", "silero", "cls", "rec", "det")
+ALL = ("resnet18", "mobilenetv2", "pnet", "rnet", "onet", "silero", "cls", "rec", "det", "crnn")
 
 
 def _model(name: str):
@@ -54,6 +54,9 @@ def _model(name: str):
         _, states = zoo.vad_stream(lambda c, s: sess.run(None, {"input": c, "state": s}), chunks)
         calibration = {"input": chunks, "state": states.reshape(-1, 2, 128)}
         return str(path), None, calibration, [chunks[:1], calibration["state"][:1]]
+    if name == "crnn":
+        calib, _ = zoo.render_captchas(16, seed=100)
+        return str(zoo.crnn_path()), {"input1": zoo.CRNN_SHAPE}, {"input1": calib}, [calib[:1]]
     shape = zoo.PPOCR_SHAPES[name]
     if name == "det":
         calib, _ = zoo.text_pages(8, shape[2], seed=100)
@@ -128,7 +131,8 @@ def main(argv=None) -> int:
                f"{m['cpus']} CPUs, TVM_NUM_THREADS={m['threads_used']}, psb_tvm {m['git_commit']}")
     out = pathlib.Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    rows = []
+    earlier = out / "compile_time.json"  # the rows of models not run this time are kept
+    rows = [r for r in json.loads(earlier.read_text())["rows"] if r["model"] not in names] if earlier.exists() else []
     with tempfile.TemporaryDirectory() as tmp:
         for name in names:
             print(f"{name} ...", flush=True)

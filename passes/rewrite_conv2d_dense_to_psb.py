@@ -36,6 +36,7 @@ from psb_tvm.schedules.kernels import (
 )
 from tvm import relax, tirx
 
+from psb_tvm.abi import ATTR_LAYER_KERNELS
 from psb_tvm.numerics import EncodedWeights, weight_code, weights_from_counts
 
 from .select_psb_layers import find_layer_sites
@@ -68,6 +69,10 @@ class _Kernels:
     pack: tvm.ir.GlobalVar | None = None  # sampled intdot layers: counts -> packed weights at run time
     draw: tvm.ir.GlobalVar | None = None  # ... stratified: (threshold, seed, n) -> packed weights in one pass
     pack_types: list | None = None  # the pack kernel's output types (q and, for offset convs, wsum)
+
+
+#: Kernels that read the layer's sample stream (``KernelSpec.layer``): never shared between layers.
+PER_LAYER_KERNELS = ("psb_sample", "psb_draw")
 
 
 def _symbol(prefix: str, name: str, index: int) -> str:
@@ -186,6 +191,10 @@ def _rewrite(mod: tvm.IRModule, layers: list[PSBLayer], frozen: dict | None) -> 
     sites = {s.index: s for s in find_layer_sites(mod["main"])}
     bb = relax.BlockBuilder(mod)
     layers_by_var, absorbed, kernels = {}, set(), []
+    # Layers of one shape and numeric format share their kernels (the unrolled steps of a recurrent
+    # node, a ResNet stage's repeated convs): one PrimFunc to schedule, tune and generate. Only the
+    # samplers depend on the layer (its sample stream), so they stay per layer.
+    shared, layer_kernels = {}, {}
     for ordinal, layer in enumerate(layers):
         site = sites.get(layer.site_index)
         if site is None or site.kind != layer.spec.kind or site.weight is None \
@@ -202,8 +211,12 @@ def _rewrite(mod: tvm.IRModule, layers: list[PSBLayer], frozen: dict | None) -> 
             packed = [relax.const(a) for a in pack_weights(spec, q)]
 
         def add(prefix, make, spec=spec):
-            symbol = _symbol(prefix, layer.name, site.index)
-            return bb.add_func(make(spec, symbol), symbol)
+            key = (prefix, spec if prefix in PER_LAYER_KERNELS else dataclasses.replace(spec, layer=0))
+            if key not in shared:
+                symbol = _symbol(prefix, layer.name, site.index)
+                shared[key] = bb.add_func(make(spec, symbol), symbol)
+            layer_kernels.setdefault(str(site.index), {})[prefix] = shared[key].name_hint
+            return shared[key]
 
         # Sampled intdot layers run the prepacked kernel on weights packed at run time; their
         # threshold, counts and one-byte weight code are stored in the kernel's weight layout
@@ -369,4 +382,4 @@ def _rewrite(mod: tvm.IRModule, layers: list[PSBLayer], frozen: dict | None) -> 
     out = tvm.IRModule({gv: f for gv, f in base.functions.items() if gv.name_hint != "main"})
     for name, func in funcs.items():
         out[name] = func
-    return relax.transform.DeadCodeElimination(list(funcs))(out)
+    return relax.transform.DeadCodeElimination(list(funcs))(out).with_attr(ATTR_LAYER_KERNELS, layer_kernels)

@@ -8,4 +8,5 @@ ATTR_KIND = "psb.kind"  # "conv2d", "dense", "sample", "pack", "conv2d_masked", 
 ATTR_LOWERING = "psb.lowering"  # "intdot", "shiftadd", "bitserial"
 ATTR_LAYOUT = "psb.layout"  # the weight layout of the kernel ("vnni", "ohwi", "dp4a", "gemm", ...)
 ATTR_SAMPLER = "psb.sampler"  # "stratified" or "iid" (samplers)
+ATTR_LAYER_KERNELS = "psb_layer_kernels"  # module attr: {layer id: {kernel prefix: PrimFunc name}} (shared kernels)
 ATTR_TUNED = "psb.tuned"  # set by passes.ApplyPSBTuningDatabase on the kernels it scheduled

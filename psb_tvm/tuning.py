@@ -22,7 +22,7 @@ import tvm
 import tvm_ffi
 from tvm import tirx
 
-from .abi import ATTR_KIND
+from .abi import ATTR_KIND, ATTR_LAYER_KERNELS
 from .checks import check_flag, is_int, is_real
 from .compiler import lower
 from .config import PSBConfig
@@ -373,15 +373,17 @@ def tune(onnx_model, target="llvm", work_dir: str = "psb_tuning", trials: int = 
 
 
 def _layer_kernels(mod: tvm.IRModule, metadata) -> dict:
-    """PSB layer name -> the name of its layer kernel in the legalized module."""
+    """PSB layer name -> the name of its layer kernel in the legalized module (layers of one shape
+    share one: ``RewriteToPSB`` records which in the module attribute ``ATTR_LAYER_KERNELS``)."""
     ids = {l["layer_id"]: l["name"] for l in metadata.layers if l.get("status") == "psb"}
+    table = (mod.attrs or {}).get(ATTR_LAYER_KERNELS, {})
+    names = {gv.name_hint for gv, func in mod.functions.items()
+             if isinstance(func, tirx.PrimFunc) and (func.attrs or {}).get(ATTR_KIND) in ("conv2d", "dense")}
     out = {}
-    for gv, func in mod.functions.items():
-        kind = (func.attrs or {}).get(ATTR_KIND) if isinstance(func, tirx.PrimFunc) else None
-        if kind in ("conv2d", "dense"):
-            for lid, name in ids.items():
-                if gv.name_hint.startswith(f"psb_{lid}_"):
-                    out[name] = gv.name_hint
+    for lid, name in ids.items():
+        kernel = str(table.get(str(lid), {}).get("psb", ""))
+        if kernel in names:
+            out[name] = kernel
     return out
 
 
