@@ -1,6 +1,6 @@
 """Latency benchmark: psb_tvm vs TVM fp32 vs ONNX Runtime fp32 / static int8, 2 threads, one process.
 
-    python benchmarks/run.py [--quick] [--repeats N] [--models resnet18,mobilenetv2,digits]
+    python benchmarks/run.py [--quick] [--repeats N] [--models resnet18,mobilenetv2,digits,ppocr_det,ppocr_rec,ppocr_cls]
                              [--out-dir benchmarks/results] [--markdown PATH]
 
 Per model it builds, in this process:
@@ -56,10 +56,13 @@ import numpy as np  # noqa: E402
 HERE = pathlib.Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
+sys.path.insert(1, str(ROOT / "tools"))  # zoo.py: the PP-OCR models
 
 import models as bench_models  # noqa: E402
 
-ALL_MODELS = ("resnet18", "mobilenetv2", "digits")
+ALL_MODELS = ("resnet18", "mobilenetv2", "digits", "ppocr_det", "ppocr_rec", "ppocr_cls")
+#: The default models (the PP-OCR ones need the rapidocr wheel, fetched by tools/zoo.py: ask for them).
+DEFAULT_MODELS = ("resnet18", "mobilenetv2", "digits")
 PSB_SAMPLES = (1, 4, 8, 16)
 FROZEN_SAMPLES = 8
 IID_SAMPLES = (4, 16)
@@ -71,7 +74,7 @@ BASELINES = ["tvm_fp32", "ort_fp32", "ort_int8", "ov_fp32", "ov_int8"]
 VARIANTS = PSB_VARIANTS + BASELINES
 RATIO_BASES = {"vs_ort_fp32": "ort_fp32", "vs_ort_int8": "ort_int8", "vs_tvm_fp32": "tvm_fp32",
                "vs_ov_int8": "ov_int8"}
-DEFAULT_REPEATS = {"digits": 30, "resnet18": 20, "mobilenetv2": 20}
+DEFAULT_REPEATS = {"digits": 30, "resnet18": 20, "mobilenetv2": 20, "ppocr_det": 20, "ppocr_rec": 20, "ppocr_cls": 20}
 QUICK_REPEATS = 3
 WARMUP = 2
 SETTLE_MS = 200.0
@@ -119,6 +122,8 @@ def model_inputs(name: str, quick: bool) -> dict:
                 "ort_calibration_desc": f"{ORT_CALIBRATION_COUNT} digits train images",
                 "eval": x_test[:count], "labels": y_test[:count], "eval_desc": f"{count} digits test images",
                 "timing": x_test[:1]}
+    if name.startswith("ppocr_"):
+        return _ppocr_inputs(name.removeprefix("ppocr_"), quick)
     proto = bench_models.resnet18_shaped() if name == "resnet18" else bench_models.mobilenetv2_shaped()
     calib = synthetic_images(ORT_CALIBRATION_COUNT, seed=1)
     count = 2 if quick else 8
@@ -127,6 +132,29 @@ def model_inputs(name: str, quick: bool) -> dict:
             "ort_calibration": calib, "ort_calibration_desc": f"{len(calib)} synthetic images (the same)",
             "eval": synthetic_images(count, seed=2), "labels": None, "eval_desc": f"{count} synthetic images",
             "timing": synthetic_images(1, seed=3)}
+
+
+def _ppocr_inputs(which: str, quick: bool) -> dict:
+    """PP-OCR's detector / recognizer / classifier (rapidocr-onnxruntime wheel, tools/zoo.py) at its
+    benchmark shape, with rendered pages / text lines as calibration, evaluation and timing inputs."""
+    import onnx
+    import zoo
+
+    from psb_tvm.onnx_rewrite import set_input_shapes
+
+    shape = zoo.PPOCR_SHAPES[which]
+    proto = set_input_shapes(onnx.load(str(zoo.ppocr_path(which))), {"x": shape})
+    if which == "det":
+        calib, _ = zoo.text_pages(8, shape[2], seed=100)
+        x, _ = zoo.text_pages(2 if quick else 4, shape[2], seed=3)
+    else:
+        calib, _, _ = zoo.render_text_lines(16, shape[3], seed=100, rotate_odd=which == "cls")
+        x, _, _ = zoo.render_text_lines(2 if quick else 8, shape[3], seed=1, rotate_odd=which == "cls")
+    return {"proto": proto, "shape": shape, "input_name": "x",
+            "psb_calibration": calib, "psb_calibration_desc": f"{len(calib)} rendered {'pages' if which == 'det' else 'lines'}",
+            "ort_calibration": calib, "ort_calibration_desc": f"{len(calib)} (the same)",
+            "eval": x, "labels": None, "eval_desc": f"{len(x)} rendered {'pages' if which == 'det' else 'lines'}",
+            "timing": x[:1]}
 
 
 # ---------------------------------------------------------------------------- builders
@@ -141,7 +169,7 @@ def ort_session(model_bytes_or_path):
     return ort.InferenceSession(model_bytes_or_path, opts, providers=["CPUExecutionProvider"])
 
 
-def ort_int8_model(proto, calibration: np.ndarray, workdir: pathlib.Path) -> pathlib.Path:
+def ort_int8_model(proto, calibration: np.ndarray, workdir: pathlib.Path, input_name: str = "input") -> pathlib.Path:
     """Static int8 QDQ model (per-channel weights) calibrated on ``calibration`` [N, ...]."""
     import onnx
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
@@ -149,7 +177,7 @@ def ort_int8_model(proto, calibration: np.ndarray, workdir: pathlib.Path) -> pat
 
     class Reader(CalibrationDataReader):
         def __init__(self):
-            self._it = iter([{"input": calibration[i:i + 1]} for i in range(len(calibration))])
+            self._it = iter([{input_name: calibration[i:i + 1]} for i in range(len(calibration))])
 
         def get_next(self):
             return next(self._it, None)
@@ -160,8 +188,12 @@ def ort_int8_model(proto, calibration: np.ndarray, workdir: pathlib.Path) -> pat
     if not dim0.HasField("dim_value"):  # digits: dynamic batch -> 1 (the shape we benchmark)
         dim0.Clear()
         dim0.dim_value = 1
+    if fixed.opset_import[0].version < 13:  # per-channel QDQ needs opset >= 13
+        fixed = onnx.version_converter.convert_version(fixed, 13)
     onnx.save(fixed, str(src))
-    quant_pre_process(str(src), str(pre))  # shape inference + ORT graph optimizations (folds BN)
+    # shape inference + ORT graph optimizations (folds BN); ORT's symbolic shape inference asserts
+    # on PP-OCR's Concat nodes, whose shapes are static anyway
+    quant_pre_process(str(src), str(pre), skip_symbolic_shape=input_name != "input")
     # uint8 activations x int8 weights (U8S8): the fast path of ORT's x86 VNNI kernels. The S8S8
     # default measured 3.5x slower on ResNet-18 and 2.2x on MobileNetV2 on this machine.
     quantize_static(str(pre), str(dst), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
@@ -209,7 +241,8 @@ def build_variants(name: str, data: dict, workdir: pathlib.Path, bar, trials: in
     import psb_tvm
 
     proto, shape = data["proto"], data["shape"]
-    shapes = {"input": shape}
+    input_name = data.get("input_name", "input")
+    shapes = {input_name: shape}
     x_time = data["timing"]
     fns, compile_s, errors, info = {}, {}, {}, {"tuning_s": {}}
 
@@ -239,7 +272,7 @@ def build_variants(name: str, data: dict, workdir: pathlib.Path, bar, trials: in
         bar.update(1)
         return result
 
-    calib = {"input": data["psb_calibration"]}
+    calib = {input_name: data["psb_calibration"]}
     psb = attempt(SAMPLED_VARIANTS, "psb", lambda: build("psb", samples=16, seed=0, input_shapes=shapes, calibration=calib))
     if psb is not None:
         for n in PSB_SAMPLES:
@@ -275,10 +308,11 @@ def build_variants(name: str, data: dict, workdir: pathlib.Path, bar, trials: in
         fns["tvm_fp32"] = fp32.run
     sess = attempt(["ort_fp32"], "ort_fp32", lambda: ort_session(proto.SerializeToString()))
     if sess is not None:
-        fns["ort_fp32"] = (lambda s: lambda x: s.run(None, {"input": x})[0])(sess)
-    q = attempt(["ort_int8"], "ort_int8", lambda: ort_session(str(ort_int8_model(proto, data["ort_calibration"], workdir))))
+        fns["ort_fp32"] = (lambda s: lambda x: s.run(None, {input_name: x})[0])(sess)
+    q = attempt(["ort_int8"], "ort_int8", lambda: ort_session(str(ort_int8_model(proto, data["ort_calibration"], workdir,
+                                                                                 input_name))))
     if q is not None:
-        fns["ort_int8"] = (lambda s: lambda x: s.run(None, {"input": x})[0])(q)
+        fns["ort_int8"] = (lambda s: lambda x: s.run(None, {input_name: x})[0])(q)
     for variant, calib in (("ov_fp32", None), ("ov_int8", data["ort_calibration"])):
         fn = attempt([variant], variant, lambda calib=calib: ov_compiled(proto, calib))
         if fn is not None:
@@ -588,7 +622,8 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="smoke test: 3 rounds, digits only (unless --models)")
     ap.add_argument("--repeats", type=int, default=None, help="timed rounds per model (default: 30 digits, 20 big nets)")
-    ap.add_argument("--models", default=None, help=f"comma-separated subset of {','.join(ALL_MODELS)}")
+    ap.add_argument("--models", default=None, help=f"comma-separated subset of {','.join(ALL_MODELS)} (default "
+                                                   f"{','.join(DEFAULT_MODELS)})")
     ap.add_argument("--out-dir", default=str(HERE / "results"))
     ap.add_argument("--tuning-trials", type=int, default=0,
                     help="tune every psb_tvm module and TVM fp32 with this many MetaSchedule trials each (default 0: untuned)")
@@ -599,7 +634,7 @@ def main(argv=None) -> int:
 
     from tqdm import tqdm
 
-    names = (args.models.split(",") if args.models else (["digits"] if args.quick else list(ALL_MODELS)))
+    names = (args.models.split(",") if args.models else (["digits"] if args.quick else list(DEFAULT_MODELS)))
     names = [n.strip() for n in names if n.strip()]
     unknown = sorted(set(names) - set(ALL_MODELS))
     if unknown:
@@ -650,7 +685,7 @@ def main(argv=None) -> int:
             with ForeignLoad() as load:
                 latency = time_interleaved(fns, data["timing"], repeats[name], bar)
             r = {"input_shape": list(data["shape"]),
-                 "float_macs": bench_models.float_macs(data["proto"], {"input": data["shape"]})["total"],
+                 "float_macs": bench_models.float_macs(data["proto"], {data.get("input_name", "input"): data["shape"]})["total"],
                  **info, "psb_calibration": data["psb_calibration_desc"],
                  "ort_calibration": data["ort_calibration_desc"], "repeats": repeats[name],
                  "compile_s": {k: round(v, 2) for k, v in compile_s.items()},
