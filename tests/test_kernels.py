@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 import tvm
 from psb_tvm.schedules import hash as tir_hash
-from psb_tvm.schedules.cpu import PSBConv2D, PSBDense, PSBPack, PSBSample
+from psb_tvm.schedules.cpu import PSBConv2D, PSBDense, PSBDepthwiseConv2D, PSBPack, PSBSample
 from psb_tvm.schedules.kernels import (
     LOWERINGS,
     KernelSpec,
@@ -105,13 +105,14 @@ def build(spec: KernelSpec):
     unscheduled for the CPU here: the numerics of the definition, not the GPU schedule, are tested."""
     spec = KernelSpec(**{f.name: getattr(spec, f.name) for f in dataclasses.fields(KernelSpec)})
     compiled = []
-    for func, rule in [(psb_sample_kernel(spec, "psb_test_sample"), PSBSample()),
-                       (psb_layer_kernel(spec, "psb_test_kernel", expose_acc=True),
-                        PSBConv2D() if spec.kind == "conv2d" else PSBDense())]:
+    # the rules in default_rules' order: the first that applies schedules the kernel
+    for func, rules in [(psb_sample_kernel(spec, "psb_test_sample"), [PSBSample()]),
+                        (psb_layer_kernel(spec, "psb_test_kernel", expose_acc=True),
+                         [PSBDepthwiseConv2D(), PSBConv2D()] if spec.kind == "conv2d" else [PSBDense()])]:
         if spec.gpu and func.attrs["psb.kind"] != "sample":
             compiled.append(tvm.compile(func, target=TARGET))
             continue
-        sch = rule.apply(func, TARGET, False)
+        sch = next((s for s in (rule.apply(func, TARGET, False) for rule in rules) if s is not None), None)
         assert sch is not None, "default CPU rule did not apply"
         compiled.append(tvm.compile(sch.mod["main"], target=TARGET))
     return tuple(compiled)
@@ -662,6 +663,43 @@ def test_prepacked_weights_bit_exact(case, n):
     wsum = ["wsum"] if case == "vnni_stem_c3" else []  # signed activations: the offset correction
     assert [p.name for p in func.params] == ["x", "q", *wsum, "scale", "bias", "n", "out"]
     check(spec, 3, 1)
+
+
+# Depthwise rows as MobileNetV2 has them (widths a multiple of 16, of 8, 14 and 7, strides 1 and 2,
+# asymmetric padding): PSBDepthwiseConv2D schedules them (int8 weights, prepacked or packed at run
+# time: the intdot layer kernel has no weight stage).
+DEPTHWISE_CASES = {
+    "w32": ((1, 8, 6, 32), (8, 1, 3, 3), dict(groups=8, padding=(1, 1, 1, 1))),
+    "w56_s2": ((1, 4, 5, 112), (4, 1, 3, 3), dict(groups=4, stride=(2, 2), padding=(1, 1, 1, 1))),
+    "w14": ((1, 5, 4, 14), (5, 1, 3, 3), dict(groups=5, padding=(1, 1, 1, 1))),
+    "w7": ((1, 12, 7, 7), (12, 1, 3, 3), dict(groups=12, padding=(1, 1, 1, 1))),
+    "w28_s2_asym": ((2, 3, 8, 56), (3, 1, 5, 5), dict(groups=3, stride=(2, 2), padding=(1, 2, 2, 1))),
+}
+
+
+@pytest.mark.parametrize("signed", [False, True], ids=["uint8", "int8"])
+@pytest.mark.parametrize("n", [1, 8])
+@pytest.mark.parametrize("case", list(DEPTHWISE_CASES))
+def test_depthwise_rule_bit_exact(case, n, signed):
+    i = list(DEPTHWISE_CASES).index(case)
+    seed, layer = SEEDS_LAYERS[(i + n) % len(SEEDS_LAYERS)]
+    spec = dataclasses.replace(conv_spec(DEPTHWISE_CASES[case], "intdot", n, seed, layer, activation=ACTS[i % len(ACTS)],
+                                         E=3, act_signed=signed), prepacked=True)
+    assert PSBDepthwiseConv2D().apply(psb_layer_kernel(spec, "dw", expose_acc=True), TARGET, False) is not None
+    check(spec, seed, layer)
+
+
+def test_depthwise_rule_declines_other_convs():
+    """A channel multiplier, several channels per group, a weight stage (the other lowerings) and
+    dense convs go to PSBConv2D."""
+    def applies(spec):
+        return PSBDepthwiseConv2D().apply(psb_layer_kernel(spec, "k"), TARGET, False) is not None
+
+    assert not applies(dataclasses.replace(conv_spec("depthwise_x2", "intdot", 4), prepacked=True))
+    assert not applies(dataclasses.replace(conv_spec("groups2", "intdot", 4), prepacked=True))
+    assert not applies(conv_spec("depthwise", "shiftadd", 4))
+    assert not applies(dataclasses.replace(conv_spec("3x3_pad1", "intdot", 4), prepacked=True))
+    assert applies(dataclasses.replace(conv_spec("depthwise", "intdot", 4), prepacked=True))
 
 
 def test_pack_weights_layout_and_errors():
