@@ -591,6 +591,9 @@ VNNI_CASES = {
     # channels rounded up to 4 with zeros: an RGB stem, and 6 -> 8
     "stem_c3": ((1, 3, 13, 11), (16, 3, 7, 7), dict(stride=(2, 2), padding=(3, 3, 3, 3))),
     "c6": ((1, 6, 5, 6), (16, 6, 3, 3), dict(padding=(1, 1, 1, 1))),
+    # output channels padded to 16 with zero weights (MobileNetV2's 24-channel projections)
+    "o24": ((1, 32, 4, 8), (24, 32, 1, 1), {}),
+    "o40_3x3": ((1, 8, 5, 6), (40, 8, 3, 3), dict(padding=(1, 1, 1, 1))),
 }
 
 

@@ -265,8 +265,8 @@ def _vnni_conv(spec: KernelSpec, name, expose_acc, params, q, padded, finish):
         M, unflat, view = _flat_pixels(spec)
         # outputs padded to 16 (zero weights; the epilogue reads o < O only)
         acc = view(te.compute((spec.packed_outputs, M), lambda o, m: term(*unflat(m), o), name="acc"), lambda *i: i)
-    else:  # acc[b, y, x, o]
-        acc = te.compute((N, OH, OW, O), term, name="acc")
+    else:  # acc[b, y, x, o], outputs padded to 16 (zero weights; the epilogue reads o < O only)
+        acc = te.compute((N, OH, OW, spec.packed_outputs), term, name="acc")
     true_acc = acc
     if offset:
         if spec.prepacked:  # a compile-time constant next to q (pack_weights)
