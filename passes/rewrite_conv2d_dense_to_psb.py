@@ -194,7 +194,7 @@ def _rewrite(mod: tvm.IRModule, layers: list[PSBLayer], frozen: dict | None) -> 
     # Layers of one shape and numeric format share their kernels (the unrolled steps of a recurrent
     # node, a ResNet stage's repeated convs): one PrimFunc to schedule, tune and generate. Only the
     # samplers depend on the layer (its sample stream), so they stay per layer.
-    shared, layer_kernels = {}, {}
+    shared, layer_kernels, encodings = {}, {}, {}
     for ordinal, layer in enumerate(layers):
         site = sites.get(layer.site_index)
         if site is None or site.kind != layer.spec.kind or site.weight is None \
@@ -223,19 +223,26 @@ def _rewrite(mod: tvm.IRModule, layers: list[PSBLayer], frozen: dict | None) -> 
         # (KernelSpec.packed_encoding); the prepacked layer kernel reads no encoding at all.
         run_packed = frozen is None and spec.lowering == "intdot"
         layer_spec = dataclasses.replace(spec, prepacked=True) if run_packed else spec
-        threshold = np.asarray(enc.threshold).astype(spec.threshold_dtype)
         if run_packed:
             spec = dataclasses.replace(spec, packed_encoding=True)
-            threshold = pack_layout(spec, threshold)
-            encoding = [relax.const(pack_layout(spec, weight_code(enc)))]
-        else:
-            encoding = [] if packed is not None else [relax.const(a) for a in (enc.sign, enc.normal, enc.shift)]
+        # Layers sharing one encoding (the same weights: an unrolled recurrent node's steps) share
+        # its constants too: one copy in the module.
+        form = (id(enc), run_packed, packed is not None, spec.threshold_dtype, spec.weight_layout)
+        if form not in encodings:
+            threshold = np.asarray(enc.threshold).astype(spec.threshold_dtype)
+            if run_packed:
+                encodings[form] = (relax.const(pack_layout(spec, threshold)),
+                                   [relax.const(pack_layout(spec, weight_code(enc)))])
+            else:  # frozen intdot layers read their prepacked q, no encoding
+                encodings[form] = (relax.const(threshold), [] if packed is not None else
+                                   [relax.const(a) for a in (enc.sign, enc.normal, enc.shift)])
+        threshold_const, encoding = encodings[form]
         storage = spec.packed_weight_shape if spec.packed_encoding else spec.w_shape
         kern = _Kernels(
             sample=None if frozen is not None else add("psb_sample", psb_sample_kernel, spec),  # frozen: drawn here
             layer=add("psb", psb_layer_kernel, layer_spec),
             masked=None if frozen is not None else add("psb_masked", psb_masked_kernel, spec),
-            threshold=relax.const(threshold),
+            threshold=threshold_const,
             encoding=encoding,
             counts_type=relax.TensorType(storage, COUNTS_DTYPE),
             epilogue=[relax.const(a) for a in (layer.scale, layer.bias)],

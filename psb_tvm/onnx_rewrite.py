@@ -248,9 +248,8 @@ def _unroll(node, consts: dict, shapes: dict, add_init) -> list:
         if ins[idx] and (op == "LSTM" or k == "h"):
             initial[k] = emit("Transpose", [ins[idx]], f"{k}0_dir_major", perm=[1, 0, 2]) if layout else ins[idx]
     x2d = emit("Reshape", [x, emit.const("shape_tb_i", np.array([T * B, I], np.int64))], "x_2d")
-    shape_tbg = emit.const("shape_t_b_gh", np.array([T, B, G * H], np.int64))
     shape_bh = emit.const("shape_bh", np.array([B, H], np.int64))
-    shape_y = emit.const("shape_y", np.array([1, 1, B, H], np.int64))
+    shape_y = emit.const("shape_y", np.array([T, 1, B, H], np.int64))
     shape_last = emit.const("shape_last", np.array([1, B, H], np.int64))
     bounds = [emit.const(f"g{i}", np.array([i * H], np.int64)) for i in range(G + 1)]
     axis1 = emit.const("axis1", np.array([1], np.int64))
@@ -258,9 +257,9 @@ def _unroll(node, consts: dict, shapes: dict, add_init) -> list:
     ones = emit.const("one", np.ones((), np.float32))
     # steps are Slices, not Gathers: TVM logs a warning per Gather it imports (topi take, fast mode)
     steps = [emit.const(f"t{t}", np.array(t, np.int64)) for t in range(T)]
-    starts = [emit.const(f"start{t}", np.array([t], np.int64)) for t in range(T + 1)]
+    # the input projection stays [T*B, G*H]: step t is rows t*B .. (t+1)*B, one Slice
+    rows = [emit.const(f"row{t}", np.array([t * B], np.int64)) for t in range(T + 1)]
     axis0 = emit.const("axis0", np.array([0], np.int64))
-    shape_bgh = emit.const("shape_b_gh", np.array([B, G * H], np.int64))
     masks = [None] * T
     if ins[4]:  # sequence_lens [B]: step t counts for batch b when t < lens[b]
         lens = emit("Cast", [ins[4]], "lens", to=onnx.TensorProto.INT64)
@@ -275,13 +274,23 @@ def _unroll(node, consts: dict, shapes: dict, add_init) -> list:
                                   emit.const(f"clip_hi_{out}", np.array(clip, np.float32))], f"clip_{out}")
         return emit(name, [value], out)
 
-    def gate(v, j, name):
-        return emit("Slice", [v, bounds[j], bounds[j + 1], axis1], name)
+    def gate(v, j, name, last=None):
+        """Gate block ``j`` (to ``last``, default ``j``) of ``v`` [B, G*H]."""
+        return emit("Slice", [v, bounds[j], bounds[(j if last is None else last) + 1], axis1], name)
+
+    def split(v, parts, name):
+        """``v`` [B, parts*H] as ``parts`` [B, H] blocks: one Split node (equal parts, every opset)."""
+        outs = [f"{emit.prefix}/{name}_{j}" for j in range(parts)]
+        emit.nodes.append(helper.make_node("Split", [v], outs, name=f"{node.name}/{name}", axis=1))
+        return outs
 
     def held(new, prev, mask, name):  # new where the step counts, prev where it is past the sequence
         return new if mask is None else emit("Add", [prev, emit("Mul", [mask, emit("Sub", [new, prev], f"d{name}")],
                                                                 f"md{name}")], name)
 
+    # Per step and direction the ONNX nodes are few (LSTM: 12): TVM imports, legalizes and schedules
+    # each of them in every Relax function of the module (measured: 40 steps of a bidirectional
+    # LSTM, ~10k legalized ops, most of a 17 s compile with warm kernels).
     ys, last = [], {"h": [], "c": []}
     for d, direction in enumerate(directions):
         # the first direction keeps the unsuffixed names (layer names of forward nodes do not change)
@@ -295,7 +304,6 @@ def _unroll(node, consts: dict, shapes: dict, add_init) -> list:
             x_bias = np.concatenate([wb[:2 * H] + rb[:2 * H], wb[2 * H:]])
         xp = emit("Gemm", [x2d, emit.const(f"W_T{sfx}", np.ascontiguousarray(W.T)), emit.const(f"B_x{sfx}", x_bias)],
                   f"Gemm_W{sfx}")
-        xp = emit("Reshape", [xp, shape_tbg], f"x_proj{sfx}")
         if op == "GRU" and not lbr:
             r_zr = emit.const(f"R_zr_T{sfx}", np.ascontiguousarray(R[:2 * H].T))
             r_h = emit.const(f"R_h_T{sfx}", np.ascontiguousarray(R[2 * H:].T))
@@ -317,37 +325,36 @@ def _unroll(node, consts: dict, shapes: dict, add_init) -> list:
         y_dir = [None] * T
         order = range(T) if direction == "forward" else range(T - 1, -1, -1)
         for k, t in enumerate(order):  # k: step number (names), t: time position
-            x_t = emit("Reshape", [emit("Slice", [xp, starts[t], starts[t + 1], axis0], f"x{t}_3d{sfx}"), shape_bgh],
-                       f"x{t}{sfx}")
+            x_t = emit("Slice", [xp, rows[t], rows[t + 1], axis0], f"x{t}{sfx}")
             h_prev, c_prev, m = state["h"], state["c"], masks[t]
             if op == "LSTM":
                 gates = emit("Add", [x_t, emit("MatMul", [h_prev, r_t], f"MatMul_R_{k}{sfx}")], f"gates{k}{sfx}")
-                gi, go, gf, gc = (gate(gates, j, f"gate{j}_{k}{sfx}") for j in range(4))
-                if ins[7]:
+                gc = gate(gates, 3, f"gate3_{k}{sfx}")
+                if ins[7]:  # peepholes: i and f see c_prev, o sees c_new (after it)
+                    gi, go, gf = (gate(gates, j, f"gate{j}_{k}{sfx}") for j in range(3))
                     gi = emit("Add", [gi, emit("Mul", [p_i, c_prev], f"pi{k}{sfx}")], f"gi{k}{sfx}")
                     gf = emit("Add", [gf, emit("Mul", [p_f, c_prev], f"pf{k}{sfx}")], f"gf{k}{sfx}")
-                i_t, f_t = act(f, gi, f"i{k}{sfx}"), act(f, gf, f"f{k}{sfx}")
+                    i_t, f_t = act(f, gi, f"i{k}{sfx}"), act(f, gf, f"f{k}{sfx}")
+                else:  # i, o, f are contiguous: one activation, one Split
+                    i_t, o_t, f_t = split(act(f, gate(gates, 0, f"iof_pre{k}{sfx}", 2), f"iof{k}{sfx}"), 3, f"iof_split{k}{sfx}")
                 c_new = emit("Add", [emit("Mul", [f_t, c_prev], f"fc{k}{sfx}"),
                                      emit("Mul", [i_t, act(g, gc, f"chat{k}{sfx}")], f"ic{k}{sfx}")], f"c_new{k}{sfx}")
                 if ins[7]:
                     go = emit("Add", [go, emit("Mul", [p_o, c_new], f"po{k}{sfx}")], f"go{k}{sfx}")
-                o_t = act(f, go, f"o{k}{sfx}")
+                    o_t = act(f, go, f"o{k}{sfx}")
                 h_new = emit("Mul", [o_t, emit(h_act, [c_new], f"tc{k}{sfx}")], f"h_new{k}{sfx}")
                 state["c"] = held(c_new, c_prev, m, f"c{k + 1}{sfx}")
             elif op == "GRU":
                 if lbr:
                     rec = emit("Add", [emit("MatMul", [h_prev, r_t], f"MatMul_R_{k}{sfx}"), rb_h], f"rec{k}{sfx}")
-                    zr = emit("Add", [gate(x_t, 0, f"xz{k}{sfx}"), gate(rec, 0, f"rz{k}{sfx}")], f"zpre{k}{sfx}")
-                    rr = emit("Add", [gate(x_t, 1, f"xr{k}{sfx}"), gate(rec, 1, f"rr{k}{sfx}")], f"rpre{k}{sfx}")
-                    z_t, r_t_ = act(f, zr, f"z{k}{sfx}"), act(f, rr, f"r{k}{sfx}")
+                    zr = emit("Add", [gate(x_t, 0, f"xzr{k}{sfx}", 1), gate(rec, 0, f"rzr{k}{sfx}", 1)], f"zrpre{k}{sfx}")
+                    z_t, r_t_ = split(act(f, zr, f"zr{k}{sfx}"), 2, f"zr_split{k}{sfx}")
                     cand = emit("Add", [gate(x_t, 2, f"xh{k}{sfx}"),
                                         emit("Mul", [r_t_, gate(rec, 2, f"rh{k}{sfx}")], f"rrh{k}{sfx}")], f"hpre{k}{sfx}")
                 else:
                     rec = emit("MatMul", [h_prev, r_zr], f"MatMul_R_{k}{sfx}")
-                    zr = emit("Add", [emit("Slice", [x_t, bounds[0], bounds[2], axis1], f"xzr{k}{sfx}"), rec],
-                              f"zrpre{k}{sfx}")
-                    z_t, r_t_ = act(f, gate(zr, 0, f"zp{k}{sfx}"), f"z{k}{sfx}"), act(f, gate(zr, 1, f"rp{k}{sfx}"),
-                                                                                     f"r{k}{sfx}")
+                    zr = emit("Add", [gate(x_t, 0, f"xzr{k}{sfx}", 1), rec], f"zrpre{k}{sfx}")
+                    z_t, r_t_ = split(act(f, zr, f"zr{k}{sfx}"), 2, f"zr_split{k}{sfx}")
                     rh = emit("MatMul", [emit("Mul", [r_t_, h_prev], f"rhp{k}{sfx}"), r_h], f"MatMul_Rh_{k}{sfx}")
                     cand = emit("Add", [gate(x_t, 2, f"xh{k}{sfx}"), rh], f"hpre{k}{sfx}")
                 hh = act(g, cand, f"hh{k}{sfx}")
@@ -358,9 +365,10 @@ def _unroll(node, consts: dict, shapes: dict, add_init) -> list:
                 pre = emit("Add", [x_t, emit("MatMul", [h_prev, r_t], f"MatMul_R_{k}{sfx}")], f"pre{k}{sfx}")
                 h_new = act(f, pre, f"h_new{k}{sfx}")
             state["h"] = held(h_new, h_prev, m, f"h{k + 1}{sfx}")
-            y = h_new if m is None else emit("Mul", [h_new, m], f"y_masked{t}{sfx}")
-            y_dir[t] = emit("Reshape", [y, shape_y], f"y{t}{sfx}")
-        ys.append(y_dir)
+            y_dir[t] = h_new if m is None else emit("Mul", [h_new, m], f"y_masked{t}{sfx}")
+        if outs[0]:  # [T, 1, B, H]: the steps in time order, one Concat and one Reshape
+            joined = emit("Concat", y_dir, f"y_steps{sfx}", axis=0) if T > 1 else y_dir[0]
+            ys.append(emit("Reshape", [joined, shape_y], f"y{sfx}"))
         for k in last:
             final = state[k]
             if masks[0] is not None:  # a sequence of length 0 ends in zeros, as ONNX Runtime gives
@@ -378,15 +386,7 @@ def _unroll(node, consts: dict, shapes: dict, add_init) -> list:
             emit.to("Transpose", [target], out, f"{name}_layout1", perm=perm)
 
     if outs[0]:
-        steps_y = []
-        for t in range(T):  # [1, directions, B, H] per time position
-            parts = [ys[d][t] for d in range(len(directions))]
-            if len(parts) == 1:
-                steps_y.append(parts[0])
-            else:
-                steps_y.append(f"{emit.prefix}/y{t}_dirs")
-                emit.to("Concat", parts, steps_y[-1], f"y{t}_dirs", axis=1)
-        join(steps_y, outs[0], "Y", 0, [2, 0, 1, 3] if layout else None)
+        join(ys, outs[0], "Y", 1, [2, 0, 1, 3] if layout else None)  # directions on axis 1
     if outs[1]:
         join(last["h"], outs[1], "Y_h", 0, [1, 0, 2] if layout else None)
     if op == "LSTM" and outs[2]:
