@@ -10,7 +10,7 @@
    ``/proc/cpuinfo`` MHz x one 512-bit vpdpbusd per cycle x 64) is reported alongside, labelled.
 2. **Kernels**: the PSB layer kernels of the largest ResNet-18 convs and a few MobileNetV2 layers
    (batch 1, 224x224 input), built standalone exactly as ``tests/test_kernels.py`` does (TE kernel +
-   the default CPU rule ``PSBConv2D`` for the host target), for the ``int8`` preset (E=3, n_max=8,
+   the default CPU rules ``PSBDepthwiseConv2D`` / ``PSBConv2D`` for the host target), for the ``int8`` preset (E=3, n_max=8,
    8-bit activations: the ``vpdpbusd`` path where 16 | O) and the default ``int16``
    preset (E=4, n_max=64), run at n=8 with ``TVM_NUM_THREADS=2``; ``time_evaluator`` median.
    The sampler (n=8 samples of every weight) and the kernel's two per-call preparation stages
@@ -246,9 +246,12 @@ def _asm(lib) -> str:
 
 
 def _compile(func, rule, target):
+    """``func`` scheduled by the first of the default rules that applies (depthwise convs by
+    ``PSBDepthwiseConv2D``, the rest by ``rule``), compiled."""
     import tvm
+    from psb_tvm.schedules.cpu import PSBDepthwiseConv2D
 
-    sch = rule.apply(func, target, False)
+    sch = PSBDepthwiseConv2D().apply(func, target, False) or rule.apply(func, target, False)
     if sch is None:
         raise RuntimeError(f"schedule rule {type(rule).__name__} did not apply")
     return tvm.compile(sch.mod["main"], target=target)
@@ -425,7 +428,8 @@ def markdown(result: dict) -> str:
         th = peak["theoretical"]
         lines += [f"{th['label']} = **{th['gmac_per_s']:.1f} GMAC/s** (theoretical, for reference only).", ""]
     lines += ["## Layer kernels", "",
-              f"Built standalone like `tests/test_kernels.py` (TE kernel + default `PSBConv2D` rule, host target), "
+              "Built standalone like `tests/test_kernels.py` (TE kernel + default `PSBDepthwiseConv2D` / "
+              "`PSBConv2D` rules, host target), "
               f"run at n={RUN_SAMPLES} with `TVM_NUM_THREADS={THREADS}`; median of `time_evaluator` "
               f"({result['meta']['number']} calls x {result['meta']['repeat']} repeats). MACs = "
               "N·O·OH·OW·(C/groups)·KH·KW. Fraction = achieved GMAC/s / measured 2-thread int8 peak "
