@@ -549,7 +549,11 @@ def markdown(results: dict) -> str:
         f" {ORT_CALIBRATION_COUNT} inputs; both `PERFORMANCE_HINT=LATENCY`, `INFERENCE_NUM_THREADS={THREADS}`.",
         "- **Models**: random He-init weights (fixed seed), built by `benchmarks/models.py`: ResNet-18 and"
         " MobileNetV2 (width 1.0) topologies at 1x3x224x224 with BatchNormalization nodes, and the bundled digits"
-        " CNN (1x1x8x8). Accuracy numbers on the random nets mean nothing; agreement with ORT fp32 is a sanity check.",
+        " CNN (1x1x8x8). Accuracy numbers on the random nets mean nothing; agreement with ORT fp32 is a sanity check."
+        " `ppocr_*` (asked for with `--models`): the pretrained PP-OCR detector (1x3x320x320), recognizer"
+        " (1x3x48x320) and direction classifier (1x3x48x192) of the `rapidocr-onnxruntime` wheel (`tools/zoo.py`),"
+        " calibrated (all variants alike) and timed on rendered pages / text lines; their task accuracy is in"
+        " `benchmarks/results/ppocr*/real_models.md`.",
         "- **Ratios** are median latency of the PSB variant divided by the baseline's median: > 1 means PSB is slower.",
     ]
     if meta.get("notes"):
@@ -590,7 +594,8 @@ def markdown(results: dict) -> str:
         if "int8_vnni_layers" in r:
             lines.append(f"int8 preset: {r['int8_vnni_layers']} of {r.get('psb_layers', '?')} PSB layers run on VNNI"
                          " dot products (8-bit activations x int8 weights packed for `vpdpbusd`; the others: depthwise"
-                         " convs, 16 ∤ out channels, dense, use the plain integer kernels).")
+                         " convs (scheduled a channel at a time), fewer than 16 output channels, dense, use the plain"
+                         " integer kernels).")
         fc = r.get("first_call_s", {})
         if fc:
             lines.append("First call (s), not included above: " + ", ".join(f"{k} {v:.2f}" for k, v in fc.items())
