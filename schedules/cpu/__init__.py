@@ -2,6 +2,7 @@
 
 from tvm.s_tir import dlight
 
+from .conv_transpose import ConvTranspose
 from .elementwise import Elementwise
 from .gemv import GEMV
 from .psb_conv2d import PSBConv2D
@@ -13,9 +14,9 @@ from .psb_sampling import PSBPack, PSBSample
 
 def default_rules():
     """Rules tried in order for every PrimFunc that is not scheduled yet."""
-    return [PSBSample(), PSBPack(), PSBDepthwiseConv2D(), PSBConv2D(), PSBDense(), PSBMasked(), GEMV(),
-            dlight.cpu.Reduction(), Elementwise()]
+    return [PSBSample(), PSBPack(), PSBDepthwiseConv2D(), PSBConv2D(), PSBDense(), PSBMasked(), ConvTranspose(),
+            GEMV(), dlight.cpu.Reduction(), Elementwise()]
 
 
-__all__ = ["GEMV", "Elementwise", "PSBConv2D", "PSBDense", "PSBDepthwiseConv2D", "PSBMasked", "PSBPack", "PSBSample",
-           "default_rules"]
+__all__ = ["GEMV", "ConvTranspose", "Elementwise", "PSBConv2D", "PSBDense", "PSBDepthwiseConv2D", "PSBMasked", "PSBPack",
+           "PSBSample", "default_rules"]
