@@ -6,7 +6,8 @@ therefore exports every host-CPU module once, into this cache, and runs it from 
 call costs what the second does, ``export_library`` copies the file, and a later compile of the same
 lowered module (same model, calibration, config, defaults and target) loads it instead of building.
 
-The key is a SHA-256 of everything the library depends on: psb_tvm's and TVM's versions, the
+The key is a SHA-256 of everything the library depends on: psb_tvm's and TVM's versions, psb_tvm's
+own sources (``code_fingerprint``: the schedule rules and build passes act after the lowered module), the
 target, the lowered Relax module (structural hash, weights included), the metadata it embeds and
 the tuning database's files. Entries are written all-or-nothing with the integrity record that
 ``load`` checks, and the least recently used ones are removed beyond ``PSB_TVM_MODULE_CACHE_MAX_BYTES``.
@@ -20,6 +21,7 @@ memory and generates its code on the first call, as TVM does), or ``None``: ``$P
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -30,6 +32,7 @@ import warnings
 import tvm
 import tvm_ffi
 
+from . import passes, schedules
 from .errors import ConfigError, ModelLoadError, OutputError
 from .files import cache_root, file_sha256, verify_module
 
@@ -104,12 +107,27 @@ def _tuning_fingerprint(tuning_db) -> str | None:
     return digest.hexdigest()
 
 
+@functools.lru_cache(maxsize=1)
+def code_fingerprint() -> str:
+    """SHA-256 over psb_tvm's own sources (the package, its passes and schedules): the build
+    pipeline and the schedule rules act after the lowered module the key hashes, so a changed rule
+    must not load a library built by the old one (the version string stays the same between
+    releases)."""
+    digest = hashlib.sha256()
+    for package in (__file__, passes.__file__, schedules.__file__):
+        folder = pathlib.Path(package).resolve().parent
+        for path in sorted(folder.rglob("*.py")):
+            digest.update(str(path.relative_to(folder)).encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()
+
+
 def module_key(mod: tvm.IRModule, target: tvm.target.Target, metadata, tuning_db=None) -> str | None:
     """The cache key of a lowered module, or ``None`` when it must not be cached."""
     tuning = _tuning_fingerprint(tuning_db)
     if tuning is None:
         return None
-    parts = {"psb_tvm": metadata.psb_tvm_version, "tvm": tvm.__version__, "target": str(target),
+    parts = {"psb_tvm": metadata.psb_tvm_version, "code": code_fingerprint(), "tvm": tvm.__version__,
+             "target": str(target),
              "module": str(tvm_ffi.structural_hash(mod)), "metadata": metadata.to_json(), "tuning": tuning}
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
 

@@ -122,3 +122,16 @@ def test_first_call_runs_compiled_code(data, tmp_path):
         module = _compile(calib, cache=tmp_path)
     assert module._executable is None and module._source_path is not None
     assert module.run(x).shape == (4, 10)
+
+
+def test_key_follows_psb_tvm_sources(data, monkeypatch):
+    """The schedule rules and build passes act after the lowered module: a changed rule must not
+    load a library the old one built (a stale detector head was loaded that way)."""
+    calib, _ = data
+    from psb_tvm.compiler import lower
+
+    mod, md, tgt = lower(DIGITS_ONNX, "llvm", 8, 0, SHAPES, calib)
+    before = module_cache.module_key(mod, tgt, md)
+    assert len(module_cache.code_fingerprint()) == 64
+    monkeypatch.setattr(module_cache, "code_fingerprint", lambda: "0" * 64)
+    assert module_cache.module_key(mod, tgt, md) != before
