@@ -29,6 +29,7 @@ import tvm
 
 from .errors import ConfigError
 from .files import write_output
+from .pipeline import derived_pass_context
 from .threads import physical_cores
 
 LOG = logging.getLogger("psb_tvm")
@@ -64,13 +65,6 @@ def kernel_key(name: str, func: tvm.tirx.PrimFunc, target: tvm.target.Target, co
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
 
 
-def _pass_context_like(ctx: tvm.transform.PassContext) -> tvm.transform.PassContext:
-    """A PassContext with ``ctx``'s settings, for a worker thread (contexts are per thread)."""
-    return tvm.transform.PassContext(opt_level=ctx.opt_level, required_pass=ctx.required_pass,
-                                     disabled_pass=ctx.disabled_pass, config=ctx.config,
-                                     instruments=ctx.instruments)
-
-
 def build_objects(tir_mod: tvm.IRModule, target: tvm.target.Target, directory: pathlib.Path, jobs: int | None = None,
                   progress=None) -> tuple[list, dict]:
     """Object files of every PrimFunc of ``tir_mod`` for ``target``, from ``directory`` where present,
@@ -95,7 +89,7 @@ def build_objects(tir_mod: tvm.IRModule, target: tvm.target.Target, directory: p
     def generate(item):
         name, func, path = item
         start = time.perf_counter()
-        with _pass_context_like(ctx):
+        with derived_pass_context(instruments=list(ctx.instruments), base=ctx):
             lib = tvm.tirx.build(tvm.IRModule({name: func}, attrs=tir_mod.attrs), target=target)
         write_output(path, lib.write_to_file, suffix=SUFFIX)
         return name, time.perf_counter() - start

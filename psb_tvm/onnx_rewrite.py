@@ -254,9 +254,8 @@ def _unroll(node, consts: dict, shapes: dict, add_init) -> list:
     bounds = [emit.const(f"g{i}", np.array([i * H], np.int64)) for i in range(G + 1)]
     axis1 = emit.const("axis1", np.array([1], np.int64))
     zeros = emit.const("zeros", np.zeros((B, H), np.float32))
-    ones = emit.const("one", np.ones((), np.float32))
-    # steps are Slices, not Gathers: TVM logs a warning per Gather it imports (topi take, fast mode)
-    steps = [emit.const(f"t{t}", np.array(t, np.int64)) for t in range(T)]
+    ones = emit.const("one", np.ones((), np.float32)) if op == "GRU" else None
+    # steps are Slices, not Gathers: TVM logs a warning per Gather it imports (topi take, fast mode);
     # the input projection stays [T*B, G*H]: step t is rows t*B .. (t+1)*B, one Slice
     rows = [emit.const(f"row{t}", np.array([t * B], np.int64)) for t in range(T + 1)]
     axis0 = emit.const("axis0", np.array([0], np.int64))
@@ -264,7 +263,7 @@ def _unroll(node, consts: dict, shapes: dict, add_init) -> list:
     if ins[4]:  # sequence_lens [B]: step t counts for batch b when t < lens[b]
         lens = emit("Cast", [ins[4]], "lens", to=onnx.TensorProto.INT64)
         for t in range(T):
-            less = emit("Less", [steps[t], lens], f"valid{t}")
+            less = emit("Less", [emit.const(f"t{t}", np.array(t, np.int64)), lens], f"valid{t}")
             masks[t] = emit("Unsqueeze", [emit("Cast", [less], f"valid{t}_f", to=_FLOAT),
                                           emit.const("axes1", np.array([1], np.int64))], f"mask{t}")
 

@@ -103,11 +103,13 @@ class WithPassConfig:
             return tvm.transform.Sequential(self.passes)(mod)
 
 
-def derived_pass_context(config: dict | None = None, instruments: list | None = None) -> tvm.transform.PassContext:
-    """A PassContext like the current one (opt level, required and disabled passes, options) with
+def derived_pass_context(config: dict | None = None, instruments: list | None = None,
+                         base: tvm.transform.PassContext | None = None) -> tvm.transform.PassContext:
+    """A PassContext like ``base`` (default: the current one; contexts are per thread, so a worker
+    thread passes its caller's) -- opt level, required and disabled passes, options -- with
     ``config`` options added and ``instruments`` (default none: a nested context re-enters the
     instruments it is given, so the outer ones are not repeated unless asked)."""
-    ctx = tvm.transform.PassContext.current()
+    ctx = base if base is not None else tvm.transform.PassContext.current()
     return tvm.transform.PassContext(opt_level=ctx.opt_level, required_pass=ctx.required_pass,
                                      disabled_pass=ctx.disabled_pass, config={**ctx.config, **(config or {})},
                                      instruments=instruments)

@@ -4,24 +4,16 @@ key follows everything a kernel's code depends on."""
 
 import numpy as np
 import pytest
+import test_module_cache as digits_setup
 import tvm
 
 import psb_tvm
 from psb_tvm import kernel_cache, module_cache
-from psb_tvm.data.digits import DIGITS_ONNX, load_digits_split
 from psb_tvm.progress import CompileProgress
 
-SHAPES = {"input": (4, 1, 8, 8)}
-
-
-@pytest.fixture(scope="module")
-def data():
-    x_train, _, x_test, _ = load_digits_split()
-    return {"input": x_train[:64]}, x_test[:4]
-
-
-def _compile(calib, **kwargs):
-    return psb_tvm.compile(DIGITS_ONNX, samples=8, input_shapes=SHAPES, calibration=calib, **kwargs)
+# the digits calibration / test images fixture and compile helper of test_module_cache
+data = digits_setup.data
+_compile = digits_setup._compile
 
 
 def test_recompiles_reuse_kernels_and_match_the_in_memory_build(data, tmp_path):
