@@ -9,4 +9,7 @@ ATTR_LOWERING = "psb.lowering"  # "intdot", "shiftadd", "bitserial"
 ATTR_LAYOUT = "psb.layout"  # the weight layout of the kernel ("vnni", "ohwi", "dp4a", "gemm", ...)
 ATTR_SAMPLER = "psb.sampler"  # "stratified" or "iid" (samplers)
 ATTR_LAYER_KERNELS = "psb_layer_kernels"  # module attr: {layer id: {kernel prefix: PrimFunc name}} (shared kernels)
+ATTR_INT8_HANDOFFS = "psb_int8_handoffs"  # module attr: [[producer site, consumer site], ...] of main
+ATTR_X_HANDOFF = "psb.x_handoff"  # 1 on a vnni conv that reads its producer's integer activations
+ATTR_OUT_HANDOFF = "psb.out_handoff"  # 1 on a conv that writes the next conv's integer activations
 ATTR_TUNED = "psb.tuned"  # set by passes.ApplyPSBTuningDatabase on the kernels it scheduled

@@ -12,7 +12,7 @@ from tvm.relax import _ffi_api as relax_ffi
 from tvm.relax import vm_build
 from tvm.script import tirx as T
 
-from .abi import ATTR_LAYER_KERNELS
+from .abi import ATTR_INT8_HANDOFFS, ATTR_LAYER_KERNELS
 from .kernel_cache import build_objects
 from .metadata import ModuleMetadata
 from .pipeline import PIPELINES, legalize_passes, schedule_passes
@@ -70,8 +70,9 @@ def build_objects_and_link(mod: tvm.IRModule, target: tvm.target.Target, kernel_
     builder = relax.ExecBuilder()
     mod = vm_build._vmcodegen(builder, mod, "bytecode")
     tir_mod = vm_build._filter_tir(mod)
-    if tir_mod is not None and tir_mod.attrs and ATTR_LAYER_KERNELS in tir_mod.attrs:
-        tir_mod = tir_mod.without_attr(ATTR_LAYER_KERNELS)  # ours, not the kernels': keep it out of their keys
+    for attr in (ATTR_LAYER_KERNELS, ATTR_INT8_HANDOFFS):  # ours, not the kernels': keep them out of their keys
+        if tir_mod is not None and tir_mod.attrs and attr in tir_mod.attrs:
+            tir_mod = tir_mod.without_attr(attr)
     objects, stats = [], {"kernels": 0, "reused": 0, "generated": 0, "seconds": 0.0}
     if tir_mod is not None:
         tir_mod = vm_build._auto_attach_system_lib_prefix(tir_mod, target, None)

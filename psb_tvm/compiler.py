@@ -11,13 +11,15 @@ import numpy as np
 import tvm
 
 from . import checks, module_cache, numerics
+from .abi import ATTR_INT8_HANDOFFS
 from .build import build, build_objects_and_link
 from .calibration import choose_width, collect_stats, normalize_calibration
 from .config import PSBConfig
 from .errors import ConfigError
 from .frontend import from_relax, import_onnx
 from .metadata import ModuleMetadata
-from .passes import PSBLayer, RewriteToPSB, find_layer_sites, name_sites, select_layers
+from .passes import PSBLayer, find_layer_sites, name_sites, select_layers
+from .pipeline import rewrite_passes
 from .progress import CompileProgress, stage, tracking
 from .runtime import PSBModule, load
 from .schedules.kernels import KernelSpec
@@ -183,7 +185,7 @@ def plan(onnx_model, target="llvm", seed: int = 0, input_shapes: dict | None = N
     ``compile``, ``tune``, ``diagnose`` and ``allocate``: every public argument is checked here.
 
     ``onnx_model`` may also be a Relax ``IRModule`` you imported yourself (``frontend.from_relax``):
-    the plan's ``layers`` then feed ``passes.RewriteToPSB`` in your own pipeline."""
+    the plan's ``layers`` then feed ``pipeline.rewrite_passes`` in your own pipeline."""
     input_shapes = checks.check_input_shapes(input_shapes)
     calibration = checks.check_calibration(calibration)
     target = checks.check_target(target)
@@ -334,7 +336,11 @@ def lower_plan(p: Plan, samples: int | dict = 16, seed: int = 0, frozen: bool = 
                        "counts": [numerics.sample_counts(l.enc, n, seed, l.site_index, config.sampler)
                                   for l, n in zip(layers, layer_samples)]}
     with stage("rewrite"):
-        mod = RewriteToPSB(layers, frozen_draw)(imported.mod)
+        mod = tvm.transform.Sequential(rewrite_passes(layers, frozen_draw))(imported.mod)
+    names_by_site = {s.index: s.name for s in sites}
+    for producer, consumer in (mod.attrs or {}).get(ATTR_INT8_HANDOFFS, []):
+        info[int(producer)]["int8_output_to"] = names_by_site[int(consumer)]
+        info[int(consumer)]["int8_input_from"] = names_by_site[int(producer)]
 
     names = [l.name for l in layers]
     metadata = ModuleMetadata(

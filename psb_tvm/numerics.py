@@ -295,6 +295,18 @@ def quantize_activations(x, frac_bits: int, bits: int, signed: bool) -> np.ndarr
     return np.clip(np.rint(np.where(np.isnan(xs), np.float32(hi), xs)), lo, hi).astype(np.int64)
 
 
+def handoff_activations(y, frac_bits: int, bits: int, signed: bool, offset: int, channels: int) -> np.ndarray:
+    """What a conv hands the next one (DESIGN.md section 5): its float32 NCHW output ``y``
+    quantized at the consumer's scale, plus the consumer's ``offset`` (128 for a vnni consumer's
+    signed activations), NHWC with ``channels`` channels (a vnni consumer's padding to 4 holds the
+    offset); uint8, or int8 for a depthwise consumer's signed activations."""
+    xq = quantize_activations(y, frac_bits, bits, signed) + offset
+    N, C, H, W = xq.shape
+    out = np.full((N, H, W, channels), offset, np.int64)
+    out[..., :C] = xq.transpose(0, 2, 3, 1)
+    return out.astype(np.uint8 if offset or not signed else np.int8)
+
+
 def saturated(x, frac_bits: int, bits: int, signed: bool) -> np.ndarray:
     """Where ``rint(x * 2**f)`` (float32) falls outside the integer range: the values the clip changes."""
     lo, hi = act_range(bits, signed)

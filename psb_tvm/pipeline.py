@@ -5,7 +5,8 @@
 1. **import** (:func:`import_passes`) on TVM's ONNX import: fold batch norms and constants,
    turn Clip's ``call_tir`` back into Relax ops, clean up;
 2. layer selection, calibration and weight encoding (``compiler.plan``: decisions, not passes);
-3. **PSB rewrite** (:func:`rewrite_passes`): ``RewriteToPSB`` splices in the kernels;
+3. **PSB rewrite** (:func:`rewrite_passes`): ``RewriteToPSB`` splices in the kernels, then
+   ``HandOffInt8Activations`` passes integer activations from one vnni conv to the next;
 4. **build** for the target, one registered pipeline per target kind:
 
    - ``psb_cpu`` (:func:`cpu_build_passes`): TVM's CPU library dispatch and legalization (every
@@ -35,6 +36,7 @@ from .passes import (
     ApplyPSBTuningDatabase,
     AssertSampleBounds,
     AttachPSBMetadata,
+    HandOffInt8Activations,
     RewriteToPSB,
     ScalarMinMaxCallTIRToRelaxOps,
 )
@@ -59,7 +61,7 @@ def import_passes() -> list:
 
 def rewrite_passes(layers: list, frozen: dict | None = None) -> list:
     """The PSB rewrite of the planned ``layers`` (``compiler.Plan.layers``)."""
-    return [RewriteToPSB(layers, frozen)]
+    return [RewriteToPSB(layers, frozen), HandOffInt8Activations(layers)]
 
 
 def legalize_passes(target: tvm.target.Target) -> list:

@@ -66,8 +66,11 @@ class PSBModule:
         """A table of which layers became PSB and why the others stayed float."""
         rows = [("layer", "op", "status", "lowering", "frac bits", "act", "note")]
         for l in self.layers:
+            # where activations stay integer between two layers (HandOffInt8Activations)
+            handoff = "; ".join(t for t in (f"int8 from {l['int8_input_from']}" if l.get("int8_input_from") else "",
+                                            f"int8 to {l['int8_output_to']}" if l.get("int8_output_to") else "") if t)
             rows.append((l["name"], l["op"], l["status"], l.get("lowering") or "-",
-                         str(l.get("frac_bits", "-")), l.get("act_dtype") or "-", l.get("reason") or ""))
+                         str(l.get("frac_bits", "-")), l.get("act_dtype") or "-", l.get("reason") or handoff))
         widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
         lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
         lines.insert(1, "  ".join("-" * w for w in widths))

@@ -306,6 +306,43 @@ def mobile_block_model(seed=0, hw=16):
     return _model("mobile_block_model", nodes, [1, 3, hw, hw], [1, 10], inits, opset=14)
 
 
+def handoff_model(seed=0, hw=12):
+    """Chains of 3x3 / 1x1 convs with 16-48 channels (the int8 preset's vnni convs): conv1 -> conv2
+    -> conv3 -> conv4 feed one conv each (integer hand-off); conv4's output feeds two convs whose
+    sum goes on (float); a 24-channel conv (padded to 32), strided convs, and conv7 -> expansion ->
+    depthwise -> projection. x[1, 3, hw, hw] -> y[1, 5]."""
+    rng = np.random.default_rng(seed)
+    mk = helper.make_node
+    convs = [("conv1", 3, 16, 3, 1), ("conv2", 16, 32, 3, 1), ("conv3", 32, 24, 1, 1), ("conv4", 24, 32, 3, 2),
+             ("conv5", 32, 32, 1, 1), ("conv6", 32, 32, 1, 1), ("conv7", 32, 16, 3, 1),
+             ("expand", 16, 48, 1, 1), ("dw", 48, 48, 3, 2), ("project", 48, 16, 1, 1)]
+    groups = {"dw": 48}
+    inits = [t for name, cin, cout, k, _ in convs
+             for t in (_t(name + "_W", _conv_w(rng, cout, cin, k, groups=groups.get(name, 1))),
+                       _t(name + "_B", _bias(rng, cout)))]
+    inits += [_t("fc_W", _he(rng, (5, 16), 16)), _t("fc_B", _bias(rng, 5))]
+    nodes = []
+
+    def conv(name, x, relu=True):
+        _, _, _, k, stride = next(c for c in convs if c[0] == name)
+        nodes.append(mk("Conv", [x, name + "_W", name + "_B"], [name], name=name, kernel_shape=[k, k],
+                        pads=[k // 2] * 4, strides=[stride, stride], group=groups.get(name, 1)))
+        if not relu:
+            return name
+        nodes.append(mk("Relu", [name], [name + "_r"], name=name + "_relu"))
+        return name + "_r"
+
+    a = conv("conv4", conv("conv3", conv("conv2", conv("conv1", "x")), relu=False))
+    nodes.append(mk("Add", [conv("conv5", a), conv("conv6", a, relu=False)], ["sum"], name="add"))
+    nodes.append(mk("Relu", ["sum"], ["sum_r"], name="add_relu"))
+    # a MobileNetV2 block without its residual: expansion -> depthwise (stride 2) -> projection
+    tail = conv("project", conv("dw", conv("expand", conv("conv7", "sum_r"))), relu=False)
+    nodes += [mk("GlobalAveragePool", [tail], ["gap"], name="gap"),
+              mk("Flatten", ["gap"], ["flat"], name="flatten", axis=1),
+              mk("Gemm", ["flat", "fc_W", "fc_B"], ["y"], name="fc", transB=1)]
+    return _model("handoff_model", nodes, [1, 3, hw, hw], [1, 5], inits)
+
+
 def conv_bn_hardswish_model(hw=112, cin=3, cout=16, seed=0, hardswish="clip"):
     """x[1, cin, hw, hw] -> Conv 3x3 stride 2 (+bias) -> batch norm as per-channel Mul + Add ->
     HardSwish (``"clip"``: ``x * Clip(x + 3, 0, 6) / 6``; ``"op"``: the HardSwish op; ``"sigmoid"``:

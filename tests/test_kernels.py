@@ -19,11 +19,12 @@ import numpy as np
 import pytest
 import tvm
 from psb_tvm.schedules import hash as tir_hash
-from psb_tvm.schedules.cpu import PSBConv2D, PSBDense, PSBDepthwiseConv2D, PSBPack, PSBSample
+from psb_tvm.schedules.cpu import PSBConv2D, PSBDense, PSBDepthwiseConv2D, PSBDepthwiseNHWC, PSBPack, PSBSample
 from psb_tvm.schedules.kernels import (
     LOWERINGS,
     KernelSpec,
     bitserial_levels,
+    can_hand_off,
     pack_layout,
     pack_weights,
     psb_layer_kernel,
@@ -848,3 +849,97 @@ def test_bitserial_wide_plane_codes_bit_exact():
     spec = dense_spec("3x40x8", "bitserial", 2, 6, 6, activation=None, E=15)
     assert 2 * bitserial_levels(spec.E, spec.n_max) > 31
     check(spec, 6, 6)
+
+
+# Producer -> consumer pairs of vnni convs for the integer hand-off: the producer's uint8 NHWC
+# output and the consumer's float output on it. (producer case, consumer w_shape and geometry)
+HANDOFF_CASES = {
+    "3x3_to_3x3": (((1, 8, 6, 7), (32, 8, 3, 3), dict(padding=(1, 1, 1, 1))), ((16, 32, 3, 3), dict(padding=(1, 1, 1, 1)))),
+    # 24 outputs (packed to 32) into a 1x1 projection; a strided consumer with asymmetric padding
+    "o24_to_1x1": (((1, 16, 5, 8), (24, 16, 1, 1), {}), ((48, 24, 1, 1), {})),
+    "to_stride2": (((2, 4, 9, 9), (16, 4, 3, 3), dict(padding=(1, 1, 1, 1))),
+                   ((32, 16, 3, 3), dict(stride=(2, 2), padding=(0, 1, 1, 0)))),
+    # 18 channels: the consumer's padding to 20 holds the offset, met by zero weights
+    "o18_padded": (((1, 4, 4, 6), (18, 4, 3, 3), dict(padding=(1, 1, 1, 1))), ((16, 18, 3, 3), dict(padding=(1, 1, 1, 1)))),
+    # depthwise convs (channels-last dw_nhwc kernels) after an expansion and before a projection
+    "1x1_to_dw": (((1, 16, 6, 8), (32, 16, 1, 1), {}), ((32, 1, 3, 3), dict(groups=32, padding=(1, 1, 1, 1)))),
+    "dw_s2_to_1x1": (((2, 32, 9, 9), (32, 1, 3, 3), dict(groups=32, stride=(2, 2), padding=(1, 1, 1, 1))),
+                     ((24, 32, 1, 1), {})),
+    "dw20_5x5_asym": (((1, 20, 5, 7), (20, 1, 5, 5), dict(groups=20, padding=(2, 1, 2, 1))), ((16, 20, 1, 1), {})),
+}
+
+
+def _compile_default(spec: KernelSpec, name: str):
+    func = psb_layer_kernel(spec, name)
+    sch = next(s for s in (r.apply(func, TARGET, False) for r in (PSBDepthwiseNHWC(), PSBConv2D())) if s is not None)
+    assert sch is not None
+    return tvm.compile(sch.mod["main"], target=TARGET)
+
+
+@pytest.mark.parametrize("consumer_signed", [False, True], ids=["uint8", "int8"])
+@pytest.mark.parametrize("n", [1, 8])
+@pytest.mark.parametrize("case", list(HANDOFF_CASES))
+def test_int8_handoff_pair_bit_exact(case, n, consumer_signed):
+    """A vnni conv that hands over its output (``out_handoff``) writes exactly
+    ``numerics.handoff_activations`` of its float output, and the consumer on them
+    (``x_handoff``) gives the reference's float output of the float hand-over, bit for bit."""
+    (x_shape, w_shape, geo), (w2_shape, geo2) = HANDOFF_CASES[case]
+    i = list(HANDOFF_CASES).index(case)
+    seed, layer = SEEDS_LAYERS[(i + n) % len(SEEDS_LAYERS)]
+    a = dataclasses.replace(conv_spec((x_shape, w_shape, geo), "intdot", n, seed, layer, activation=ACTS[i % len(ACTS)],
+                                      E=3, act_signed=True), prepacked=True)
+    b = dataclasses.replace(conv_spec((a.out_shape, w2_shape, geo2), "intdot", n, seed, layer + 1, activation="relu",
+                                      E=3, act_signed=consumer_signed, frac_bits=3), prepacked=True)
+    assert can_hand_off(a, b) and (a.vnni or b.vnni)
+    a_h = KernelSpec(**{f.name: getattr(a, f.name) for f in dataclasses.fields(KernelSpec)})
+    a_h = dataclasses.replace(a_h, out_handoff=b.handoff)
+    b_h = KernelSpec(**{f.name: getattr(b, f.name) for f in dataclasses.fields(KernelSpec)})
+    b_h = dataclasses.replace(b_h, x_handoff=True)
+    rng = np.random.default_rng(_input_seed(a, "handoff"))
+    x = make_acts(rng, a.x_shape, a.frac_bits, 8, True)
+    consts = []
+    for spec, lay in ((a, layer), (b, layer + 1)):
+        enc = nm.encode_weights(make_weights(rng, spec.w_shape), E=spec.E, P=spec.P)
+        bias = rng.normal(size=spec.w_shape[0]).astype(np.float32)
+        q = nm.integer_weights(enc, n, seed, lay, spec.sampler)
+        consts.append((q, nm.output_scale(enc.k_lo, spec.frac_bits, n), bias))
+    (qa, sa, ba), (qb, sb, bb) = consts
+    # the oracle: the float hand-over, and what the consumer stores of it
+    ya = nm.epilogue(nm.conv2d_int(nm.quantize_activations(x, a.frac_bits, 8, True), qa, a.stride, a.padding,
+                                   a.dilation, a.groups), sa, ba, a.activation, 1)
+    want_h = nm.handoff_activations(ya, b.frac_bits, 8, consumer_signed, b.dot_offset, b.handoff.channels)
+    assert want_h.dtype == np.dtype(b.handoff.dtype)
+    xb = nm.quantize_activations(ya, b.frac_bits, 8, consumer_signed)
+    assert np.any(xb != 0) and np.any(xb != xb.flat[0]), "degenerate case: constant hand-over"
+    want_z = nm.epilogue(nm.conv2d_int(xb, qb, b.stride, b.padding, b.dilation, b.groups), sb, bb, b.activation, 1)
+
+    def args(spec, q, scale, bias):
+        return ([tvm.runtime.tensor(t, DEV) for t in pack_weights(spec, q)]
+                + [tvm.runtime.tensor((scale * np.float32(n)).astype(np.float32), DEV), tvm.runtime.tensor(bias, DEV)])
+
+    h = tvm.runtime.empty(a_h.out_storage_shape, a_h.out_dtype, DEV)
+    _compile_default(a_h, "producer")["producer"](tvm.runtime.tensor(x, DEV), *args(a, qa, sa, ba), n, h)
+    np.testing.assert_array_equal(h.numpy(), want_h)
+    z = tvm.runtime.empty(b.out_shape, "float32", DEV)
+    _compile_default(b_h, "consumer")["consumer"](h, *args(b, qb, sb, bb), n, z)
+    np.testing.assert_array_equal(z.numpy().view(np.int32), want_z.view(np.int32))
+
+
+def test_int8_handoff_only_where_it_is_exact():
+    """Only 8-bit vnni and depthwise convs with prepacked weights hand over, and a depthwise conv
+    only to a consumer without channel padding (it computes its own channels only); the kernel
+    refuses the others by name."""
+    int16 = dataclasses.replace(conv_spec("3x3_pad1", "intdot", 4, 3, 1), prepacked=True)
+    assert not int16.handoff_capable and not int16.vnni
+    with pytest.raises(ValueError, match="8-bit vnni and depthwise convs"):
+        psb_layer_kernel(dataclasses.replace(int16, x_handoff=True), "k")
+    dw = dataclasses.replace(conv_spec(((1, 18, 5, 7), (18, 1, 3, 3), dict(groups=18, padding=(1, 1, 1, 1))),
+                                       "intdot", 4, 3, 1, E=3), prepacked=True)
+    padded = dataclasses.replace(conv_spec((dw.out_shape, (16, 18, 1, 1), {}), "intdot", 4, 3, 2, E=3), prepacked=True)
+    assert dw.handoff_capable and padded.handoff_capable and padded.handoff.channels == 20
+    assert not can_hand_off(dw, padded)
+    dw20 = dataclasses.replace(dw, x_shape=(1, 20, 5, 7), w_shape=(20, 1, 3, 3), groups=20)
+    assert can_hand_off(dw20, dataclasses.replace(padded, x_shape=dw20.out_shape, w_shape=(16, 20, 1, 1)))
+    with pytest.raises(ValueError, match="computes its 18 channels only"):
+        psb_layer_kernel(dataclasses.replace(dw, out_handoff=padded.handoff), "k")
+    assert not can_hand_off(dataclasses.replace(dw, prepacked=False), padded)  # weights built in the kernel

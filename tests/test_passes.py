@@ -174,3 +174,37 @@ def test_float_conv_transpose_rule_schedules_the_layer_and_matches_onnxruntime(g
     module = psb_tvm.compile(model, samples=4)
     want = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
     np.testing.assert_allclose(module.run(x), want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def handoff_modules():
+    from onnx_models import handoff_model
+
+    model = handoff_model()
+    kw = dict(samples=8, seed=3, input_shapes={"x": (1, 3, 12, 12)}, config=psb_tvm.PSBConfig.preset("int8"),
+              calibration={"x": np.random.default_rng(1).normal(size=(8, 3, 12, 12)).astype(np.float32)}, cache=False)
+    return psb_tvm.compile(model, **kw), psb_tvm.compile(model, frozen=True, **kw)
+
+
+def test_int8_handoff_between_vnni_convs_changes_no_bit(handoff_modules):
+    """HandOffInt8Activations: a vnni or depthwise conv whose output feeds one such conv and nothing
+    else hands it over as the consumer's integer activations; an output read twice (conv4 -> conv5,
+    conv6) or by float glue (the add, the pooling) stays float. ``main`` (hand-off), ``cached`` (the weight cache),
+    ``forward`` (refinement) and the frozen module equal ``probe`` (float hand-over) bit for bit."""
+    sampled, frozen = handoff_modules
+    pairs = {l["name"]: l.get("int8_output_to") for l in sampled.layers if l.get("int8_output_to")}
+    chain = ["conv1", "conv2", "conv3", "conv4"], ["conv7", "expand", "dw", "project"]
+    assert pairs == {a: b for c in chain for a, b in zip(c, c[1:])}
+    assert {l["name"]: l.get("int8_input_from") for l in sampled.layers if l.get("int8_input_from")} == {
+        b: a for c in chain for a, b in zip(c, c[1:])}
+    assert "int8 to conv2" in sampled.report()
+    x = np.random.default_rng(5).normal(size=(1, 3, 12, 12)).astype(np.float32)
+    for n in (8, 2):
+        want, _ = sampled.layer_outputs(x, samples=n)
+        assert np.any(want[0] != 0)
+        for _ in range(2):  # the second call runs `cached` on the kept weights
+            np.testing.assert_array_equal(sampled.run(x, samples=n).view(np.int32), want[0].view(np.int32))
+    session = sampled.session(x, samples=4)
+    session.refine()
+    np.testing.assert_array_equal(session.output.view(np.int32), sampled.layer_outputs(x)[0][0].view(np.int32))
+    np.testing.assert_array_equal(frozen.run(x).view(np.int32), sampled.layer_outputs(x)[0][0].view(np.int32))

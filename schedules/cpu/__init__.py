@@ -8,15 +8,16 @@ from .gemv import GEMV
 from .psb_conv2d import PSBConv2D
 from .psb_dense import PSBDense
 from .psb_depthwise import PSBDepthwiseConv2D
+from .psb_depthwise_nhwc import PSBDepthwiseNHWC
 from .psb_masked import PSBMasked
 from .psb_sampling import PSBPack, PSBSample
 
 
 def default_rules():
     """Rules tried in order for every PrimFunc that is not scheduled yet."""
-    return [PSBSample(), PSBPack(), PSBDepthwiseConv2D(), PSBConv2D(), PSBDense(), PSBMasked(), ConvTranspose(),
-            GEMV(), dlight.cpu.Reduction(), Elementwise()]
+    return [PSBSample(), PSBPack(), PSBDepthwiseNHWC(), PSBDepthwiseConv2D(), PSBConv2D(), PSBDense(), PSBMasked(),
+            ConvTranspose(), GEMV(), dlight.cpu.Reduction(), Elementwise()]
 
 
-__all__ = ["GEMV", "ConvTranspose", "Elementwise", "PSBConv2D", "PSBDense", "PSBDepthwiseConv2D", "PSBMasked", "PSBPack",
-           "PSBSample", "default_rules"]
+__all__ = ["GEMV", "ConvTranspose", "Elementwise", "PSBConv2D", "PSBDense", "PSBDepthwiseConv2D", "PSBDepthwiseNHWC",
+           "PSBMasked", "PSBPack", "PSBSample", "default_rules"]

@@ -7,7 +7,7 @@ from tvm import s_tir, tirx
 from tvm.s_tir.dlight.cpu.base import CPUScheduleRule
 from tvm.target import Target
 
-from psb_tvm.abi import ATTR_SAMPLER
+from psb_tvm.abi import ATTR_SAMPLER, ATTR_X_HANDOFF
 
 from ..rule import PSBRule
 from .common import VECTOR_LANES, block_names, largest_divisor, loop_extents, parallel_vectorize
@@ -74,7 +74,8 @@ def schedule_shared_stages(sch: s_tir.Schedule) -> None:
         _parallel_spatial(sch, q, len(sch.get_loops(q)))
     xq = sch.get_sblock("xq")
     loops = sch.get_loops(xq)
-    if sch.get(xq).name_hint == "xq" and len(loops) in (4, 5) and loop_extents(sch, loops[-1:])[0] >= 32:
+    handoff = bool(int(sch.mod["main"].attrs.get(ATTR_X_HANDOFF, 0) or 0))  # a padded copy of NHWC rows
+    if sch.get(xq).name_hint == "xq" and len(loops) in (4, 5) and (handoff or loop_extents(sch, loops[-1:])[0] >= 32):
         # Padded NCHW/NHWC rows: parallel over rows, vectorize along the row. Fusing everything
         # (parallel_vectorize) turns the padding test into per-lane div/mod and gathers: measured
         # ~10x slower on a 144-channel 56x56 depthwise input.

@@ -20,8 +20,10 @@ from .spec import (
     GPU_PIXEL_MULTIPLE,
     LOWERINGS,
     XQ_ROW_MULTIPLE,
+    Handoff,
     KernelSpec,
     bitserial_levels,
+    can_hand_off,
     xq_row_width,
 )
 from .weights import psb_pack_kernel
@@ -30,10 +32,12 @@ __all__ = [
     "BITSERIAL_WORD",
     "COUNTS_DTYPE",
     "GPU_PIXEL_MULTIPLE",
+    "Handoff",
     "KernelSpec",
     "LOWERINGS",
     "XQ_ROW_MULTIPLE",
     "bitserial_levels",
+    "can_hand_off",
     "pack_layout",
     "pack_weights",
     "psb_layer_kernel",

@@ -8,18 +8,18 @@ import tvm
 from tvm import te, tirx
 
 from psb_tvm import numerics
-from psb_tvm.abi import ATTR_KIND, ATTR_LAYOUT, ATTR_LOWERING
+from psb_tvm.abi import ATTR_KIND, ATTR_LAYOUT, ATTR_LOWERING, ATTR_OUT_HANDOFF, ATTR_X_HANDOFF
 
-from .spec import BITSERIAL_WORD, COUNTS_DTYPE, GPU_PIXEL_MULTIPLE, LOWERINGS, KernelSpec, bitserial_levels, xq_row_width
+from .spec import BITSERIAL_WORD, COUNTS_DTYPE, GPU_PIXEL_MULTIPLE, LOWERINGS, Handoff, KernelSpec, bitserial_levels, xq_row_width
 from .weights import _Encoding, _weight_params, _weight_stage, _wsum
 
 
-def _quantize(spec: KernelSpec, value):
+def _quantize(spec: KernelSpec | Handoff, value):
     """``clip(rint(x * 2**f), lo, hi)``; ``nearbyint`` rounds half to even like ``np.rint``."""
     lo, hi = numerics.act_range(spec.act_bits, spec.act_signed)
     scaled = tirx.nearbyint(value * tirx.const(2.0**spec.frac_bits, "float32"))
     clipped = tirx.max(tirx.min(scaled, tirx.const(hi, "float32")), tirx.const(lo, "float32"))
-    return clipped.astype(spec.act_dtype)
+    return clipped.astype(f"{'' if spec.act_signed else 'u'}int{8 if spec.act_bits <= 8 else 16}")
 
 
 def _activation(spec: KernelSpec, y):
@@ -55,7 +55,7 @@ def _layer_inputs(spec: KernelSpec):
     """Placeholders shared by the layer kernels: x, counts, sign, normal, shift, scale, bias."""
     O = spec.w_shape[0]
     return (
-        te.placeholder(spec.x_shape, "float32", name="x"),
+        te.placeholder(spec.x_storage_shape, spec.handoff.dtype if spec.x_handoff else "float32", name="x"),
         te.placeholder(spec.w_shape, COUNTS_DTYPE, name="counts"),
         te.placeholder(spec.w_shape, "int8", name="sign"),
         te.placeholder(spec.w_shape, "int8", name="normal"),
@@ -90,6 +90,9 @@ def psb_layer_kernel(spec: KernelSpec, name: str, expose_acc: bool = False) -> t
     n = tirx.Var("n", "int64")
     if spec.prepacked and spec.lowering != "intdot":
         raise ValueError(f"prepacked weights need the intdot lowering, not {spec.lowering!r}")
+    handoff = spec.x_handoff or spec.out_handoff is not None
+    if handoff and not spec.handoff_capable:
+        raise ValueError("integer hand-off is between 8-bit vnni and depthwise convs with prepacked weights only")
     if spec.lowering == "bitserial":
         return _bitserial_kernel(spec, name, expose_acc, [x, counts, sign, normal, shift, scale, bias, n])
     q = _weight_stage(spec, counts, _Encoding(spec, sign, normal, shift), n)
@@ -130,6 +133,11 @@ def psb_layer_kernel(spec: KernelSpec, name: str, expose_acc: bool = False) -> t
         rw = te.reduce_axis((0, KW), name="rw")
         if spec.vnni or spec.dp4a:
             return _vnni_conv(spec, name, expose_acc, params, q, padded, finish)
+        if handoff:  # a depthwise conv next to a vnni one: channels-last, like its neighbours
+            if spec.out_handoff is not None and spec.out_handoff.channels != O:
+                raise ValueError(f"a depthwise conv computes its {O} channels only, not the consumer's "
+                                 f"{spec.out_handoff.channels} (see can_hand_off)")
+            return _depthwise_nhwc(spec, name, expose_acc, params, q, padded, finish)
         if spec.channels_last:
             xq = te.compute((N, H + pt + pb, W + pl + pr, C), lambda b, h, w, c: padded(b, c, h, w), name="xq")
 
@@ -244,7 +252,12 @@ def _vnni_conv(spec: KernelSpec, name, expose_acc, params, q, padded, finish):
     offset = spec.dot_offset
     xq_dtype = "uint8" if spec.vnni else "int8"
 
+    x = params[0]
+
     def xq_value(b, h, w, c):
+        if spec.x_handoff:  # the producer stored xq's interior already (see _handoff_out); pad it
+            inside = tirx.all(h >= pt, h < H + pt, w >= pl, w < W + pl)
+            return tirx.if_then_else(inside, x[b, h - pt, w - pl, c], tirx.const(offset, xq_dtype))
         v = padded(b, tirx.min(c, C - 1) if C4 != C else c, h, w)
         if offset:
             v = (v.astype("int32") + offset).astype(xq_dtype)
@@ -279,13 +292,77 @@ def _vnni_conv(spec: KernelSpec, name, expose_acc, params, q, padded, finish):
                 return acc[idx] + wsum[idx[3]]
 
         true_acc = _Corrected()
-    out = te.compute(spec.out_shape, lambda b, o, y, xx: finish(true_acc, o, b, y, xx, o), name="out")
+    if spec.out_handoff is not None:
+        out = _handoff_out(spec, true_acc, finish)
+    else:
+        out = te.compute(spec.out_shape, lambda b, o, y, xx: finish(true_acc, o, b, y, xx, o), name="out")
     outputs = [out]
     if expose_acc:  # the accumulators in the common NCHW layout, for tests
         outputs = [te.compute(spec.out_shape, lambda b, o, y, xx: true_acc[b, y, xx, o], name="acc_nchw"), out]
     func = te.create_prim_func(params + outputs)
     return func.with_attrs({"global_symbol": name, ATTR_KIND: spec.kind, ATTR_LOWERING: spec.lowering,
-                            ATTR_LAYOUT: spec.weight_layout, "op_pattern": 8})
+                            ATTR_LAYOUT: spec.weight_layout, "op_pattern": 8, ATTR_X_HANDOFF: int(spec.x_handoff)})
+
+
+def _depthwise_nhwc(spec: KernelSpec, name, expose_acc, params, q, padded, finish):
+    """Depthwise conv with activations channels-last, for the integer hand-off: ``xq[b, h, w, c]``
+    (the producer's integer activations padded, or the float input quantized), ``acc[b, y, x, c]``
+    summed over the taps with lanes over channels, and the epilogue (float NCHW, or the next
+    conv's activations). Weights stay prepacked OIHW ``[C, 1, KH, KW]``."""
+    N, C, H, W = spec.x_shape
+    _, _, KH, KW = spec.w_shape
+    pt, pl, pb, pr = spec.padding
+    sh, sw = spec.stride
+    dh, dw = spec.dilation
+    _, _, OH, OW = spec.out_shape
+    if spec.x_handoff:
+        x = params[0]
+
+        def xq_value(b, h, w, c):
+            inside = tirx.all(h >= pt, h < H + pt, w >= pl, w < W + pl)
+            return tirx.if_then_else(inside, x[b, h - pt, w - pl, c], tirx.const(0, x.dtype))
+    else:
+        def xq_value(b, h, w, c):
+            return padded(b, c, h, w)
+
+    xq = te.compute((N, H + pt + pb, W + pl + pr, C), xq_value, name="xq")
+    # the taps' weights channels-last (9 x C bytes per call), so the lanes over channels load them
+    qt = te.compute((KH, KW, C), lambda kh, kw, c: q[c, 0, kh, kw], name="qt")
+    rh = te.reduce_axis((0, KH), name="rh")
+    rw = te.reduce_axis((0, KW), name="rw")
+    acc = te.compute((N, OH, OW, C), lambda b, y, xx, c: te.sum(
+        xq[b, y * sh + rh * dh, xx * sw + rw * dw, c].astype(spec.acc_dtype) * qt[rh, rw, c].astype(spec.acc_dtype),
+        axis=[rh, rw]), name="acc")
+    if spec.out_handoff is not None:
+        out = _handoff_out(spec, acc, finish)
+    else:
+        out = te.compute(spec.out_shape, lambda b, o, y, xx: finish(acc, o, b, y, xx, o), name="out")
+    outputs = [out]
+    if expose_acc:
+        outputs = [te.compute(spec.out_shape, lambda b, o, y, xx: acc[b, y, xx, o], name="acc_nchw"), out]
+    func = te.create_prim_func(params + outputs)
+    return func.with_attrs({"global_symbol": name, ATTR_KIND: spec.kind, ATTR_LOWERING: spec.lowering,
+                            ATTR_LAYOUT: "dw_nhwc", "op_pattern": 8, ATTR_X_HANDOFF: int(spec.x_handoff),
+                            ATTR_OUT_HANDOFF: int(spec.out_handoff is not None)})
+
+
+def _handoff_out(spec: KernelSpec, acc, finish):
+    """The consumer's activations from this conv's float output: ``finish`` (the float32 output,
+    as the float form computes it) then the consumer's quantization and offset, NHWC. The consumer
+    would compute exactly this from the float tensor, so the hand-off changes no bit. Channels past
+    ``O`` (the consumer's padding to 4) hold the offset: zero activations, met by zero weights."""
+    h = spec.out_handoff
+    N, O, OH, OW = spec.out_shape
+
+    def value(b, y, xx, c):
+        ch = tirx.min(c, O - 1) if h.channels != O else c  # (the padding channels read channel O - 1, unused)
+        v = _quantize(h, finish(acc, ch, b, y, xx, ch))
+        if h.offset:
+            v = (v.astype("int32") + h.offset).astype(h.dtype)
+        v = v.astype(h.dtype)
+        return tirx.if_then_else(c < O, v, tirx.const(h.offset, h.dtype)) if h.channels != O else v
+
+    return te.compute((N, OH, OW, h.channels), value, name="out")
 
 
 def _bitserial_kernel(spec: KernelSpec, name, expose_acc, params):

@@ -20,6 +20,23 @@ def bitserial_levels(E: int, n: int) -> int:
 
 
 @dataclass(frozen=True)
+class Handoff:
+    """How a consumer vnni conv stores its input activations (``xq`` without the padding):
+    ``clip(rint(y * 2**frac_bits), lo, hi) + offset`` as uint8, ``channels`` wide (NHWC)."""
+
+    act_bits: int
+    act_signed: bool
+    frac_bits: int
+    offset: int
+    channels: int
+
+    @property
+    def dtype(self) -> str:
+        """uint8 for a vnni consumer (offset or unsigned), else the consumer's 8-bit type."""
+        return "uint8" if self.offset or not self.act_signed else "int8"
+
+
+@dataclass(frozen=True)
 class KernelSpec:
     """Everything that shapes one PSB layer's kernels (the sample count and seed are run-time)."""
 
@@ -58,6 +75,12 @@ class KernelSpec:
     # them so, and the pack / draw kernels (which always do) walk every array contiguously. In the
     # source order, the draw's stores into the vnni / OHWI layouts were byte scatters.
     packed_encoding: bool = False
+    # Integer hand-off between two vnni convs (passes/hand_off_int8_activations.py): the producer
+    # writes the consumer's activations -- quantized at the consumer's scale, offset, NHWC with the
+    # consumer's ``vnni_channels`` -- instead of float32 NCHW, and the consumer reads them as they
+    # are (only the zero padding left to add). ``out_handoff`` is the consumer's ``Handoff``.
+    x_handoff: bool = False
+    out_handoff: Handoff | None = None
 
     @property
     def reduction_size(self) -> int:
@@ -153,6 +176,45 @@ class KernelSpec:
         return self.kind == "conv2d" and self.lowering == "intdot" and self.groups == 1 and self.w_shape[1] >= 3
 
     @property
+    def depthwise(self) -> bool:
+        """An intdot depthwise conv on a CPU (one input channel per output, multiplier 1)."""
+        return (self.kind == "conv2d" and self.lowering == "intdot" and not self.gpu and self.w_shape[1] == 1
+                and self.groups == self.x_shape[1] == self.w_shape[0] > 1)
+
+    @property
+    def handoff_capable(self) -> bool:
+        """Can hand activations over to / take them from another such conv: 8-bit vnni convs and
+        8-bit depthwise convs with prepacked weights."""
+        return self.act_bits == 8 and self.prepacked and (self.vnni or self.depthwise)
+
+    @property
+    def handoff(self) -> Handoff:
+        """This conv's input format, for a producer that hands its output over in it."""
+        channels = self.vnni_channels if self.vnni else self.x_shape[1]
+        return Handoff(self.act_bits, self.act_signed, self.frac_bits, self.dot_offset, channels)
+
+    @property
+    def x_storage_shape(self) -> tuple:
+        """Shape of the kernel's activation argument: ``x_shape``, or NHWC with the padded
+        channels when the producer hands its output over (``x_handoff``)."""
+        if not self.x_handoff:
+            return self.x_shape
+        N, _, H, W = self.x_shape
+        return (N, H, W, self.handoff.channels)
+
+    @property
+    def out_storage_shape(self) -> tuple:
+        """Shape of the kernel's output: ``out_shape``, or the consumer's NHWC input."""
+        if self.out_handoff is None:
+            return self.out_shape
+        N, _, OH, OW = self.out_shape
+        return (N, OH, OW, self.out_handoff.channels)
+
+    @property
+    def out_dtype(self) -> str:
+        return "float32" if self.out_handoff is None else self.out_handoff.dtype
+
+    @property
     def out_shape(self) -> tuple:
         if self.kind == "dense":
             return (self.x_shape[0], self.w_shape[0])
@@ -162,6 +224,15 @@ class KernelSpec:
         OH = (H + pt + pb - self.dilation[0] * (KH - 1) - 1) // self.stride[0] + 1
         OW = (W + pl + pr - self.dilation[1] * (KW - 1) - 1) // self.stride[1] + 1
         return (N, O, OH, OW)
+
+
+def can_hand_off(producer: KernelSpec, consumer: KernelSpec) -> bool:
+    """Whether ``producer``'s output can reach ``consumer`` as its integer activations: both
+    hand-off capable, the shapes meet, and the consumer's channel padding (vnni: to 4) is within
+    what the producer computes (a vnni producer's accumulators are padded to 16; a depthwise one
+    has exactly its channels)."""
+    return (producer.handoff_capable and consumer.handoff_capable and producer.out_shape == consumer.x_shape
+            and (producer.vnni or consumer.handoff.channels == producer.w_shape[0]))
 
 
 #: Columns an NCHW activation row of ``xq`` is padded to (zeros, never read): its stage is
