@@ -866,6 +866,10 @@ HANDOFF_CASES = {
     "dw_s2_to_1x1": (((2, 32, 9, 9), (32, 1, 3, 3), dict(groups=32, stride=(2, 2), padding=(1, 1, 1, 1))),
                      ((24, 32, 1, 1), {})),
     "dw20_5x5_asym": (((1, 20, 5, 7), (20, 1, 5, 5), dict(groups=20, padding=(2, 1, 2, 1))), ((16, 20, 1, 1), {})),
+    # PP-OCRv4 recognizer: its RGB stem into a 16-channel depthwise conv; a squeeze-excite pair on 1x1 maps
+    "stem_to_dw16": (((1, 3, 12, 40), (16, 3, 3, 3), dict(stride=(2, 2), padding=(1, 1, 1, 1))),
+                     ((16, 1, 3, 3), dict(groups=16, padding=(1, 1, 1, 1)))),
+    "se_1x1_maps": (((1, 240, 1, 1), (60, 240, 1, 1), {}), ((240, 60, 1, 1), {})),
 }
 
 

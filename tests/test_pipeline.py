@@ -148,6 +148,11 @@ def test_pipelines_are_registered_and_run_under_pass_instruments(digits_plan):
     np.testing.assert_array_equal(got, want)
 
 
+def test_rewrite_phase_hands_off_after_the_rewrite(digits_plan):
+    assert [type(p).__name__ for p in pipeline.rewrite_passes(digits_plan.layers)] == ["RewriteToPSB",
+                                                                                       "HandOffInt8Activations"]
+
+
 def test_cpu_and_cuda_pipelines_list_their_phases_in_order():
     cpu = [type(p).__name__ if not hasattr(p, "info") else p.info.name
            for p in pipeline.cpu_build_passes(tvm.target.Target("llvm"), metadata={"n_max": 16})]

@@ -10,8 +10,9 @@ module by hand, the way a TVM user composes passes:
 2. normalise it in a hand-written ``tvm.transform.Sequential`` (TVM's passes plus psb_tvm's
    import passes);
 3. plan on that module (``psb_tvm.plan``: layer selection, calibration, weight encoding: the
-   decisions, not a pass) and rewrite it with ``passes.RewriteToPSB``, under a PassContext whose
-   instrument records every pass that runs;
+   decisions, not a pass) and rewrite it with ``pipeline.rewrite_passes`` (``RewriteToPSB``, then
+   ``HandOffInt8Activations``, which passes integer activations between int8-preset convs), under
+   a PassContext whose instrument records every pass that runs;
 4. build with the registered pipeline ``relax.get_pipeline("psb_cpu", target=...)`` and run the
    Relax VM directly: ``main(x, samples: Shape[L], seed: Shape[1])``.
 
@@ -29,7 +30,7 @@ import tvm.relax.frontend.onnx  # noqa: F401 - registers TVM's ONNX frontend
 from tvm import relax
 
 import psb_tvm
-from psb_tvm import passes, pipeline
+from psb_tvm import pipeline
 from psb_tvm.data.digits import DIGITS_ONNX, load_digits_split
 
 
@@ -66,8 +67,8 @@ def main(argv=None):
     record = RecordPasses()
     target = plan.target  # "llvm" resolved to this host (mcpu, cores), as compile does
     with tvm.transform.PassContext(opt_level=3, instruments=[record]):
-        psb_mod = tvm.transform.Sequential([passes.RewriteToPSB(plan.layers)])(mod)
-        print("functions after RewriteToPSB:", ", ".join(sorted(gv.name_hint for gv, f in psb_mod.functions.items()
+        psb_mod = tvm.transform.Sequential(pipeline.rewrite_passes(plan.layers))(mod)
+        print("functions after the rewrite:", ", ".join(sorted(gv.name_hint for gv, f in psb_mod.functions.items()
                                                                  if isinstance(f, relax.Function))))
         # 4. psb_tvm's registered CPU build pipeline (legalize, schedules, checks, lowering).
         ex = tvm.compile(psb_mod, target=target,
