@@ -280,6 +280,8 @@ def _stage_funcs(spec):
         xq = te.compute((N, C, H + pt + pb, xq_row_width(W + pl + pr)), padded, name="xq")
     qf = te.create_prim_func([counts, sign, normal, shift, n, q]).with_attr("global_symbol", "stage_q")
     xf = te.create_prim_func([x, xq]).with_attr("global_symbol", "stage_xq")
+    if spec.vnni or spec.channels_last:  # the kernel's NHWC stage schedule keys on the layout
+        xf = xf.with_attr("psb.layout", "vnni" if spec.vnni else "channels_last")
     return qf, xf, ([int(d) for d in q.shape], q.dtype), ([int(d) for d in xq.shape], xq.dtype)
 
 

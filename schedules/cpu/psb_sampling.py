@@ -7,7 +7,7 @@ from tvm import s_tir, tirx
 from tvm.s_tir.dlight.cpu.base import CPUScheduleRule
 from tvm.target import Target
 
-from psb_tvm.abi import ATTR_SAMPLER, ATTR_X_HANDOFF
+from psb_tvm.abi import ATTR_LAYOUT, ATTR_SAMPLER, ATTR_X_HANDOFF
 
 from ..rule import PSBRule
 from .common import VECTOR_LANES, block_names, largest_divisor, loop_extents, parallel_vectorize
@@ -75,7 +75,17 @@ def schedule_shared_stages(sch: s_tir.Schedule) -> None:
     xq = sch.get_sblock("xq")
     loops = sch.get_loops(xq)
     handoff = bool(int(sch.mod["main"].attrs.get(ATTR_X_HANDOFF, 0) or 0))  # a padded copy of NHWC rows
-    if sch.get(xq).name_hint == "xq" and len(loops) in (4, 5) and (handoff or loop_extents(sch, loops[-1:])[0] >= 32):
+    layout = str(sch.mod["main"].attrs.get(ATTR_LAYOUT, "") or "")
+    if not handoff and len(loops) == 4 and layout in ("vnni", "channels_last"):
+        # Float NCHW in, integer NHWC out: rows in parallel, per row one channel at a time along
+        # the columns (contiguous loads, stores C bytes apart; LLVM vectorizes the column loop).
+        # Lanes over channels gathered from C planes instead: measured on Zen 5 (whole kernels,
+        # int8 preset, prepacked) ResNet-18's stem 0.41 -> 0.27 ms, its 3x3 convs 625-817 ->
+        # 704-949 GMAC/s, MobileNetV2's stem 0.20 -> 0.06 ms.
+        b, h, w, c = loops
+        sch.reorder(b, h, c, w)
+        sch.parallel(sch.fuse(b, h))
+    elif sch.get(xq).name_hint == "xq" and len(loops) in (4, 5) and (handoff or loop_extents(sch, loops[-1:])[0] >= 32):
         # Padded NCHW/NHWC rows: parallel over rows, vectorize along the row. Fusing everything
         # (parallel_vectorize) turns the padding test into per-lane div/mod and gathers: measured
         # ~10x slower on a 144-channel 56x56 depthwise input.
