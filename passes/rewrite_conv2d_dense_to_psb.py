@@ -165,6 +165,8 @@ def rewrite_main(mod, main, layers_by_var, absorbed, make_call, extra_params, na
         body = relax.SeqExpr(body.blocks, outs)
     func = relax.Function(list(new.params) + extra_params, body, ret_ty=body.body.ty if expose_layers else new.ret_ty,
                           is_pure=new.is_pure, attrs=new.attrs)
+    if expose_layers:  # back into dataflow blocks, so FuseOps fuses the float glue as in main
+        func = relax.transform.ConvertToDataflow()(tvm.IRModule({"main": func}))["main"]
     # Every function needs its own Var objects (they are all rewritten from one original).
     return relax.utils.copy_with_new_vars(func).with_attr("global_symbol", name)
 

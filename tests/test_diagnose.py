@@ -9,9 +9,10 @@ import numpy as np
 import onnx_models as om
 import onnxruntime as ort
 import pytest
+from tvm import relax
 
 import psb_tvm
-from psb_tvm import ConfigError, PSBConfig
+from psb_tvm import ConfigError, PSBConfig, compiler
 from psb_tvm.calibration import ActStats, choose_width
 from psb_tvm.cli import main as cli_main
 
@@ -214,3 +215,19 @@ def test_mobile_block_stem_is_bit_exact_against_the_numpy_oracle(mobile, act_bit
     want = nm.epilogue(acc, nm.output_scale(stem.enc.k_lo, spec.frac_bits, 8), stem.bias, spec.activation, 1)
     assert m.layers[0]["act_bits"] == act_bits
     np.testing.assert_array_equal(layers[0], want)
+
+
+def test_layer_outputs_run_the_same_network_as_run(mobile):
+    """``layer_outputs`` (the ``probe`` function the diagnosis reads) computes the output ``run``
+    computes, bit for bit: its float glue (HardSwish, the affine, squeeze-excite) is fused the same
+    way: ``probe`` is made of dataflow blocks like ``main`` (FuseOps fuses only inside them; the
+    recognizer test in test_real_models.py checks a model whose unfused glue rounded differently)."""
+    mod, _, _ = compiler.lower(mobile, samples=8, calibration={"x": _images(16, 2)})
+    for name in ("main", "probe"):
+        assert any(isinstance(b, relax.DataflowBlock) for b in mod[name].body.blocks), name
+    x, calib = _images(2, 3), _images(16, 2)
+    for config in (PSBConfig(), PSBConfig.preset("int8")):
+        m = psb_tvm.compile(mobile, samples=8, calibration={"x": calib}, config=config, cache=False)
+        for i in range(len(x)):
+            (out,), _ = m.layer_outputs(x[i:i + 1])
+            np.testing.assert_array_equal(out.view(np.int32), m.run(x[i:i + 1]).view(np.int32))
