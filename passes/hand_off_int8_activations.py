@@ -47,7 +47,7 @@ def _layer_kernel_specs(mod: tvm.IRModule, layers: list) -> tuple[dict, list]:
     return specs, sorted(layer.site_index for layer in layers)
 
 
-def _uses(func: relax.Function) -> dict:
+def var_uses(func: relax.Function) -> dict:
     """Var -> number of times an expression of ``func`` reads it."""
     counts = {}
 
@@ -77,7 +77,7 @@ def _plan(func: relax.Function, specs: dict, sites: list) -> dict:
                     calls[binding.var] = (v, specs[v.args[0].name_hint], len(order) - 1)
     if len(order) != len(sites):
         return {}  # not the function RewriteToPSB wrote: leave it
-    uses = _uses(func)
+    uses = var_uses(func)
     plan = {var: [spec, sites[k], False, None] for var, (_, spec, k) in calls.items()}
     for var, (call, spec, _) in calls.items():
         data = call.args[1].fields[0]

@@ -12,4 +12,5 @@ ATTR_LAYER_KERNELS = "psb_layer_kernels"  # module attr: {layer id: {kernel pref
 ATTR_INT8_HANDOFFS = "psb_int8_handoffs"  # module attr: [[producer site, consumer site], ...] of main
 ATTR_X_HANDOFF = "psb.x_handoff"  # 1 on a vnni conv that reads its producer's integer activations
 ATTR_OUT_HANDOFF = "psb.out_handoff"  # 1 on a conv that writes the next conv's integer activations
+ATTR_SPEC = "psb.spec"  # a layer kernel's KernelSpec as JSON (KernelSpec.to_json / from_json)
 ATTR_TUNED = "psb.tuned"  # set by passes.ApplyPSBTuningDatabase on the kernels it scheduled

@@ -947,3 +947,76 @@ def test_int8_handoff_only_where_it_is_exact():
     with pytest.raises(ValueError, match="computes its 18 channels only"):
         psb_layer_kernel(dataclasses.replace(dw, out_handoff=padded.handoff), "k")
     assert not can_hand_off(dataclasses.replace(dw, prepacked=False), padded)  # weights built in the kernel
+
+
+# A residual add (+ ReLU) fused into the epilogue, on every float-output layout: vnni, a hand-off
+# consumer (vnni and dw_nhwc), channels-last (int16), NCHW (grouped, shiftadd, depthwise) and dense.
+RESIDUAL_CASES = {
+    "vnni": lambda: dataclasses.replace(conv_spec("3x3_pad1", "intdot", 4, 3, 1, E=3, act_signed=False),
+                                        w_shape=(16, 4, 3, 3), prepacked=True),
+    "vnni_handoff_in": lambda: dataclasses.replace(conv_spec(((1, 16, 5, 6), (32, 16, 3, 3), dict(padding=(1, 1, 1, 1))),
+                                                             "intdot", 4, 3, 1, E=3), prepacked=True, x_handoff=True),
+    "dw_nhwc_handoff_in": lambda: dataclasses.replace(conv_spec(((1, 16, 6, 5), (16, 1, 3, 3), dict(
+        groups=16, stride=(2, 2), padding=(1, 1, 1, 1))), "intdot", 4, 3, 1, E=3), prepacked=True, x_handoff=True),
+    "channels_last_int16": lambda: conv_spec("stride2", "intdot", 4, 3, 1),
+    "nchw_groups": lambda: conv_spec("groups2", "intdot", 4, 3, 1),
+    "nchw_shiftadd": lambda: conv_spec("3x3_pad1", "shiftadd", 4, 3, 1),
+    "depthwise": lambda: dataclasses.replace(conv_spec("depthwise", "intdot", 4, 3, 1, E=3), prepacked=True),
+    "dense": lambda: dense_spec("3x40x8", "intdot", 4, 3, 1),
+}
+
+
+@pytest.mark.parametrize("residual", ["add", "add_relu"])
+@pytest.mark.parametrize("case", list(RESIDUAL_CASES))
+def test_residual_epilogue_bit_exact(case, residual):
+    """``KernelSpec.residual``: the kernel's float output plus ``res`` (and ReLU) equals the
+    oracle's output followed by the same float32 add and ReLU, bit for bit."""
+    base = RESIDUAL_CASES[case]()
+    spec = KernelSpec(**{f.name: getattr(base, f.name) for f in dataclasses.fields(KernelSpec)})
+    spec = dataclasses.replace(spec, residual=residual)
+    n, seed, layer = base.n, base.seed, base.layer
+    rng = np.random.default_rng(_input_seed(base, "residual" + case))
+    x = make_acts(rng, spec.x_shape, spec.frac_bits, spec.act_bits, spec.act_signed)
+    enc = nm.encode_weights(make_weights(rng, spec.w_shape), E=spec.E, P=spec.P)
+    bias = rng.normal(size=spec.w_shape[0]).astype(np.float32)
+    res = rng.normal(size=spec.out_shape).astype(np.float32)
+    counts = nm.sample_counts(enc, n, seed, layer, spec.sampler)
+    q = nm.weights_from_counts(enc, counts, n)
+    scale = nm.output_scale(enc.k_lo, spec.frac_bits, n)
+    xi = nm.quantize_activations(x, spec.frac_bits, spec.act_bits, spec.act_signed)
+    if spec.kind == "dense":
+        y = nm.epilogue(nm.dense_int(xi, q), scale, bias, spec.activation, 1)
+    else:
+        y = nm.epilogue(nm.conv2d_int(xi, q, spec.stride, spec.padding, spec.dilation, spec.groups), scale, bias,
+                        spec.activation, 1)
+    want = y + res
+    if residual == "add_relu":
+        want = np.maximum(want, np.float32(0))
+    if spec.x_handoff:
+        x_arg = nm.handoff_activations(x, spec.frac_bits, 8, spec.act_signed, spec.dot_offset, spec.handoff.channels)
+    else:
+        x_arg = x
+    if spec.prepacked:
+        weights = pack_weights(spec, q)
+    else:
+        weights = [counts.astype(np.int16), enc.sign, enc.normal, enc.shift]
+    func = psb_layer_kernel(spec, "residual")
+    assert [p.name for p in func.params][-3:] == ["res", "n", "out"]
+    rules = [PSBDepthwiseNHWC(), PSBDepthwiseConv2D(), PSBConv2D()] if spec.kind == "conv2d" else [PSBDense()]
+    sch = next(s for s in (r.apply(func, TARGET, False) for r in rules) if s is not None)
+    lib = tvm.compile(sch.mod["main"], target=TARGET)
+    out = tvm.runtime.empty(spec.out_shape, "float32", DEV)
+    lib["residual"](*[tvm.runtime.tensor(a, DEV) for a in [x_arg, *weights, (scale * np.float32(n)).astype(np.float32),
+                                                            bias, res]], n, out)
+    np.testing.assert_array_equal(out.numpy().view(np.int32), want.astype(np.float32).view(np.int32))
+
+
+def test_residual_refused_where_the_output_is_not_float():
+    """A residual needs the float output: not on a hand-off producer, not on bitserial kernels."""
+    vnni = RESIDUAL_CASES["vnni"]()
+    with pytest.raises(ValueError, match="residual 'add_relu'"):
+        psb_layer_kernel(dataclasses.replace(vnni, residual="add_relu", out_handoff=vnni.handoff), "k")
+    with pytest.raises(ValueError, match="residual 'add'"):
+        psb_layer_kernel(dataclasses.replace(conv_spec("3x3_pad1", "bitserial", 2, 3, 1), residual="add"), "k")
+    with pytest.raises(ValueError, match="residual 'mul'"):
+        psb_layer_kernel(dataclasses.replace(vnni, residual="mul"), "k")

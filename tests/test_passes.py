@@ -3,13 +3,15 @@ float glue's GEMV rule."""
 
 import numpy as np
 import pytest
-from onnx_models import conv_model, small_cnn
+import tvm
+from onnx_models import conv_model, handoff_model, small_cnn
 from psb_tvm.passes import find_layer_sites, name_sites
 from psb_tvm.schedules.cpu import GEMV
+from tvm import relax
 from tvm.s_tir import dlight
 
 import psb_tvm
-from psb_tvm import numerics
+from psb_tvm import compiler, numerics
 from psb_tvm.data.digits import DIGITS_ONNX, load_digits_split
 from psb_tvm.frontend import import_onnx
 from psb_tvm.target import host_target
@@ -178,8 +180,6 @@ def test_float_conv_transpose_rule_schedules_the_layer_and_matches_onnxruntime(g
 
 @pytest.fixture(scope="module")
 def handoff_modules():
-    from onnx_models import handoff_model
-
     model = handoff_model()
     kw = dict(samples=8, seed=3, input_shapes={"x": (1, 3, 12, 12)}, config=psb_tvm.PSBConfig.preset("int8"),
               calibration={"x": np.random.default_rng(1).normal(size=(8, 3, 12, 12)).astype(np.float32)}, cache=False)
@@ -208,3 +208,23 @@ def test_int8_handoff_between_vnni_convs_changes_no_bit(handoff_modules):
     session.refine()
     np.testing.assert_array_equal(session.output.view(np.int32), sampled.layer_outputs(x)[0][0].view(np.int32))
     np.testing.assert_array_equal(frozen.run(x).view(np.int32), sampled.layer_outputs(x)[0][0].view(np.int32))
+
+
+def test_residual_add_and_relu_fused_into_the_producing_kernel():
+    """FuseResidualAdd: conv5's output + conv6's, then ReLU, becomes conv5's kernel with the
+    residual epilogue in main, cached and forward; probe keeps the add (its layer outputs are the
+    kernels' own). The outputs stay bit-identical (test above)."""
+    mod, _, _ = compiler.lower(handoff_model(), samples=8, input_shapes={"x": (1, 3, 12, 12)},
+                               config=psb_tvm.PSBConfig.preset("int8"))
+    add = tvm.ir.Op.get("relax.add")
+
+    def adds(func):
+        found = []
+        relax.analysis.post_order_visit(func.body, lambda e: found.append(e) if isinstance(e, relax.Call)
+                                        and e.op == add else None)
+        return len(found)
+
+    assert [adds(mod[f]) for f in ("main", "cached", "forward", "probe")] == [0, 0, 0, 1]
+    residual = [gv.name_hint for gv, f in mod.functions.items() if isinstance(f, tvm.tirx.PrimFunc)
+                and "add_relu" in str((f.attrs or {}).get("psb.spec", ""))]
+    assert len(residual) == 1 and "conv5" in residual[0]

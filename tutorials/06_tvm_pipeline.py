@@ -11,8 +11,8 @@ module by hand, the way a TVM user composes passes:
    import passes);
 3. plan on that module (``psb_tvm.plan``: layer selection, calibration, weight encoding: the
    decisions, not a pass) and rewrite it with ``pipeline.rewrite_passes`` (``RewriteToPSB``, then
-   ``HandOffInt8Activations``, which passes integer activations between int8-preset convs), under
-   a PassContext whose instrument records every pass that runs;
+   ``HandOffInt8Activations``, which passes integer activations between int8-preset convs, and
+   ``FuseResidualAdd``), under a PassContext whose instrument records every pass that runs;
 4. build with the registered pipeline ``relax.get_pipeline("psb_cpu", target=...)`` and run the
    Relax VM directly: ``main(x, samples: Shape[L], seed: Shape[1])``.
 

@@ -4,13 +4,25 @@ activation), per lowering (intdot, its VNNI / dp4a layouts, shiftadd, bitserial)
 
 from __future__ import annotations
 
+import dataclasses
+
 import tvm
 from tvm import te, tirx
 
 from psb_tvm import numerics
-from psb_tvm.abi import ATTR_KIND, ATTR_LAYOUT, ATTR_LOWERING, ATTR_OUT_HANDOFF, ATTR_X_HANDOFF
+from psb_tvm.abi import ATTR_KIND, ATTR_LAYOUT, ATTR_LOWERING, ATTR_OUT_HANDOFF, ATTR_SPEC, ATTR_X_HANDOFF
 
-from .spec import BITSERIAL_WORD, COUNTS_DTYPE, GPU_PIXEL_MULTIPLE, LOWERINGS, Handoff, KernelSpec, bitserial_levels, xq_row_width
+from .spec import (
+    BITSERIAL_WORD,
+    COUNTS_DTYPE,
+    GPU_PIXEL_MULTIPLE,
+    LOWERINGS,
+    RESIDUALS,
+    Handoff,
+    KernelSpec,
+    bitserial_levels,
+    xq_row_width,
+)
 from .weights import _Encoding, _weight_params, _weight_stage, _wsum
 
 
@@ -81,8 +93,15 @@ def _padded(spec: KernelSpec, x):
 def psb_layer_kernel(spec: KernelSpec, name: str, expose_acc: bool = False) -> tvm.tirx.PrimFunc:
     """``(x, counts, sign, normal, shift, scale, bias, n) -> out`` (and ``acc`` first if exposed).
 
-    ``scale[o] = 2**(k_lo - f)``; the kernel multiplies by ``1/n`` (exact: a power of two).
+    ``scale[o] = 2**(k_lo - f)``; the kernel multiplies by ``1/n`` (exact: a power of two). The
+    PrimFunc carries its spec (``psb.spec``, JSON), so later passes can make its variants.
     """
+    # (the layer id only picks the sample stream, which layer kernels do not read: identical layers
+    # keep identical kernels, one tuning task)
+    return _layer_kernel(spec, name, expose_acc).with_attr(ATTR_SPEC, dataclasses.replace(spec, layer=0).to_json())
+
+
+def _layer_kernel(spec: KernelSpec, name: str, expose_acc: bool) -> tvm.tirx.PrimFunc:
     if spec.lowering not in LOWERINGS:
         raise ValueError(f"unknown lowering {spec.lowering!r}; expected one of {LOWERINGS}")
     O = spec.w_shape[0]
@@ -93,15 +112,27 @@ def psb_layer_kernel(spec: KernelSpec, name: str, expose_acc: bool = False) -> t
     handoff = spec.x_handoff or spec.out_handoff is not None
     if handoff and not spec.handoff_capable:
         raise ValueError("integer hand-off is between 8-bit vnni and depthwise convs with prepacked weights only")
+    if spec.residual not in RESIDUALS or (spec.residual and (spec.out_handoff is not None or spec.lowering == "bitserial")):
+        raise ValueError(f"residual {spec.residual!r}: one of {RESIDUALS}, on a float output of a non-bitserial kernel")
     if spec.lowering == "bitserial":
         return _bitserial_kernel(spec, name, expose_acc, [x, counts, sign, normal, shift, scale, bias, n])
     q = _weight_stage(spec, counts, _Encoding(spec, sign, normal, shift), n)
-    params = [x, *_weight_params(spec, q, counts, sign, normal, shift), scale, bias, n]
+    # the residual operand (passes/fuse_residual_add.py): the float tensor added to the output
+    res = [te.placeholder(spec.out_shape, "float32", name="res")] if spec.residual else []
+    params = [x, *_weight_params(spec, q, counts, sign, normal, shift), scale, bias, *res, n]
     shiftadd = spec.lowering == "shiftadd"
     inv_n = tirx.const(1.0, "float32") / n.astype("float32")
 
-    def finish(acc, o, *idx):
-        return _activation(spec, acc[idx].astype("float32") * (scale[o] * inv_n) + bias[o])
+    def finish(acc, at, *idx):
+        """The float32 output at ``at`` (NCHW, or [M, O]) from the accumulator at ``idx``: scale,
+        bias and the fused activation; then, where a residual add is fused, ``+ res[at]`` and its
+        ReLU (the same float32 operations the graph's add and relu do)."""
+        o = at[1]
+        y = _activation(spec, acc[idx].astype("float32") * (scale[o] * inv_n) + bias[o])
+        if not spec.residual:
+            return y
+        y = y + res[0][at]
+        return tirx.max(y, tirx.const(0.0, "float32")) if spec.residual == "add_relu" else y
 
     if spec.kind == "dense":
         M, K = spec.x_shape
@@ -117,7 +148,7 @@ def psb_layer_kernel(spec: KernelSpec, name: str, expose_acc: bool = False) -> t
             lambda m, o: te.sum(_product(spec, xq[m, rk], q[o, rk], sign[o, rk], shift[o, rk], rb), axis=axes),
             name="acc",
         )
-        out = te.compute((M, O), lambda m, o: finish(acc, o, m, o), name="out")
+        out = te.compute((M, O), lambda m, o: finish(acc, (m, o), m, o), name="out")
     else:
         N, C, H, W = spec.x_shape
         _, Cg, KH, KW = spec.w_shape
@@ -153,7 +184,7 @@ def psb_layer_kernel(spec: KernelSpec, name: str, expose_acc: bool = False) -> t
             else:
                 acc = te.compute(spec.out_shape, lambda b, o, y, xx: channels_last_term(b, y, xx, o), name="acc")
                 true_acc, layout = acc, "channels_last"
-            out = te.compute(spec.out_shape, lambda b, o, y, xx: finish(true_acc, o, b, o, y, xx), name="out")
+            out = te.compute(spec.out_shape, lambda b, o, y, xx: finish(true_acc, (b, o, y, xx), b, o, y, xx), name="out")
             outputs = [acc, out] if expose_acc and not spec.gpu else [out]
             if expose_acc and spec.gpu:
                 outputs = [te.compute(spec.out_shape, lambda *i: true_acc[i], name="acc_nchw"), out]
@@ -187,7 +218,7 @@ def psb_layer_kernel(spec: KernelSpec, name: str, expose_acc: bool = False) -> t
             return _product(spec, xv, q[w], sign[w], shift[w], rb)
 
         acc = te.compute(spec.out_shape, lambda *i: te.sum(term(*i), axis=axes), name="acc")
-        out = te.compute(spec.out_shape, lambda b, o, y, xx: finish(acc, o, b, o, y, xx), name="out")
+        out = te.compute(spec.out_shape, lambda b, o, y, xx: finish(acc, (b, o, y, xx), b, o, y, xx), name="out")
 
     outputs = [acc, out] if expose_acc else [out]
     func = te.create_prim_func(params + outputs)
@@ -295,7 +326,7 @@ def _vnni_conv(spec: KernelSpec, name, expose_acc, params, q, padded, finish):
     if spec.out_handoff is not None:
         out = _handoff_out(spec, true_acc, finish)
     else:
-        out = te.compute(spec.out_shape, lambda b, o, y, xx: finish(true_acc, o, b, y, xx, o), name="out")
+        out = te.compute(spec.out_shape, lambda b, o, y, xx: finish(true_acc, (b, o, y, xx), b, y, xx, o), name="out")
     outputs = [out]
     if expose_acc:  # the accumulators in the common NCHW layout, for tests
         outputs = [te.compute(spec.out_shape, lambda b, o, y, xx: true_acc[b, y, xx, o], name="acc_nchw"), out]
@@ -336,7 +367,7 @@ def _depthwise_nhwc(spec: KernelSpec, name, expose_acc, params, q, padded, finis
     if spec.out_handoff is not None:
         out = _handoff_out(spec, acc, finish)
     else:
-        out = te.compute(spec.out_shape, lambda b, o, y, xx: finish(acc, o, b, y, xx, o), name="out")
+        out = te.compute(spec.out_shape, lambda b, o, y, xx: finish(acc, (b, o, y, xx), b, y, xx, o), name="out")
     outputs = [out]
     if expose_acc:
         outputs = [te.compute(spec.out_shape, lambda b, o, y, xx: acc[b, y, xx, o], name="acc_nchw"), out]
@@ -356,7 +387,7 @@ def _handoff_out(spec: KernelSpec, acc, finish):
 
     def value(b, y, xx, c):
         ch = tirx.min(c, O - 1) if h.channels != O else c  # (the padding channels read channel O - 1, unused)
-        v = _quantize(h, finish(acc, ch, b, y, xx, ch))
+        v = _quantize(h, finish(acc, (b, ch, y, xx), b, y, xx, ch))
         if h.offset:
             v = (v.astype("int32") + h.offset).astype(h.dtype)
         v = v.astype(h.dtype)

@@ -3,12 +3,15 @@ activation width, epilogue), plus the constants shared by the kernels."""
 
 from __future__ import annotations
 
+import dataclasses
+import json
 from dataclasses import dataclass
 
 from psb_tvm import numerics
 from psb_tvm.numerics import LOWERINGS  # noqa: F401 - re-exported
 
 COUNTS_DTYPE = "int16"  # counts <= n_max <= 1024
+RESIDUALS = (None, "add", "add_relu")  # KernelSpec.residual
 
 
 BITSERIAL_WORD = 32  # bits per packed word of the bitserial lowering (popcount on uint32)
@@ -81,6 +84,25 @@ class KernelSpec:
     # are (only the zero padding left to add). ``out_handoff`` is the consumer's ``Handoff``.
     x_handoff: bool = False
     out_handoff: Handoff | None = None
+    # A residual add fused into the epilogue (passes/fuse_residual_add.py): the kernel takes the
+    # other float operand ``res`` and returns ``output + res`` ("add") or ``relu(output + res)``
+    # ("add_relu"), the graph's own float32 operations.
+    residual: str | None = None
+
+    def to_json(self) -> str:
+        """The spec as JSON (``from_json`` reads it back): carried by its layer kernel."""
+        return json.dumps(dataclasses.asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> KernelSpec:
+        data = json.loads(str(text))
+        fields = {f.name for f in dataclasses.fields(KernelSpec)}
+        data = {k: tuple(v) if isinstance(v, list) else v for k, v in data.items() if k in fields}
+        if isinstance(data.get("activation"), tuple):
+            data["activation"] = tuple(data["activation"])
+        if data.get("out_handoff") is not None:
+            data["out_handoff"] = Handoff(**data["out_handoff"])
+        return KernelSpec(**data)
 
     @property
     def reduction_size(self) -> int:
