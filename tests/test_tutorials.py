@@ -118,7 +118,8 @@ def test_05_arm_cross_compile(tmp_path):
 def test_06_tvm_pipeline(tmp_path):
     stdout = _run("06_tvm_pipeline.py", tmp_path)
     _expect(stdout, r"^PSB layers: conv2d_0 \(conv2d",
-            r"^functions after RewriteToPSB: attend, cached, forward, main, probe, sample, weights$",
-            r"^passes seen by the instrument \(some\): RewriteToPSB -> psb_cpu -> ApplyDefaultSchedule -> AssertSampleBounds$",
+            r"^functions after the rewrite: attend, cached, forward, main, probe, sample, weights$",
+            r"^passes seen by the instrument \(some\): RewriteToPSB -> HandOffInt8Activations -> FuseResidualAdd -> psb_cpu "
+            r"-> ApplyDefaultSchedule -> AssertSampleBounds$",
             r"^n=4: accuracy [0-9.]+%, bit-identical to psb_tvm.compile: True$",
             r"^n=16: accuracy [0-9.]+%, bit-identical to psb_tvm.compile: True$")

@@ -73,7 +73,8 @@ def main(argv=None):
         # 4. psb_tvm's registered CPU build pipeline (legalize, schedules, checks, lowering).
         ex = tvm.compile(psb_mod, target=target,
                          relax_pipeline=relax.get_pipeline("psb_cpu", target=target, n_max=plan.config.n_max))
-    shown = [n for n in record.names if n in ("RewriteToPSB", "psb_cpu", "AssertSampleBounds", "ApplyDefaultSchedule")]
+    shown = [n for n in record.names if n in ("RewriteToPSB", "HandOffInt8Activations", "FuseResidualAdd", "psb_cpu",
+                                              "AssertSampleBounds", "ApplyDefaultSchedule")]
     print("passes seen by the instrument (some):", " -> ".join(dict.fromkeys(shown)))
 
     vm = relax.VirtualMachine(ex, tvm.cpu())
