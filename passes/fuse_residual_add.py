@@ -17,21 +17,10 @@ from __future__ import annotations
 import dataclasses
 
 import tvm
-from psb_tvm.schedules.kernels import KernelSpec, psb_layer_kernel
+from psb_tvm.schedules.kernels import psb_layer_kernel
 from tvm import relax
 
-from psb_tvm.abi import ATTR_SPEC
-
-from .hand_off_int8_activations import FUNCTIONS, var_uses
-
-
-def _spec_of(mod: tvm.IRModule, call: relax.Call) -> KernelSpec | None:
-    """The spec of a layer kernel called by ``call`` (``psb.spec``), or None."""
-    if not isinstance(call, relax.Call) or call.op != tvm.ir.Op.get("relax.call_tir"):
-        return None
-    func = mod[call.args[0]]
-    text = (func.attrs or {}).get(ATTR_SPEC, None) if isinstance(func, tvm.tirx.PrimFunc) else None
-    return KernelSpec.from_json(text) if text is not None else None
+from .hand_off_int8_activations import FUNCTIONS, layer_kernel_spec, var_uses
 
 
 def _same_tensor_type(a, b) -> bool:
@@ -53,7 +42,7 @@ def _plan(mod: tvm.IRModule, func: relax.Function) -> dict:
         calls, adds = {}, {}
         for binding in block.bindings:
             var, value = binding.var, binding.value
-            spec = _spec_of(mod, value)
+            spec = layer_kernel_spec(mod, value)
             # (CPU kernels: the GPU schedules tile the epilogue for their own three inputs)
             if spec is not None and spec.out_handoff is None and spec.residual is None and not spec.gpu \
                     and spec.lowering != "bitserial" and uses.get(var, 0) == 1:

@@ -23,28 +23,23 @@ from __future__ import annotations
 import dataclasses
 
 import tvm
-from psb_tvm.schedules.kernels import can_hand_off, psb_layer_kernel
+from psb_tvm.schedules.kernels import KernelSpec, can_hand_off, psb_layer_kernel
 from tvm import relax
 
-from psb_tvm.abi import ATTR_INT8_HANDOFFS, ATTR_LAYER_KERNELS
+from psb_tvm.abi import ATTR_INT8_HANDOFFS, ATTR_LAYER_KERNELS, ATTR_SPEC
 
 #: The functions that run the integer network (``probe`` and ``attend`` keep float outputs).
 FUNCTIONS = ("main", "cached", "forward")
 
 
-def _layer_kernel_specs(mod: tvm.IRModule, layers: list) -> tuple[dict, list]:
-    """(layer-kernel name -> the spec it was generated from, or None where it cannot hand over;
-    the layers' sites in binding order)."""
-    kernels = mod.attrs.get(ATTR_LAYER_KERNELS, None) if mod.attrs is not None else None
-    specs = {}
-    for layer in layers:
-        names = kernels.get(str(layer.site_index), None) if kernels is not None else None
-        if names is None or "psb" not in names:
-            continue
-        # as RewriteToPSB built it: intdot layers run on prepacked (or run-time packed) weights
-        spec = dataclasses.replace(layer.spec, prepacked=layer.spec.lowering == "intdot", layer=0)
-        specs[str(names["psb"])] = spec if spec.handoff_capable else None
-    return specs, sorted(layer.site_index for layer in layers)
+def layer_kernel_spec(mod: tvm.IRModule, value) -> KernelSpec | None:
+    """The spec of the layer kernel ``value`` calls (its ``psb.spec``), or None for any other
+    expression (float glue, samplers, pack and masked kernels)."""
+    if not isinstance(value, relax.Call) or value.op != tvm.ir.Op.get("relax.call_tir"):
+        return None
+    func = mod[value.args[0]]
+    text = (func.attrs or {}).get(ATTR_SPEC, None) if isinstance(func, tvm.tirx.PrimFunc) else None
+    return KernelSpec.from_json(text) if text is not None else None
 
 
 def var_uses(func: relax.Function) -> dict:
@@ -62,19 +57,19 @@ def var_uses(func: relax.Function) -> dict:
     return counts
 
 
-def _plan(func: relax.Function, specs: dict, sites: list) -> dict:
+def _plan(mod: tvm.IRModule, func: relax.Function, sites: list) -> dict:
     """binding var -> [spec, site, x_handoff, (consumer spec, consumer site) or None] for the calls
     that change. RewriteToPSB emits one layer-kernel call per layer where the layer's site was,
     so the k-th such call in binding order is the k-th site."""
-    call_tir = tvm.ir.Op.get("relax.call_tir")
     calls, order = {}, []
     for block in func.body.blocks:
         for binding in block.bindings:
-            v = binding.value
-            if isinstance(v, relax.Call) and v.op == call_tir and v.args[0].name_hint in specs:
-                order.append(binding.var)
-                if isinstance(block, relax.DataflowBlock) and specs[v.args[0].name_hint] is not None:
-                    calls[binding.var] = (v, specs[v.args[0].name_hint], len(order) - 1)
+            spec = layer_kernel_spec(mod, binding.value)
+            if spec is None:
+                continue
+            order.append(binding.var)
+            if isinstance(block, relax.DataflowBlock) and spec.handoff_capable:
+                calls[binding.var] = (binding.value, spec, len(order) - 1)
     if len(order) != len(sites):
         return {}  # not the function RewriteToPSB wrote: leave it
     uses = var_uses(func)
@@ -116,15 +111,14 @@ class _Mutator(relax.PyExprMutator):
 
 @tvm.transform.module_pass(opt_level=0, name="HandOffInt8Activations")
 class HandOffInt8Activations:
-    """Integer hand-off between vnni convs of ``layers`` (``PSBLayer``, as given to ``RewriteToPSB``)."""
+    """Integer hand-off between the convs of ``layers`` (``PSBLayer``, as given to ``RewriteToPSB``;
+    their sites name the pairs in the metadata, the kernels' ``psb.spec`` says what they are)."""
 
     def __init__(self, layers: list):
         self.layers = list(layers)
 
     def transform_module(self, mod: tvm.IRModule, _ctx) -> tvm.IRModule:
-        specs, sites = _layer_kernel_specs(mod, self.layers)
-        if not any(spec is not None for spec in specs.values()):
-            return mod
+        sites = sorted(layer.site_index for layer in self.layers)
         bb = relax.BlockBuilder(mod)
         built = {}
 
@@ -136,7 +130,7 @@ class HandOffInt8Activations:
             return built[spec]
 
         present = {g.name_hint for g in mod.get_global_vars()}
-        plans = {name: _plan(mod[name], specs, sites) for name in FUNCTIONS if name in present}
+        plans = {name: _plan(mod, mod[name], sites) for name in FUNCTIONS if name in present}
         plans = {name: p for name, p in plans.items() if p}
         if not plans:
             return mod
