@@ -17,10 +17,10 @@ from __future__ import annotations
 import dataclasses
 
 import tvm
-from psb_tvm.schedules.kernels import psb_layer_kernel
 from tvm import relax
 
-from .hand_off_int8_activations import FUNCTIONS, layer_kernel_spec, var_uses
+from .layer_variants import FUNCTIONS, layer_kernel_spec, rebuild
+from .select_psb_layers import single_user, users_of
 
 
 def _same_tensor_type(a, b) -> bool:
@@ -31,21 +31,21 @@ def _same_tensor_type(a, b) -> bool:
 
 
 def _plan(mod: tvm.IRModule, func: relax.Function) -> dict:
-    """Bindings to change: {layer call var: None (dropped)}, {add var: (call, spec, s, "add" or
-    None if a relu follows)}, {relu var: (call, spec, s, "add_relu")}."""
+    """Bindings to change: the layer call's var -> None (dropped); the add's var -> (call, spec, s,
+    "add"), or None when a ReLU follows, whose var -> (call, spec, s, "add_relu")."""
     add, relu = tvm.ir.Op.get("relax.add"), tvm.ir.Op.get("relax.nn.relu")
-    uses = var_uses(func)
+    users = users_of(func)
     plan = {}
     for block in func.body.blocks:
         if not isinstance(block, relax.DataflowBlock):
             continue
-        calls, adds = {}, {}
+        calls, adds = {}, set()
         for binding in block.bindings:
             var, value = binding.var, binding.value
             spec = layer_kernel_spec(mod, value)
             # (CPU kernels: the GPU schedules tile the epilogue for their own three inputs)
             if spec is not None and spec.out_handoff is None and spec.residual is None and not spec.gpu \
-                    and spec.lowering != "bitserial" and uses.get(var, 0) == 1:
+                    and spec.lowering != "bitserial" and single_user(users, var) is not None:
                 calls[var] = (value, spec)
             elif isinstance(value, relax.Call) and value.op == add and len(value.args) == 2:
                 a, b = value.args
@@ -55,15 +55,15 @@ def _plan(mod: tvm.IRModule, func: relax.Function) -> dict:
                         call, spec = calls.pop(v)
                         plan[v] = None
                         plan[var] = (call, spec, s, "add")
-                        adds[var] = var
+                        adds.add(var)
                         break
             elif isinstance(value, relax.Call) and value.op == relu and value.args[0] in adds \
-                    and uses.get(value.args[0], 0) == 1:
+                    and single_user(users, value.args[0]) is not None:
                 src = value.args[0]
                 call, spec, s, _ = plan[src]
                 plan[src] = None
                 plan[var] = (call, spec, s, "add_relu")
-                del adds[src]
+                adds.discard(src)
     return plan
 
 
@@ -99,18 +99,4 @@ class FuseResidualAdd:
         plans = {name: p for name, p in plans.items() if p}
         if not plans:
             return mod
-        bb = relax.BlockBuilder(mod)
-        built = {}
-
-        def kernel_of(spec, base_name):
-            if spec not in built:
-                symbol = f"{base_name}_r{len(built)}"
-                built[spec] = bb.add_func(psb_layer_kernel(spec, symbol), symbol)
-            return built[spec]
-
-        new_funcs = {name: _Mutator(bb.get(), plan, kernel_of).visit_expr(mod[name]) for name, plan in plans.items()}
-        out = bb.get()
-        for name, func in new_funcs.items():
-            out[name] = func
-        keep = [g.name_hint for g, f in out.functions.items() if isinstance(f, relax.Function)]
-        return relax.transform.DeadCodeElimination(keep)(out)
+        return rebuild(mod, plans, _Mutator, lambda spec: "_r")[0]

@@ -23,38 +23,13 @@ from __future__ import annotations
 import dataclasses
 
 import tvm
-from psb_tvm.schedules.kernels import KernelSpec, can_hand_off, psb_layer_kernel
+from psb_tvm.schedules.kernels import can_hand_off
 from tvm import relax
 
-from psb_tvm.abi import ATTR_INT8_HANDOFFS, ATTR_LAYER_KERNELS, ATTR_SPEC
+from psb_tvm.abi import ATTR_INT8_HANDOFFS, ATTR_LAYER_KERNELS
 
-#: The functions that run the integer network (``probe`` and ``attend`` keep float outputs).
-FUNCTIONS = ("main", "cached", "forward")
-
-
-def layer_kernel_spec(mod: tvm.IRModule, value) -> KernelSpec | None:
-    """The spec of the layer kernel ``value`` calls (its ``psb.spec``), or None for any other
-    expression (float glue, samplers, pack and masked kernels)."""
-    if not isinstance(value, relax.Call) or value.op != tvm.ir.Op.get("relax.call_tir"):
-        return None
-    func = mod[value.args[0]]
-    text = (func.attrs or {}).get(ATTR_SPEC, None) if isinstance(func, tvm.tirx.PrimFunc) else None
-    return KernelSpec.from_json(text) if text is not None else None
-
-
-def var_uses(func: relax.Function) -> dict:
-    """Var -> number of times an expression of ``func`` reads it."""
-    counts = {}
-
-    def visit(e):
-        if isinstance(e, relax.Var):
-            counts[e] = counts.get(e, 0) + 1
-
-    for block in func.body.blocks:
-        for binding in block.bindings:
-            relax.analysis.post_order_visit(binding.value, visit)
-    relax.analysis.post_order_visit(func.body.body, visit)
-    return counts
+from .layer_variants import FUNCTIONS, layer_kernel_spec, rebuild
+from .select_psb_layers import single_user, users_of
 
 
 def _plan(mod: tvm.IRModule, func: relax.Function, sites: list) -> dict:
@@ -72,12 +47,12 @@ def _plan(mod: tvm.IRModule, func: relax.Function, sites: list) -> dict:
                 calls[binding.var] = (binding.value, spec, len(order) - 1)
     if len(order) != len(sites):
         return {}  # not the function RewriteToPSB wrote: leave it
-    uses = var_uses(func)
+    users = users_of(func)
     plan = {var: [spec, sites[k], False, None] for var, (_, spec, k) in calls.items()}
     for var, (call, spec, _) in calls.items():
         data = call.args[1].fields[0]
         producer = plan.get(data) if isinstance(data, relax.Var) else None
-        if producer is None or uses.get(data, 0) != 1 or not can_hand_off(producer[0], spec):
+        if producer is None or single_user(users, data) is None or not can_hand_off(producer[0], spec):
             continue
         producer[3] = (spec, plan[var][1])
         plan[var][2] = True
@@ -119,36 +94,17 @@ class HandOffInt8Activations:
 
     def transform_module(self, mod: tvm.IRModule, _ctx) -> tvm.IRModule:
         sites = sorted(layer.site_index for layer in self.layers)
-        bb = relax.BlockBuilder(mod)
-        built = {}
-
-        def kernel_of(spec, base_name):
-            if spec not in built:
-                suffix = ("_i" if spec.x_handoff else "") + ("_o" if spec.out_handoff is not None else "")
-                symbol = f"{base_name}{suffix}{len(built)}"
-                built[spec] = bb.add_func(psb_layer_kernel(spec, symbol), symbol)
-            return built[spec]
-
         present = {g.name_hint for g in mod.get_global_vars()}
         plans = {name: _plan(mod, mod[name], sites) for name in FUNCTIONS if name in present}
         plans = {name: p for name, p in plans.items() if p}
         if not plans:
             return mod
-        new_funcs, site_kernels = {}, {}
-        for name, plan in plans.items():
-            mutator = _Mutator(bb.get(), plan, kernel_of)
-            new_funcs[name] = mutator.visit_expr(mod[name])
-            if name == "main":
-                site_kernels = mutator.site_kernels
-        out = bb.get()
-        for name, func in new_funcs.items():
-            out[name] = func
+        out, mutators = rebuild(mod, plans, _Mutator, lambda spec: ("_i" if spec.x_handoff else "")
+                                + ("_o" if spec.out_handoff is not None else ""))
         pairs = [[int(site), int(consumer[1])] for spec, site, _, consumer in plans.get("main", {}).values()
                  if consumer is not None]
         # which kernel each layer's call in main runs now (tuning reads it)
         table = {str(k): dict(v) for k, v in mod.attrs[ATTR_LAYER_KERNELS].items()}
-        for site, kernel in site_kernels.items():
+        for site, kernel in (mutators["main"].site_kernels if "main" in mutators else {}).items():
             table[str(site)]["psb"] = kernel
-        keep = [g.name_hint for g, f in out.functions.items() if isinstance(f, relax.Function)]
-        out = relax.transform.DeadCodeElimination(keep)(out)
         return out.with_attr(ATTR_LAYER_KERNELS, table).with_attr(ATTR_INT8_HANDOFFS, pairs)

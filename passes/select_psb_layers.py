@@ -67,7 +67,8 @@ def _bindings(func: relax.Function):
         yield from block.bindings
 
 
-def _users(func: relax.Function) -> dict:
+def users_of(func: relax.Function) -> dict:
+    """Var -> the bindings that read it (``None`` for the function's result)."""
     users: dict = {}
     for b in _bindings(func):
         for v in relax.analysis.free_vars(b.value):
@@ -77,7 +78,8 @@ def _users(func: relax.Function) -> dict:
     return users
 
 
-def _single_user(users, var):
+def single_user(users, var):
+    """The one binding that reads ``var`` (``users_of``), or None (several readers, or the result)."""
     u = users.get(var, [])
     return u[0] if len(u) == 1 and u[0] is not None else None
 
@@ -157,7 +159,7 @@ def _activation_of(binding, var, users=None):
         c1 = _scalar_bound(binding, var, first)
         if c1 is None:
             continue
-        nxt = _single_user(users, binding.var) if users is not None else None
+        nxt = single_user(users, binding.var) if users is not None else None
         c2 = None if nxt is None else _scalar_bound(nxt, binding.var, second)
         if c2 is not None:
             lo, hi = (c1, c2) if first == "relax.maximum" else (c2, c1)
@@ -229,7 +231,7 @@ def _size_reason(kind: str, call, data_shape, weight_shape, out_shape) -> tuple[
 
 def find_layer_sites(func: relax.Function) -> list[LayerSite]:
     """Every linear call site of ``func`` with its fusable epilogue and a reason when it is not PSB."""
-    users = _users(func)
+    users = users_of(func)
     sites = []
     for b in _bindings(func):
         call = b.value
@@ -250,7 +252,7 @@ def find_layer_sites(func: relax.Function) -> list[LayerSite]:
         if site.reason:
             continue
         channels = site.weight.shape[0]
-        user = _single_user(users, b.var)
+        user = single_user(users, b.var)
         scale, shift = np.ones(channels), None
         while user is not None:  # fold bias adds and decomposed batch norms: y = scale * conv + shift
             affine = _affine_of(user, site.final_var, channels, kind)
@@ -260,7 +262,7 @@ def find_layer_sites(func: relax.Function) -> list[LayerSite]:
             scale, shift = scale * a, (c if shift is None else a * shift + c)
             site.fused_vars.append(site.final_var)
             site.final_var = user.var
-            user = _single_user(users, user.var)
+            user = single_user(users, user.var)
         if shift is not None:
             site.bias = shift.astype(np.float32)
         if not np.all(scale == 1):

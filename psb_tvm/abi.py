@@ -10,7 +10,5 @@ ATTR_LAYOUT = "psb.layout"  # the weight layout of the kernel ("vnni", "ohwi", "
 ATTR_SAMPLER = "psb.sampler"  # "stratified" or "iid" (samplers)
 ATTR_LAYER_KERNELS = "psb_layer_kernels"  # module attr: {layer id: {kernel prefix: PrimFunc name}} (shared kernels)
 ATTR_INT8_HANDOFFS = "psb_int8_handoffs"  # module attr: [[producer site, consumer site], ...] of main
-ATTR_X_HANDOFF = "psb.x_handoff"  # 1 on a vnni conv that reads its producer's integer activations
-ATTR_OUT_HANDOFF = "psb.out_handoff"  # 1 on a conv that writes the next conv's integer activations
 ATTR_SPEC = "psb.spec"  # a layer kernel's KernelSpec as JSON (KernelSpec.to_json / from_json)
 ATTR_TUNED = "psb.tuned"  # set by passes.ApplyPSBTuningDatabase on the kernels it scheduled

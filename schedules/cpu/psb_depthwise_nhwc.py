@@ -6,8 +6,9 @@ from tvm import s_tir, tirx
 from tvm.s_tir.dlight.cpu.base import CPUScheduleRule
 from tvm.target import Target
 
-from psb_tvm.abi import ATTR_LAYOUT, ATTR_OUT_HANDOFF
+from psb_tvm.abi import ATTR_LAYOUT
 
+from ..kernels.spec import spec_of
 from ..rule import PSBRule
 from .common import VECTOR_LANES, largest_divisor, loop_extents
 
@@ -44,7 +45,7 @@ class PSBDepthwiseNHWC(PSBRule, CPUScheduleRule):
         init = sch.decompose_reduction(acc, rh)
         if lanes > 1:
             sch.vectorize(sch.get_loops(init)[-1])
-        if int(attrs.get(ATTR_OUT_HANDOFF, 0) or 0):
+        if spec_of(func).out_handoff is not None:
             sch.reverse_compute_at(out, x)  # the pixel's channels, contiguous NHWC bytes
             width = loop_extents(sch, sch.get_loops(out)[-1:])[0]  # the consumer's channels
             _vectorize_inner(sch, sch.get_loops(out)[-1], largest_divisor(width, VECTOR_LANES))

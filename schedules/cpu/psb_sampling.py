@@ -7,8 +7,9 @@ from tvm import s_tir, tirx
 from tvm.s_tir.dlight.cpu.base import CPUScheduleRule
 from tvm.target import Target
 
-from psb_tvm.abi import ATTR_LAYOUT, ATTR_SAMPLER, ATTR_X_HANDOFF
+from psb_tvm.abi import ATTR_LAYOUT, ATTR_SAMPLER
 
+from ..kernels.spec import spec_of
 from ..rule import PSBRule
 from .common import VECTOR_LANES, block_names, largest_divisor, loop_extents, parallel_vectorize
 
@@ -74,7 +75,8 @@ def schedule_shared_stages(sch: s_tir.Schedule) -> None:
         _parallel_spatial(sch, q, len(sch.get_loops(q)))
     xq = sch.get_sblock("xq")
     loops = sch.get_loops(xq)
-    handoff = bool(int(sch.mod["main"].attrs.get(ATTR_X_HANDOFF, 0) or 0))  # a padded copy of NHWC rows
+    spec = spec_of(sch.mod["main"])
+    handoff = spec is not None and spec.x_handoff  # a padded copy of NHWC rows
     layout = str(sch.mod["main"].attrs.get(ATTR_LAYOUT, "") or "")
     if not handoff and len(loops) == 4 and layout in ("vnni", "channels_last"):
         # Float NCHW in, integer NHWC out: rows in parallel, per row one channel at a time along

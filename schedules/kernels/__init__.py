@@ -24,6 +24,7 @@ from .spec import (
     KernelSpec,
     bitserial_levels,
     can_hand_off,
+    spec_of,
     xq_row_width,
 )
 from .weights import psb_pack_kernel
@@ -44,6 +45,7 @@ __all__ = [
     "psb_masked_kernel",
     "psb_pack_kernel",
     "psb_sample_kernel",
+    "spec_of",
     "unpack_layout",
     "xq_row_width",
 ]

@@ -10,7 +10,7 @@ import tvm
 from tvm import te, tirx
 
 from psb_tvm import numerics
-from psb_tvm.abi import ATTR_KIND, ATTR_LAYOUT, ATTR_LOWERING, ATTR_OUT_HANDOFF, ATTR_SPEC, ATTR_X_HANDOFF
+from psb_tvm.abi import ATTR_KIND, ATTR_LAYOUT, ATTR_LOWERING, ATTR_SPEC
 
 from .spec import (
     BITSERIAL_WORD,
@@ -31,7 +31,7 @@ def _quantize(spec: KernelSpec | Handoff, value):
     lo, hi = numerics.act_range(spec.act_bits, spec.act_signed)
     scaled = tirx.nearbyint(value * tirx.const(2.0**spec.frac_bits, "float32"))
     clipped = tirx.max(tirx.min(scaled, tirx.const(hi, "float32")), tirx.const(lo, "float32"))
-    return clipped.astype(f"{'' if spec.act_signed else 'u'}int{8 if spec.act_bits <= 8 else 16}")
+    return clipped.astype(spec.act_dtype)
 
 
 def _activation(spec: KernelSpec, y):
@@ -332,7 +332,7 @@ def _vnni_conv(spec: KernelSpec, name, expose_acc, params, q, padded, finish):
         outputs = [te.compute(spec.out_shape, lambda b, o, y, xx: true_acc[b, y, xx, o], name="acc_nchw"), out]
     func = te.create_prim_func(params + outputs)
     return func.with_attrs({"global_symbol": name, ATTR_KIND: spec.kind, ATTR_LOWERING: spec.lowering,
-                            ATTR_LAYOUT: spec.weight_layout, "op_pattern": 8, ATTR_X_HANDOFF: int(spec.x_handoff)})
+                            ATTR_LAYOUT: spec.weight_layout, "op_pattern": 8})
 
 
 def _depthwise_nhwc(spec: KernelSpec, name, expose_acc, params, q, padded, finish):
@@ -373,8 +373,7 @@ def _depthwise_nhwc(spec: KernelSpec, name, expose_acc, params, q, padded, finis
         outputs = [te.compute(spec.out_shape, lambda b, o, y, xx: acc[b, y, xx, o], name="acc_nchw"), out]
     func = te.create_prim_func(params + outputs)
     return func.with_attrs({"global_symbol": name, ATTR_KIND: spec.kind, ATTR_LOWERING: spec.lowering,
-                            ATTR_LAYOUT: "dw_nhwc", "op_pattern": 8, ATTR_X_HANDOFF: int(spec.x_handoff),
-                            ATTR_OUT_HANDOFF: int(spec.out_handoff is not None)})
+                            ATTR_LAYOUT: "dw_nhwc", "op_pattern": 8})
 
 
 def _handoff_out(spec: KernelSpec, acc, finish):

@@ -8,6 +8,7 @@ import json
 from dataclasses import dataclass
 
 from psb_tvm import numerics
+from psb_tvm.abi import ATTR_SPEC
 from psb_tvm.numerics import LOWERINGS  # noqa: F401 - re-exported
 
 COUNTS_DTYPE = "int16"  # counts <= n_max <= 1024
@@ -22,16 +23,27 @@ def bitserial_levels(E: int, n: int) -> int:
     return E + 1 + (int(n).bit_length() - 1)
 
 
+def act_dtype(bits: int, signed: bool) -> str:
+    """The integer type of ``bits``-bit activations: 8, 16 or 32 bits, unsigned unless ``signed``."""
+    width = 8 if bits <= 8 else 16 if bits <= 16 else 32
+    return f"{'' if signed else 'u'}int{width}"
+
+
 @dataclass(frozen=True)
 class Handoff:
-    """How a consumer vnni conv stores its input activations (``xq`` without the padding):
-    ``clip(rint(y * 2**frac_bits), lo, hi) + offset`` as uint8, ``channels`` wide (NHWC)."""
+    """How a consumer conv stores its input activations (``xq`` without the padding):
+    ``clip(rint(y * 2**frac_bits), lo, hi) + offset``, ``channels`` wide (NHWC)."""
 
     act_bits: int
     act_signed: bool
     frac_bits: int
     offset: int
     channels: int
+
+    @property
+    def act_dtype(self) -> str:
+        """The type the quantized values have before the offset."""
+        return act_dtype(self.act_bits, self.act_signed)
 
     @property
     def dtype(self) -> str:
@@ -123,8 +135,7 @@ class KernelSpec:
 
     @property
     def act_dtype(self) -> str:
-        bits = 8 if self.act_bits <= 8 else 16 if self.act_bits <= 16 else 32
-        return f"{'' if self.act_signed else 'u'}int{bits}"
+        return act_dtype(self.act_bits, self.act_signed)
 
     def _packed_int8_conv(self, act_signed_bound: bool, any_outputs: bool) -> bool:
         """The int8 preset's conv (8-bit activations x int8 weights, 16 outputs x 4 channels per
@@ -246,6 +257,13 @@ class KernelSpec:
         OH = (H + pt + pb - self.dilation[0] * (KH - 1) - 1) // self.stride[0] + 1
         OW = (W + pl + pr - self.dilation[1] * (KW - 1) - 1) // self.stride[1] + 1
         return (N, O, OH, OW)
+
+
+def spec_of(func) -> KernelSpec | None:
+    """The spec a layer kernel PrimFunc was generated from (its ``psb.spec``), or None for other
+    PrimFuncs (samplers, pack and masked kernels, float glue)."""
+    text = (func.attrs or {}).get(ATTR_SPEC, None)
+    return KernelSpec.from_json(text) if text is not None else None
 
 
 def can_hand_off(producer: KernelSpec, consumer: KernelSpec) -> bool:
