@@ -229,7 +229,7 @@ def make_spec(layer: tuple, preset: str):
 
 
 def path_of(spec) -> str:
-    return "vnni" if spec.vnni else "channels_last" if spec.channels_last else "nchw"
+    return "vnni" if spec.vnni else "vnni16" if spec.vnni16 else "channels_last" if spec.channels_last else "nchw"
 
 
 def conv_macs(spec) -> int:
@@ -274,14 +274,16 @@ def _stage_funcs(spec):
     n = tirx.Var("n", "int64")
     padded = _padded(spec, x)
     q = _weight_stage(spec, counts, _Encoding(spec, sign, normal, shift), n)
-    if spec.vnni or spec.channels_last:
-        xq = te.compute((N, H + pt + pb, W + pl + pr, C), lambda b, h, w, c: padded(b, c, h, w), name="xq")
+    nhwc = spec.vnni or spec.vnni16 or spec.channels_last
+    if nhwc:  # (vnni16's int16 words: the 8-bit activations widened, one digit plane)
+        dtype = "int16" if spec.vnni16 else spec.act_dtype
+        xq = te.compute((N, H + pt + pb, W + pl + pr, C), lambda b, h, w, c: padded(b, c, h, w).astype(dtype), name="xq")
     else:  # rows padded as in the kernel (unit stride)
         xq = te.compute((N, C, H + pt + pb, xq_row_width(W + pl + pr)), padded, name="xq")
     qf = te.create_prim_func([counts, sign, normal, shift, n, q]).with_attr("global_symbol", "stage_q")
     xf = te.create_prim_func([x, xq]).with_attr("global_symbol", "stage_xq")
-    if spec.vnni or spec.channels_last:  # the kernel's NHWC stage schedule keys on the layout
-        xf = xf.with_attr("psb.layout", "vnni" if spec.vnni else "channels_last")
+    if nhwc:  # the kernel's NHWC stage schedule keys on the layout
+        xf = xf.with_attr("psb.layout", path_of(spec))
     return qf, xf, ([int(d) for d in q.shape], q.dtype), ([int(d) for d in xq.shape], xq.dtype)
 
 
@@ -506,8 +508,10 @@ STATIC_ANALYSIS = [
     "corrected by -128 x its weight sum (exact). Depthwise convs use the NCHW path (vectorized over output "
     "columns, reduction outside): no dot-product instructions (an NHWC variant vectorized over channels "
     "measured no faster: the layout transposes cost what the contiguous loads save).",
-    "- **int16 preset.** int16 weights take the channels_last path (LLVM dot products over contiguous "
-    "channels, one horizontal reduction per output): 3-4x slower than vnni on the 56x56 / 28x28 layers.",
+    "- **int16 preset.** int16 weights take the vnni16 path: the vnni blocking with int16 words in pairs, one "
+    "`vpdpwssd` per 16 outputs x 2 channels (half the products per instruction of `vpdpbusd`, so about half "
+    "the int8 rate at best); 16-bit activations whose sums might not fit int32 take two base-256 digits "
+    "(twice the work again), not shown here (these rows use 8-bit activations).",
     "- **Noise.** Two vCPUs shared with other jobs: a kernel of 1-3 ms whose 2 threads are split statically "
     "loses a whole time slice when one vCPU is taken; stage and kernel times are medians but can still be off "
     "by ~2x between runs. Compare rows of one run only.",

@@ -101,7 +101,7 @@ def test_roofline_quick_json(roofline_quick):
         assert 0 < r["fraction_of_peak"] <= 1.5, r
         assert r["prepacked_ms"] > 0 and 0 < r["prepacked_fraction_of_peak"] <= 1.5, r  # frozen kernel, same bits
     paths = {r["preset"]: r["path"] for r in rows}
-    assert paths == {"int8": "vnni", "int16": "channels_last"}
+    assert paths == {"int8": "vnni", "int16": "vnni16"}
     if "avx512_vnni" in result["meta"]["machine"]["simd"]:
         assert next(r for r in rows if r["preset"] == "int8")["vpdpbusd_in_asm"] > 0
     md = (out / "roofline.md").read_text()

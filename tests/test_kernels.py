@@ -503,7 +503,8 @@ def test_sampler_kernel_every_range(sampler, P, n_max, thr_dtype):
             np.testing.assert_array_equal(ref, nm.sample_bits(enc, seed, 2, lo, hi, sampler).sum(0))
 
 
-@pytest.mark.parametrize("case", ["oihw_depthwise", "ohwi_3x3", "vnni_3x3", "vnni_stem_c3", "oi_dense"])
+@pytest.mark.parametrize("case", ["oihw_depthwise", "ohwi_3x3", "vnni_3x3", "vnni_stem_c3", "vnni16_stem_c3",
+                                  "vnni16_o24", "oi_dense", "vnni16_dense"])
 def test_pack_kernel_equals_pack_weights(case):
     """The run-time pack kernel (sampled modules, the weight cache) writes exactly what
     ``pack_weights`` makes at compile time for a frozen module, ``wsum`` included, and so does the
@@ -538,7 +539,7 @@ def test_pack_kernel_equals_pack_weights(case):
         psb_pack_kernel(dataclasses.replace(spec, sampler="iid"), "x", draw=True)
 
 
-@pytest.mark.parametrize("case", ["vnni_stem_c3", "ohwi_3x3"])
+@pytest.mark.parametrize("case", ["vnni_stem_c3", "vnni16_o24", "ohwi_3x3"])
 @pytest.mark.parametrize("sampler", ["stratified", "iid"])
 def test_sampler_in_packed_storage(case, sampler):
     """A run-time packed layer's sampler reads thresholds and writes counts in the kernel's weight
@@ -612,6 +613,52 @@ def test_vnni_conv_bit_exact(case, n, E, signed):
     check(spec, seed, layer)
 
 
+@pytest.mark.parametrize("prepacked", [False, True], ids=["sampled", "prepacked"])
+@pytest.mark.parametrize("bits,signed", [(8, False), (8, True), (16, False), (16, True)],
+                         ids=["uint8", "int8", "uint16", "int16"])
+@pytest.mark.parametrize("case", ["3x3_pad1", "1x1", "stride2_asym", "dilation2", "width7", "stem_c3", "o24"])
+def test_vnni16_conv_bit_exact(case, bits, signed, prepacked):
+    """The default preset's int16 weights take the tensorized vpdpwssd path (``vnni16``: words in
+    pairs, channels padded to 2, outputs to 16); 16-bit activations whose sums might not fit int32
+    go in as two base-256 digits, summed apart in int32 and combined in int64."""
+    i = list(VNNI_CASES).index(case)
+    seed, layer = SEEDS_LAYERS[(i + bits) % len(SEEDS_LAYERS)]
+    spec = dataclasses.replace(conv_spec(VNNI_CASES[case], "intdot", 64, seed, layer, activation=ACTS[i % len(ACTS)],
+                                         E=4, act_bits=bits, act_signed=signed), prepacked=prepacked)
+    assert spec.vnni16 and spec.weight_layout == "vnni16" and spec.q_dtype == "int16" and spec.dot_offset == 0
+    assert spec.packed_weight_shape[-2:] == (16, 2) and spec.vnni_channels % 2 == 0
+    assert spec.act_digits == (1 if bits == 8 or (signed and spec.acc_dtype == "int32") else 2)
+    check(spec, seed, layer)
+
+
+@pytest.mark.parametrize("prepacked", [False, True], ids=["sampled", "prepacked"])
+@pytest.mark.parametrize("bits,signed", [(8, False), (16, False), (16, True)], ids=["uint8", "uint16", "int16"])
+@pytest.mark.parametrize("shape", [(5, 300, 17), (40, 120, 96), (1, 64, 32)], ids=["5x300x17", "40x120x96", "1x64x32"])
+def test_vnni16_dense_bit_exact(shape, bits, signed, prepacked):
+    """Dense layers with int16 weights take the vnni16 conv as a 1x1 conv over their rows (outputs
+    padded to 16, the reduction to 2)."""
+    spec = dataclasses.replace(dense_spec(shape, "intdot", 64, 3, 1, act_bits=bits, act_signed=signed,
+                                          activation="relu" if bits == 8 else None), prepacked=prepacked)
+    assert spec.vnni16 and spec.weight_layout == "vnni16"
+    check(spec, 3, 1)
+
+
+def test_vnni16_digits():
+    """Digits only where the whole 16-bit sums might wrap int32: a short signed reduction keeps one
+    int16 plane; a long one, or unsigned 16-bit activations (not int16 words), take two."""
+    short = conv_spec(((1, 4, 5, 6), (16, 4, 1, 1), {}), "intdot", 64, E=4, act_bits=16)
+    long = conv_spec(((1, 64, 5, 6), (16, 64, 3, 3), dict(padding=(1, 1, 1, 1))), "intdot", 64, E=4, act_bits=16)
+    assert short.acc_dtype == "int32" and short.act_digits == 1
+    assert dataclasses.replace(short, act_signed=False).act_digits == 2
+    assert long.acc_dtype == "int64" and long.act_digits == 2 and long.vnni16
+    # one digit's sums must fit int32, else the conv keeps the channels-last form
+    huge = dataclasses.replace(long, x_shape=(1, 4096, 5, 6), w_shape=(16, 4096, 3, 3))
+    assert huge.vnni16_digit_bound > 2**31 - 1 and not huge.vnni16 and huge.weight_layout == "OHWI"
+    # fewer than 16 outputs, a 1-2 channel input, groups or a GPU: not vnni16
+    assert not dataclasses.replace(long, w_shape=(8, 64, 3, 3)).vnni16
+    assert not dataclasses.replace(long, gpu=True).vnni16
+
+
 GPU_DP4A_CASES = {**{k: VNNI_CASES[k] for k in ("3x3_pad1", "stride2_asym", "stem_c3", "width7")},
                   # output channels padded to 16 (MobileNet's 24-channel projections)
                   "o24": ((2, 8, 5, 6), (24, 8, 3, 3), dict(padding=(1, 1, 1, 1)))}
@@ -651,7 +698,12 @@ PREPACKED_CASES = {  # one per weight layout: OIHW (grouped), OHWI (channels las
     "ohwi_3x3": lambda n: conv_spec("3x3_pad1", "intdot", n, 3, 1),
     "vnni_3x3": lambda n: conv_spec(VNNI_CASES["3x3_pad1"], "intdot", n, 3, 1, E=3, act_signed=False),
     "vnni_stem_c3": lambda n: conv_spec(VNNI_CASES["stem_c3"], "intdot", n, 3, 1, E=3, act_signed=True),
-    "oi_dense": lambda n: dense_spec("5x300x17", "intdot", n, 3, 1),
+    # (n_max 64: int16 weights at every run-time n)
+    "vnni16_stem_c3": lambda n: dataclasses.replace(conv_spec(VNNI_CASES["stem_c3"], "intdot", n, 3, 1, E=4, act_bits=16),
+                                                    n_max=64),
+    "vnni16_o24": lambda n: dataclasses.replace(conv_spec(VNNI_CASES["o24"], "intdot", n, 3, 1, E=4), n_max=64),
+    "oi_dense": lambda n: dense_spec("3x40x8", "intdot", n, 3, 1),  # (fewer than 16 outputs: not vnni16)
+    "vnni16_dense": lambda n: dataclasses.replace(dense_spec("5x300x17", "intdot", n, 3, 1, act_bits=16), n_max=64),
 }
 
 
@@ -662,7 +714,8 @@ def test_prepacked_weights_bit_exact(case, n):
     reference, and the kernel has no weight stage left."""
     spec = PREPACKED_CASES[case](n)
     spec = dataclasses.replace(spec, prepacked=True)
-    assert spec.weight_layout == {"oihw": "OIHW", "ohwi": "OHWI", "vnni": "vnni", "oi": "OI"}[case.split("_")[0]]
+    assert spec.weight_layout == {"oihw": "OIHW", "ohwi": "OHWI", "vnni": "vnni", "vnni16": "vnni16",
+                                  "oi": "OI"}[case.split("_")[0]]
     func = psb_layer_kernel(spec, "psb_test_prepacked")
     wsum = ["wsum"] if case == "vnni_stem_c3" else []  # signed activations: the offset correction
     assert [p.name for p in func.params] == ["x", "q", *wsum, "scale", "bias", "n", "out"]
@@ -731,11 +784,11 @@ def test_vnni_kernel_contains_vpdpbusd():
 
 
 def test_int16_kernel_uses_vnni_word_dot_products():
-    """The int16 preset (int16 weights, channels last): LLVM turns the contiguous channel reduction
-    into AVX-512 VNNI word dot products (``vpdpwssd``)."""
+    """The int16 preset (int16 weights): the vnni16 conv, tensorized into AVX-512 VNNI word dot
+    products (``vpdpwssd``)."""
     spec = conv_spec("3x3_pad1", "intdot", 64, 1, 0, E=4, act_signed=False)
     spec = dataclasses.replace(spec, x_shape=(1, 32, 8, 8), w_shape=(32, 32, 3, 3))
-    assert spec.q_dtype == "int16" and spec.weight_layout == "OHWI"
+    assert spec.q_dtype == "int16" and spec.weight_layout == "vnni16"
     _, layer = build(spec)
     asm = layer.mod.imports[0].inspect_source("asm") if layer.mod.imports else layer.mod.inspect_source("asm")
     assert "vpdpwssd" in asm
@@ -959,6 +1012,9 @@ RESIDUAL_CASES = {
     "dw_nhwc_handoff_in": lambda: dataclasses.replace(conv_spec(((1, 16, 6, 5), (16, 1, 3, 3), dict(
         groups=16, stride=(2, 2), padding=(1, 1, 1, 1))), "intdot", 4, 3, 1, E=3), prepacked=True, x_handoff=True),
     "channels_last_int16": lambda: conv_spec("stride2", "intdot", 4, 3, 1),
+    "vnni16": lambda: dataclasses.replace(conv_spec("stride2", "intdot", 64, 3, 1), w_shape=(16, 4, 3, 3)),
+    "vnni16_digits": lambda: dataclasses.replace(conv_spec("stride2", "intdot", 64, 3, 1, act_bits=16, act_signed=False),
+                                                 w_shape=(16, 4, 3, 3), prepacked=True),
     "nchw_groups": lambda: conv_spec("groups2", "intdot", 4, 3, 1),
     "nchw_shiftadd": lambda: conv_spec("3x3_pad1", "shiftadd", 4, 3, 1),
     "depthwise": lambda: dataclasses.replace(conv_spec("depthwise", "intdot", 4, 3, 1, E=3), prepacked=True),

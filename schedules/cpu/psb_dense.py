@@ -10,7 +10,7 @@ from psb_tvm.abi import ATTR_LAYOUT
 
 from ..rule import PSBRule
 from .common import parallel_vectorize, vectorize_below_reductions
-from .psb_conv2d import schedule_bitserial_packs
+from .psb_conv2d import schedule_bitserial_packs, schedule_vnni
 from .psb_sampling import schedule_shared_stages
 
 
@@ -29,6 +29,8 @@ class PSBDense(PSBRule, CPUScheduleRule):
         acc = sch.get_sblock("acc")
         if attrs.get(ATTR_LAYOUT) == "bitserial":
             return _schedule_bitserial(sch, acc)
+        if attrs.get(ATTR_LAYOUT) == "vnni16":  # a 1x1 conv over the rows (kernels/layer.py)
+            return schedule_vnni(sch, acc, target)
         m, o = sch.get_loops(acc)[:2]
         sch.parallel(sch.fuse(m, o))
         parallel_vectorize(sch, sch.get_sblock("out"))

@@ -67,6 +67,13 @@ class PSBPack(PSBRule, CPUScheduleRule):
         return sch
 
 
+#: Columns of the NHWC activation stage per pass over the channels (XQ_COLUMN_BLOCK x C stores
+#: in flight): whole rows of 160 columns x 256 int16 channels (80 KB) overflowed L1 and made a
+#: 128-channel 1x1 conv (16-bit activations, vnni16) 0.84 ms instead of 0.22 (blocks of 32; of
+#: 8 / 16: 0.30); the int8 preset's 3x3 and stem convs measured the same within noise.
+XQ_COLUMN_BLOCK = 32
+
+
 def schedule_shared_stages(sch: s_tir.Schedule) -> None:
     """Layer kernels: parallel weight stage ``q`` (absent when the weights are prepacked), parallel +
     vectorized activation stage ``xq``."""
@@ -78,14 +85,16 @@ def schedule_shared_stages(sch: s_tir.Schedule) -> None:
     spec = spec_of(sch.mod["main"])
     handoff = spec is not None and spec.x_handoff  # a padded copy of NHWC rows
     layout = str(sch.mod["main"].attrs.get(ATTR_LAYOUT, "") or "")
-    if not handoff and len(loops) == 4 and layout in ("vnni", "channels_last"):
+    dense = spec is not None and spec.kind == "dense"  # (its float input is row-major [M, K] already)
+    if not handoff and not dense and len(loops) == 4 and layout in ("vnni", "vnni16", "channels_last"):
         # Float NCHW in, integer NHWC out: rows in parallel, per row one channel at a time along
         # the columns (contiguous loads, stores C bytes apart; LLVM vectorizes the column loop).
         # Lanes over channels gathered from C planes instead: measured on Zen 5 (whole kernels,
         # int8 preset, prepacked) ResNet-18's stem 0.41 -> 0.27 ms, its 3x3 convs 625-817 ->
         # 704-949 GMAC/s, MobileNetV2's stem 0.20 -> 0.06 ms.
         b, h, w, c = loops
-        sch.reorder(b, h, c, w)
+        wo, wi = sch.split(w, [None, largest_divisor(loop_extents(sch, [w])[0], XQ_COLUMN_BLOCK)])
+        sch.reorder(b, h, wo, c, wi)
         sch.parallel(sch.fuse(b, h))
     elif sch.get(xq).name_hint == "xq" and len(loops) in (4, 5) and (handoff or loop_extents(sch, loops[-1:])[0] >= 32):
         # Padded NCHW/NHWC rows: parallel over rows, vectorize along the row. Fusing everything

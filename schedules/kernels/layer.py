@@ -134,6 +134,8 @@ def _layer_kernel(spec: KernelSpec, name: str, expose_acc: bool) -> tvm.tirx.Pri
         y = y + res[0][at]
         return tirx.max(y, tirx.const(0.0, "float32")) if spec.residual == "add_relu" else y
 
+    if spec.packed_dot:  # (a dense layer as a 1x1 conv over its rows, see _vnni_conv)
+        return _vnni_conv(spec, name, expose_acc, params, q, None if spec.kind == "dense" else _padded(spec, x), finish)
     if spec.kind == "dense":
         M, K = spec.x_shape
         xq = te.compute((M, K), lambda m, k: _quantize(spec, x[m, k]), name="xq")
@@ -162,8 +164,6 @@ def _layer_kernel(spec: KernelSpec, name: str, expose_acc: bool) -> tvm.tirx.Pri
         rc = te.reduce_axis((0, Cg), name="rc")
         rh = te.reduce_axis((0, KH), name="rh")
         rw = te.reduce_axis((0, KW), name="rw")
-        if spec.vnni or spec.dp4a:
-            return _vnni_conv(spec, name, expose_acc, params, q, padded, finish)
         if handoff:  # a depthwise conv next to a vnni one: channels-last, like its neighbours
             if spec.out_handoff is not None and spec.out_handoff.channels != O:
                 raise ValueError(f"a depthwise conv computes its {O} channels only, not the consumer's "
@@ -273,44 +273,82 @@ def _vnni_conv(spec: KernelSpec, name, expose_acc, params, q, padded, finish):
     The GPU's ``dp4a`` layout is the same conv with signed bytes on both sides: unsigned
     activations are stored ``x - 128`` as int8 and ``wsum[o] = +128 * sum q[o, ...]``
     (``KernelSpec.dot_offset``); signed ones go in unchanged.
+
+    The ``vnni16`` layout (int16 weights) blocks the reduction as (C/2, 2) int16 words for
+    ``vpdpwssd`` (signed x signed: no offset). Its activations are int16, one base-256 digit per
+    plane (``act_digits``): 8-bit ones and 16-bit ones whose sums fit int32 as they are, other
+    16-bit ones as ``lo = x & 255`` and ``hi = x >> 8`` (arithmetic, so ``x = lo + 256 * hi``
+    signed or not), stored
+    ``xq[b, h, w, digit * C2 + c]``. Each digit has its own int32 accumulators
+    ``acc[b, y, x, digit, o]`` (``KernelSpec.vnni16`` checks they cannot wrap), combined exactly
+    in ``acc_dtype`` as ``wide = acc_lo + (acc_hi << 8)``. A dense layer takes this path as a 1x1
+    conv: ``x [M, K]`` is a 1 x K x 1 x M input, its output ``[M, O]``.
     """
-    N, C, H, W = spec.x_shape
-    O, Cg, KH, KW = spec.w_shape
+    dense = spec.kind == "dense"
+    if dense:  # x [M, K] read as a 1 x K x 1 x M NCHW input, w [O, K] as O x K x 1 x 1
+        (M, C), (O, Cg), KH, KW, H, W, N = spec.x_shape, spec.w_shape, 1, 1, 1, spec.x_shape[0], 1
+    else:
+        N, C, H, W = spec.x_shape
+        O, Cg, KH, KW = spec.w_shape
     pt, pl, pb, pr = spec.padding
     sh, sw = spec.stride
     dh, dw = spec.dilation
     C4 = spec.vnni_channels
+    depth = spec.dot_depth
+    digits = spec.act_digits if spec.vnni16 else 1
     offset = spec.dot_offset
-    xq_dtype = "uint8" if spec.vnni else "int8"
+    xq_dtype = "int16" if spec.vnni16 else "uint8" if spec.vnni else "int8"
 
     x = params[0]
+    if dense:
+        def padded(b, c, h, w):
+            return _quantize(spec, x[w, c])
 
-    def xq_value(b, h, w, c):
+    def digit_of(v, d):
+        """Base-256 digit ``d`` of the activation ``v`` (vnni16 with 16-bit activations)."""
+        v = v.astype("int32")
+        return (v & tirx.const(255, "int32") if d == 0 else v >> tirx.const(8, "int32")).astype(xq_dtype)
+
+    def xq_value(b, h, w, cd):
         if spec.x_handoff:  # the producer stored xq's interior already (see _handoff_out); pad it
             inside = tirx.all(h >= pt, h < H + pt, w >= pl, w < W + pl)
-            return tirx.if_then_else(inside, x[b, h - pt, w - pl, c], tirx.const(offset, xq_dtype))
+            return tirx.if_then_else(inside, x[b, h - pt, w - pl, cd], tirx.const(offset, xq_dtype))
+        d, c = (cd // C4, cd % C4) if digits > 1 else (None, cd)
         v = padded(b, tirx.min(c, C - 1) if C4 != C else c, h, w)
         if offset:
             v = (v.astype("int32") + offset).astype(xq_dtype)
+        elif digits > 1:  # two digit planes: the digit of this plane
+            v = tirx.Select(d == 0, digit_of(v, 0), digit_of(v, 1))
+        else:
+            v = v.astype(xq_dtype)
         return tirx.if_then_else(c < C, v, tirx.const(0, xq_dtype)) if C4 != C else v
 
-    xq = te.compute((N, H + pt + pb, W + pl + pr, C4), xq_value, name="xq")
+    xq = te.compute((N, H + pt + pb, W + pl + pr, digits * C4), xq_value, name="xq")
     rh = te.reduce_axis((0, KH), name="rh")
     rw = te.reduce_axis((0, KW), name="rw")
-    rc = te.reduce_axis((0, C4 // 4), name="rc")
-    rk = te.reduce_axis((0, 4), name="rk")
-    _, _, OH, OW = spec.out_shape
+    rc = te.reduce_axis((0, C4 // depth), name="rc")
+    rk = te.reduce_axis((0, depth), name="rk")
+    OH, OW = (1, M) if dense else spec.out_shape[2:]
 
-    def term(b, y, xx, o):
-        return te.sum(xq[b, y * sh + rh * dh, xx * sw + rw * dw, rc * 4 + rk].astype("int32")
+    def term(b, y, xx, o, d=0):
+        return te.sum(xq[b, y * sh + rh * dh, xx * sw + rw * dw, d * C4 + rc * depth + rk].astype("int32")
                       * q[o // 16, rh, rw, rc, o % 16, rk].astype("int32"), axis=[rh, rw, rc, rk])
 
     if spec.dp4a:  # acc[o, m] over flattened output pixels (see _flat_pixels)
         M, unflat, view = _flat_pixels(spec)
         # outputs padded to 16 (zero weights; the epilogue reads o < O only)
         acc = view(te.compute((spec.packed_outputs, M), lambda o, m: term(*unflat(m), o), name="acc"), lambda *i: i)
+    elif digits > 1:  # vnni16, 16-bit activations: acc[b, y, x, digit, o], then combined (``wide``)
+        digit_acc = te.compute((N, OH, OW, digits, spec.packed_outputs),
+                               lambda b, y, xx, d, o: term(b, y, xx, o, d), name="acc")
+        rd = te.reduce_axis((0, digits), name="rd")
+        wide = spec.acc_dtype
+        # (a reduction over the digits, not a sum of reads at constant digits: the schedule places
+        # this stage per tile, and reverse_compute_at cannot follow a constant index)
+        acc = te.compute((N, OH, OW, spec.packed_outputs), lambda b, y, xx, o: te.sum(
+            digit_acc[b, y, xx, rd, o].astype(wide) << (rd * 8).astype(wide), axis=[rd]), name="wide")
     else:  # acc[b, y, x, o], outputs padded to 16 (zero weights; the epilogue reads o < O only)
-        acc = te.compute((N, OH, OW, spec.packed_outputs), term, name="acc")
+        acc = te.compute((N, OH, OW, spec.packed_outputs), lambda b, y, xx, o: term(b, y, xx, o), name="acc")
     true_acc = acc
     if offset:
         if spec.prepacked:  # a compile-time constant next to q (pack_weights)
@@ -325,10 +363,14 @@ def _vnni_conv(spec: KernelSpec, name, expose_acc, params, q, padded, finish):
         true_acc = _Corrected()
     if spec.out_handoff is not None:
         out = _handoff_out(spec, true_acc, finish)
+    elif dense:
+        out = te.compute(spec.out_shape, lambda m, o: finish(true_acc, (m, o), 0, 0, m, o), name="out")
     else:
         out = te.compute(spec.out_shape, lambda b, o, y, xx: finish(true_acc, (b, o, y, xx), b, y, xx, o), name="out")
     outputs = [out]
-    if expose_acc:  # the accumulators in the common NCHW layout, for tests
+    if expose_acc and dense:
+        outputs = [te.compute(spec.out_shape, lambda m, o: true_acc[0, 0, m, o], name="acc_nchw"), out]
+    elif expose_acc:  # the accumulators in the common NCHW layout, for tests
         outputs = [te.compute(spec.out_shape, lambda b, o, y, xx: true_acc[b, y, xx, o], name="acc_nchw"), out]
     func = te.create_prim_func(params + outputs)
     return func.with_attrs({"global_symbol": name, ATTR_KIND: spec.kind, ATTR_LOWERING: spec.lowering,

@@ -21,9 +21,10 @@ def _source_index(spec: KernelSpec, p) -> tuple:
     if layout == "OHWI":
         o, kh, kw, c = p
         return (o, c, kh, kw)
-    if layout in ("vnni", "dp4a"):
+    if spec.packed_dot:
         ob, kh, kw, c4, oi, ci = p
-        return (ob * 16 + oi, c4 * 4 + ci, kh, kw)
+        o, c = ob * 16 + oi, c4 * spec.dot_depth + ci
+        return (o, c) if spec.kind == "dense" else (o, c, kh, kw)
     return tuple(p)
 
 
@@ -33,9 +34,10 @@ def _packed_index(spec: KernelSpec, i) -> tuple:
     if layout == "OHWI":
         o, c, kh, kw = i
         return (o, kh, kw, c)
-    if layout in ("vnni", "dp4a"):
-        o, c, kh, kw = i
-        return (o // 16, kh, kw, c // 4, o % 16, c % 4)
+    if spec.packed_dot:
+        o, c, kh, kw = i if len(i) == 4 else (*i, 0, 0)  # (dense weights: a 1x1 conv's)
+        d = spec.dot_depth
+        return (o // 16, kh, kw, c // d, o % 16, c % d)
     return tuple(i)
 
 
@@ -88,12 +90,13 @@ def pack_layout(spec: KernelSpec, a):
     layout = spec.weight_layout
     if layout == "OHWI":
         return np.ascontiguousarray(a.transpose(0, 2, 3, 1))
-    if layout in ("vnni", "dp4a"):
-        O, Cg, KH, KW = a.shape
-        Op, Cp = spec.packed_outputs, spec.vnni_channels
+    if spec.packed_dot:
+        O, Cg, KH, KW = a.shape if a.ndim == 4 else (*a.shape, 1, 1)
+        a = a.reshape(O, Cg, KH, KW)
+        Op, Cp, d = spec.packed_outputs, spec.vnni_channels, spec.dot_depth
         padded = np.zeros((Op, Cp, KH, KW), a.dtype)
         padded[:O, :Cg] = a
-        return np.ascontiguousarray(padded.reshape(Op // 16, 16, Cp // 4, 4, KH, KW).transpose(0, 4, 5, 2, 1, 3))
+        return np.ascontiguousarray(padded.reshape(Op // 16, 16, Cp // d, d, KH, KW).transpose(0, 4, 5, 2, 1, 3))
     return np.ascontiguousarray(a)
 
 
@@ -105,8 +108,8 @@ def unpack_layout(spec: KernelSpec, packed):
     layout = spec.weight_layout
     if layout == "OHWI":
         return np.ascontiguousarray(packed.transpose(0, 3, 1, 2))
-    if layout in ("vnni", "dp4a"):
-        O, Cg, KH, KW = spec.w_shape
+    if spec.packed_dot:
+        O, Cg, KH, KW = spec.w_shape if spec.kind == "conv2d" else (*spec.w_shape, 1, 1)
         full = packed.transpose(0, 4, 3, 5, 1, 2).reshape(spec.packed_outputs, spec.vnni_channels, KH, KW)
-        return np.ascontiguousarray(full[:O, :Cg])
+        return np.ascontiguousarray(full[:O, :Cg].reshape(spec.w_shape))
     return packed

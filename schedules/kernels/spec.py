@@ -159,6 +159,33 @@ class KernelSpec:
         return not self.gpu and self._packed_int8_conv(act_signed_bound=False, any_outputs=self.w_shape[0] >= 16)
 
     @property
+    def vnni16(self) -> bool:
+        """int16 weights on CPUs (the default preset), convs and dense layers (as a 1x1 conv over
+        ``M`` columns): 16 outputs x 2 channels per ``vpdpwssd``
+        (int16 x int16 word pairs into int32; weights packed [O/16, KH, KW, C/2, 16, 2]), the
+        activations int16 NHWC. 16-bit activations whose sums may not fit int32 go in as two
+        base-256 digits ``x = lo + 256*hi`` (``act_digits``), each summed in int32 and combined
+        in ``acc_dtype``: every digit sum must provably fit int32 (``vnni16_digit_bound``)."""
+        return (not self.gpu and self.kind in ("conv2d", "dense") and self.lowering == "intdot" and self.groups == 1
+                and self.q_dtype == "int16" and self.act_bits in (8, 16) and self.w_shape[0] >= 16
+                and self.w_shape[1] >= 3 and self.vnni16_digit_bound <= (1 << 31) - 1)
+
+    @property
+    def act_digits(self) -> int:
+        """Base-256 digits per activation in the ``vnni16`` conv: 1 when the activations are int16
+        words already and their whole sums fit int32 (8-bit ones; 16-bit signed ones of a short
+        reduction), else 2."""
+        return 1 if self.act_bits <= 8 or (self.act_signed and self.acc_dtype == "int32") else 2
+
+    @property
+    def vnni16_digit_bound(self) -> int:
+        """The largest ``|sum x_digit * q|`` one ``vnni16`` accumulator can reach (channels padded
+        to 2 with zeros): ``K * max|digit| * max|q|``."""
+        lo, hi = numerics.act_range(self.act_bits, self.act_signed)
+        digit = max(abs(lo), abs(hi)) if self.act_digits == 1 else 255
+        return self.reduction_size * digit * numerics.max_abs_q(self.E, self.n_max)
+
+    @property
     def dp4a(self) -> bool:
         """int8 preset on GPUs: the ``vnni`` blocking with both operands signed bytes (uint8
         activations offset to int8), for CUDA's ``__dp4a`` (4 int8 x int8 products per step).
@@ -183,24 +210,39 @@ class KernelSpec:
         return 0
 
     @property
+    def dot_depth(self) -> int:
+        """Input channels per packed dot-product step: 4 bytes (vnni, dp4a) or 2 words (vnni16)."""
+        return 2 if self.vnni16 else 4
+
+    @property
     def vnni_channels(self) -> int:
-        """Input channels of the VNNI layout: ``C`` rounded up to 4 (zero weights, zero activations),
-        so a 3-channel stem still takes one ``vpdpbusd`` per 16 outputs x 4 channels."""
-        return -(-self.w_shape[1] // 4) * 4
+        """Input channels of the packed layouts: ``C`` rounded up to ``dot_depth`` (zero weights,
+        zero activations), so a 3-channel stem still takes one ``vpdpbusd`` per 16 outputs x 4
+        channels."""
+        return -(-self.w_shape[1] // self.dot_depth) * self.dot_depth
 
     @property
     def weight_layout(self) -> str:
         """Layout of the integer weights ``q`` inside the layer kernel (``pack_weights`` makes it)."""
-        if self.kind == "dense":
+        if self.kind == "dense" and not self.vnni16:
             return "OI"
-        return "vnni" if self.vnni else "dp4a" if self.dp4a else "OHWI" if self.channels_last else "OIHW"
+        if self.vnni or self.dp4a or self.vnni16:
+            return "vnni" if self.vnni else "dp4a" if self.dp4a else "vnni16"
+        return "OHWI" if self.channels_last else "OIHW"
+
+    @property
+    def packed_dot(self) -> bool:
+        """The weights in one of the packed dot-product layouts (vnni, dp4a, vnni16): blocks of 16
+        outputs x ``dot_depth`` channels."""
+        return self.weight_layout in ("vnni", "dp4a", "vnni16")
 
     @property
     def packed_weight_shape(self) -> tuple:
         O, Cg, KH, KW = self.w_shape if self.kind == "conv2d" else (*self.w_shape, 1, 1)
-        return {"OI": self.w_shape, "OIHW": self.w_shape, "OHWI": (O, KH, KW, Cg),
-                "vnni": (self.packed_outputs // 16, KH, KW, self.vnni_channels // 4, 16, 4),
-                "dp4a": (self.packed_outputs // 16, KH, KW, self.vnni_channels // 4, 16, 4)}[self.weight_layout]
+        if self.packed_dot:
+            d = self.dot_depth
+            return (self.packed_outputs // 16, KH, KW, self.vnni_channels // d, 16, d)
+        return {"OI": self.w_shape, "OIHW": self.w_shape, "OHWI": (O, KH, KW, Cg)}[self.weight_layout]
 
     @property
     def channels_last(self) -> bool:

@@ -73,15 +73,15 @@ def _weight_stage(spec: KernelSpec, counts, enc: _Encoding, n, layout: str | Non
         )
     if layout == "OHWI":
         return te.compute(spec.packed_weight_shape, lambda *p: q_value(*_source_index(spec, p)), name="q")
-    if layout in ("vnni", "dp4a"):
+    if layout in ("vnni", "dp4a", "vnni16"):
         O, Cg = spec.w_shape[:2]
 
         def packed(*p):
-            o, c, kh, kw = _source_index(spec, p)
+            o, c, *khw = _source_index(spec, p)
             # channels past C (the round-up to 4) and outputs past O (dp4a's round-up to 16) are
             # zero weights
             inside = tirx.all(c < Cg, o < O) if spec.packed_outputs != O else c < Cg
-            return tirx.if_then_else(inside, q_value(tirx.min(o, O - 1), tirx.min(c, Cg - 1), kh, kw),
+            return tirx.if_then_else(inside, q_value(tirx.min(o, O - 1), tirx.min(c, Cg - 1), *khw),
                                      tirx.const(0, spec.q_dtype))
 
         return te.compute(spec.packed_weight_shape, packed, name="q")
@@ -91,8 +91,8 @@ def _weight_stage(spec: KernelSpec, counts, enc: _Encoding, n, layout: str | Non
 def _wsum(spec: KernelSpec, q):
     """The offset correction of the packed int8 conv, ``wsum[o] = -dot_offset * sum q[o, ...]``
     (int32), from ``q`` in the vnni / dp4a layout (see ``_vnni_conv``)."""
-    _, KH, KW, C4, _, _ = spec.packed_weight_shape
-    rh, rw, rc, rk = (te.reduce_axis((0, e), name=f"s{i}") for i, e in enumerate((KH, KW, C4, 4)))
+    _, KH, KW, C4, _, depth = spec.packed_weight_shape
+    rh, rw, rc, rk = (te.reduce_axis((0, e), name=f"s{i}") for i, e in enumerate((KH, KW, C4, depth)))
     return te.compute((spec.w_shape[0],), lambda o: te.sum(
         q[o // 16, rh, rw, rc, o % 16, rk].astype("int32") * tirx.const(-spec.dot_offset, "int32"),
         axis=[rh, rw, rc, rk]), name="wsum")
