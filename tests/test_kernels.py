@@ -620,14 +620,19 @@ def test_vnni_conv_bit_exact(case, n, E, signed):
 def test_vnni16_conv_bit_exact(case, bits, signed, prepacked):
     """The default preset's int16 weights take the tensorized vpdpwssd path (``vnni16``: words in
     pairs, channels padded to 2, outputs to 16); 16-bit activations whose sums might not fit int32
-    go in as two base-256 digits, summed apart in int32 and combined in int64."""
+    are summed in int32 chunks added up in int64 (signed) or go in as two base-256 digits
+    (unsigned), summed apart in int32 and combined in int64."""
     i = list(VNNI_CASES).index(case)
     seed, layer = SEEDS_LAYERS[(i + bits) % len(SEEDS_LAYERS)]
     spec = dataclasses.replace(conv_spec(VNNI_CASES[case], "intdot", 64, seed, layer, activation=ACTS[i % len(ACTS)],
                                          E=4, act_bits=bits, act_signed=signed), prepacked=prepacked)
     assert spec.vnni16 and spec.weight_layout == "vnni16" and spec.q_dtype == "int16" and spec.dot_offset == 0
     assert spec.packed_weight_shape[-2:] == (16, 2) and spec.vnni_channels % 2 == 0
-    assert spec.act_digits == (1 if bits == 8 or (signed and spec.acc_dtype == "int32") else 2)
+    # a 7x7 tap window x 2 channels can already pass int32 (the stem): no chunk, digits
+    pair = spec.reduction_size // spec.w_shape[1] * 2 * 2**15 * spec.n_max * 2**spec.E
+    chunked = bits == 16 and signed and spec.acc_dtype == "int64" and pair <= 2**31 - 1
+    assert bool(spec.vnni16_chunk) == chunked
+    assert spec.act_digits == (1 if bits == 8 or (signed and (spec.acc_dtype == "int32" or chunked)) else 2)
     check(spec, seed, layer)
 
 
@@ -643,16 +648,23 @@ def test_vnni16_dense_bit_exact(shape, bits, signed, prepacked):
     check(spec, 3, 1)
 
 
-def test_vnni16_digits():
-    """Digits only where the whole 16-bit sums might wrap int32: a short signed reduction keeps one
-    int16 plane; a long one, or unsigned 16-bit activations (not int16 words), take two."""
+def test_vnni16_chunks_and_digits():
+    """16-bit activations whose whole sums might wrap int32: signed ones are summed over chunks of
+    channel pairs that provably fit int32 (the largest divisor of the pairs), unsigned ones (not
+    int16 words) as two digit planes; a short reduction needs neither."""
     short = conv_spec(((1, 4, 5, 6), (16, 4, 1, 1), {}), "intdot", 64, E=4, act_bits=16)
     long = conv_spec(((1, 64, 5, 6), (16, 64, 3, 3), dict(padding=(1, 1, 1, 1))), "intdot", 64, E=4, act_bits=16)
-    assert short.acc_dtype == "int32" and short.act_digits == 1
+    assert short.acc_dtype == "int32" and short.act_digits == 1 and short.vnni16_chunk == 0
     assert dataclasses.replace(short, act_signed=False).act_digits == 2
-    assert long.acc_dtype == "int64" and long.act_digits == 2 and long.vnni16
+    # 3x3 taps x 2 channels x 2**15 x 1024 = 2**29.2 per pair: 3 pairs fit int32, 2 divide the 32 pairs
+    assert long.acc_dtype == "int64" and long.act_digits == 1 and long.vnni16_chunk == 2 and long.vnni16
+    assert 9 * 2 * long.vnni16_chunk * 2**15 * 1024 <= 2**31 - 1
+    one_by_one = dataclasses.replace(long, x_shape=(1, 480, 5, 6), w_shape=(480, 480, 1, 1), padding=(0, 0, 0, 0))
+    assert one_by_one.vnni16_chunk == 30  # of 240 pairs: 32 fit, 30 divides
+    unsigned = dataclasses.replace(long, act_signed=False)
+    assert unsigned.vnni16_chunk == 0 and unsigned.act_digits == 2 and unsigned.vnni16
     # one digit's sums must fit int32, else the conv keeps the channels-last form
-    huge = dataclasses.replace(long, x_shape=(1, 4096, 5, 6), w_shape=(16, 4096, 3, 3))
+    huge = dataclasses.replace(unsigned, x_shape=(1, 4096, 5, 6), w_shape=(16, 4096, 3, 3))
     assert huge.vnni16_digit_bound > 2**31 - 1 and not huge.vnni16 and huge.weight_layout == "OHWI"
     # fewer than 16 outputs, a 1-2 channel input, groups or a GPU: not vnni16
     assert not dataclasses.replace(long, w_shape=(8, 64, 3, 3)).vnni16
@@ -1013,6 +1025,8 @@ RESIDUAL_CASES = {
         groups=16, stride=(2, 2), padding=(1, 1, 1, 1))), "intdot", 4, 3, 1, E=3), prepacked=True, x_handoff=True),
     "channels_last_int16": lambda: conv_spec("stride2", "intdot", 4, 3, 1),
     "vnni16": lambda: dataclasses.replace(conv_spec("stride2", "intdot", 64, 3, 1), w_shape=(16, 4, 3, 3)),
+    "vnni16_chunks": lambda: dataclasses.replace(conv_spec(VNNI_CASES["width7"], "intdot", 64, 3, 1, act_bits=16),
+                                                 prepacked=True),
     "vnni16_digits": lambda: dataclasses.replace(conv_spec("stride2", "intdot", 64, 3, 1, act_bits=16, act_signed=False),
                                                  w_shape=(16, 4, 3, 3), prepacked=True),
     "nchw_groups": lambda: conv_spec("groups2", "intdot", 4, 3, 1),

@@ -98,7 +98,10 @@ def schedule_vnni(sch: s_tir.Schedule, acc, target: Target) -> s_tir.Schedule:
     # vnni16: int16 words; with 16-bit activations one accumulator set per digit (kernels/layer.py)
     words = spec is not None and spec.vnni16
     digits = spec.act_digits if words else 1
-    if digits > 1:
+    chunked = words and spec.vnni16_chunk
+    if chunked:  # int32 partial sums per chunk of channels, added up in int64 (kernels/layer.py)
+        b, y, x, ch, o, rh, rw, rc, rk = sch.get_loops(acc)
+    elif digits > 1:
         b, y, x, d, o, rh, rw, rc, rk = sch.get_loops(acc)
     else:
         b, y, x, o, rh, rw, rc, rk = sch.get_loops(acc)
@@ -118,6 +121,8 @@ def schedule_vnni(sch: s_tir.Schedule, acc, target: Target) -> s_tir.Schedule:
     ot = 2 if blocks % 2 == 0 else 3 if blocks % 3 == 0 else 1
     ob, oo = sch.split(ob, [None, ot])
     inner = [rh, rw, rc, xi, *([d] if digits > 1 else []), oo, oi, rk]
+    if chunked:
+        inner = [ch] + inner
     # Rows in parallel; where there are few (a dense layer has one), (row, output block) pairs,
     # each block's weights then reused along its row. Measured (2 threads): 7 rows of ResNet-18's
     # last 3x3 conv 785 -> 872 GMAC/s (int8) / 428 -> 464 (vnni16), a 480-channel 1x1 conv over 3
@@ -156,7 +161,11 @@ def schedule_vnni(sch: s_tir.Schedule, acc, target: Target) -> s_tir.Schedule:
     if "wsum" in names:
         parallel_vectorize(sch, out)
     else:
-        if "wide" in names:  # the digits' sums combined per tile, vectorized over the channels
+        if "wide" in names and chunked:  # each chunk's int32 sums added to int64 ones, per tile
+            wide = sch.get_sblock("wide")
+            sch.reverse_compute_at(wide, ch)
+            sch.vectorize(sch.get_loops(wide)[-1])
+        elif "wide" in names:  # the digits' sums combined per tile, vectorized over the channels
             wide = sch.get_sblock("wide")
             sch.reverse_compute_at(wide, tile)
             ch, rd = sch.get_loops(wide)[-2:]

@@ -275,14 +275,15 @@ def _vnni_conv(spec: KernelSpec, name, expose_acc, params, q, padded, finish):
     (``KernelSpec.dot_offset``); signed ones go in unchanged.
 
     The ``vnni16`` layout (int16 weights) blocks the reduction as (C/2, 2) int16 words for
-    ``vpdpwssd`` (signed x signed: no offset). Its activations are int16, one base-256 digit per
-    plane (``act_digits``): 8-bit ones and 16-bit ones whose sums fit int32 as they are, other
-    16-bit ones as ``lo = x & 255`` and ``hi = x >> 8`` (arithmetic, so ``x = lo + 256 * hi``
-    signed or not), stored
-    ``xq[b, h, w, digit * C2 + c]``. Each digit has its own int32 accumulators
-    ``acc[b, y, x, digit, o]`` (``KernelSpec.vnni16`` checks they cannot wrap), combined exactly
-    in ``acc_dtype`` as ``wide = acc_lo + (acc_hi << 8)``. A dense layer takes this path as a 1x1
-    conv: ``x [M, K]`` is a 1 x K x 1 x M input, its output ``[M, O]``.
+    ``vpdpwssd`` (signed x signed: no offset). Its activations are int16 words. Where their sums
+    might not fit int32 (``acc_dtype`` int64), signed 16-bit ones are summed in int32 over chunks
+    of ``vnni16_chunk`` channel pairs, ``acc[b, y, x, chunk, o]``, added up exactly in int64
+    (``wide``) after each chunk; unsigned 16-bit ones go in as two base-256 digit planes
+    (``act_digits``), ``lo = x & 255`` and ``hi = x >> 8`` (``x = lo + 256 * hi``), stored
+    ``xq[b, h, w, digit * C2 + c]``, each with its own int32 accumulators ``acc[b, y, x, digit,
+    o]``, combined exactly as ``wide = acc_lo + (acc_hi << 8)``. ``KernelSpec.vnni16`` checks that
+    no int32 sum can wrap. A dense layer takes this path as a 1x1 conv: ``x [M, K]`` is a
+    1 x K x 1 x M input, its output ``[M, O]``.
     """
     dense = spec.kind == "dense"
     if dense:  # x [M, K] read as a 1 x K x 1 x M NCHW input, w [O, K] as O x K x 1 x 1
@@ -338,6 +339,15 @@ def _vnni_conv(spec: KernelSpec, name, expose_acc, params, q, padded, finish):
         M, unflat, view = _flat_pixels(spec)
         # outputs padded to 16 (zero weights; the epilogue reads o < O only)
         acc = view(te.compute((spec.packed_outputs, M), lambda o, m: term(*unflat(m), o), name="acc"), lambda *i: i)
+    elif spec.vnni16 and spec.vnni16_chunk:  # int32 partial sums acc[b, y, x, chunk, o], added in int64
+        R = spec.vnni16_chunk
+        rr = te.reduce_axis((0, R), name="rr")
+        part = te.compute((N, OH, OW, C4 // depth // R, spec.packed_outputs), lambda b, y, xx, ch, o: te.sum(
+            xq[b, y * sh + rh * dh, xx * sw + rw * dw, (ch * R + rr) * depth + rk].astype("int32")
+            * q[o // 16, rh, rw, ch * R + rr, o % 16, rk].astype("int32"), axis=[rh, rw, rr, rk]), name="acc")
+        rch = te.reduce_axis((0, C4 // depth // R), name="rch")
+        acc = te.compute((N, OH, OW, spec.packed_outputs), lambda b, y, xx, o: te.sum(
+            part[b, y, xx, rch, o].astype(spec.acc_dtype), axis=[rch]), name="wide")
     elif digits > 1:  # vnni16, 16-bit activations: acc[b, y, x, digit, o], then combined (``wide``)
         digit_acc = te.compute((N, OH, OW, digits, spec.packed_outputs),
                                lambda b, y, xx, d, o: term(b, y, xx, o, d), name="acc")

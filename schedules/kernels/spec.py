@@ -163,19 +163,38 @@ class KernelSpec:
         """int16 weights on CPUs (the default preset), convs and dense layers (as a 1x1 conv over
         ``M`` columns): 16 outputs x 2 channels per ``vpdpwssd``
         (int16 x int16 word pairs into int32; weights packed [O/16, KH, KW, C/2, 16, 2]), the
-        activations int16 NHWC. 16-bit activations whose sums may not fit int32 go in as two
-        base-256 digits ``x = lo + 256*hi`` (``act_digits``), each summed in int32 and combined
-        in ``acc_dtype``: every digit sum must provably fit int32 (``vnni16_digit_bound``)."""
+        activations int16 NHWC. Where the sums of 16-bit activations may not fit int32, signed
+        ones are summed in int32 over chunks of channels added up in int64 (``vnni16_chunk``),
+        unsigned ones (not int16 words) go in as two base-256 digits ``x = lo + 256*hi``
+        (``act_digits``), each summed in int32 and combined in ``acc_dtype``: every digit sum
+        must provably fit int32 (``vnni16_digit_bound``)."""
         return (not self.gpu and self.kind in ("conv2d", "dense") and self.lowering == "intdot" and self.groups == 1
                 and self.q_dtype == "int16" and self.act_bits in (8, 16) and self.w_shape[0] >= 16
-                and self.w_shape[1] >= 3 and self.vnni16_digit_bound <= (1 << 31) - 1)
+                and self.w_shape[1] >= 3 and (self.vnni16_chunk > 0 or self.vnni16_digit_bound <= (1 << 31) - 1))
 
     @property
     def act_digits(self) -> int:
         """Base-256 digits per activation in the ``vnni16`` conv: 1 when the activations are int16
         words already and their whole sums fit int32 (8-bit ones; 16-bit signed ones of a short
         reduction), else 2."""
-        return 1 if self.act_bits <= 8 or (self.act_signed and self.acc_dtype == "int32") else 2
+        return 1 if self.act_bits <= 8 or (self.act_signed and self.acc_dtype == "int32") or self.vnni16_chunk else 2
+
+    @property
+    def vnni16_chunk(self) -> int:
+        """Channel pairs ``R`` per int32 partial sum of the ``vnni16`` conv with int16 activations
+        whose whole sums need int64: the largest divisor of the pairs such that ``KH * KW * 2 * R``
+        products provably fit int32; the partial sums are added up in int64. 0 where that is not
+        possible or not needed (int32 sums; unsigned 16-bit activations, which take digits).
+        Measured on Zen 5 (2 threads) against two digit planes: 1.5-2.5x faster (PP-OCRv4 det's
+        96 -> 24 3x3 conv at 80x80: 1.20 -> 0.61 ms; rec's 480 -> 480 1x1: 0.55 -> 0.37 ms)."""
+        if not (self.act_signed and self.act_bits == 16 and self.acc_dtype == "int64"):
+            return 0
+        taps = self.reduction_size // self.w_shape[1]
+        lo, hi = numerics.act_range(self.act_bits, self.act_signed)
+        per_pair = taps * 2 * max(abs(lo), abs(hi)) * numerics.max_abs_q(self.E, self.n_max)
+        pairs = -(-self.w_shape[1] // 2)  # (vnni_channels // 2, without asking vnni16)
+        fit = ((1 << 31) - 1) // per_pair
+        return max((r for r in range(1, min(fit, pairs) + 1) if pairs % r == 0), default=0)
 
     @property
     def vnni16_digit_bound(self) -> int:
