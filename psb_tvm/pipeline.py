@@ -39,6 +39,7 @@ from .passes import (
     AttachPSBMetadata,
     FuseResidualAdd,
     HandOffInt8Activations,
+    LegalizeNonOverlappingConvTranspose,
     RewriteToPSB,
     ScalarMinMaxCallTIRToRelaxOps,
 )
@@ -68,8 +69,11 @@ def rewrite_passes(layers: list, frozen: dict | None = None) -> list:
 
 def legalize_passes(target: tvm.target.Target) -> list:
     """CPU: every Relax op becomes a PrimFunc. PSB PrimFuncs carry ``op_pattern = kOpaque`` so
-    nothing downstream fuses (and unschedules) them. ``psb_tvm.tune`` extracts its tasks here."""
-    return cpu_generic.library_dispatch_passes(target) + cpu_generic.legalize_passes(target)
+    nothing downstream fuses (and unschedules) them. Transposed convs whose kernel equals their
+    stride are computed directly (``LegalizeNonOverlappingConvTranspose``), the rest by TOPI.
+    ``psb_tvm.tune`` extracts its tasks here."""
+    return ([LegalizeNonOverlappingConvTranspose()] + cpu_generic.library_dispatch_passes(target)
+            + cpu_generic.legalize_passes(target))
 
 
 def schedule_passes(target: tvm.target.Target, database=None, n_max: int | None = None) -> list:

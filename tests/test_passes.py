@@ -159,23 +159,53 @@ def _conv_transpose_model(rng, in_ch=6, out_ch=4, hw=5, kernel=2, stride=2, pads
 
 @pytest.mark.parametrize("geometry", [dict(), dict(hw=8, kernel=3, stride=2, pads=(1, 1, 1, 1)), dict(out_ch=1, hw=16)])
 def test_float_conv_transpose_rule_schedules_the_layer_and_matches_onnxruntime(geometry):
-    """Transposed convs stay float (PP-OCR's detector head). Our ConvTranspose rule schedules them
-    (dlight's generic rules left them serial: 58 of the detector's 64 ms) with the same floats as
-    the unscheduled kernel (measured on the detector's two), and the module matches ONNX Runtime."""
+    """Transposed convs stay float (PP-OCR's detector head). Those whose kernel equals their stride
+    are computed directly (LegalizeNonOverlappingConvTranspose, scheduled by DirectConvTranspose),
+    the others by TOPI's dilate-pad-conv, scheduled by our ConvTranspose rule (dlight's generic
+    rules left them serial: 58 of the detector's 64 ms); the module matches ONNX Runtime."""
     import onnxruntime as ort
-    from psb_tvm.schedules.cpu import ConvTranspose
+    from psb_tvm.schedules.cpu import ConvTranspose, DirectConvTranspose
 
     tgt = host_target()
     model = _conv_transpose_model(np.random.default_rng(0), **geometry)
     mod = legalize(import_onnx(model).mod, tgt)
     (func,) = [f for gv, f in mod.functions.items() if "conv2d_transpose" in gv.name_hint]
-    sch = ConvTranspose().apply(func, tgt, False)
+    direct = geometry.get("kernel", 2) == geometry.get("stride", 2)
+    sch = (DirectConvTranspose() if direct else ConvTranspose()).apply(func, tgt, False)
     assert sch is not None and "T.parallel(" in sch.mod["main"].script()
+    assert ("conv2d_transpose_direct" in func.script()) == direct
+    assert (DirectConvTranspose() if not direct else ConvTranspose()).apply(func, tgt, False) is None
     x = np.random.default_rng(1).standard_normal((1, 6 if "in_ch" not in geometry else geometry["in_ch"],
                                                   geometry.get("hw", 5), geometry.get("hw", 5))).astype(np.float32)
     module = psb_tvm.compile(model, samples=4)
     want = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
     np.testing.assert_allclose(module.run(x), want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("geometry", [dict(in_ch=24, out_ch=24, hw=10), dict(in_ch=24, out_ch=1, hw=20),
+                                      dict(in_ch=5, out_ch=3, hw=7, kernel=3, stride=3)])
+def test_direct_conv_transpose_equals_topi_bit_for_bit(geometry):
+    """The direct transposed conv (kernel == stride: one tap per output) sums the same nonzero
+    products in the same order as TOPI's dilate-pad-conv, so the compiled modules agree bit for
+    bit (the detector head's 24 -> 24 and 24 -> 1 upsamplings, and a 3x3 / 3 one)."""
+    from tvm.relax.backend.cpu_generic import pipeline as cpu_generic
+
+    from psb_tvm import pipeline
+
+    tgt = host_target()
+    model = _conv_transpose_model(np.random.default_rng(4), **geometry)
+    mod = import_onnx(model).mod
+    topi = (cpu_generic.library_dispatch_passes(tgt) + cpu_generic.legalize_passes(tgt)
+            + pipeline.schedule_passes(tgt) + cpu_generic.dataflow_lower_passes(tgt) + cpu_generic.finalize_passes(tgt))
+    ours = pipeline.cpu_build_passes(tgt)
+    x = np.random.default_rng(5).standard_normal((1, geometry["in_ch"], geometry["hw"], geometry["hw"])).astype(np.float32)
+    outs = []
+    for passes in (topi, ours):
+        ex = tvm.compile(mod, tgt, relax_pipeline=tvm.transform.Sequential(passes))
+        vm = relax.VirtualMachine(ex, tvm.cpu())
+        outs.append(vm["main"](tvm.runtime.tensor(x)).numpy())
+    assert np.any(outs[0] != 0)
+    np.testing.assert_array_equal(outs[1].view(np.int32), outs[0].view(np.int32))
 
 
 @pytest.fixture(scope="module")

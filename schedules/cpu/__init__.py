@@ -3,6 +3,7 @@
 from tvm.s_tir import dlight
 
 from .conv_transpose import ConvTranspose
+from .conv_transpose_direct import DirectConvTranspose
 from .elementwise import Elementwise
 from .gemv import GEMV
 from .psb_conv2d import PSBConv2D
@@ -16,8 +17,9 @@ from .psb_sampling import PSBPack, PSBSample
 def default_rules():
     """Rules tried in order for every PrimFunc that is not scheduled yet."""
     return [PSBSample(), PSBPack(), PSBDepthwiseNHWC(), PSBDepthwiseConv2D(), PSBConv2D(), PSBDense(), PSBMasked(),
-            ConvTranspose(), GEMV(), dlight.cpu.Reduction(), Elementwise()]
+            DirectConvTranspose(), ConvTranspose(), GEMV(), dlight.cpu.Reduction(), Elementwise()]
 
 
-__all__ = ["GEMV", "ConvTranspose", "Elementwise", "PSBConv2D", "PSBDense", "PSBDepthwiseConv2D", "PSBDepthwiseNHWC",
+__all__ = ["GEMV", "ConvTranspose", "DirectConvTranspose", "Elementwise",
+           "PSBConv2D", "PSBDense", "PSBDepthwiseConv2D", "PSBDepthwiseNHWC",
            "PSBMasked", "PSBPack", "PSBSample", "default_rules"]
