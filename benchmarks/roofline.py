@@ -510,8 +510,9 @@ STATIC_ANALYSIS = [
     "measured no faster: the layout transposes cost what the contiguous loads save).",
     "- **int16 preset.** int16 weights take the vnni16 path: the vnni blocking with int16 words in pairs, one "
     "`vpdpwssd` per 16 outputs x 2 channels (half the products per instruction of `vpdpbusd`, so about half "
-    "the int8 rate at best); 16-bit activations whose sums might not fit int32 take two base-256 digits "
-    "(twice the work again), not shown here (these rows use 8-bit activations).",
+    "the int8 rate at best); 16-bit activations whose sums might not fit int32 are summed in int32 over "
+    "chunks of channels added up in int64 (signed) or take two base-256 digits (unsigned: twice the work), "
+    "not shown here (these rows use 8-bit activations).",
     "- **Noise.** Two vCPUs shared with other jobs: a kernel of 1-3 ms whose 2 threads are split statically "
     "loses a whole time slice when one vCPU is taken; stage and kernel times are medians but can still be off "
     "by ~2x between runs. Compare rows of one run only.",
