@@ -208,6 +208,40 @@ def test_direct_conv_transpose_equals_topi_bit_for_bit(geometry):
     np.testing.assert_array_equal(outs[1].view(np.int32), outs[0].view(np.int32))
 
 
+def _pool_model(op, out_hw, **attrs):
+    from onnx import TensorProto, helper
+
+    node = helper.make_node(op, ["x"], ["y"], name="pool", **attrs)
+    graph = helper.make_graph([node], "pool", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 5, 17, 18])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 5, *out_hw])])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], ir_version=8)
+
+
+@pytest.mark.parametrize("op,out_hw,attrs", [
+    ("MaxPool", (9, 9), dict(kernel_shape=[3, 3], strides=[2, 2], pads=[1, 1, 1, 1])),  # ResNet's
+    ("AveragePool", (17, 18), dict(kernel_shape=[3, 3], strides=[1, 1], pads=[1, 1, 1, 1], count_include_pad=0)),
+    ("AveragePool", (8, 9), dict(kernel_shape=[2, 2], strides=[2, 2])),
+], ids=["max_3x3_s2", "avg_3x3_exclude_pad", "avg_2x2_s2"])
+def test_pool_rule_parallel_and_bit_exact(op, out_hw, attrs):
+    """Pool2D schedules TOPI's pooling (no other rule did: one thread, scalar): parallel and
+    vectorized, the same floats as the unscheduled function (the window order is kept per lane)."""
+    from psb_tvm.schedules.cpu import Pool2D
+
+    tgt = host_target()
+    mod = legalize(import_onnx(_pool_model(op, out_hw, **attrs)).mod, tgt)
+    (func,) = [f for gv, f in mod.functions.items() if isinstance(f, tvm.tirx.PrimFunc) and "pool" in gv.name_hint]
+    sch = Pool2D().apply(func, tgt, False)
+    assert sch is not None and "T.parallel(" in sch.mod["main"].script() and "T.vectorized(" in sch.mod["main"].script()
+    x = np.random.default_rng(2).standard_normal((1, 5, 17, 18)).astype(np.float32)
+    outs = []
+    for f in (func, sch.mod["main"]):
+        lib = tvm.compile(f.with_attr("global_symbol", "pool"), target=tgt)
+        y = tvm.runtime.empty((1, 5, *out_hw), "float32", tvm.cpu())
+        lib["pool"](tvm.runtime.tensor(x), y)
+        outs.append(y.numpy())
+    np.testing.assert_array_equal(outs[1].view(np.int32), outs[0].view(np.int32))
+
+
 @pytest.fixture(scope="module")
 def handoff_modules():
     model = handoff_model()
