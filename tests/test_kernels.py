@@ -637,6 +637,32 @@ def test_vnni16_conv_bit_exact(case, bits, signed, prepacked):
 
 
 @pytest.mark.parametrize("prepacked", [False, True], ids=["sampled", "prepacked"])
+@pytest.mark.parametrize("signed", [False, True], ids=["uint16", "int16"])
+@pytest.mark.parametrize("case", ["3x3_pad1", "stem_c3", "o24"])
+def test_vnni16_int8_weights_with_16bit_activations(case, signed, prepacked):
+    """int8-range weights (E=3 / n_max=8) with 16-bit activations take vnni16 with the weights
+    stored as int16 words; with 8-bit activations they stay on vnni (vpdpbusd)."""
+    i = list(VNNI_CASES).index(case)
+    seed, layer = SEEDS_LAYERS[i % len(SEEDS_LAYERS)]
+    spec = dataclasses.replace(conv_spec(VNNI_CASES[case], "intdot", 8, seed, layer, E=3, act_bits=16,
+                                         act_signed=signed), prepacked=prepacked)
+    assert spec.q_range_dtype == "int8" and spec.q_dtype == "int16" and spec.vnni16 and not spec.vnni
+    assert dataclasses.replace(spec, act_bits=8).vnni and dataclasses.replace(spec, act_bits=8).q_dtype == "int8"
+    check(spec, seed, layer)
+
+
+@pytest.mark.parametrize("prepacked", [False, True], ids=["sampled", "prepacked"])
+@pytest.mark.parametrize("bits,signed", [(8, False), (8, True), (16, True)], ids=["uint8", "int8", "int16"])
+def test_vnni16_dense_with_int8_weights(bits, signed, prepacked):
+    """Dense layers have no int8 packed form: int8-range weights take vnni16 as int16 words at any
+    activation width (PP-OCRv4 rec's 120 -> 6625 classifier with the int8 preset)."""
+    spec = dataclasses.replace(dense_spec((40, 120, 40), "intdot", 8, 3, 1, E=3, act_bits=bits, act_signed=signed),
+                               prepacked=prepacked)
+    assert spec.q_range_dtype == "int8" and spec.q_dtype == "int16" and spec.weight_layout == "vnni16"
+    check(spec, 3, 1)
+
+
+@pytest.mark.parametrize("prepacked", [False, True], ids=["sampled", "prepacked"])
 @pytest.mark.parametrize("bits,signed", [(8, False), (16, False), (16, True)], ids=["uint8", "uint16", "int16"])
 @pytest.mark.parametrize("shape", [(5, 300, 17), (40, 120, 96), (1, 64, 32)], ids=["5x300x17", "40x120x96", "1x64x32"])
 def test_vnni16_dense_bit_exact(shape, bits, signed, prepacked):
