@@ -51,3 +51,29 @@ def parallel_vectorize(sch: s_tir.Schedule, block, lanes: int = VECTOR_LANES) ->
         sch.vectorize(inner)
     else:
         sch.parallel(fused)
+
+
+def root_blocks(sch: s_tir.Schedule) -> list | None:
+    """The blocks under the root block, or None when the function has no root block (not a
+    schedulable nest)."""
+    try:
+        return list(sch.get_child_blocks(sch.get_sblock("root")))
+    except Exception:  # noqa: BLE001 - no root block
+        return None
+
+
+def epilogue_per_row(sch: s_tir.Schedule, names: list, row) -> bool:
+    """Place the elementwise blocks ``names`` (bias, activation, an average's division) under the
+    main nest's ``row`` loop, each vectorized over a tail-free part of its innermost loop, so each
+    row is finished while in cache. False when one does not follow the nest row by row."""
+    for name in names:
+        block = sch.get_sblock(name)
+        try:
+            sch.reverse_compute_at(block, row)
+        except s_tir.ScheduleError:
+            return False
+        inner = sch.get_loops(block)[-1]
+        n = largest_divisor(loop_extents(sch, [inner])[0], VECTOR_LANES)
+        if n > 1:
+            sch.vectorize(sch.split(inner, [None, n])[1])
+    return True

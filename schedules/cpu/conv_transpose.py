@@ -7,7 +7,7 @@ from tvm import s_tir, tirx
 from tvm.s_tir.dlight.cpu.base import CPUScheduleRule
 from tvm.target import Target
 
-from .common import VECTOR_LANES, block_names, largest_divisor, loop_extents
+from .common import VECTOR_LANES, block_names, epilogue_per_row, largest_divisor, loop_extents
 
 STAGES = {"data_dilate", "data_pad", "kernel_transform", "compute"}
 
@@ -49,16 +49,8 @@ class ConvTranspose(CPUScheduleRule):
         sch.parallel(row)
         # the elementwise epilogue (bias, activation), in program order: after each row, in cache
         order = [sch.get(blk).name_hint for blk in sch.get_child_blocks(sch.get_sblock("root"))]
-        for name in [n for n in order if n not in STAGES]:
-            block = sch.get_sblock(name)
-            try:
-                sch.reverse_compute_at(block, row)
-            except s_tir.ScheduleError:  # an epilogue that does not follow the conv row by row
-                return None
-            inner = sch.get_loops(block)[-1]
-            n = largest_divisor(loop_extents(sch, [inner])[0], VECTOR_LANES)
-            if n > 1:
-                sch.vectorize(sch.split(inner, [None, n])[1])
+        if not epilogue_per_row(sch, [n for n in order if n not in STAGES], row):
+            return None
         if lanes > 1:
             sch.vectorize(wi)
         init = sch.decompose_reduction(conv, dc)

@@ -7,7 +7,7 @@ from tvm import s_tir, tirx
 from tvm.s_tir.dlight.cpu.base import CPUScheduleRule
 from tvm.target import Target
 
-from .common import VECTOR_LANES, block_names, largest_divisor, loop_extents
+from .common import VECTOR_LANES, block_names, epilogue_per_row, largest_divisor, loop_extents
 
 BLOCK = "conv2d_transpose_direct"  # (passes.legalize_conv_transpose.BLOCK; schedules do not import passes)
 
@@ -38,16 +38,8 @@ class DirectConvTranspose(CPUScheduleRule):
         row = sch.fuse(b, o, yo)
         sch.parallel(row)
         order = [sch.get(blk).name_hint for blk in sch.get_child_blocks(sch.get_sblock("root"))]
-        for name in [n for n in order if n != BLOCK]:
-            block = sch.get_sblock(name)
-            try:
-                sch.reverse_compute_at(block, row)
-            except s_tir.ScheduleError:  # an epilogue that does not follow the conv row by row
-                return None
-            inner = sch.get_loops(block)[-1]
-            n = largest_divisor(loop_extents(sch, [inner])[0], VECTOR_LANES)
-            if n > 1:
-                sch.vectorize(sch.split(inner, [None, n])[1])
+        if not epilogue_per_row(sch, [n for n in order if n != BLOCK], row):
+            return None
         if lanes > 1:
             sch.vectorize(xoi)
         init = sch.decompose_reduction(conv, rc)

@@ -6,7 +6,7 @@ from tvm import s_tir, tirx
 from tvm.s_tir.dlight.cpu.base import CPUScheduleRule
 from tvm.target import Target
 
-from .common import parallel_vectorize
+from .common import parallel_vectorize, root_blocks
 
 
 class Elementwise(CPUScheduleRule):
@@ -16,10 +16,7 @@ class Elementwise(CPUScheduleRule):
         if not isinstance(func, tirx.PrimFunc) or not self.is_target_available(target):
             return None
         sch = s_tir.Schedule(func)
-        try:
-            blocks = sch.get_child_blocks(sch.get_sblock("root"))
-        except Exception:  # noqa: BLE001 - no root block: not a schedulable nest
-            return None
+        blocks = root_blocks(sch)
         if not blocks:
             return None
         for block in blocks:

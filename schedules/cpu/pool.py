@@ -7,7 +7,7 @@ from tvm import s_tir, tirx
 from tvm.s_tir.dlight.cpu.base import CPUScheduleRule
 from tvm.target import Target
 
-from .common import VECTOR_LANES, largest_divisor, loop_extents, vectorize_below_reductions
+from .common import epilogue_per_row, root_blocks, vectorize_below_reductions
 
 
 class Pool2D(CPUScheduleRule):
@@ -25,9 +25,8 @@ class Pool2D(CPUScheduleRule):
         if not isinstance(func, tirx.PrimFunc) or not self.is_target_available(target):
             return None
         sch = s_tir.Schedule(func)
-        try:
-            blocks = sch.get_child_blocks(sch.get_sblock("root"))
-        except Exception:  # noqa: BLE001 - no root block: not a schedulable nest
+        blocks = root_blocks(sch)
+        if blocks is None:
             return None
         names = [sch.get(b).name_hint for b in blocks]
         # TOPI marks its pooling (max: the reduction; average: the division after the sum)
@@ -55,15 +54,6 @@ class Pool2D(CPUScheduleRule):
             sch.parallel(sch.fuse(*pad_loops[:-1]) if len(pad_loops) > 1 else pad_loops[0])
         b, c, y, x, *window = loops
         vectorize_below_reductions(sch, pool, [b, c, y], x, window, n_parallel=3)
-        row = sch.get_loops(pool)[0]
-        for name in names[index + 1:]:  # the epilogue, per row while in cache
-            block = sch.get_sblock(name)
-            try:
-                sch.reverse_compute_at(block, row)
-            except s_tir.ScheduleError:
-                return None
-            inner = sch.get_loops(block)[-1]
-            n = largest_divisor(loop_extents(sch, [inner])[0], VECTOR_LANES)
-            if n > 1:
-                sch.vectorize(sch.split(inner, [None, n])[1])
+        if not epilogue_per_row(sch, names[index + 1:], sch.get_loops(pool)[0]):
+            return None
         return sch
