@@ -32,7 +32,7 @@ class PSBConv2D(PSBRule, CPUScheduleRule):
         loops = sch.get_loops(acc)
         b, o, y, x = loops[:4]
         reductions = loops[4:]
-        if attrs.get(ATTR_LAYOUT) in ("vnni", "vnni16"):
+        if attrs.get(ATTR_LAYOUT) in ("vnni", "vnni16"):  # (dp4a is declined above)
             return schedule_vnni(sch, acc, target)
         if attrs.get(ATTR_LAYOUT) == "bitserial":
             schedule_bitserial_packs(sch)  # then the NCHW nest below: vectorized over output columns

@@ -286,11 +286,11 @@ def _vnni_conv(spec: KernelSpec, name, expose_acc, params, q, padded, finish):
     1 x K x 1 x M input, its output ``[M, O]``.
     """
     dense = spec.kind == "dense"
-    if dense:  # x [M, K] read as a 1 x K x 1 x M NCHW input, w [O, K] as O x K x 1 x 1
-        (M, C), (O, Cg), KH, KW, H, W, N = spec.x_shape, spec.w_shape, 1, 1, 1, spec.x_shape[0], 1
+    O, Cg, KH, KW = spec.conv_w_shape  # (a dense layer's: 1x1)
+    if dense:  # x [M, K] read as a 1 x K x 1 x M NCHW input
+        (M, C), H, W, N = spec.x_shape, 1, spec.x_shape[0], 1
     else:
         N, C, H, W = spec.x_shape
-        O, Cg, KH, KW = spec.w_shape
     pt, pl, pb, pr = spec.padding
     sh, sw = spec.stride
     dh, dw = spec.dilation
@@ -331,9 +331,13 @@ def _vnni_conv(spec: KernelSpec, name, expose_acc, params, q, padded, finish):
     rk = te.reduce_axis((0, depth), name="rk")
     OH, OW = (1, M) if dense else spec.out_shape[2:]
 
+    def dot(b, y, xx, o, d, pair, axis):
+        """The int32 sum over ``axis`` of activation x weight products at channel pair ``pair``."""
+        return te.sum(xq[b, y * sh + rh * dh, xx * sw + rw * dw, d * C4 + pair * depth + rk].astype("int32")
+                      * q[o // 16, rh, rw, pair, o % 16, rk].astype("int32"), axis=axis)
+
     def term(b, y, xx, o, d=0):
-        return te.sum(xq[b, y * sh + rh * dh, xx * sw + rw * dw, d * C4 + rc * depth + rk].astype("int32")
-                      * q[o // 16, rh, rw, rc, o % 16, rk].astype("int32"), axis=[rh, rw, rc, rk])
+        return dot(b, y, xx, o, d, rc, [rh, rw, rc, rk])
 
     if spec.dp4a:  # acc[o, m] over flattened output pixels (see _flat_pixels)
         M, unflat, view = _flat_pixels(spec)
@@ -342,9 +346,8 @@ def _vnni_conv(spec: KernelSpec, name, expose_acc, params, q, padded, finish):
     elif spec.vnni16 and spec.vnni16_chunk:  # int32 partial sums acc[b, y, x, chunk, o], added in int64
         R = spec.vnni16_chunk
         rr = te.reduce_axis((0, R), name="rr")
-        part = te.compute((N, OH, OW, C4 // depth // R, spec.packed_outputs), lambda b, y, xx, ch, o: te.sum(
-            xq[b, y * sh + rh * dh, xx * sw + rw * dw, (ch * R + rr) * depth + rk].astype("int32")
-            * q[o // 16, rh, rw, ch * R + rr, o % 16, rk].astype("int32"), axis=[rh, rw, rr, rk]), name="acc")
+        part = te.compute((N, OH, OW, C4 // depth // R, spec.packed_outputs),
+                          lambda b, y, xx, ch, o: dot(b, y, xx, o, 0, ch * R + rr, [rh, rw, rr, rk]), name="acc")
         rch = te.reduce_axis((0, C4 // depth // R), name="rch")
         acc = te.compute((N, OH, OW, spec.packed_outputs), lambda b, y, xx, o: te.sum(
             part[b, y, xx, rch, o].astype(spec.acc_dtype), axis=[rch]), name="wide")

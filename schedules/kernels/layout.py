@@ -91,7 +91,7 @@ def pack_layout(spec: KernelSpec, a):
     if layout == "OHWI":
         return np.ascontiguousarray(a.transpose(0, 2, 3, 1))
     if spec.packed_dot:
-        O, Cg, KH, KW = a.shape if a.ndim == 4 else (*a.shape, 1, 1)
+        O, Cg, KH, KW = spec.conv_w_shape
         a = a.reshape(O, Cg, KH, KW)
         Op, Cp, d = spec.packed_outputs, spec.vnni_channels, spec.dot_depth
         padded = np.zeros((Op, Cp, KH, KW), a.dtype)
@@ -109,7 +109,7 @@ def unpack_layout(spec: KernelSpec, packed):
     if layout == "OHWI":
         return np.ascontiguousarray(packed.transpose(0, 3, 1, 2))
     if spec.packed_dot:
-        O, Cg, KH, KW = spec.w_shape if spec.kind == "conv2d" else (*spec.w_shape, 1, 1)
+        O, Cg, KH, KW = spec.conv_w_shape
         full = packed.transpose(0, 4, 3, 5, 1, 2).reshape(spec.packed_outputs, spec.vnni_channels, KH, KW)
         return np.ascontiguousarray(full[:O, :Cg].reshape(spec.w_shape))
     return packed

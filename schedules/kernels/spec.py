@@ -13,6 +13,8 @@ from psb_tvm.numerics import LOWERINGS  # noqa: F401 - re-exported
 
 COUNTS_DTYPE = "int16"  # counts <= n_max <= 1024
 RESIDUALS = (None, "add", "add_relu")  # KernelSpec.residual
+#: The packed dot-product weight layouts: blocks of 16 outputs x ``dot_depth`` channels.
+PACKED_DOT_LAYOUTS = ("vnni", "dp4a", "vnni16")
 
 
 BITSERIAL_WORD = 32  # bits per packed word of the bitserial lowering (popcount on uint32)
@@ -137,7 +139,7 @@ class KernelSpec:
     @property
     def q_dtype(self) -> str:
         """The stored type of the integer weights: their range's, or int16 words for a ``vnni16``
-        conv of int8-range weights (16-bit activations)."""
+        kernel of int8-range weights."""
         return "int16" if self.vnni16 else self.q_range_dtype
 
     @property
@@ -167,19 +169,20 @@ class KernelSpec:
 
     @property
     def vnni16(self) -> bool:
-        """int16 weights on CPUs (the default preset; int8 ones with 16-bit activations), convs and
-        dense layers (as a 1x1 conv over
-        ``M`` columns): 16 outputs x 2 channels per ``vpdpwssd``
-        (int16 x int16 word pairs into int32; weights packed [O/16, KH, KW, C/2, 16, 2]), the
+        """int16 weights on CPUs (the default preset; also int8-range ones with 16-bit activations,
+        and every dense layer), convs and dense layers (as a 1x1 conv over ``M`` columns): 16
+        outputs x 2 channels per ``vpdpwssd`` (int16 x int16 word pairs into int32; weights packed
+        [O/16, KH, KW, C/2, 16, 2]), the
         activations int16 NHWC. Where the sums of 16-bit activations may not fit int32, signed
         ones are summed in int32 over chunks of channels added up in int64 (``vnni16_chunk``),
         unsigned ones (not int16 words) go in as two base-256 digits ``x = lo + 256*hi``
         (``act_digits``), each summed in int32 and combined in ``acc_dtype``: every digit sum
         must provably fit int32 (``vnni16_digit_bound``)."""
-        # int8-range weights take it with 16-bit activations (the int8 preset's 16-bit layers on
-        # PP-OCR); with 8-bit ones they take the vnni layout (vpdpbusd: twice the products)
-        # (and dense layers, which have no int8 packed form: PP-OCRv4 rec's 120 -> 6625 classifier
-        # took 0.88 ms in the plain OI form)
+        # int8-range weights take it with 16-bit activations (a config such as E=3, n_max=8 with
+        # act_bits "auto"; the int8 preset's activations are all 8-bit); convs with 8-bit ones take
+        # the vnni layout (vpdpbusd: twice the products). Dense layers have no int8 packed form:
+        # PP-OCRv4 rec's 120 -> 6625 classifier took 0.88 ms in the plain OI form with the int8
+        # preset, 0.23 ms here.
         words = self.q_range_dtype == "int16" or (self.q_range_dtype == "int8"
                                                    and (self.act_bits == 16 or self.kind == "dense"))
         return (not self.gpu and self.kind in ("conv2d", "dense") and self.lowering == "intdot" and self.groups == 1
@@ -267,11 +270,16 @@ class KernelSpec:
     def packed_dot(self) -> bool:
         """The weights in one of the packed dot-product layouts (vnni, dp4a, vnni16): blocks of 16
         outputs x ``dot_depth`` channels."""
-        return self.weight_layout in ("vnni", "dp4a", "vnni16")
+        return self.weight_layout in PACKED_DOT_LAYOUTS
+
+    @property
+    def conv_w_shape(self) -> tuple:
+        """``w_shape`` as a conv's ``(O, C/groups, KH, KW)``: a dense layer's ``(O, K)`` as 1x1."""
+        return tuple(self.w_shape) if self.kind == "conv2d" else (*self.w_shape, 1, 1)
 
     @property
     def packed_weight_shape(self) -> tuple:
-        O, Cg, KH, KW = self.w_shape if self.kind == "conv2d" else (*self.w_shape, 1, 1)
+        O, Cg, KH, KW = self.conv_w_shape
         if self.packed_dot:
             d = self.dot_depth
             return (self.packed_outputs // 16, KH, KW, self.vnni_channels // d, 16, d)

@@ -12,7 +12,7 @@ from psb_tvm.abi import ATTR_KIND, ATTR_LAYOUT
 
 from .layout import _source_index, _storage_shape
 from .sample import _stratified
-from .spec import COUNTS_DTYPE, KernelSpec
+from .spec import COUNTS_DTYPE, PACKED_DOT_LAYOUTS, KernelSpec
 
 
 class _Encoding:
@@ -73,7 +73,7 @@ def _weight_stage(spec: KernelSpec, counts, enc: _Encoding, n, layout: str | Non
         )
     if layout == "OHWI":
         return te.compute(spec.packed_weight_shape, lambda *p: q_value(*_source_index(spec, p)), name="q")
-    if layout in ("vnni", "dp4a", "vnni16"):
+    if layout in PACKED_DOT_LAYOUTS:
         O, Cg = spec.w_shape[:2]
 
         def packed(*p):
