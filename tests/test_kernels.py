@@ -613,6 +613,28 @@ def test_vnni_conv_bit_exact(case, n, E, signed):
     check(spec, seed, layer)
 
 
+@pytest.mark.parametrize("bits", [8, 16])
+def test_stem_activations_quantized_in_planes(bits):
+    """A packed conv on a float input of <= 4 channels quantizes whole padded planes (``xp``), then
+    interleaves them into 4-channel pixels with the channel loop unrolled; wider inputs and
+    hand-offs keep the one-stage ``xq``. (Bit-exactness: ``stem_c3`` / ``stride2_asym`` above.)"""
+    def stages(case, **kw):
+        spec = dataclasses.replace(conv_spec(VNNI_CASES[case], "intdot", 8, 1, 0, E=3, act_bits=bits), prepacked=True, **kw)
+        sch = PSBConv2D().apply(psb_layer_kernel(spec, "stem"), TARGET, False)
+        names = {sch.get(b).name_hint for b in sch.get_child_blocks(sch.get_sblock("root"))}
+        return spec, names, sch
+
+    spec, names, sch = stages("stem_c3")
+    assert spec.packed_dot and spec.stem_planes and {"xp", "xq"} <= names
+    assert sch.get(sch.get_loops(sch.get_sblock("xq"))[-1]).kind == tvm.tirx.ForKind.UNROLLED
+    assert sch.get(sch.get_loops(sch.get_sblock("xp"))[0]).kind == tvm.tirx.ForKind.PARALLEL
+    spec, names, _ = stages("c6")
+    assert not spec.stem_planes and "xp" not in names
+    if bits == 8:  # (the integer hand-off is between 8-bit convs only)
+        spec, names, _ = stages("stem_c3", x_handoff=True)
+        assert not spec.stem_planes and "xp" not in names
+
+
 @pytest.mark.parametrize("prepacked", [False, True], ids=["sampled", "prepacked"])
 @pytest.mark.parametrize("bits,signed", [(8, False), (8, True), (16, False), (16, True)],
                          ids=["uint8", "int8", "uint16", "int16"])

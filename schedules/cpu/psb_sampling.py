@@ -3,7 +3,7 @@ layer kernels."""
 
 from __future__ import annotations
 
-from tvm import s_tir, tirx
+from tvm import DataType, s_tir, tirx
 from tvm.s_tir.dlight.cpu.base import CPUScheduleRule
 from tvm.target import Target
 
@@ -67,11 +67,13 @@ class PSBPack(PSBRule, CPUScheduleRule):
         return sch
 
 
-#: Columns of the NHWC activation stage per pass over the channels (XQ_COLUMN_BLOCK x C stores
+#: Bytes of the NHWC activation stage per pass over the channels (columns x C x itemsize stores
 #: in flight): whole rows of 160 columns x 256 int16 channels (80 KB) overflowed L1 and made a
-#: 128-channel 1x1 conv (16-bit activations, vnni16) 0.84 ms instead of 0.22 (blocks of 32; of
-#: 8 / 16: 0.30); the int8 preset's 3x3 and stem convs measured the same within noise.
-XQ_COLUMN_BLOCK = 32
+#: 128-channel 1x1 conv (16-bit activations, vnni16) 0.84 ms instead of 0.22 (32 columns, 16 KB;
+#: 8 / 16 columns: 0.30). A budget in bytes rather than columns: 32 columns as the cap made the
+#: stems' blocks the largest divisor of the padded width (226 -> 2 columns), and MobileNetV2's
+#: stem 0.127 ms instead of 0.06 (whole rows of 4 channels: 0.9 KB).
+XQ_BLOCK_BYTES = 16384
 
 
 def schedule_shared_stages(sch: s_tir.Schedule) -> None:
@@ -83,6 +85,15 @@ def schedule_shared_stages(sch: s_tir.Schedule) -> None:
     xq = sch.get_sblock("xq")
     loops = sch.get_loops(xq)
     spec = spec_of(sch.mod["main"])
+    if spec is not None and spec.stem_planes:
+        # planes: rows in parallel, LLVM vectorizes along them; pixels: rows in parallel, the
+        # channel loop unrolled so the column loop vectorizes as an interleaving store
+        b, c, h, w = sch.get_loops(sch.get_sblock("xp"))
+        sch.reorder(b, h, c, w)
+        sch.parallel(sch.fuse(b, h))
+        sch.parallel(sch.fuse(*loops[:2]))
+        sch.unroll(loops[3])
+        return
     handoff = spec is not None and spec.x_handoff  # a padded copy of NHWC rows
     layout = str(sch.mod["main"].attrs.get(ATTR_LAYOUT, "") or "")
     dense = spec is not None and spec.kind == "dense"  # (its float input is row-major [M, K] already)
@@ -93,7 +104,9 @@ def schedule_shared_stages(sch: s_tir.Schedule) -> None:
         # int8 preset, prepacked) ResNet-18's stem 0.41 -> 0.27 ms, its 3x3 convs 625-817 ->
         # 704-949 GMAC/s, MobileNetV2's stem 0.20 -> 0.06 ms.
         b, h, w, c = loops
-        wo, wi = sch.split(w, [None, largest_divisor(loop_extents(sch, [w])[0], XQ_COLUMN_BLOCK)])
+        width, channels = loop_extents(sch, [w, c])
+        row_bytes = channels * DataType(sch.get(xq).writes[0].source.dtype).bits // 8
+        wo, wi = sch.split(w, [None, largest_divisor(width, max(1, XQ_BLOCK_BYTES // row_bytes))])
         sch.reorder(b, h, wo, c, wi)
         sch.parallel(sch.fuse(b, h))
     elif sch.get(xq).name_hint == "xq" and len(loops) in (4, 5) and (handoff or loop_extents(sch, loops[-1:])[0] >= 32):

@@ -324,7 +324,17 @@ def _vnni_conv(spec: KernelSpec, name, expose_acc, params, q, padded, finish):
             v = v.astype(xq_dtype)
         return tirx.if_then_else(c < C, v, tirx.const(0, xq_dtype)) if C4 != C else v
 
-    xq = te.compute((N, H + pt + pb, W + pl + pr, digits * C4), xq_value, name="xq")
+    if spec.stem_planes:
+        # Few channels of a float NCHW input (a stem): the quantized padded planes first
+        # (``xp``, contiguous rows), then interleaved into pixels of C4 channels with the channel
+        # loop unrolled, which LLVM turns into shuffles. One stage doing both (gathers from C
+        # planes per pixel, padding tests per byte) ran scalar: 0.034 ms against 0.008 for
+        # MobileNetV2's 3 x 224 x 224 input on Zen 5.
+        xp = te.compute((N, C, H + pt + pb, W + pl + pr), lambda b, c, h, w: xq_value(b, h, w, c), name="xp")
+        xq = te.compute((N, H + pt + pb, W + pl + pr, C4), lambda b, h, w, c: tirx.if_then_else(
+            c < C, xp[b, tirx.min(c, C - 1), h, w], tirx.const(0, xq_dtype)), name="xq")
+    else:
+        xq = te.compute((N, H + pt + pb, W + pl + pr, digits * C4), xq_value, name="xq")
     rh = te.reduce_axis((0, KH), name="rh")
     rw = te.reduce_axis((0, KW), name="rw")
     rc = te.reduce_axis((0, C4 // depth), name="rc")

@@ -258,6 +258,13 @@ class KernelSpec:
         return -(-self.w_shape[1] // self.dot_depth) * self.dot_depth
 
     @property
+    def stem_planes(self) -> bool:
+        """A packed conv reading a float NCHW input of at most ``dot_depth`` channels (a stem):
+        its activation stage quantizes whole planes, then interleaves them (``kernels/layer.py``)."""
+        return (self.packed_dot and not self.gpu and self.kind == "conv2d" and not self.x_handoff
+                and self.vnni_channels <= 4 and not (self.vnni16 and self.act_digits > 1))
+
+    @property
     def weight_layout(self) -> str:
         """Layout of the integer weights ``q`` inside the layer kernel (``pack_weights`` makes it)."""
         if self.kind == "dense" and not self.vnni16:
