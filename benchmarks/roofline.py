@@ -275,15 +275,23 @@ def _stage_funcs(spec):
     padded = _padded(spec, x)
     q = _weight_stage(spec, counts, _Encoding(spec, sign, normal, shift), n)
     nhwc = spec.vnni or spec.vnni16 or spec.channels_last
-    if nhwc:  # (vnni16's int16 words: the 8-bit activations widened, one digit plane)
+    if nhwc and spec.stem_planes:  # padded planes, then 4-channel pixels (as in _vnni_conv)
+        dtype = "int16" if spec.vnni16 else spec.act_dtype
+        xp = te.compute((N, C, H + pt + pb, W + pl + pr), lambda b, c, h, w: padded(b, c, h, w).astype(dtype), name="xp")
+        C4 = spec.vnni_channels
+        xq = te.compute((N, H + pt + pb, W + pl + pr, C4), lambda b, h, w, c: tirx.if_then_else(
+            c < C, xp[b, tirx.min(c, C - 1), h, w], tirx.const(0, dtype)), name="xq")
+    elif nhwc:  # (vnni16's int16 words: the 8-bit activations widened, one digit plane)
         dtype = "int16" if spec.vnni16 else spec.act_dtype
         xq = te.compute((N, H + pt + pb, W + pl + pr, C), lambda b, h, w, c: padded(b, c, h, w).astype(dtype), name="xq")
     else:  # rows padded as in the kernel (unit stride)
         xq = te.compute((N, C, H + pt + pb, xq_row_width(W + pl + pr)), padded, name="xq")
     qf = te.create_prim_func([counts, sign, normal, shift, n, q]).with_attr("global_symbol", "stage_q")
     xf = te.create_prim_func([x, xq]).with_attr("global_symbol", "stage_xq")
-    if nhwc:  # the kernel's NHWC stage schedule keys on the layout
+    if nhwc:  # the kernel's NHWC stage schedule keys on the layout (and a stem's on its spec)
         xf = xf.with_attr("psb.layout", path_of(spec))
+        if spec.stem_planes:
+            xf = xf.with_attr("psb.spec", spec.to_json())
     return qf, xf, ([int(d) for d in q.shape], q.dtype), ([int(d) for d in xq.shape], xq.dtype)
 
 
@@ -359,6 +367,8 @@ def time_layer(name: str, layer: tuple, preset: str, target, number: int, repeat
     row["prepacked_ms"], _ = median_ms(pp_lib, "psb_roofline_prepacked", *pp_args, RUN_SAMPLES, pp_out)
     np.testing.assert_array_equal(pp_out.numpy(), out.numpy())  # same draw, same bits
     row["prepacked_gmac_per_s"] = macs / (row["prepacked_ms"] * 1e-3) / 1e9
+    if spec.groups > 1 and spec.groups == spec.x_shape[1] and preset == "int8":
+        row.update(_time_dw_handoff(pp_spec, packed, args[5:], target, median_ms))
     smp_ms, _ = median_ms(sampler, "psb_roofline_sample", thr, 0, RUN_SAMPLES, 7, counts)
     row["sample_ms"] = smp_ms
     row["sample_ns_per_weight_sample"] = smp_ms * 1e6 / (enc.threshold.size * RUN_SAMPLES)
@@ -371,6 +381,26 @@ def time_layer(name: str, layer: tuple, preset: str, target, number: int, repeat
         row["xq_stage_ms"], _ = median_ms(xlib, "stage_xq", args[0], xout)
         row["stages_fraction"] = (row["q_stage_ms"] + row["xq_stage_ms"]) / ms
     return row
+
+
+def _time_dw_handoff(spec, packed: list, scale_bias: list, target, median_ms) -> dict:
+    """A depthwise conv in the int8 module's own form: between two integer hand-offs, channels-last
+    (``dw_nhwc``), uint8 NHWC activations in and out (the consumer: an unsigned 8-bit conv)."""
+    import tvm
+    from psb_tvm.schedules.cpu import PSBDepthwiseNHWC
+    from psb_tvm.schedules.kernels import Handoff, psb_layer_kernel
+
+    dev = tvm.cpu()
+    O = spec.w_shape[0]
+    h_spec = dataclasses.replace(spec, x_handoff=True, out_handoff=Handoff(8, False, FRAC_BITS, 0, O))
+    sch = PSBDepthwiseNHWC().apply(psb_layer_kernel(h_spec, "psb_roofline_dw_handoff"), target, False)
+    lib = tvm.compile(sch.mod["main"], target=target)
+    N, C, H, W = spec.x_shape
+    x = np.random.default_rng(1).integers(0, 256, size=(N, H, W, C)).astype(np.uint8)
+    out = tvm.runtime.empty(h_spec.out_storage_shape, h_spec.out_dtype, dev)
+    ms, _ = median_ms(lib, "psb_roofline_dw_handoff", tvm.runtime.tensor(x, dev),
+                      *[tvm.runtime.tensor(a, dev) for a in packed], *scale_bias, RUN_SAMPLES, out)
+    return {"handoff_ms": ms, "handoff_gmac_per_s": conv_macs(spec) / (ms * 1e-3) / 1e9}
 
 
 def run_layers(layers: dict, presets: list[str], number: int, repeat: int, stages: bool) -> tuple[list, dict]:
@@ -406,6 +436,8 @@ def add_fractions(rows: list, peak: dict) -> None:
     for r in rows:
         r["fraction_of_peak"] = r["gmac_per_s"] / p if p else None
         r["prepacked_fraction_of_peak"] = r["prepacked_gmac_per_s"] / p if p and "prepacked_gmac_per_s" in r else None
+        if "handoff_gmac_per_s" in r:
+            r["handoff_fraction_of_peak"] = r["handoff_gmac_per_s"] / p if p else None
         r["large"] = r["macs"] >= LARGE_CONV_MACS and r["groups"] == 1
 
 
@@ -461,6 +493,12 @@ def markdown(result: dict) -> str:
                      f"{r.get('prepacked_gmac_per_s', float('nan')):.1f} | {frac(r, 'prepacked_fraction_of_peak')} | "
                      f"{r.get('q_stage_ms', float('nan')):.3f} | {r.get('xq_stage_ms', float('nan')):.3f} | "
                      f"{r['sample_ms']:.3f} |")
+    for r in rows:
+        if "handoff_ms" in r:
+            lines += ["", f"{r['layer']} as the {r['preset']} module runs it (channels-last `dw_nhwc`, between two "
+                          f"integer hand-offs: uint8 NHWC in and out, weights prepacked): {r['handoff_ms']:.3f} ms, "
+                          f"{r['handoff_gmac_per_s']:.1f} GMAC/s, {frac(r, 'handoff_fraction_of_peak')} of the peak "
+                          "(the issue's target for depthwise convs: >= 25%)."]
     if result.get("errors"):
         lines += ["", "Failed:", ""] + [f"- {k}: {v}" for k, v in result["errors"].items()]
     lines += ["", f"✓ / ✗: int8 preset, groups=1 conv with >= {LARGE_CONV_MACS // 10**6} M MACs, against the "
@@ -505,9 +543,12 @@ STATIC_ANALYSIS = [
     "weight-sample; with n=8 it costs more than the conv itself for the 256/512-channel layers.",
     "- **Stem and signed activations.** The 7x7/2 stem has C=3: the vnni layout rounds C up to 4 with zero "
     "weights; its input is signed, so the activations go in offset to uint8 (+128) and each output channel is "
-    "corrected by -128 x its weight sum (exact). Depthwise convs use the NCHW path (vectorized over output "
-    "columns, reduction outside): no dot-product instructions (an NHWC variant vectorized over channels "
-    "measured no faster: the layout transposes cost what the contiguous loads save).",
+    "corrected by -128 x its weight sum (exact); the 3 channels are quantized as padded planes, then "
+    "interleaved into 4-channel pixels (shuffles). Depthwise convs on a float input use the NCHW path "
+    "(vectorized over output columns, reduction outside). Between integer hand-offs (the int8 module's "
+    "MobileNetV2) they run channels-last: 16 channels x up to 8 pixels per tap, the weights in registers, "
+    "LLVM's `vpdpwssd` on the widened bytes (16 products per instruction, a quarter of `vpdpbusd`'s: without "
+    "a reduction over channels the 4 taps per lane would need interleaved activations).",
     "- **int16 preset.** int16 weights take the vnni16 path: the vnni blocking with int16 words in pairs, one "
     "`vpdpwssd` per 16 outputs x 2 channels (half the products per instruction of `vpdpbusd`, so about half "
     "the int8 rate at best); 16-bit activations whose sums might not fit int32 are summed in int32 over "

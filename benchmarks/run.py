@@ -298,6 +298,7 @@ def build_variants(name: str, data: dict, workdir: pathlib.Path, bar, trials: in
         draws = iter(range(1, 2**32))
         fns["psb_int8_n8_new_draw"] = (lambda m: lambda x: m.run(x, samples=8, seed=next(draws)))(int8)
         info["int8_vnni_layers"] = sum(1 for l in int8.layers if l.get("weight_layout") == "vnni")
+        info["int8_vnni16_layers"] = sum(1 for l in int8.layers if l.get("weight_layout") == "vnni16")
     int8_frozen = attempt(["psb_int8_frozen_n8"], "psb_int8_frozen_n8", lambda: build(
         "psb_int8_frozen_n8", samples=8, seed=0, input_shapes=shapes, calibration=calib, frozen=True,
         config=psb_tvm.PSBConfig.preset("int8")))
@@ -508,6 +509,41 @@ LABELS = {"psb_n1": "psb_tvm n=1", "psb_n4": "psb_tvm n=4", "psb_n8": "psb_tvm n
           "ort_int8": "ORT int8 (static QDQ)", "ov_fp32": "OpenVINO fp32", "ov_int8": "OpenVINO int8 (NNCF PTQ)"}
 
 
+#: variants of the tuned table -> the module (build label, tuning time) each runs: the int8
+#: deployment form, the default configuration, TVM fp32
+TUNED_VARIANTS = {"psb_int8_frozen_n8": "psb_int8_frozen_n8", "psb_int8_n8": "psb_int8_n8", "psb_n8": "psb",
+                  "psb_frozen_n8": "psb_frozen_n8", "tvm_fp32": "tvm_fp32"}
+
+
+def tuned_section(results: dict, tuned: dict) -> list[str]:
+    """Default (this run) and tuned (``--tuned-from``: a ``--tuning-trials`` run's latest.json) rows
+    side by side. The two runs are minutes apart on a noisy guest, so each latency is also given
+    as a ratio to ORT int8 / fp32 of its own run."""
+    meta = tuned["meta"]
+    lines = ["", f"## Tuned: {meta['tuning_trials']} MetaSchedule trials", "",
+             f"From `{meta['command']}` ({meta['date']}, git {meta['machine']['git_commit']}): every psb_tvm module"
+             f" and TVM fp32 tuned with {meta['tuning_trials']} measured candidates in all (XGBoost cost model, the"
+             " database starts from the default schedules), then timed like the default run above. Ratios are to"
+             " the baselines of the same run.", "",
+             "| model | variant | default ms | / ORT int8 | / ORT fp32 | tuned ms | / ORT int8 | / ORT fp32 | tuning s |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for name, t in tuned["models"].items():
+        if name not in results["models"]:
+            continue
+        for v, module in TUNED_VARIANTS.items():
+            cells = []
+            for r in (results["models"][name], t):
+                lat = r.get("latency_ms", {})
+                ms = lat.get(v, {}).get("median")
+                cells.append("–" if ms is None else f"{ms:.3g}")
+                for base in ("ort_int8", "ort_fp32"):
+                    b = lat.get(base, {}).get("median")
+                    cells.append("–" if ms is None or not b else f"{ms / b:.2f}")
+            tuning = t.get("tuning_s", {}).get(module)
+            lines.append(f"| {name} | {LABELS[v]} | " + " | ".join(cells) + f" | {'–' if tuning is None else f'{tuning:.0f}'} |")
+    return lines
+
+
 def markdown(results: dict) -> str:
     meta = results["meta"]
     m = meta["machine"]
@@ -592,10 +628,12 @@ def markdown(results: dict) -> str:
         if r.get("tuning_s"):
             lines.append("Tuning time (s): " + ", ".join(f"{k} {v:.0f}" for k, v in r["tuning_s"].items()) + ".")
         if "int8_vnni_layers" in r:
-            lines.append(f"int8 preset: {r['int8_vnni_layers']} of {r.get('psb_layers', '?')} PSB layers run on VNNI"
-                         " dot products (8-bit activations x int8 weights packed for `vpdpbusd`; the others: depthwise"
-                         " convs (scheduled a channel at a time), fewer than 16 output channels, dense, use the plain"
-                         " integer kernels).")
+            lines.append(f"int8 preset: {r['int8_vnni_layers']} of {r.get('psb_layers', '?')} PSB layers run on"
+                         " `vpdpbusd` (8-bit activations x int8 weights, packed)"
+                         + (f", {r['int8_vnni16_layers']} on `vpdpwssd` (weights as int16 words: dense layers, 16-bit"
+                            " activations)" if "int8_vnni16_layers" in r else "")
+                         + "; the others (depthwise convs, convs of fewer than 16 outputs) on their own integer"
+                         " kernels.")
         fc = r.get("first_call_s", {})
         if fc:
             lines.append("First call (s), not included above: " + ", ".join(f"{k} {v:.2f}" for k, v in fc.items())
@@ -605,6 +643,8 @@ def markdown(results: dict) -> str:
         lines.append(f"Agreement inputs: {r.get('quality', {}).get('inputs', '–')}.")
         for v, msg in r.get("errors", {}).items():
             lines.append(f"- **{v} failed**: {msg}")
+    if results.get("tuned"):
+        lines += tuned_section(results, results["tuned"])
     compile_md = HERE / "results" / "compile_time.md"
     if compile_md.exists():  # benchmarks/compile_time.py: a separate run, its own machine line
         body = compile_md.read_text().split("\n", 2)[2].strip()
@@ -632,6 +672,8 @@ def main(argv=None) -> int:
     ap.add_argument("--out-dir", default=str(HERE / "results"))
     ap.add_argument("--tuning-trials", type=int, default=0,
                     help="tune every psb_tvm module and TVM fp32 with this many MetaSchedule trials each (default 0: untuned)")
+    ap.add_argument("--tuned-from", default=None,
+                    help="latest.json of a --tuning-trials run: BENCHMARKS.md gets its rows next to this run's")
     ap.add_argument("--markdown", default=None,
                     help="also write the markdown here (default: BENCHMARKS.md at the repo root for full runs, "
                          "none for --quick); 'none' disables it")
@@ -702,6 +744,8 @@ def main(argv=None) -> int:
             del fns
 
     results["meta"]["total_seconds"] = round(time.perf_counter() - t_start, 1)
+    if args.tuned_from:
+        results["tuned"] = json.loads(pathlib.Path(args.tuned_from).read_text())
     import resource
 
     results["meta"]["peak_rss_gib"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)

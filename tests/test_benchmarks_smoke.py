@@ -53,6 +53,28 @@ def test_ratio_fields(quick_run):
             assert isinstance(value, float) and math.isfinite(value) and value > 0, (variant, key)
 
 
+def test_tuned_rows_next_to_default(quick_run):
+    """``--tuned-from``: a tuning run's rows beside this run's, each latency also as a ratio to the
+    ORT int8 / fp32 of its own run, with the module's tuning time."""
+    sys.path.insert(0, str(RUN.parent))
+    import run
+
+    results, _, _ = quick_run
+    tuned = json.loads(json.dumps(results))
+    tuned["meta"]["tuning_trials"] = 8
+    lat = tuned["models"]["digits"]["latency_ms"]
+    lat["psb_int8_frozen_n8"]["median"] = 2 * lat["ort_int8"]["median"]
+    tuned["models"]["digits"]["tuning_s"] = {"psb_int8_frozen_n8": 12.0}
+    results = dict(results, tuned=tuned)
+    md = run.markdown(results)
+    assert "## Tuned: 8 MetaSchedule trials" in md
+    row = next(line for line in md.splitlines() if line.startswith("| digits | psb_tvm int8 preset frozen n=8 |"))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells[6] == "2.00" and cells[-1] == "12"  # tuned / ORT int8 of its own run; tuning seconds
+    default = results["models"]["digits"]["latency_ms"]
+    assert cells[3] == f"{default['psb_int8_frozen_n8']['median'] / default['ort_int8']['median']:.2f}"
+
+
 def test_model_facts_and_report(quick_run):
     results, out, benchmarks_md_untouched = quick_run
     digits = results["models"]["digits"]
