@@ -261,7 +261,7 @@ def _stage_funcs(spec):
     """The layer kernel's two per-call preparation stages as standalone PrimFuncs, defined as in
     ``schedules/kernels/`` (layout per path) and scheduled as ``schedule_shared_stages`` does."""
     from psb_tvm.schedules.kernels import COUNTS_DTYPE, xq_row_width
-    from psb_tvm.schedules.kernels.layer import _padded
+    from psb_tvm.schedules.kernels.layer import _padded, stem_activation_stages
     from psb_tvm.schedules.kernels.weights import _Encoding, _weight_stage
     from tvm import te, tirx
 
@@ -275,12 +275,9 @@ def _stage_funcs(spec):
     padded = _padded(spec, x)
     q = _weight_stage(spec, counts, _Encoding(spec, sign, normal, shift), n)
     nhwc = spec.vnni or spec.vnni16 or spec.channels_last
-    if nhwc and spec.stem_planes:  # padded planes, then 4-channel pixels (as in _vnni_conv)
+    if nhwc and spec.stem_planes:  # padded planes, then 4-channel pixels, as the kernel has them
         dtype = "int16" if spec.vnni16 else spec.act_dtype
-        xp = te.compute((N, C, H + pt + pb, W + pl + pr), lambda b, c, h, w: padded(b, c, h, w).astype(dtype), name="xp")
-        C4 = spec.vnni_channels
-        xq = te.compute((N, H + pt + pb, W + pl + pr, C4), lambda b, h, w, c: tirx.if_then_else(
-            c < C, xp[b, tirx.min(c, C - 1), h, w], tirx.const(0, dtype)), name="xq")
+        xq = stem_activation_stages(spec, lambda b, c, h, w: padded(b, c, h, w).astype(dtype), dtype)
     elif nhwc:  # (vnni16's int16 words: the 8-bit activations widened, one digit plane)
         dtype = "int16" if spec.vnni16 else spec.act_dtype
         xq = te.compute((N, H + pt + pb, W + pl + pr, C), lambda b, h, w, c: padded(b, c, h, w).astype(dtype), name="xq")

@@ -32,9 +32,16 @@ def vectorize_below_reductions(sch: s_tir.Schedule, acc, outer: list, axis, redu
     sch.reorder(*outer, ao, *reductions, ai)
     par = [*outer, ao][:n_parallel]
     sch.parallel(sch.fuse(*par) if len(par) > 1 else par[0])
+    vectorize_reduction(sch, acc, ai, reductions[0], lanes)
+
+
+def vectorize_reduction(sch: s_tir.Schedule, block, lane_loop, reduction_loop, lanes: int) -> None:
+    """Vectorize ``lane_loop`` (when ``lanes > 1``), then split ``block``'s init off at
+    ``reduction_loop``, vectorized alike. The order matters: vectorizing needs the complete
+    reduction block, which decompose_reduction splits."""
     if lanes > 1:
-        sch.vectorize(ai)  # before decompose_reduction: it needs the complete reduction block
-    init = sch.decompose_reduction(acc, reductions[0])
+        sch.vectorize(lane_loop)
+    init = sch.decompose_reduction(block, reduction_loop)
     if lanes > 1:
         sch.vectorize(sch.get_loops(init)[-1])
 

@@ -7,7 +7,7 @@ from tvm import s_tir, tirx
 from tvm.s_tir.dlight.cpu.base import CPUScheduleRule
 from tvm.target import Target
 
-from .common import VECTOR_LANES, block_names, epilogue_per_row, largest_divisor, loop_extents
+from .common import VECTOR_LANES, block_names, epilogue_per_row, largest_divisor, loop_extents, vectorize_reduction
 
 STAGES = {"data_dilate", "data_pad", "kernel_transform", "compute"}
 
@@ -51,9 +51,5 @@ class ConvTranspose(CPUScheduleRule):
         order = [sch.get(blk).name_hint for blk in sch.get_child_blocks(sch.get_sblock("root"))]
         if not epilogue_per_row(sch, [n for n in order if n not in STAGES], row):
             return None
-        if lanes > 1:
-            sch.vectorize(wi)
-        init = sch.decompose_reduction(conv, dc)
-        if lanes > 1:
-            sch.vectorize(sch.get_loops(init)[-1])
+        vectorize_reduction(sch, conv, wi, dc, lanes)
         return sch

@@ -7,7 +7,7 @@ from tvm import s_tir, tirx
 from tvm.s_tir.dlight.cpu.base import CPUScheduleRule
 from tvm.target import Target
 
-from .common import VECTOR_LANES, block_names, epilogue_per_row, largest_divisor, loop_extents
+from .common import VECTOR_LANES, block_names, epilogue_per_row, largest_divisor, loop_extents, vectorize_reduction
 
 BLOCK = "conv2d_transpose_direct"  # (passes.legalize_conv_transpose.BLOCK; schedules do not import passes)
 
@@ -40,9 +40,5 @@ class DirectConvTranspose(CPUScheduleRule):
         order = [sch.get(blk).name_hint for blk in sch.get_child_blocks(sch.get_sblock("root"))]
         if not epilogue_per_row(sch, [n for n in order if n != BLOCK], row):
             return None
-        if lanes > 1:
-            sch.vectorize(xoi)
-        init = sch.decompose_reduction(conv, rc)
-        if lanes > 1:
-            sch.vectorize(sch.get_loops(init)[-1])
+        vectorize_reduction(sch, conv, xoi, rc, lanes)
         return sch

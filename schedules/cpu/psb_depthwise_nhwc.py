@@ -10,7 +10,7 @@ from psb_tvm.abi import ATTR_LAYOUT
 
 from ..kernels.spec import spec_of
 from ..rule import PSBRule
-from .common import VECTOR_LANES, largest_divisor, loop_extents
+from .common import VECTOR_LANES, block_names, largest_divisor, loop_extents, vectorize_reduction
 
 #: Output pixels of a row summed together (up to this many, a divisor of the width), each tap's
 #: weights loaded once for them: one pixel at a time, its nine products formed one dependent
@@ -49,11 +49,7 @@ class PSBDepthwiseNHWC(PSBRule, CPUScheduleRule):
         sch.unroll(rw)
         sch.unroll(xi)
         x = xo
-        if lanes > 1:
-            sch.vectorize(ci)
-        init = sch.decompose_reduction(acc, rh)
-        if lanes > 1:
-            sch.vectorize(sch.get_loops(init)[-1])
+        vectorize_reduction(sch, acc, ci, rh, lanes)
         if spec_of(func).out_handoff is not None:
             sch.reverse_compute_at(out, x)  # the pixel's channels, contiguous NHWC bytes
             width = loop_extents(sch, sch.get_loops(out)[-1:])[0]  # the consumer's channels
@@ -67,7 +63,7 @@ class PSBDepthwiseNHWC(PSBRule, CPUScheduleRule):
             loops = sch.get_loops(block)
             sch.parallel(sch.fuse(*loops[:-1]))
             _vectorize_inner(sch, loops[-1], largest_divisor(loop_extents(sch, loops[-1:])[0], VECTOR_LANES))
-        if "acc_nchw" in {sch.get(blk).name_hint for blk in sch.get_child_blocks(sch.get_sblock("root"))}:
+        if "acc_nchw" in block_names(sch):
             loops = sch.get_loops(sch.get_sblock("acc_nchw"))
             sch.parallel(sch.fuse(*loops[:-1]))
         return sch

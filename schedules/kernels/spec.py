@@ -259,8 +259,9 @@ class KernelSpec:
 
     @property
     def stem_planes(self) -> bool:
-        """A packed conv reading a float NCHW input of at most ``dot_depth`` channels (a stem):
-        its activation stage quantizes whole planes, then interleaves them (``kernels/layer.py``)."""
+        """A packed CPU conv reading a float NCHW input of at most 4 channels, padding included
+        (``vnni_channels``; a stem), in one digit plane: its activation stage quantizes whole
+        planes, then interleaves them (``layer.stem_activation_stages``)."""
         return (self.packed_dot and not self.gpu and self.kind == "conv2d" and not self.x_handoff
                 and self.vnni_channels <= 4 and not (self.vnni16 and self.act_digits > 1))
 
