@@ -596,6 +596,9 @@ VNNI_CASES = {
     # output channels padded to 16 with zero weights (MobileNetV2's 24-channel projections)
     "o24": ((1, 32, 4, 8), (24, 32, 1, 1), {}),
     "o40_3x3": ((1, 8, 5, 6), (40, 8, 3, 3), dict(padding=(1, 1, 1, 1))),
+    # a strided 1x1 (ResNet's downsample): only the pixels it reads are quantized
+    "1x1_s2": ((2, 12, 9, 11), (16, 12, 1, 1), dict(stride=(2, 2))),
+    "1x1_s2x3": ((1, 8, 7, 10), (16, 8, 1, 1), dict(stride=(2, 3))),
 }
 
 
@@ -635,10 +638,30 @@ def test_stem_activations_quantized_in_planes(bits):
         assert not spec.stem_planes and "xp" not in names
 
 
+def test_strided_pointwise_quantizes_read_pixels_only():
+    """A strided 1x1 conv's activation stage has the output's pixels, ``x[y * sh, x * sw]``, not
+    the whole input; a padded or 3x3 strided conv keeps the whole (padded) input. (Bit-exactness:
+    the ``1x1_s2`` cases above and ``to_1x1_s2`` of the hand-off pairs.)"""
+    def xq_shape(case):
+        spec = dataclasses.replace(conv_spec(VNNI_CASES[case], "intdot", 8, 1, 0, E=3), prepacked=True)
+        func = psb_layer_kernel(spec, "k")
+        sch = PSBConv2D().apply(func, TARGET, False)
+        return spec, tuple(int(v) for v in sch.get(sch.get_sblock("xq")).writes[0].source.shape)
+
+    spec, shape = xq_shape("1x1_s2")
+    assert spec.strided_pointwise and shape[1:3] == tuple(spec.out_shape[2:]) == (5, 6)
+    spec, shape = xq_shape("1x1_s2x3")
+    assert spec.strided_pointwise and shape[1:3] == (4, 4)
+    for case in ("1x1", "stride2_asym"):
+        spec, shape = xq_shape(case)
+        pt, pl, pb, pr = spec.padding
+        assert not spec.strided_pointwise and shape[1:3] == (spec.x_shape[2] + pt + pb, spec.x_shape[3] + pl + pr)
+
+
 @pytest.mark.parametrize("prepacked", [False, True], ids=["sampled", "prepacked"])
 @pytest.mark.parametrize("bits,signed", [(8, False), (8, True), (16, False), (16, True)],
                          ids=["uint8", "int8", "uint16", "int16"])
-@pytest.mark.parametrize("case", ["3x3_pad1", "1x1", "stride2_asym", "dilation2", "width7", "stem_c3", "o24"])
+@pytest.mark.parametrize("case", ["3x3_pad1", "1x1", "stride2_asym", "dilation2", "width7", "stem_c3", "o24", "1x1_s2"])
 def test_vnni16_conv_bit_exact(case, bits, signed, prepacked):
     """The default preset's int16 weights take the tensorized vpdpwssd path (``vnni16``: words in
     pairs, channels padded to 2, outputs to 16); 16-bit activations whose sums might not fit int32
@@ -983,6 +1006,7 @@ HANDOFF_CASES = {
     "stem_to_dw16": (((1, 3, 12, 40), (16, 3, 3, 3), dict(stride=(2, 2), padding=(1, 1, 1, 1))),
                      ((16, 1, 3, 3), dict(groups=16, padding=(1, 1, 1, 1)))),
     "se_1x1_maps": (((1, 240, 1, 1), (60, 240, 1, 1), {}), ((240, 60, 1, 1), {})),
+    "to_1x1_s2": (((1, 8, 7, 9), (16, 8, 3, 3), dict(padding=(1, 1, 1, 1))), ((32, 16, 1, 1), dict(stride=(2, 2)))),
 }
 
 

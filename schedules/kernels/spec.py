@@ -266,6 +266,14 @@ class KernelSpec:
                 and self.vnni_channels <= 4 and not (self.vnni16 and self.act_digits > 1))
 
     @property
+    def strided_pointwise(self) -> bool:
+        """A packed CPU 1x1 conv with a stride and no padding: its activation stage quantizes only
+        the pixels it reads, ``xq[b, y, x] = x[b, y * sh, x * sw]``."""
+        return (self.packed_dot and not self.gpu and self.kind == "conv2d" and not self.stem_planes
+                and tuple(self.conv_w_shape[2:]) == (1, 1) and tuple(self.stride) != (1, 1)
+                and not any(self.padding))
+
+    @property
     def weight_layout(self) -> str:
         """Layout of the integer weights ``q`` inside the layer kernel (``pack_weights`` makes it)."""
         if self.kind == "dense" and not self.vnni16:
