@@ -599,6 +599,9 @@ VNNI_CASES = {
     # a strided 1x1 (ResNet's downsample): only the pixels it reads are quantized
     "1x1_s2": ((2, 12, 9, 11), (16, 12, 1, 1), dict(stride=(2, 2))),
     "1x1_s2x3": ((1, 8, 7, 10), (16, 8, 1, 1), dict(stride=(2, 3))),
+    # planes of >= BLOCKED_MIN_PIXELS: activations blocked by 4 channels (blocked_activations)
+    "blocked_3x3": ((1, 12, 28, 29), (16, 12, 3, 3), dict(padding=(1, 1, 1, 1))),
+    "blocked_1x1_s2": ((1, 6, 29, 30), (32, 6, 1, 1), dict(stride=(2, 2))),
 }
 
 
@@ -646,22 +649,50 @@ def test_strided_pointwise_quantizes_read_pixels_only():
         spec = dataclasses.replace(conv_spec(VNNI_CASES[case], "intdot", 8, 1, 0, E=3), prepacked=True)
         func = psb_layer_kernel(spec, "k")
         sch = PSBConv2D().apply(func, TARGET, False)
-        return spec, tuple(int(v) for v in sch.get(sch.get_sblock("xq")).writes[0].source.shape)
+        shape = tuple(int(v) for v in sch.get(sch.get_sblock("xq")).writes[0].source.shape)
+        return spec, shape[2:4] if spec.blocked_activations else shape[1:3]  # (rows, columns)
 
     spec, shape = xq_shape("1x1_s2")
-    assert spec.strided_pointwise and shape[1:3] == tuple(spec.out_shape[2:]) == (5, 6)
+    assert spec.strided_pointwise and shape == tuple(spec.out_shape[2:]) == (5, 6)
     spec, shape = xq_shape("1x1_s2x3")
-    assert spec.strided_pointwise and shape[1:3] == (4, 4)
+    assert spec.strided_pointwise and shape == (4, 4)
     for case in ("1x1", "stride2_asym"):
         spec, shape = xq_shape(case)
         pt, pl, pb, pr = spec.padding
-        assert not spec.strided_pointwise and shape[1:3] == (spec.x_shape[2] + pt + pb, spec.x_shape[3] + pl + pr)
+        assert not spec.strided_pointwise and shape == (spec.x_shape[2] + pt + pb, spec.x_shape[3] + pl + pr)
+
+
+def test_float_input_activations_blocked_by_4_channels():
+    """An 8-bit vnni conv on a float input (not a stem) quantizes into ``xq[b, c / 4, h, w, c %
+    4]``, rows in parallel and the 4 channels unrolled (contiguous interleaving stores); hand-off
+    consumers, stems and 16-bit convs keep NHWC pixels. (Bit-exactness: test_vnni_conv_bit_exact.)"""
+    def stage(case, **kw):
+        spec = dataclasses.replace(conv_spec(VNNI_CASES[case], "intdot", 8, 1, 0, E=3), prepacked=True, **kw)
+        sch = PSBConv2D().apply(psb_layer_kernel(spec, "k"), TARGET, False)
+        xq = sch.get_sblock("xq")
+        return spec, sch.get(xq).writes[0].source.shape, [sch.get(lp) for lp in sch.get_loops(xq)]
+
+    spec, shape, loops = stage("blocked_3x3")
+    C, H, W = spec.x_shape[1:]
+    assert spec.blocked_activations and [int(v) for v in shape] == [1, C // 4, H + 2, W + 2, 4]
+    assert loops[0].kind == tvm.tirx.ForKind.PARALLEL
+    assert (int(loops[-1].extent), loops[-1].kind) == (4, tvm.tirx.ForKind.UNROLLED)
+    spec, shape, _ = stage("blocked_1x1_s2")  # only the pixels read, blocked (C = 6: 2 blocks)
+    assert spec.blocked_activations and spec.strided_pointwise and [int(v) for v in shape] == [1, 2, 15, 15, 4]
+    for case, kw in (("blocked_3x3", dict(x_handoff=True)), ("stem_c3", {}), ("3x3_pad1", {})):
+        spec, shape, _ = stage(case, **kw)  # a hand-off, a stem, planes under BLOCKED_MIN_PIXELS
+        assert not spec.blocked_activations and len(shape) == 4
+    wide = dataclasses.replace(stage("blocked_3x3")[0], x_shape=(1, 132, 28, 28), w_shape=(16, 132, 3, 3))
+    assert not wide.blocked_activations  # (more than BLOCKED_MAX_CHANNELS)
+    spec = dataclasses.replace(conv_spec(VNNI_CASES["blocked_3x3"], "intdot", 64, 1, 0, E=4, act_bits=16), prepacked=True)
+    assert spec.vnni16 and not spec.blocked_activations
 
 
 @pytest.mark.parametrize("prepacked", [False, True], ids=["sampled", "prepacked"])
 @pytest.mark.parametrize("bits,signed", [(8, False), (8, True), (16, False), (16, True)],
                          ids=["uint8", "int8", "uint16", "int16"])
-@pytest.mark.parametrize("case", ["3x3_pad1", "1x1", "stride2_asym", "dilation2", "width7", "stem_c3", "o24", "1x1_s2"])
+@pytest.mark.parametrize("case", ["3x3_pad1", "1x1", "stride2_asym", "dilation2", "width7", "stem_c3", "o24", "1x1_s2",
+                                  "blocked_3x3"])
 def test_vnni16_conv_bit_exact(case, bits, signed, prepacked):
     """The default preset's int16 weights take the tensorized vpdpwssd path (``vnni16``: words in
     pairs, channels padded to 2, outputs to 16); 16-bit activations whose sums might not fit int32
@@ -1007,6 +1038,8 @@ HANDOFF_CASES = {
                      ((16, 1, 3, 3), dict(groups=16, padding=(1, 1, 1, 1)))),
     "se_1x1_maps": (((1, 240, 1, 1), (60, 240, 1, 1), {}), ((240, 60, 1, 1), {})),
     "to_1x1_s2": (((1, 8, 7, 9), (16, 8, 3, 3), dict(padding=(1, 1, 1, 1))), ((32, 16, 1, 1), dict(stride=(2, 2)))),
+    # a producer on blocked activations (a 28x28 plane)
+    "blocked_to_3x3": (((1, 8, 28, 28), (16, 8, 3, 3), dict(padding=(1, 1, 1, 1))), ((16, 16, 3, 3), dict(padding=(1, 1, 1, 1)))),
 }
 
 

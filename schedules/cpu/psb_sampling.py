@@ -94,6 +94,12 @@ def schedule_shared_stages(sch: s_tir.Schedule) -> None:
         sch.parallel(sch.fuse(*loops[:2]))
         sch.unroll(loops[3])
         return
+    if spec is not None and spec.blocked_activations:
+        # rows of 4 planes in parallel, the 4 channels unrolled: LLVM interleaves the 4 quantized
+        # rows with shuffles into contiguous stores
+        sch.parallel(sch.fuse(*loops[:3]))
+        sch.unroll(loops[4])
+        return
     handoff = spec is not None and spec.x_handoff  # a padded copy of NHWC rows
     layout = str(sch.mod["main"].attrs.get(ATTR_LAYOUT, "") or "")
     dense = spec is not None and spec.kind == "dense"  # (its float input is row-major [M, K] already)

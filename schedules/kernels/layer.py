@@ -339,16 +339,27 @@ def _vnni_conv(spec: KernelSpec, name, expose_acc, params, q, padded, finish):
         return tirx.if_then_else(c < C, v, tirx.const(0, xq_dtype)) if C4 != C else v
 
     OH, OW = (1, M) if dense else spec.out_shape[2:]
-    if spec.stem_planes:
-        xq = stem_activation_stages(spec, lambda b, c, h, w: xq_value(b, h, w, c), xq_dtype)
-    elif spec.strided_pointwise:
+    XH, XW, at = H + pt + pb, W + pl + pr, lambda y, xx: (y, xx)
+    if spec.strided_pointwise:
         # only the pixels the conv reads, (y * sh, x * sw): a quarter of the input of ResNet's
         # downsample convs. Measured on Zen 5 (int8 preset, prepacked, 2 threads): ResNet-18's
         # three went 0.053 / 0.029 / 0.021 -> 0.027 / 0.016 / 0.016 ms
-        xq = te.compute((N, OH, OW, digits * C4), lambda b, y, xx, cd: xq_value(b, y * sh, xx * sw, cd), name="xq")
+        XH, XW, at = OH, OW, lambda y, xx, sh=sh, sw=sw: (y * sh, xx * sw)
         sh = sw = 1
+    def x_at(b, h, w, d, pair, k):  # xq[b, h, w, c] (NHWC), c = d * C4 + pair * depth + k
+        return xq[b, h, w, d * C4 + pair * depth + k]
+
+    if spec.stem_planes:
+        xq = stem_activation_stages(spec, lambda b, c, h, w: xq_value(b, h, w, c), xq_dtype)
+    elif spec.blocked_activations:
+        # xq[b, c / 4, h, w, c % 4]: 4 planes interleaved into contiguous rows (see blocked_activations)
+        xq = te.compute((N, C4 // depth, XH, XW, depth),
+                        lambda b, g, h, w, k: xq_value(b, *at(h, w), g * depth + k), name="xq")
+
+        def x_at(b, h, w, d, pair, k):
+            return xq[b, pair, h, w, k]
     else:
-        xq = te.compute((N, H + pt + pb, W + pl + pr, digits * C4), xq_value, name="xq")
+        xq = te.compute((N, XH, XW, digits * C4), lambda b, h, w, cd: xq_value(b, *at(h, w), cd), name="xq")
     rh = te.reduce_axis((0, KH), name="rh")
     rw = te.reduce_axis((0, KW), name="rw")
     rc = te.reduce_axis((0, C4 // depth), name="rc")
@@ -356,7 +367,7 @@ def _vnni_conv(spec: KernelSpec, name, expose_acc, params, q, padded, finish):
 
     def dot(b, y, xx, o, d, pair, axis):
         """The int32 sum over ``axis`` of activation x weight products at channel pair ``pair``."""
-        return te.sum(xq[b, y * sh + rh * dh, xx * sw + rw * dw, d * C4 + pair * depth + rk].astype("int32")
+        return te.sum(x_at(b, y * sh + rh * dh, xx * sw + rw * dw, d, pair, rk).astype("int32")
                       * q[o // 16, rh, rw, pair, o % 16, rk].astype("int32"), axis=axis)
 
     def term(b, y, xx, o, d=0):

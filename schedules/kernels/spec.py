@@ -274,6 +274,15 @@ class KernelSpec:
                 and not any(self.padding))
 
     @property
+    def blocked_activations(self) -> bool:
+        """An 8-bit vnni conv on a float NCHW input (not a stem): its activation stage is
+        ``xq[b, c / 4, h, w, c % 4]``, 4 planes interleaved into contiguous rows, not NHWC pixels,
+        whose per-channel byte stores LLVM scatters one byte at a time."""
+        return (self.vnni and not self.gpu and self.kind == "conv2d" and not self.x_handoff
+                and not self.stem_planes and self.vnni_channels <= BLOCKED_MAX_CHANNELS
+                and self.x_shape[2] * self.x_shape[3] >= BLOCKED_MIN_PIXELS)
+
+    @property
     def weight_layout(self) -> str:
         """Layout of the integer weights ``q`` inside the layer kernel (``pack_weights`` makes it)."""
         if self.kind == "dense" and not self.vnni16:
@@ -378,6 +387,17 @@ def can_hand_off(producer: KernelSpec, consumer: KernelSpec) -> bool:
 #: vectorized along rows, and an odd row width (30 = 15 lanes) made a 192-channel 28x28 depthwise
 #: conv 10x slower per MAC than a 14x14 one.
 XQ_ROW_MULTIPLE = 16
+
+
+#: Inputs taking ``blocked_activations``: at most this many channels, planes of at least this
+#: many pixels. Measured on Zen 5 (int8, prepacked, 2 threads, kernels alone, A/B twice): ResNet-18's
+#: convs on 64 / 128 channels at 56x56 / 28x28 gained (layer1's first convs 0.17 -> 0.13 ms,
+#: layer2's strided one 0.10 -> 0.072), as did MobileNetV2's expansions at 56x56 and 28x28
+#: (0.049 -> 0.037 ms); 256 / 512 channels at 14x14 / 7x7 lost (layer3's second block's first
+#: conv 0.124 -> 0.175 ms, layer4's strided one 0.073 -> 0.134), as did MobileNetV2's 64- and
+#: 96-channel expansions at 14x14 (0.019 -> 0.021-0.026 ms).
+BLOCKED_MAX_CHANNELS = 128
+BLOCKED_MIN_PIXELS = 28 * 28
 
 
 def xq_row_width(width: int) -> int:
