@@ -278,6 +278,11 @@ def _stage_funcs(spec):
     if nhwc and spec.stem_planes:  # padded planes, then 4-channel pixels, as the kernel has them
         dtype = "int16" if spec.vnni16 else spec.act_dtype
         xq = stem_activation_stages(spec, lambda b, c, h, w: padded(b, c, h, w).astype(dtype), dtype)
+    elif nhwc and spec.blocked_activations:  # 4-channel blocks of planes (channels padded to 4)
+        C4 = spec.vnni_channels
+        xq = te.compute((N, C4 // 4, H + pt + pb, W + pl + pr, 4), lambda b, g, h, w, k: tirx.if_then_else(
+            g * 4 + k < C, padded(b, tirx.min(g * 4 + k, C - 1), h, w).astype(spec.act_dtype),
+            tirx.const(0, spec.act_dtype)), name="xq")
     elif nhwc:  # (vnni16's int16 words: the 8-bit activations widened, one digit plane)
         dtype = "int16" if spec.vnni16 else spec.act_dtype
         xq = te.compute((N, H + pt + pb, W + pl + pr, C), lambda b, h, w, c: padded(b, c, h, w).astype(dtype), name="xq")
@@ -287,7 +292,7 @@ def _stage_funcs(spec):
     xf = te.create_prim_func([x, xq]).with_attr("global_symbol", "stage_xq")
     if nhwc:  # the kernel's NHWC stage schedule keys on the layout (and a stem's on its spec)
         xf = xf.with_attr("psb.layout", path_of(spec))
-        if spec.stem_planes:
+        if spec.stem_planes or spec.blocked_activations:
             xf = xf.with_attr("psb.spec", spec.to_json())
     return qf, xf, ([int(d) for d in q.shape], q.dtype), ([int(d) for d in xq.shape], xq.dtype)
 
