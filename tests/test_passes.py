@@ -208,35 +208,45 @@ def test_direct_conv_transpose_equals_topi_bit_for_bit(geometry):
     np.testing.assert_array_equal(outs[1].view(np.int32), outs[0].view(np.int32))
 
 
-def _pool_model(op, out_hw, **attrs):
+def _pool_model(op, out_hw, channels=5, **attrs):
     from onnx import TensorProto, helper
 
     node = helper.make_node(op, ["x"], ["y"], name="pool", **attrs)
-    graph = helper.make_graph([node], "pool", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 5, 17, 18])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 5, *out_hw])])
+    graph = helper.make_graph([node], "pool", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, channels, 17, 18])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, channels, *out_hw])])
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], ir_version=8)
 
 
-@pytest.mark.parametrize("op,out_hw,attrs", [
-    ("MaxPool", (9, 9), dict(kernel_shape=[3, 3], strides=[2, 2], pads=[1, 1, 1, 1])),  # ResNet's
-    ("AveragePool", (17, 18), dict(kernel_shape=[3, 3], strides=[1, 1], pads=[1, 1, 1, 1], count_include_pad=0)),
-    ("AveragePool", (8, 9), dict(kernel_shape=[2, 2], strides=[2, 2])),
-], ids=["max_3x3_s2", "avg_3x3_exclude_pad", "avg_2x2_s2"])
-def test_pool_rule_parallel_and_bit_exact(op, out_hw, attrs):
+@pytest.mark.parametrize("op,out_hw,channels,attrs", [
+    ("MaxPool", (9, 9), 5, dict(kernel_shape=[3, 3], strides=[2, 2], pads=[1, 1, 1, 1])),  # ResNet's
+    ("MaxPool", (9, 9), 9, dict(kernel_shape=[3, 3], strides=[2, 2], pads=[1, 1, 1, 1])),  # padded per plane
+    ("AveragePool", (17, 18), 5, dict(kernel_shape=[3, 3], strides=[1, 1], pads=[1, 1, 1, 1], count_include_pad=0)),
+    ("AveragePool", (17, 18), 8, dict(kernel_shape=[3, 3], strides=[1, 1], pads=[1, 1, 1, 1], count_include_pad=0)),
+    ("AveragePool", (8, 9), 5, dict(kernel_shape=[2, 2], strides=[2, 2])),
+], ids=["max_3x3_s2", "max_3x3_s2_planes", "avg_3x3_exclude_pad", "avg_3x3_planes", "avg_2x2_s2"])
+def test_pool_rule_parallel_and_bit_exact(op, out_hw, channels, attrs):
     """Pool2D schedules TOPI's pooling (no other rule did: one thread, scalar): parallel and
-    vectorized, the same floats as the unscheduled function (the window order is kept per lane)."""
+    vectorized, the same floats as the unscheduled function (the window order is kept per lane).
+    From MIN_PLANES planes on, each plane is padded inside the parallel loop, right before pooling."""
     from psb_tvm.schedules.cpu import Pool2D
+    from psb_tvm.schedules.cpu.pool import MIN_PLANES
 
     tgt = host_target()
-    mod = legalize(import_onnx(_pool_model(op, out_hw, **attrs)).mod, tgt)
+    mod = legalize(import_onnx(_pool_model(op, out_hw, channels, **attrs)).mod, tgt)
     (func,) = [f for gv, f in mod.functions.items() if isinstance(f, tvm.tirx.PrimFunc) and "pool" in gv.name_hint]
     sch = Pool2D().apply(func, tgt, False)
     assert sch is not None and "T.parallel(" in sch.mod["main"].script() and "T.vectorized(" in sch.mod["main"].script()
-    x = np.random.default_rng(2).standard_normal((1, 5, 17, 18)).astype(np.float32)
+    if "pads" in attrs:
+        pad = sch.get_sblock("pad_temp")
+        outer = sch.get(sch.get_loops(pad)[0])
+        assert outer.kind == tvm.tirx.ForKind.PARALLEL
+        # per plane: the pad's first loop is the pool's (batch x channels), not the pad's own rows
+        assert (int(outer.extent) == channels) == (channels >= MIN_PLANES)
+    x = np.random.default_rng(2).standard_normal((1, channels, 17, 18)).astype(np.float32)
     outs = []
     for f in (func, sch.mod["main"]):
         lib = tvm.compile(f.with_attr("global_symbol", "pool"), target=tgt)
-        y = tvm.runtime.empty((1, 5, *out_hw), "float32", tvm.cpu())
+        y = tvm.runtime.empty((1, channels, *out_hw), "float32", tvm.cpu())
         lib["pool"](tvm.runtime.tensor(x), y)
         outs.append(y.numpy())
     np.testing.assert_array_equal(outs[1].view(np.int32), outs[0].view(np.int32))
