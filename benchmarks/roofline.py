@@ -278,11 +278,10 @@ def _stage_funcs(spec):
     if nhwc and spec.stem_planes:  # padded planes, then 4-channel pixels, as the kernel has them
         dtype = "int16" if spec.vnni16 else spec.act_dtype
         xq = stem_activation_stages(spec, lambda b, c, h, w: padded(b, c, h, w).astype(dtype), dtype)
-    elif nhwc and spec.blocked_activations:  # 4-channel blocks of planes (channels padded to 4)
-        C4 = spec.vnni_channels
-        xq = te.compute((N, C4 // 4, H + pt + pb, W + pl + pr, 4), lambda b, g, h, w, k: tirx.if_then_else(
-            g * 4 + k < C, padded(b, tirx.min(g * 4 + k, C - 1), h, w).astype(spec.act_dtype),
-            tirx.const(0, spec.act_dtype)), name="xq")
+    elif nhwc and spec.blocked_activations:  # blocks of dot_depth planes (channels padded)
+        d, dtype = spec.dot_depth, "int16" if spec.vnni16 else spec.act_dtype
+        xq = te.compute((N, spec.vnni_channels // d, H + pt + pb, W + pl + pr, d), lambda b, g, h, w, k: tirx.if_then_else(
+            g * d + k < C, padded(b, tirx.min(g * d + k, C - 1), h, w).astype(dtype), tirx.const(0, dtype)), name="xq")
     elif nhwc:  # (vnni16's int16 words: the 8-bit activations widened, one digit plane)
         dtype = "int16" if spec.vnni16 else spec.act_dtype
         xq = te.compute((N, H + pt + pb, W + pl + pr, C), lambda b, h, w, c: padded(b, c, h, w).astype(dtype), name="xq")

@@ -663,9 +663,10 @@ def test_strided_pointwise_quantizes_read_pixels_only():
 
 
 def test_float_input_activations_blocked_by_4_channels():
-    """An 8-bit vnni conv on a float input (not a stem) quantizes into ``xq[b, c / 4, h, w, c %
-    4]``, rows in parallel and the 4 channels unrolled (contiguous interleaving stores); hand-off
-    consumers, stems and 16-bit convs keep NHWC pixels. (Bit-exactness: test_vnni_conv_bit_exact.)"""
+    """A vnni conv on a float input (not a stem) quantizes into ``xq[b, c / 4, h, w, c % 4]``
+    (vnni16: int16 words, ``c / 2``), rows in parallel and the channels unrolled (contiguous
+    interleaving stores); hand-off consumers, stems and two-digit 16-bit convs keep NHWC pixels.
+    (Bit-exactness: test_vnni_conv_bit_exact, test_vnni16_conv_bit_exact.)"""
     def stage(case, **kw):
         spec = dataclasses.replace(conv_spec(VNNI_CASES[case], "intdot", 8, 1, 0, E=3), prepacked=True, **kw)
         sch = PSBConv2D().apply(psb_layer_kernel(spec, "k"), TARGET, False)
@@ -684,15 +685,20 @@ def test_float_input_activations_blocked_by_4_channels():
         assert not spec.blocked_activations and len(shape) == 4
     wide = dataclasses.replace(stage("blocked_3x3")[0], x_shape=(1, 132, 28, 28), w_shape=(16, 132, 3, 3))
     assert not wide.blocked_activations  # (more than BLOCKED_MAX_CHANNELS)
-    spec = dataclasses.replace(conv_spec(VNNI_CASES["blocked_3x3"], "intdot", 64, 1, 0, E=4, act_bits=16), prepacked=True)
-    assert spec.vnni16 and not spec.blocked_activations
+    # vnni16: int16 words in pairs of planes; not in two digit planes (unsigned 16-bit activations)
+    spec = dataclasses.replace(conv_spec(VNNI_CASES["blocked_3x3"], "intdot", 64, 1, 0, E=4), prepacked=True)
+    sch = PSBConv2D().apply(psb_layer_kernel(spec, "k"), TARGET, False)
+    assert spec.vnni16 and spec.blocked_activations and spec.act_digits == 1
+    assert [int(v) for v in sch.get(sch.get_sblock("xq")).writes[0].source.shape] == [1, C // 2, H + 2, W + 2, 2]
+    spec = dataclasses.replace(spec, act_bits=16, act_signed=False)
+    assert spec.vnni16 and spec.act_digits == 2 and not spec.blocked_activations
 
 
 @pytest.mark.parametrize("prepacked", [False, True], ids=["sampled", "prepacked"])
 @pytest.mark.parametrize("bits,signed", [(8, False), (8, True), (16, False), (16, True)],
                          ids=["uint8", "int8", "uint16", "int16"])
 @pytest.mark.parametrize("case", ["3x3_pad1", "1x1", "stride2_asym", "dilation2", "width7", "stem_c3", "o24", "1x1_s2",
-                                  "blocked_3x3"])
+                                  "blocked_3x3", "blocked_1x1_s2"])
 def test_vnni16_conv_bit_exact(case, bits, signed, prepacked):
     """The default preset's int16 weights take the tensorized vpdpwssd path (``vnni16``: words in
     pairs, channels padded to 2, outputs to 16); 16-bit activations whose sums might not fit int32

@@ -95,7 +95,7 @@ def schedule_shared_stages(sch: s_tir.Schedule) -> None:
         sch.unroll(loops[3])
         return
     if spec is not None and spec.blocked_activations:
-        # rows of 4 planes in parallel, the 4 channels unrolled: LLVM interleaves the 4 quantized
+        # rows of 4 (2) planes in parallel, the channels unrolled: LLVM interleaves the quantized
         # rows with shuffles into contiguous stores
         sch.parallel(sch.fuse(*loops[:3]))
         sch.unroll(loops[4])

@@ -352,7 +352,7 @@ def _vnni_conv(spec: KernelSpec, name, expose_acc, params, q, padded, finish):
     if spec.stem_planes:
         xq = stem_activation_stages(spec, lambda b, c, h, w: xq_value(b, h, w, c), xq_dtype)
     elif spec.blocked_activations:
-        # xq[b, c / 4, h, w, c % 4]: 4 planes interleaved into contiguous rows (see blocked_activations)
+        # xq[b, c / depth, h, w, c % depth]: planes interleaved into contiguous rows (blocked_activations)
         xq = te.compute((N, C4 // depth, XH, XW, depth),
                         lambda b, g, h, w, k: xq_value(b, *at(h, w), g * depth + k), name="xq")
 
