@@ -44,4 +44,18 @@ def rebuild(mod: tvm.IRModule, plans: dict, make_mutator, suffix) -> tuple[tvm.I
         functions[name] = mutators[name].visit_expr(mod[name])
     out = with_functions(bb.get(), functions)
     keep = [g.name_hint for g, f in out.functions.items() if isinstance(f, relax.Function)]
-    return relax.transform.DeadCodeElimination(keep)(out), mutators
+    out = relax.transform.DeadCodeElimination(keep)(out)
+    # (DeadCodeElimination keeps PrimFuncs with a global symbol: drop the layer kernels no function
+    # calls any more, which would otherwise be compiled for nothing)
+    called = set()
+    for func in out.functions.values():
+        if isinstance(func, relax.Function):
+            relax.analysis.post_order_visit(func.body, lambda e: called.add(e.name_hint)
+                                            if isinstance(e, tvm.ir.GlobalVar) else None)
+    dead = [g for g, f in out.functions.items()
+            if isinstance(f, tvm.tirx.PrimFunc) and spec_of(f) is not None and g.name_hint not in called]
+    if dead:
+        out = out.clone() if hasattr(out, "clone") else tvm.IRModule(dict(out.functions), attrs=out.attrs)
+        for g in dead:
+            del out[g]
+    return out, mutators

@@ -6,8 +6,9 @@
    turn Clip's ``call_tir`` back into Relax ops, clean up;
 2. layer selection, calibration and weight encoding (``compiler.plan``: decisions, not passes);
 3. **PSB rewrite** (:func:`rewrite_passes`): ``RewriteToPSB`` splices in the kernels, then
-   ``HandOffInt8Activations`` passes integer activations from one conv to the next and
-   ``FuseResidualAdd`` moves residual adds (+ ReLU) into the producing kernel's epilogue;
+   ``HandOffInt8Activations`` passes integer activations from one conv to the next,
+   ``FuseResidualAdd`` moves residual adds (+ ReLU) into the producing kernel's epilogue and
+   ``ChannelsLastFloat`` keeps the float tensors between packed convs NHWC;
 4. **build** for the target, one registered pipeline per target kind:
 
    - ``psb_cpu`` (:func:`cpu_build_passes`): TVM's CPU library dispatch and legalization (every
@@ -37,6 +38,7 @@ from .passes import (
     ApplyPSBTuningDatabase,
     AssertSampleBounds,
     AttachPSBMetadata,
+    ChannelsLastFloat,
     FuseResidualAdd,
     HandOffInt8Activations,
     LegalizeNonOverlappingConvTranspose,
@@ -64,7 +66,7 @@ def import_passes() -> list:
 
 def rewrite_passes(layers: list, frozen: dict | None = None) -> list:
     """The PSB rewrite of the planned ``layers`` (``compiler.Plan.layers``)."""
-    return [RewriteToPSB(layers, frozen), HandOffInt8Activations(layers), FuseResidualAdd()]
+    return [RewriteToPSB(layers, frozen), HandOffInt8Activations(layers), FuseResidualAdd(), ChannelsLastFloat()]
 
 
 def legalize_passes(target: tvm.target.Target) -> list:

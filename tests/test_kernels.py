@@ -1122,6 +1122,64 @@ def test_int8_handoff_pair_bit_exact(case, n, consumer_signed):
     np.testing.assert_array_equal(z.numpy().view(np.int32), want_z.view(np.int32))
 
 
+@pytest.mark.parametrize("x_nhwc,out_nhwc,residual,res_nhwc", [
+    (True, False, None, False), (False, True, None, False), (True, True, None, False),
+    (True, True, "add_relu", True), (False, True, "add", False), (True, False, "add_relu", True)],
+    ids=["x", "out", "x_out", "all_relu", "out_add", "x_res_relu"])
+@pytest.mark.parametrize("bits", [8, 16])
+@pytest.mark.parametrize("case", ["3x3_pad1", "1x1_s2", "stem_c3", "o24", "blocked_3x3"])
+def test_channels_last_float_bit_exact(case, bits, x_nhwc, out_nhwc, residual, res_nhwc):
+    """A packed conv with its float input (``x_nhwc``), output (``out_nhwc``) and / or residual
+    operand (``res_nhwc``) channels-last computes the very floats of the NCHW kernel (checked
+    against the oracle in test_vnni_conv_bit_exact / test_vnni16_conv_bit_exact), transposed."""
+    i = list(VNNI_CASES).index(case)
+    seed, layer = SEEDS_LAYERS[(i + bits) % len(SEEDS_LAYERS)]
+    n = 8
+    base = dataclasses.replace(conv_spec(VNNI_CASES[case], "intdot", n, seed, layer, activation=ACTS[i % len(ACTS)],
+                                         E=3 if bits == 8 else 4, act_bits=8, act_signed=bits == 16),
+                               prepacked=True, residual=residual)
+    assert base.vnni == (bits == 8) and base.vnni16 == (bits == 16) and base.nhwc_capable
+    spec = dataclasses.replace(base, x_nhwc=x_nhwc, out_nhwc=out_nhwc, res_nhwc=res_nhwc)
+    rng = np.random.default_rng(_input_seed(base, "nhwc"))
+    x = make_acts(rng, base.x_shape, base.frac_bits, 8, base.act_signed)
+    enc = nm.encode_weights(make_weights(rng, base.w_shape), E=base.E, P=base.P)
+    q = nm.integer_weights(enc, n, seed, layer, base.sampler)
+    scale = (nm.output_scale(enc.k_lo, base.frac_bits, n) * np.float32(n)).astype(np.float32)
+    bias = rng.normal(size=base.w_shape[0]).astype(np.float32)
+    res = rng.normal(size=base.out_shape).astype(np.float32)
+    nhwc = (0, 2, 3, 1)
+
+    def run(s, x, res):
+        args = [tvm.runtime.tensor(x, DEV), *[tvm.runtime.tensor(t, DEV) for t in pack_weights(s, q)],
+                tvm.runtime.tensor(scale, DEV), tvm.runtime.tensor(bias, DEV)]
+        args += [tvm.runtime.tensor(res, DEV)] if residual else []
+        out = tvm.runtime.empty(s.out_storage_shape, "float32", DEV)
+        _compile_default(s, "k")["k"](*args, n, out)
+        return out.numpy()
+
+    want = run(base, x, res)
+    assert np.any(want != 0)
+    got = run(spec, np.ascontiguousarray(x.transpose(nhwc)) if x_nhwc else x,
+              np.ascontiguousarray(res.transpose(nhwc)) if res_nhwc else res)
+    if out_nhwc:
+        assert got.shape == spec.out_storage_shape
+        got = got.transpose(0, 3, 1, 2)
+    np.testing.assert_array_equal(got.view(np.int32), want.view(np.int32))
+
+
+def test_channels_last_float_spec():
+    """Where channels-last float activations are allowed, and the storage shapes they give."""
+    spec = dataclasses.replace(conv_spec(VNNI_CASES["blocked_3x3"], "intdot", 8, E=3), prepacked=True)
+    assert spec.blocked_activations
+    nhwc = dataclasses.replace(spec, x_nhwc=True, out_nhwc=True)
+    assert not nhwc.blocked_activations  # (an NHWC float input quantizes into NHWC pixels directly)
+    assert nhwc.x_storage_shape == (1, 28, 29, 12) and nhwc.out_storage_shape == (1, 28, 29, 16)
+    with pytest.raises(ValueError, match="channels-last"):
+        psb_layer_kernel(dataclasses.replace(conv_spec(CONV_CASES["3x3_pad1"], "shiftadd", 8), x_nhwc=True), "k")
+    with pytest.raises(ValueError, match="hand-off"):
+        psb_layer_kernel(dataclasses.replace(nhwc, x_handoff=True), "k")
+
+
 def test_int8_handoff_only_where_it_is_exact():
     """Only 8-bit vnni and depthwise convs with prepacked weights hand over, and a depthwise conv
     only to a consumer without channel padding (it computes its own channels only); the kernel

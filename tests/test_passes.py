@@ -284,6 +284,49 @@ def test_int8_handoff_between_vnni_convs_changes_no_bit(handoff_modules):
     np.testing.assert_array_equal(frozen.run(x).view(np.int32), sampled.layer_outputs(x)[0][0].view(np.int32))
 
 
+def test_channels_last_float_between_packed_convs():
+    """ChannelsLastFloat: a float output read only by packed convs, as input or residual operand,
+    is written and read NHWC (conv4 -> conv5, conv6; conv6 -> conv5's residual; conv5 -> conv7) in
+    main, cached and forward; the projection's output (read by the pooling) and probe stay NCHW;
+    the layer-kernel table names kernels that exist. (Bit-exactness: the hand-off test below
+    compares main, cached and forward with probe.)"""
+    mod, _, _ = compiler.lower(handoff_model(), samples=8, input_shapes={"x": (1, 3, 12, 12)},
+                               config=psb_tvm.PSBConfig.preset("int8"))
+    from psb_tvm.schedules.kernels import spec_of
+
+    def specs(name):
+        """layer name -> (kernel name, spec) of the layer kernels ``name`` calls (psb_<id>_<layer>...)."""
+        calls = []
+        relax.analysis.post_order_visit(mod[name].body, lambda e: calls.append(e.args[0]) if isinstance(e, relax.Call)
+                                        and e.op == tvm.ir.Op.get("relax.call_tir") else None)
+        return {g.name_hint.split("_")[2]: (g.name_hint, spec_of(mod[g])) for g in calls
+                if isinstance(mod[g], tvm.tirx.PrimFunc) and spec_of(mod[g]) is not None
+                and g.name_hint.split("_")[1].isdigit()}
+
+    for name in ("main", "cached", "forward"):
+        got = {layer: (s.x_nhwc, s.out_nhwc, s.res_nhwc) for layer, (_, s) in specs(name).items()}
+        assert got["conv4"] == (False, True, False)
+        assert got["conv6"] == (True, True, False)
+        assert got["conv5"] == (True, True, True)
+        assert got["conv7"] == (True, False, False) and specs(name)["conv7"][1].out_handoff is not None
+        assert got["project"] == (False, False, False)  # (read by the pooling)
+        assert all(k.endswith(tuple(f"_c{i}" for i in range(9))) == any(v) for k, v in
+                   ((kernel, got[layer]) for layer, (kernel, _) in specs(name).items()))
+    assert not any(any((s.x_nhwc, s.out_nhwc, s.res_nhwc)) for _, s in specs("probe").values())
+    present = {g.name_hint for g in mod.get_global_vars()}
+    table = mod.attrs["psb_layer_kernels"]
+    assert all(str(v) in present for kernels in table.values() for v in kernels.values())
+    assert str(table["3"]["psb"]).endswith("_c0")  # conv4: main runs its channels-last kernel
+    # no layer kernel is left that no function calls
+    called = set()
+    for f in mod.functions.values():
+        if isinstance(f, relax.Function):
+            relax.analysis.post_order_visit(f.body, lambda e: called.add(e.name_hint)
+                                            if isinstance(e, tvm.ir.GlobalVar) else None)
+    assert all(g.name_hint in called for g, f in mod.functions.items()
+               if isinstance(f, tvm.tirx.PrimFunc) and spec_of(f) is not None)
+
+
 def test_residual_add_and_relu_fused_into_the_producing_kernel():
     """FuseResidualAdd: conv5's output + conv6's, then ReLU, becomes conv5's kernel with the
     residual epilogue in main, cached and forward; probe keeps the add (its layer outputs are the

@@ -100,6 +100,12 @@ def schedule_shared_stages(sch: s_tir.Schedule) -> None:
         sch.parallel(sch.fuse(*loops[:3]))
         sch.unroll(loops[4])
         return
+    if spec is not None and spec.x_nhwc:
+        # Float NHWC in, integer NHWC out: rows in parallel; LLVM vectorizes the contiguous
+        # channels itself (TVM's vectorize turned the float loads into gathers, the byte stores
+        # into extracts)
+        sch.parallel(sch.fuse(*loops[:2]))
+        return
     handoff = spec is not None and spec.x_handoff  # a padded copy of NHWC rows
     layout = str(sch.mod["main"].attrs.get(ATTR_LAYOUT, "") or "")
     dense = spec is not None and spec.kind == "dense"  # (its float input is row-major [M, K] already)

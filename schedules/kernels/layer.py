@@ -78,14 +78,16 @@ def _layer_inputs(spec: KernelSpec):
 
 
 def _padded(spec: KernelSpec, x):
-    """``(b, c, h, w) ->`` the quantized activation of the zero-padded NCHW input."""
+    """``(b, c, h, w) ->`` the quantized activation of the zero-padded NCHW input (stored NHWC
+    where ``x_nhwc``)."""
     _, _, H, W = spec.x_shape
     pt, pl, _, _ = spec.padding
 
     def value(b, c, h, w):
         # if_then_else, not Select: Select evaluates both sides and would read outside ``x``.
         inside = tirx.all(h >= pt, h < H + pt, w >= pl, w < W + pl)
-        return tirx.if_then_else(inside, _quantize(spec, x[b, c, h - pt, w - pl]), tirx.const(0, spec.act_dtype))
+        v = x[b, h - pt, w - pl, c] if spec.x_nhwc else x[b, c, h - pt, w - pl]
+        return tirx.if_then_else(inside, _quantize(spec, v), tirx.const(0, spec.act_dtype))
 
     return value
 
@@ -114,11 +116,16 @@ def _layer_kernel(spec: KernelSpec, name: str, expose_acc: bool) -> tvm.tirx.Pri
         raise ValueError("integer hand-off is between 8-bit vnni and depthwise convs with prepacked weights only")
     if spec.residual not in RESIDUALS or (spec.residual and (spec.out_handoff is not None or spec.lowering == "bitserial")):
         raise ValueError(f"residual {spec.residual!r}: one of {RESIDUALS}, on a float output of a non-bitserial kernel")
+    if (spec.x_nhwc or spec.out_nhwc or spec.res_nhwc) and not spec.nhwc_capable:
+        raise ValueError("channels-last float activations are for packed CPU convs (vnni, vnni16) only")
+    if (spec.x_nhwc and spec.x_handoff) or (spec.out_nhwc and spec.out_handoff is not None):
+        raise ValueError("a channels-last float input / output cannot be an integer hand-off too")
     if spec.lowering == "bitserial":
         return _bitserial_kernel(spec, name, expose_acc, [x, counts, sign, normal, shift, scale, bias, n])
     q = _weight_stage(spec, counts, _Encoding(spec, sign, normal, shift), n)
     # the residual operand (passes/fuse_residual_add.py): the float tensor added to the output
-    res = [te.placeholder(spec.out_shape, "float32", name="res")] if spec.residual else []
+    res_shape = tuple(spec.out_shape[i] for i in (0, 2, 3, 1)) if spec.res_nhwc else spec.out_shape
+    res = [te.placeholder(res_shape, "float32", name="res")] if spec.residual else []
     params = [x, *_weight_params(spec, q, counts, sign, normal, shift), scale, bias, *res, n]
     shiftadd = spec.lowering == "shiftadd"
     inv_n = tirx.const(1.0, "float32") / n.astype("float32")
@@ -131,7 +138,7 @@ def _layer_kernel(spec: KernelSpec, name: str, expose_acc: bool) -> tvm.tirx.Pri
         y = _activation(spec, acc[idx].astype("float32") * (scale[o] * inv_n) + bias[o])
         if not spec.residual:
             return y
-        y = y + res[0][at]
+        y = y + res[0][(at[0], at[2], at[3], at[1]) if spec.res_nhwc else at]
         return tirx.max(y, tirx.const(0.0, "float32")) if spec.residual == "add_relu" else y
 
     if spec.packed_dot:  # (a dense layer as a 1x1 conv over its rows, see _vnni_conv)
@@ -412,6 +419,9 @@ def _vnni_conv(spec: KernelSpec, name, expose_acc, params, q, padded, finish):
         out = _handoff_out(spec, true_acc, finish)
     elif dense:
         out = te.compute(spec.out_shape, lambda m, o: finish(true_acc, (m, o), 0, 0, m, o), name="out")
+    elif spec.out_nhwc:
+        out = te.compute(spec.out_storage_shape, lambda b, y, xx, o: finish(true_acc, (b, o, y, xx), b, y, xx, o),
+                         name="out")
     else:
         out = te.compute(spec.out_shape, lambda b, o, y, xx: finish(true_acc, (b, o, y, xx), b, y, xx, o), name="out")
     outputs = [out]

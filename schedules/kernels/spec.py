@@ -102,6 +102,12 @@ class KernelSpec:
     # other float operand ``res`` and returns ``output + res`` ("add") or ``relu(output + res)``
     # ("add_relu"), the graph's own float32 operations.
     residual: str | None = None
+    # Float32 activations channels-last between layer kernels (passes/channels_last_float.py):
+    # the input ``x`` (``x_nhwc``), the output (``out_nhwc``), the residual operand (``res_nhwc``)
+    # NHWC. The same values in another order: packed CPU convs (``nhwc_capable``) only.
+    x_nhwc: bool = False
+    out_nhwc: bool = False
+    res_nhwc: bool = False
 
     def to_json(self) -> str:
         """The spec as JSON (``from_json`` reads it back): carried by its layer kernel."""
@@ -282,7 +288,7 @@ class KernelSpec:
         prepacked, two A/B pairs): ResNet-18's layer1 convs 0.30 -> 0.26 ms, layer2's strided one
         0.17 -> 0.14."""
         return ((self.vnni or (self.vnni16 and self.act_digits == 1)) and not self.gpu and self.kind == "conv2d"
-                and not self.x_handoff
+                and not self.x_handoff and not self.x_nhwc
                 and not self.stem_planes and self.vnni_channels <= BLOCKED_MAX_CHANNELS
                 and self.x_shape[2] * self.x_shape[3] >= BLOCKED_MIN_PIXELS)
 
@@ -339,21 +345,29 @@ class KernelSpec:
         return Handoff(self.act_bits, self.act_signed, self.frac_bits, self.dot_offset, channels)
 
     @property
+    def nhwc_capable(self) -> bool:
+        """Can take / give float32 activations channels-last (``x_nhwc``, ``out_nhwc``): packed
+        CPU convs (vnni, vnni16), whose activations and accumulators are NHWC inside anyway."""
+        return self.packed_dot and not self.gpu and self.kind == "conv2d"
+
+    @property
     def x_storage_shape(self) -> tuple:
-        """Shape of the kernel's activation argument: ``x_shape``, or NHWC with the padded
-        channels when the producer hands its output over (``x_handoff``)."""
-        if not self.x_handoff:
+        """Shape of the kernel's activation argument: ``x_shape``, NHWC when the input is
+        channels-last (``x_nhwc``), or NHWC with the padded channels when the producer hands its
+        output over (``x_handoff``)."""
+        if not (self.x_handoff or self.x_nhwc):
             return self.x_shape
-        N, _, H, W = self.x_shape
-        return (N, H, W, self.handoff.channels)
+        N, C, H, W = self.x_shape
+        return (N, H, W, self.handoff.channels if self.x_handoff else C)
 
     @property
     def out_storage_shape(self) -> tuple:
-        """Shape of the kernel's output: ``out_shape``, or the consumer's NHWC input."""
-        if self.out_handoff is None:
+        """Shape of the kernel's output: ``out_shape``, NHWC when channels-last (``out_nhwc``),
+        or the consumer's NHWC input."""
+        if self.out_handoff is None and not self.out_nhwc:
             return self.out_shape
-        N, _, OH, OW = self.out_shape
-        return (N, OH, OW, self.out_handoff.channels)
+        N, O, OH, OW = self.out_shape
+        return (N, OH, OW, O if self.out_handoff is None else self.out_handoff.channels)
 
     @property
     def out_dtype(self) -> str:
