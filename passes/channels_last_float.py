@@ -4,14 +4,16 @@ A packed CPU conv (vnni, vnni16) works on NHWC activations and NHWC accumulators
 float32 NCHW tensor between two of them, the producer's epilogue transposes its accumulators into
 NCHW (gathers) and the consumer's activation stage transposes them back (byte scatters). Where a
 layer kernel's float output is read only by such kernels, as their input ``x`` or as a fused
-residual operand, it is written NHWC instead (``KernelSpec.out_nhwc``) and read so
-(``x_nhwc``, ``res_nhwc``): the same floats in another order, so no output changes by a bit.
+residual operand, or by a global average pool (``mean`` over the rows and columns), it is
+written NHWC instead (``KernelSpec.out_nhwc``) and read so (``x_nhwc``, ``res_nhwc``; the mean
+over axes 1 and 2, each channel's sum in the same order, reshaped back when it keeps its dims):
+the same floats in another order, so no output changes by a bit.
 Measured on Zen 5 (2 threads, int8 preset, kernels alone): ResNet-18's first conv of layer1
 0.152 -> 0.127 ms with both sides channels-last, MobileNetV2's 320 -> 1280 conv 0.041 -> 0.030.
 
 Runs after ``FuseResidualAdd`` on ``main``, ``cached`` and ``forward``; ``probe`` keeps every
-layer's NCHW output. Tensors read by anything else (pooling, the function's result, a float
-glue op) stay NCHW, so the graph's inputs and outputs keep their layout. The kernels that read
+layer's NCHW output. Tensors read by anything else (other pooling, the function's result, a
+float glue op) stay NCHW, so the graph's inputs and outputs keep their layout. The kernels that read
 or write NHWC floats carry ``_c`` in their names.
 """
 
@@ -39,23 +41,40 @@ def _roles(call: relax.Call, spec) -> dict:
     return roles
 
 
+def _spatial_mean(value) -> bool:
+    """``mean(x, axis=[2, 3])`` of a 4-D tensor (a global average pool)."""
+    if not (isinstance(value, relax.Call) and value.op == tvm.ir.Op.get("relax.mean")
+            and isinstance(value.args[0], relax.Var)):
+        return False
+    shape = getattr(value.args[0].ty, "shape", None)
+    if shape is None or len(shape.values) != 4 or value.attrs.axis is None:
+        return False
+    return sorted(int(a) % 4 for a in value.attrs.axis) == [2, 3]
+
+
 def _plan(mod: tvm.IRModule, func: relax.Function) -> dict:
-    """Layer-kernel var -> its channels-last spec, for the calls that change."""
-    kernels = {}
+    """Layer-kernel var -> its channels-last spec, for the calls that change; a global average
+    pool's var -> "mean" where its input becomes NHWC."""
+    kernels, means = {}, set()
     for block in func.body.blocks:
         if isinstance(block, relax.DataflowBlock):
             for binding in block.bindings:
                 spec = layer_kernel_spec(mod, binding.value)
                 if spec is not None and spec.nhwc_capable:
                     kernels[binding.var] = (binding.value, spec)
+                elif _spatial_mean(binding.value):
+                    means.add(binding.var)
     users = users_of(func)
 
     def nhwc_ok(var) -> bool:
-        """Written by a float-output packed conv, read only by packed convs as x (float) / res."""
+        """Written by a float-output packed conv, read only by packed convs as x (float) / res,
+        or by global average pools (the same sums over an NHWC tensor's rows and columns)."""
         item = kernels.get(var)
         if item is None or item[1].out_handoff is not None:
             return False
         for user in users.get(var, []):
+            if user is not None and user.var in means:
+                continue
             if user is None or user.var not in kernels:
                 return False
             call, spec = kernels[user.var]
@@ -75,6 +94,8 @@ def _plan(mod: tvm.IRModule, func: relax.Function) -> dict:
             res_nhwc=any(v in nhwc for v, r in roles.items() if "res" in r))
         if new != spec:
             plan[var] = new
+    plan.update({b.var: "mean" for block in func.body.blocks for b in block.bindings
+                 if b.var in means and b.value.args[0] in nhwc})
     return plan
 
 
@@ -89,6 +110,14 @@ class _Mutator(relax.PyExprMutator):
         spec = self.plan.get(binding.var)
         if spec is None:
             super().visit_var_binding_(binding)
+            return
+        if spec == "mean":  # over NHWC's rows and columns: each channel's sum in the same order
+            value = binding.value
+            keep = bool(value.attrs.keepdims)
+            mean = relax.op.mean(self.visit_expr(value.args[0]), axis=[1, 2], keepdims=keep)
+            if keep:  # [N, 1, 1, C] -> [N, C, 1, 1]: the same values in the same order
+                mean = relax.op.reshape(self.builder_.emit(mean), binding.var.ty.shape)
+            self.builder_.emit_normalized(relax.VarBinding(binding.var, self.builder_.normalize(mean)))
             return
         call = binding.value
         kernel = self.kernel_of(spec, call.args[0].name_hint)

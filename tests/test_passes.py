@@ -286,9 +286,9 @@ def test_int8_handoff_between_vnni_convs_changes_no_bit(handoff_modules):
 
 def test_channels_last_float_between_packed_convs():
     """ChannelsLastFloat: a float output read only by packed convs, as input or residual operand,
-    is written and read NHWC (conv4 -> conv5, conv6; conv6 -> conv5's residual; conv5 -> conv7) in
-    main, cached and forward; the projection's output (read by the pooling) and probe stay NCHW;
-    the layer-kernel table names kernels that exist. (Bit-exactness: the hand-off test below
+    or by a global average pool, is written and read NHWC (conv4 -> conv5, conv6; conv6 -> conv5's
+    residual; conv5 -> conv7; the projection -> the pool, a mean over axes 1, 2) in main, cached
+    and forward; probe stays NCHW; the layer-kernel table names kernels that exist. (Bit-exactness: the hand-off test below
     compares main, cached and forward with probe.)"""
     mod, _, _ = compiler.lower(handoff_model(), samples=8, input_shapes={"x": (1, 3, 12, 12)},
                                config=psb_tvm.PSBConfig.preset("int8"))
@@ -309,7 +309,11 @@ def test_channels_last_float_between_packed_convs():
         assert got["conv6"] == (True, True, False)
         assert got["conv5"] == (True, True, True)
         assert got["conv7"] == (True, False, False) and specs(name)["conv7"][1].out_handoff is not None
-        assert got["project"] == (False, False, False)  # (read by the pooling)
+        assert got["project"] == (False, True, False)  # read by the global average pool
+        means = []
+        relax.analysis.post_order_visit(mod[name].body, lambda e: means.append(e) if isinstance(e, relax.Call)
+                                        and e.op == tvm.ir.Op.get("relax.mean") else None)
+        assert [[int(a) for a in m.attrs.axis] for m in means] == [[1, 2]]  # over NHWC's rows and columns
         assert all(k.endswith(tuple(f"_c{i}" for i in range(9))) == any(v) for k, v in
                    ((kernel, got[layer]) for layer, (kernel, _) in specs(name).items()))
     assert not any(any((s.x_nhwc, s.out_nhwc, s.res_nhwc)) for _, s in specs("probe").values())

@@ -151,7 +151,7 @@ def test_pipelines_are_registered_and_run_under_pass_instruments(digits_plan):
 def test_rewrite_phase_hands_off_after_the_rewrite(digits_plan):
     p, _ = digits_plan
     assert [type(x).__name__ for x in pipeline.rewrite_passes(p.layers)] == ["RewriteToPSB", "HandOffInt8Activations",
-                                                                             "FuseResidualAdd"]
+                                                                             "FuseResidualAdd", "ChannelsLastFloat"]
 
 
 def test_cpu_and_cuda_pipelines_list_their_phases_in_order():
