@@ -441,3 +441,28 @@ def _self_check():
 
 if __name__ == "__main__":
     _self_check()
+
+
+def resnet_stem_model(seed=0, hw=16, batch=1):
+    """ResNet's stem and first block: conv 7x7/2 + ReLU -> max pool 3x3/2 -> conv + ReLU -> conv,
+    + the pooled input, ReLU -> GAP -> Flatten -> fc. x[batch, 3, hw, hw] -> y[batch, 5]."""
+    rng = np.random.default_rng(seed)
+    mk = helper.make_node
+    inits = [_t("stem_W", _conv_w(rng, 16, 3, 7)), _t("stem_B", _bias(rng, 16)),
+             _t("conv1_W", _conv_w(rng, 16, 16, 3)), _t("conv1_B", _bias(rng, 16)),
+             _t("conv2_W", _conv_w(rng, 16, 16, 3)), _t("conv2_B", _bias(rng, 16)),
+             _t("fc_W", _he(rng, (5, 16), 16)), _t("fc_B", _bias(rng, 5))]
+    nodes = [
+        mk("Conv", ["x", "stem_W", "stem_B"], ["s"], name="stem", kernel_shape=[7, 7], pads=[3] * 4, strides=[2, 2]),
+        mk("Relu", ["s"], ["s_r"], name="stem_relu"),
+        mk("MaxPool", ["s_r"], ["p"], name="pool", kernel_shape=[3, 3], pads=[1] * 4, strides=[2, 2]),
+        mk("Conv", ["p", "conv1_W", "conv1_B"], ["c1"], name="conv1", kernel_shape=[3, 3], pads=[1] * 4),
+        mk("Relu", ["c1"], ["c1_r"], name="relu1"),
+        mk("Conv", ["c1_r", "conv2_W", "conv2_B"], ["c2"], name="conv2", kernel_shape=[3, 3], pads=[1] * 4),
+        mk("Add", ["c2", "p"], ["sum"], name="add"),
+        mk("Relu", ["sum"], ["sum_r"], name="add_relu"),
+        mk("GlobalAveragePool", ["sum_r"], ["gap"], name="gap"),
+        mk("Flatten", ["gap"], ["flat"], name="flatten", axis=1),
+        mk("Gemm", ["flat", "fc_W", "fc_B"], ["y"], name="fc", transB=1),
+    ]
+    return _model("resnet_stem_model", nodes, [batch, 3, hw, hw], [batch, 5], inits)

@@ -4,7 +4,7 @@ float glue's GEMV rule."""
 import numpy as np
 import pytest
 import tvm
-from onnx_models import conv_model, handoff_model, small_cnn
+from onnx_models import conv_model, handoff_model, resnet_stem_model, small_cnn
 from psb_tvm.passes import find_layer_sites, name_sites
 from psb_tvm.schedules.cpu import GEMV
 from tvm import relax
@@ -288,8 +288,8 @@ def test_channels_last_float_between_packed_convs():
     """ChannelsLastFloat: a float output read only by packed convs, as input or residual operand,
     or by a global average pool, is written and read NHWC (conv4 -> conv5, conv6; conv6 -> conv5's
     residual; conv5 -> conv7; the projection -> the pool, a mean over axes 1, 2) in main, cached
-    and forward; probe stays NCHW; the layer-kernel table names kernels that exist. (Bit-exactness: the hand-off test below
-    compares main, cached and forward with probe.)"""
+    and forward; probe stays NCHW; the layer-kernel table names kernels that exist. (Bit-exactness:
+    the hand-off test above compares main, cached, forward and the frozen module with probe.)"""
     mod, _, _ = compiler.lower(handoff_model(), samples=8, input_shapes={"x": (1, 3, 12, 12)},
                                config=psb_tvm.PSBConfig.preset("int8"))
     from psb_tvm.schedules.kernels import spec_of
@@ -329,6 +329,35 @@ def test_channels_last_float_between_packed_convs():
                                             if isinstance(e, tvm.ir.GlobalVar) else None)
     assert all(g.name_hint in called for g, f in mod.functions.items()
                if isinstance(f, tvm.tirx.PrimFunc) and spec_of(f) is not None)
+
+
+def test_channels_last_through_a_max_pool():
+    """ResNet's stem -> max pool -> block: the stem writes NHWC, the max pool runs in NHWC layout
+    (the same windows: the same maxima), the block's convs read it NHWC as input and residual,
+    and main, cached, forward and the frozen module equal probe (NCHW throughout) bit for bit."""
+    kw = dict(samples=8, seed=3, input_shapes={"x": (2, 3, 16, 16)}, config=psb_tvm.PSBConfig.preset("int8"),
+              calibration={"x": np.random.default_rng(1).normal(size=(8, 3, 16, 16)).astype(np.float32)}, cache=False)
+    mod, _, _ = compiler.lower(resnet_stem_model(batch=2), **{k: v for k, v in kw.items() if k != "cache"})
+    pools = []
+    relax.analysis.post_order_visit(mod["main"].body, lambda e: pools.append(e) if isinstance(e, relax.Call)
+                                    and e.op == tvm.ir.Op.get("relax.nn.max_pool2d") else None)
+    assert [str(p.attrs.layout) for p in pools] == ["NHWC"]
+    from psb_tvm.schedules.kernels import spec_of
+    kernels = {g.name_hint: spec_of(f) for g, f in mod.functions.items() if isinstance(f, tvm.tirx.PrimFunc)
+               and spec_of(f) is not None and g.name_hint.endswith(tuple(f"_c{i}" for i in range(9)))}
+    assert any("stem" in k and s.out_nhwc for k, s in kernels.items())
+    assert any("conv2" in k and s.x_nhwc is False and s.res_nhwc and s.out_nhwc for k, s in kernels.items())
+    x = np.random.default_rng(5).normal(size=(2, 3, 16, 16)).astype(np.float32)
+    sampled = psb_tvm.compile(resnet_stem_model(batch=2), **kw)
+    frozen = psb_tvm.compile(resnet_stem_model(batch=2), frozen=True, **kw)
+    want, _ = sampled.layer_outputs(x)  # probe: every layer's NCHW output
+    assert np.any(want[0] != 0)
+    for _ in range(2):  # the second call runs `cached` on the kept weights
+        np.testing.assert_array_equal(sampled.run(x).view(np.int32), want[0].view(np.int32))
+    session = sampled.session(x, samples=4)
+    session.refine()
+    np.testing.assert_array_equal(session.output.view(np.int32), want[0].view(np.int32))
+    np.testing.assert_array_equal(frozen.run(x).view(np.int32), want[0].view(np.int32))
 
 
 def test_residual_add_and_relu_fused_into_the_producing_kernel():

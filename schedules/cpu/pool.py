@@ -48,7 +48,10 @@ class Pool2D(CPUScheduleRule):
         pool = sch.get_sblock(names[index])
         kinds = [iv.iter_type for iv in sch.get(pool).iter_vars]
         loops = sch.get_loops(pool)
-        # NCHW pooling: 4 spatial loops, then the window's reduction loops
+        # 4 spatial loops, then the window's reduction loops. NCHW: (batch, channel) planes, the
+        # columns in lanes; NHWC (passes/channels_last_float.py): the same nest over (batch, row)
+        # with the channels in lanes, each output row's input rows padded right before it
+        # (ResNet-18's max pool 0.107 -> 0.056 ms)
         if len(loops) != len(kinds) or len(kinds) < 5 or kinds[:4] != [tirx.IterVar.DataPar] * 4:
             return None
         if any(k != tirx.IterVar.CommReduce for k in kinds[4:]):
