@@ -370,6 +370,14 @@ def time_layer(name: str, layer: tuple, preset: str, target, number: int, repeat
     row["prepacked_gmac_per_s"] = macs / (row["prepacked_ms"] * 1e-3) / 1e9
     if spec.groups > 1 and spec.groups == spec.x_shape[1] and preset == "int8":
         row.update(_time_dw_handoff(pp_spec, packed, args[5:], target, median_ms))
+    if pp_spec.nhwc_capable:  # as the module runs it between packed convs (passes/channels_last_float.py)
+        cl_spec = dataclasses.replace(pp_spec, x_nhwc=spec.x_shape[1] > 4, out_nhwc=True)
+        cl_lib = _compile(psb_layer_kernel(cl_spec, "psb_roofline_nhwc"), PSBConv2D(), target)
+        cl_x = tvm.runtime.tensor(np.ascontiguousarray(x.transpose(0, 2, 3, 1)) if cl_spec.x_nhwc else x, dev)
+        cl_out = tvm.runtime.empty(cl_spec.out_storage_shape, "float32", dev)
+        row["nhwc_ms"], _ = median_ms(cl_lib, "psb_roofline_nhwc", cl_x, *pp_args[1:], RUN_SAMPLES, cl_out)
+        np.testing.assert_array_equal(cl_out.numpy().transpose(0, 3, 1, 2), out.numpy())  # same bits
+        row["nhwc_gmac_per_s"] = macs / (row["nhwc_ms"] * 1e-3) / 1e9
     smp_ms, _ = median_ms(sampler, "psb_roofline_sample", thr, 0, RUN_SAMPLES, 7, counts)
     row["sample_ms"] = smp_ms
     row["sample_ns_per_weight_sample"] = smp_ms * 1e6 / (enc.threshold.size * RUN_SAMPLES)
@@ -439,6 +447,8 @@ def add_fractions(rows: list, peak: dict) -> None:
         r["prepacked_fraction_of_peak"] = r["prepacked_gmac_per_s"] / p if p and "prepacked_gmac_per_s" in r else None
         if "handoff_gmac_per_s" in r:
             r["handoff_fraction_of_peak"] = r["handoff_gmac_per_s"] / p if p else None
+        if "nhwc_gmac_per_s" in r:
+            r["nhwc_fraction_of_peak"] = r["nhwc_gmac_per_s"] / p if p else None
         r["large"] = r["macs"] >= LARGE_CONV_MACS and r["groups"] == 1
 
 
@@ -473,12 +483,15 @@ def markdown(result: dict) -> str:
               "(int16 rows: int16 weights, compared with the same int8 peak). *Sampled*: the kernel of a module with "
               "run-time n (builds its integer weights from the counts on every call); *frozen*: the kernel of a "
               "`frozen=True` module, same draw, integer weights prepacked at compile time (outputs checked equal). "
+              "*Channels-last*: the frozen kernel as the module runs it between packed convs "
+              "(passes/channels_last_float.py): float32 NHWC in (a stem: NCHW, the model's input) and out "
+              "(outputs checked equal). "
               "`q`, `xq`: the sampled kernel's per-call weight and activation preparation stages timed "
               f"standalone; `sampler`: the separate sampling kernel for {RUN_SAMPLES} samples (sampled modules "
               "only; not part of the layer time).", "",
               "| layer | preset | path | MACs (M) | sampled ms | GMAC/s | % of peak | frozen (prepacked) ms | GMAC/s | "
-              "% of peak | q ms | xq ms | sampler ms |",
-              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+              "% of peak | channels-last frozen ms | GMAC/s | % of peak | q ms | xq ms | sampler ms |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
 
     def frac(r, key):
         f = r.get(key)
@@ -492,6 +505,8 @@ def markdown(result: dict) -> str:
         lines.append(f"| {r['layer']} | {r['preset']} | {path} | {r['macs'] / 1e6:.1f} | {r['ms']:.3f} | "
                      f"{r['gmac_per_s']:.1f} | {frac(r, 'fraction_of_peak')} | {r.get('prepacked_ms', float('nan')):.3f} | "
                      f"{r.get('prepacked_gmac_per_s', float('nan')):.1f} | {frac(r, 'prepacked_fraction_of_peak')} | "
+                     f"{r.get('nhwc_ms', float('nan')):.3f} | {r.get('nhwc_gmac_per_s', float('nan')):.1f} | "
+                     f"{frac(r, 'nhwc_fraction_of_peak')} | "
                      f"{r.get('q_stage_ms', float('nan')):.3f} | {r.get('xq_stage_ms', float('nan')):.3f} | "
                      f"{r['sample_ms']:.3f} |")
     for r in rows:
@@ -513,7 +528,8 @@ def analysis(rows: list) -> list[str]:
     """Observations computed from the rows (the fixed explanation lives in the md template below)."""
     out = []
     large = [r for r in rows if r.get("large") and r["preset"] == "int8" and r.get("fraction_of_peak") is not None]
-    for key, label in (("prepacked_fraction_of_peak", "frozen (prepacked)"), ("fraction_of_peak", "sampled")):
+    for key, label in (("nhwc_fraction_of_peak", "frozen, channels-last (as the module runs them)"),
+                       ("prepacked_fraction_of_peak", "frozen (prepacked)"), ("fraction_of_peak", "sampled")):
         rs = [r for r in large if r.get(key) is not None]
         if rs:
             hit = [r for r in rs if r[key] >= TARGET_FRACTION]

@@ -122,6 +122,7 @@ def test_roofline_quick_json(roofline_quick):
         assert r["macs"] > 0 and r["ms"] > 0 and r["gmac_per_s"] > 0
         assert 0 < r["fraction_of_peak"] <= 1.5, r
         assert r["prepacked_ms"] > 0 and 0 < r["prepacked_fraction_of_peak"] <= 1.5, r  # frozen kernel, same bits
+        assert r["nhwc_ms"] > 0 and 0 < r["nhwc_fraction_of_peak"] <= 1.5, r  # channels-last, same bits
     paths = {r["preset"]: r["path"] for r in rows}
     assert paths == {"int8": "vnni", "int16": "vnni16"}
     if "avx512_vnni" in result["meta"]["machine"]["simd"]:
