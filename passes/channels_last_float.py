@@ -27,7 +27,7 @@ from tvm import relax
 
 from psb_tvm.abi import ATTR_LAYER_KERNELS
 
-from .layer_variants import FUNCTIONS, layer_kernel_spec, rebuild
+from .layer_variants import function_plans, layer_kernel_spec, rebind, rebuild
 from .select_psb_layers import users_of
 
 
@@ -145,10 +145,7 @@ class _Mutator(relax.PyExprMutator):
         self.renamed[call.args[0].name_hint] = kernel.name_hint
         value = relax.call_tir(kernel, self.visit_expr(call.args[1]),
                                out_ty=relax.TensorType(spec.out_storage_shape, spec.out_dtype))
-        if not spec.out_nhwc:  # same output type: keep the var
-            self.builder_.emit_normalized(relax.VarBinding(binding.var, self.builder_.normalize(value)))
-        else:  # an NHWC tensor now, read only by the kernels this pass rewrites
-            self.set_var_remap(binding.var, self.builder_.emit(value, name_hint=binding.var.name))
+        rebind(self, binding, value, same_type=not spec.out_nhwc)  # (NHWC: read only by what this pass rewrites)
 
 
 @tvm.transform.module_pass(opt_level=0, name="ChannelsLastFloat")
@@ -156,9 +153,7 @@ class ChannelsLastFloat:
     """Float32 tensors between packed conv kernels stored NHWC instead of NCHW."""
 
     def transform_module(self, mod: tvm.IRModule, _ctx) -> tvm.IRModule:
-        present = {g.name_hint for g in mod.get_global_vars()}
-        plans = {name: _plan(mod, mod[name]) for name in FUNCTIONS if name in present}
-        plans = {name: p for name, p in plans.items() if p}
+        plans = function_plans(mod, _plan)
         if not plans:
             return mod
         out, mutators = rebuild(mod, plans, _Mutator, lambda spec: "_c")

@@ -19,7 +19,7 @@ import dataclasses
 import tvm
 from tvm import relax
 
-from .layer_variants import FUNCTIONS, layer_kernel_spec, rebuild
+from .layer_variants import function_plans, layer_kernel_spec, rebuild
 from .select_psb_layers import single_user, users_of
 
 
@@ -94,9 +94,7 @@ class FuseResidualAdd:
     """Residual add (+ ReLU) into the epilogue of the layer kernel that produces one operand."""
 
     def transform_module(self, mod: tvm.IRModule, _ctx) -> tvm.IRModule:
-        present = {g.name_hint for g in mod.get_global_vars()}
-        plans = {name: _plan(mod, mod[name]) for name in FUNCTIONS if name in present}
-        plans = {name: p for name, p in plans.items() if p}
+        plans = function_plans(mod, _plan)
         if not plans:
             return mod
         return rebuild(mod, plans, _Mutator, lambda spec: "_r")[0]

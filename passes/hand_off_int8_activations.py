@@ -28,7 +28,7 @@ from tvm import relax
 
 from psb_tvm.abi import ATTR_INT8_HANDOFFS, ATTR_LAYER_KERNELS
 
-from .layer_variants import FUNCTIONS, layer_kernel_spec, rebuild
+from .layer_variants import function_plans, layer_kernel_spec, rebind, rebuild
 from .select_psb_layers import single_user, users_of
 
 
@@ -78,10 +78,7 @@ class _Mutator(relax.PyExprMutator):
         kernel = self.kernel_of(spec, call.args[0].name_hint)
         self.site_kernels[item[1]] = kernel.name_hint
         value = relax.call_tir(kernel, self.visit_expr(call.args[1]), out_ty=out_ty)
-        if consumer is None:  # same output type: keep the var (it may be an output of the block)
-            self.builder_.emit_normalized(relax.VarBinding(binding.var, self.builder_.normalize(value)))
-        else:  # read once, by the consumer in this block
-            self.set_var_remap(binding.var, self.builder_.emit(value, name_hint=binding.var.name))
+        rebind(self, binding, value, same_type=consumer is None)  # (else read once, by the consumer)
 
 
 @tvm.transform.module_pass(opt_level=0, name="HandOffInt8Activations")
@@ -94,9 +91,7 @@ class HandOffInt8Activations:
 
     def transform_module(self, mod: tvm.IRModule, _ctx) -> tvm.IRModule:
         sites = sorted(layer.site_index for layer in self.layers)
-        present = {g.name_hint for g in mod.get_global_vars()}
-        plans = {name: _plan(mod, mod[name], sites) for name in FUNCTIONS if name in present}
-        plans = {name: p for name, p in plans.items() if p}
+        plans = function_plans(mod, lambda m, func: _plan(m, func, sites))
         if not plans:
             return mod
         out, mutators = rebuild(mod, plans, _Mutator, lambda spec: ("_i" if spec.x_handoff else "")

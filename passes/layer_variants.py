@@ -1,6 +1,6 @@
 """What the passes that follow ``RewriteToPSB`` share: which functions run the integer network,
 the spec of a layer-kernel call, and the rebuild of those functions on variants of their kernels
-(``HandOffInt8Activations``, ``FuseResidualAdd``)."""
+(``HandOffInt8Activations``, ``FuseResidualAdd``, ``ChannelsLastFloat``)."""
 
 from __future__ import annotations
 
@@ -22,6 +22,23 @@ def layer_kernel_spec(mod: tvm.IRModule, value) -> KernelSpec | None:
         return None
     func = mod[value.args[0]]
     return spec_of(func) if isinstance(func, tvm.tirx.PrimFunc) else None
+
+
+def function_plans(mod: tvm.IRModule, make_plan) -> dict:
+    """``{name: make_plan(mod, mod[name])}`` for the ``FUNCTIONS`` the module has, where the
+    plan is not empty."""
+    present = {g.name_hint for g in mod.get_global_vars()}
+    plans = {name: make_plan(mod, mod[name]) for name in FUNCTIONS if name in present}
+    return {name: plan for name, plan in plans.items() if plan}
+
+
+def rebind(mutator: relax.PyExprMutator, binding, value, same_type: bool) -> None:
+    """Emit ``value`` for ``binding``: under the binding's var when the type is unchanged (the var
+    may be an output of its block), else as a new var that the var's readers are remapped to."""
+    if same_type:
+        mutator.builder_.emit_normalized(relax.VarBinding(binding.var, mutator.builder_.normalize(value)))
+    else:
+        mutator.set_var_remap(binding.var, mutator.builder_.emit(value, name_hint=binding.var.name))
 
 
 def rebuild(mod: tvm.IRModule, plans: dict, make_mutator, suffix) -> tuple[tvm.IRModule, dict]:
