@@ -261,7 +261,7 @@ def _stage_funcs(spec):
     """The layer kernel's two per-call preparation stages as standalone PrimFuncs, defined as in
     ``schedules/kernels/`` (layout per path) and scheduled as ``schedule_shared_stages`` does."""
     from psb_tvm.schedules.kernels import COUNTS_DTYPE, xq_row_width
-    from psb_tvm.schedules.kernels.layer import _padded, stem_activation_stages
+    from psb_tvm.schedules.kernels.layer import _padded, blocked_activation_stage, stem_activation_stages
     from psb_tvm.schedules.kernels.weights import _Encoding, _weight_stage
     from tvm import te, tirx
 
@@ -275,15 +275,13 @@ def _stage_funcs(spec):
     padded = _padded(spec, x)
     q = _weight_stage(spec, counts, _Encoding(spec, sign, normal, shift), n)
     nhwc = spec.vnni or spec.vnni16 or spec.channels_last
+    dtype = "int16" if spec.vnni16 else spec.act_dtype  # (vnni16's int16 words: the 8-bit activations widened)
     if nhwc and spec.stem_planes:  # padded planes, then 4-channel pixels, as the kernel has them
-        dtype = "int16" if spec.vnni16 else spec.act_dtype
         xq = stem_activation_stages(spec, lambda b, c, h, w: padded(b, c, h, w).astype(dtype), dtype)
-    elif nhwc and spec.blocked_activations:  # blocks of dot_depth planes (channels padded)
-        d, dtype = spec.dot_depth, "int16" if spec.vnni16 else spec.act_dtype
-        xq = te.compute((N, spec.vnni_channels // d, H + pt + pb, W + pl + pr, d), lambda b, g, h, w, k: tirx.if_then_else(
-            g * d + k < C, padded(b, tirx.min(g * d + k, C - 1), h, w).astype(dtype), tirx.const(0, dtype)), name="xq")
-    elif nhwc:  # (vnni16's int16 words: the 8-bit activations widened, one digit plane)
-        dtype = "int16" if spec.vnni16 else spec.act_dtype
+    elif nhwc and spec.blocked_activations:  # blocks of dot_depth planes (channels padded), as the kernel has them
+        xq = blocked_activation_stage(spec, lambda b, c, h, w: tirx.if_then_else(
+            c < C, padded(b, tirx.min(c, C - 1), h, w).astype(dtype), tirx.const(0, dtype)), H + pt + pb, W + pl + pr)
+    elif nhwc:  # (one digit plane)
         xq = te.compute((N, H + pt + pb, W + pl + pr, C), lambda b, h, w, c: padded(b, c, h, w).astype(dtype), name="xq")
     else:  # rows padded as in the kernel (unit stride)
         xq = te.compute((N, C, H + pt + pb, xq_row_width(W + pl + pr)), padded, name="xq")
@@ -370,7 +368,7 @@ def time_layer(name: str, layer: tuple, preset: str, target, number: int, repeat
     row["prepacked_gmac_per_s"] = macs / (row["prepacked_ms"] * 1e-3) / 1e9
     if spec.groups > 1 and spec.groups == spec.x_shape[1] and preset == "int8":
         row.update(_time_dw_handoff(pp_spec, packed, args[5:], target, median_ms))
-    if pp_spec.nhwc_capable:  # as the module runs it between packed convs (passes/channels_last_float.py)
+    if pp_spec.packed_cpu_conv:  # as the module runs it between packed convs (passes/channels_last_float.py)
         cl_spec = dataclasses.replace(pp_spec, x_nhwc=spec.x_shape[1] > 4, out_nhwc=True)
         cl_lib = _compile(psb_layer_kernel(cl_spec, "psb_roofline_nhwc"), PSBConv2D(), target)
         cl_x = tvm.runtime.tensor(np.ascontiguousarray(x.transpose(0, 2, 3, 1)) if cl_spec.x_nhwc else x, dev)

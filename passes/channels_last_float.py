@@ -63,15 +63,15 @@ def _max_pool(value) -> bool:
 def _plan(mod: tvm.IRModule, func: relax.Function) -> dict:
     """Layer-kernel var -> its channels-last spec, for the calls that change; a global average
     pool's var -> "mean" and a max pool's -> "max_pool" where their input becomes NHWC."""
-    kernels, means, pools = {}, set(), {}
+    kernels, means, pools = {}, {}, {}  # (means, pools: var -> the tensor they read)
     for block in func.body.blocks:
         if isinstance(block, relax.DataflowBlock):
             for binding in block.bindings:
                 spec = layer_kernel_spec(mod, binding.value)
-                if spec is not None and spec.nhwc_capable:
+                if spec is not None and spec.packed_cpu_conv:
                     kernels[binding.var] = (binding.value, spec)
                 elif _spatial_mean(binding.value):
-                    means.add(binding.var)
+                    means[binding.var] = binding.value.args[0]
                 elif _max_pool(binding.value):
                     pools[binding.var] = binding.value.args[0]
     users = users_of(func)
@@ -108,8 +108,7 @@ def _plan(mod: tvm.IRModule, func: relax.Function) -> dict:
             res_nhwc=any(v in nhwc for v, r in roles.items() if "res" in r))
         if new != spec:
             plan[var] = new
-    plan.update({b.var: "mean" for block in func.body.blocks for b in block.bindings
-                 if b.var in means and b.value.args[0] in nhwc})
+    plan.update({var: "mean" for var, data in means.items() if data in nhwc})
     plan.update({var: "max_pool" for var in pools if var in nhwc})
     return plan
 
@@ -132,13 +131,13 @@ class _Mutator(relax.PyExprMutator):
             mean = relax.op.mean(self.visit_expr(value.args[0]), axis=[1, 2], keepdims=keep)
             if keep:  # [N, 1, 1, C] -> [N, C, 1, 1]: the same values in the same order
                 mean = relax.op.reshape(self.builder_.emit(mean), binding.var.ty.shape)
-            self.builder_.emit_normalized(relax.VarBinding(binding.var, self.builder_.normalize(mean)))
+            rebind(self, binding, mean, same_type=True)
             return
         if spec == "max_pool":  # the same windows over NHWC: the same maxima
             a = binding.value.attrs
             pool = relax.op.nn.max_pool2d(self.visit_expr(binding.value.args[0]), a.pool_size, a.strides, a.padding,
                                           a.dilation, bool(a.ceil_mode), bool(a.count_include_pad), "NHWC", "NHWC")
-            self.set_var_remap(binding.var, self.builder_.emit(pool, name_hint=binding.var.name))
+            rebind(self, binding, pool, same_type=False)  # (NHWC now)
             return
         call = binding.value
         kernel = self.kernel_of(spec, call.args[0].name_hint)

@@ -1138,7 +1138,7 @@ def test_channels_last_float_bit_exact(case, bits, x_nhwc, out_nhwc, residual, r
     base = dataclasses.replace(conv_spec(VNNI_CASES[case], "intdot", n, seed, layer, activation=ACTS[i % len(ACTS)],
                                          E=3 if bits == 8 else 4, act_bits=8, act_signed=bits == 16),
                                prepacked=True, residual=residual)
-    assert base.vnni == (bits == 8) and base.vnni16 == (bits == 16) and base.nhwc_capable
+    assert base.vnni == (bits == 8) and base.vnni16 == (bits == 16) and base.packed_cpu_conv
     spec = dataclasses.replace(base, x_nhwc=x_nhwc, out_nhwc=out_nhwc, res_nhwc=res_nhwc)
     rng = np.random.default_rng(_input_seed(base, "nhwc"))
     x = make_acts(rng, base.x_shape, base.frac_bits, 8, base.act_signed)

@@ -116,7 +116,7 @@ def _layer_kernel(spec: KernelSpec, name: str, expose_acc: bool) -> tvm.tirx.Pri
         raise ValueError("integer hand-off is between 8-bit vnni and depthwise convs with prepacked weights only")
     if spec.residual not in RESIDUALS or (spec.residual and (spec.out_handoff is not None or spec.lowering == "bitserial")):
         raise ValueError(f"residual {spec.residual!r}: one of {RESIDUALS}, on a float output of a non-bitserial kernel")
-    if (spec.x_nhwc or spec.out_nhwc or spec.res_nhwc) and not spec.nhwc_capable:
+    if (spec.x_nhwc or spec.out_nhwc or spec.res_nhwc) and not spec.packed_cpu_conv:
         raise ValueError("channels-last float activations are for packed CPU convs (vnni, vnni16) only")
     if (spec.x_nhwc and spec.x_handoff) or (spec.out_nhwc and spec.out_handoff is not None):
         raise ValueError("a channels-last float input / output cannot be an integer hand-off too")
@@ -279,6 +279,15 @@ def stem_activation_stages(spec: KernelSpec, value, dtype: str):
         c < C, xp[b, tirx.min(c, C - 1), h, w], tirx.const(0, dtype)), name="xq")
 
 
+def blocked_activation_stage(spec: KernelSpec, value, rows: int, cols: int):
+    """``xq[b, c / d, h, w, c % d]`` (``d = dot_depth``) of a conv with
+    ``KernelSpec.blocked_activations``, from ``value(b, c, h, w)`` over its ``vnni_channels``
+    channels: ``d`` planes interleaved into contiguous rows of ``cols`` pixels."""
+    d = spec.dot_depth
+    return te.compute((spec.x_shape[0], spec.vnni_channels // d, rows, cols, d),
+                      lambda b, g, h, w, k: value(b, g * d + k, h, w), name="xq")
+
+
 def _vnni_conv(spec: KernelSpec, name, expose_acc, params, q, padded, finish):
     """Conv with the reduction blocked as (C/4, 4) and outputs as (O/16, 16): the shape of x86's
     ``vpdpbusd`` (see ``schedules/cpu/psb_conv2d.py``, which tensorizes it). ``C`` is rounded up
@@ -353,20 +362,16 @@ def _vnni_conv(spec: KernelSpec, name, expose_acc, params, q, padded, finish):
         # three went 0.053 / 0.029 / 0.021 -> 0.027 / 0.016 / 0.016 ms
         XH, XW, at = OH, OW, lambda y, xx, sh=sh, sw=sw: (y * sh, xx * sw)
         sh = sw = 1
-    def x_at(b, h, w, d, pair, k):  # xq[b, h, w, c] (NHWC), c = d * C4 + pair * depth + k
-        return xq[b, h, w, d * C4 + pair * depth + k]
-
     if spec.stem_planes:
         xq = stem_activation_stages(spec, lambda b, c, h, w: xq_value(b, h, w, c), xq_dtype)
     elif spec.blocked_activations:
-        # xq[b, c / depth, h, w, c % depth]: planes interleaved into contiguous rows (blocked_activations)
-        xq = te.compute((N, C4 // depth, XH, XW, depth),
-                        lambda b, g, h, w, k: xq_value(b, *at(h, w), g * depth + k), name="xq")
-
-        def x_at(b, h, w, d, pair, k):
-            return xq[b, pair, h, w, k]
+        xq = blocked_activation_stage(spec, lambda b, c, h, w: xq_value(b, *at(h, w), c), XH, XW)
     else:
         xq = te.compute((N, XH, XW, digits * C4), lambda b, h, w, cd: xq_value(b, *at(h, w), cd), name="xq")
+
+    def x_at(b, h, w, d, pair, k):
+        """``xq`` at channel ``d * C4 + pair * depth + k`` (digit plane, channel block, lane)."""
+        return xq[b, pair, h, w, k] if spec.blocked_activations else xq[b, h, w, d * C4 + pair * depth + k]
     rh = te.reduce_axis((0, KH), name="rh")
     rw = te.reduce_axis((0, KW), name="rw")
     rc = te.reduce_axis((0, C4 // depth), name="rc")

@@ -104,7 +104,7 @@ class KernelSpec:
     residual: str | None = None
     # Float32 activations channels-last between layer kernels (passes/channels_last_float.py):
     # the input ``x`` (``x_nhwc``), the output (``out_nhwc``), the residual operand (``res_nhwc``)
-    # NHWC. The same values in another order: packed CPU convs (``nhwc_capable``) only.
+    # NHWC. The same values in another order: packed CPU convs (``packed_cpu_conv``) only.
     x_nhwc: bool = False
     out_nhwc: bool = False
     res_nhwc: bool = False
@@ -264,20 +264,26 @@ class KernelSpec:
         return -(-self.w_shape[1] // self.dot_depth) * self.dot_depth
 
     @property
+    def packed_cpu_conv(self) -> bool:
+        """A conv in a packed dot-product layout on a CPU (vnni, vnni16): its activations and
+        accumulators are NHWC inside, so it can also take / give float32 activations channels-last
+        (``x_nhwc``, ``out_nhwc``, ``res_nhwc``)."""
+        return self.packed_dot and not self.gpu and self.kind == "conv2d"
+
+    @property
     def stem_planes(self) -> bool:
         """A packed CPU conv reading a float NCHW input of at most 4 channels, padding included
         (``vnni_channels``; a stem), in one digit plane: its activation stage quantizes whole
         planes, then interleaves them (``layer.stem_activation_stages``)."""
-        return (self.packed_dot and not self.gpu and self.kind == "conv2d" and not self.x_handoff
+        return (self.packed_cpu_conv and not self.x_handoff
                 and self.vnni_channels <= 4 and not (self.vnni16 and self.act_digits > 1))
 
     @property
     def strided_pointwise(self) -> bool:
         """A packed CPU 1x1 conv with a stride and no padding: its activation stage quantizes only
         the pixels it reads, ``xq[b, y, x] = x[b, y * sh, x * sw]``."""
-        return (self.packed_dot and not self.gpu and self.kind == "conv2d" and not self.stem_planes
-                and tuple(self.conv_w_shape[2:]) == (1, 1) and tuple(self.stride) != (1, 1)
-                and not any(self.padding))
+        return (self.packed_cpu_conv and not self.stem_planes and tuple(self.conv_w_shape[2:]) == (1, 1)
+                and tuple(self.stride) != (1, 1) and not any(self.padding))
 
     @property
     def blocked_activations(self) -> bool:
@@ -287,7 +293,7 @@ class KernelSpec:
         stores LLVM scatters one element at a time. Measured for vnni16 on Zen 5 (int16 preset,
         prepacked, two A/B pairs): ResNet-18's layer1 convs 0.30 -> 0.26 ms, layer2's strided one
         0.17 -> 0.14."""
-        return ((self.vnni or (self.vnni16 and self.act_digits == 1)) and not self.gpu and self.kind == "conv2d"
+        return (self.packed_cpu_conv and (self.vnni or (self.vnni16 and self.act_digits == 1))
                 and not self.x_handoff and not self.x_nhwc
                 and not self.stem_planes and self.vnni_channels <= BLOCKED_MAX_CHANNELS
                 and self.x_shape[2] * self.x_shape[3] >= BLOCKED_MIN_PIXELS)
@@ -343,12 +349,6 @@ class KernelSpec:
         """This conv's input format, for a producer that hands its output over in it."""
         channels = self.vnni_channels if self.vnni else self.x_shape[1]
         return Handoff(self.act_bits, self.act_signed, self.frac_bits, self.dot_offset, channels)
-
-    @property
-    def nhwc_capable(self) -> bool:
-        """Can take / give float32 activations channels-last (``x_nhwc``, ``out_nhwc``): packed
-        CPU convs (vnni, vnni16), whose activations and accumulators are NHWC inside anyway."""
-        return self.packed_dot and not self.gpu and self.kind == "conv2d"
 
     @property
     def x_storage_shape(self) -> tuple:
