@@ -22,6 +22,7 @@ from psb_tvm.schedules import hash as tir_hash
 from psb_tvm.schedules.cpu import PSBConv2D, PSBDense, PSBDepthwiseConv2D, PSBDepthwiseNHWC, PSBPack, PSBSample
 from psb_tvm.schedules.kernels import (
     LOWERINGS,
+    Handoff,
     KernelSpec,
     bitserial_levels,
     can_hand_off,
@@ -1063,14 +1064,101 @@ def test_dw_nhwc_sums_pixels_together(width, stride, pixels):
     so each tap's weights are loaded once for them and their multiply-adds are independent.
     (Bit-exactness at such widths: test_int8_handoff_pair_bit_exact.)"""
     geo = dict(groups=16, stride=(stride, stride), padding=(1, 1, 1, 1))
+    # (signed activations: one multiply-add per tap, not dw_tap_groups)
     spec = dataclasses.replace(conv_spec(((1, 16, 4, width), (16, 1, 3, 3), geo), "intdot", 8, 1, 0, E=3,
-                                         act_signed=False), prepacked=True, x_handoff=True)
+                                         act_signed=True), prepacked=True, x_handoff=True)
+    assert not spec.dw_tap_groups
     sch = PSBDepthwiseNHWC().apply(psb_layer_kernel(spec, "dw"), TARGET, False)
     loops = [sch.get(lp) for lp in sch.get_loops(sch.get_sblock("acc_update"))]
     kinds = [(int(lp.extent), lp.kind) for lp in loops]
     assert kinds[-1][1] == tvm.tirx.ForKind.VECTORIZED
     assert kinds[-2] == (pixels, tvm.tirx.ForKind.UNROLLED)
     assert [k for _, k in kinds[-4:-2]] == [tvm.tirx.ForKind.UNROLLED] * 2  # the taps, above the pixels
+
+
+def _dw_spec(case, act_signed=False, **fields):
+    x_shape, w_shape, geo = case
+    return dataclasses.replace(conv_spec(case, "intdot", 8, 1, 0, activation=("clip", 0.0, 6.0), E=3,
+                                         act_signed=act_signed, frac_bits=4), prepacked=True, **fields)
+
+
+def test_dw_tap_groups_where():
+    """Depthwise hand-off convs sum 4 tap columns per dot product where vpdpbusd's operands fit:
+    uint8 activations, int8 weights, int32 sums, channels in blocks of 16, columns not dilated;
+    ceil(KW / 4) groups."""
+    case = ((1, 32, 6, 9), (32, 1, 3, 3), dict(groups=32, padding=(1, 1, 1, 1)))
+    spec = _dw_spec(case, x_handoff=True)
+    assert spec.dw_tap_groups == 1
+    assert _dw_spec(((1, 32, 9, 9), (32, 1, 5, 5), dict(groups=32, padding=(2, 2, 2, 2))), x_handoff=True).dw_tap_groups == 2
+    assert dataclasses.replace(spec, x_handoff=False, out_handoff=Handoff(8, False, 4, 0, 32)).dw_tap_groups == 1
+    assert not dataclasses.replace(spec, x_handoff=False).dw_tap_groups  # (the NCHW kernel: PSBDepthwiseConv2D)
+    assert not _dw_spec(case, act_signed=True, x_handoff=True).dw_tap_groups  # int8 activations
+    assert not _dw_spec(((1, 24, 6, 9), (24, 1, 3, 3), dict(groups=24, padding=(1, 1, 1, 1))), x_handoff=True).dw_tap_groups
+    assert not _dw_spec(((1, 32, 6, 9), (32, 1, 3, 3), dict(groups=32, padding=(2, 2, 2, 2), dilation=(2, 2))),
+                        x_handoff=True).dw_tap_groups
+    assert _dw_spec(((1, 32, 9, 6), (32, 1, 3, 3), dict(groups=32, padding=(2, 1, 2, 1), dilation=(2, 1))),
+                    x_handoff=True).dw_tap_groups == 1
+    assert not dataclasses.replace(_dw_spec(case, x_handoff=True), E=5, n_max=64).dw_tap_groups  # int16 weights
+
+
+# (x_shape, w_shape, geometry) of depthwise convs with 16-channel blocks: MobileNetV2's 3x3 at
+# strides 1 and 2, a 5x5 (two groups of 4 columns), odd widths, asymmetric padding, rows dilated
+DW_TAP_CASES = {
+    "3x3": ((1, 32, 6, 9), (32, 1, 3, 3), dict(groups=32, padding=(1, 1, 1, 1))),
+    "3x3_s2_b2": ((2, 16, 9, 11), (16, 1, 3, 3), dict(groups=16, stride=(2, 2), padding=(1, 1, 1, 1))),
+    "5x5": ((1, 48, 8, 7), (48, 1, 5, 5), dict(groups=48, padding=(2, 2, 2, 2))),
+    "3x3_asym_w13": ((1, 16, 5, 13), (16, 1, 3, 3), dict(groups=16, stride=(1, 2), padding=(0, 1, 1, 0))),
+    "3x3_rows_dilated": ((1, 32, 9, 6), (32, 1, 3, 3), dict(groups=32, padding=(2, 1, 2, 1), dilation=(2, 1))),
+    "1x7": ((1, 16, 4, 12), (16, 1, 1, 7), dict(groups=16, padding=(0, 3, 0, 3))),
+}
+
+
+@pytest.mark.parametrize("target", ["host", "x86-64-v3"], ids=["host", "avx2_loop_nest"])
+@pytest.mark.parametrize("x_handoff,out_handoff", [(True, True), (True, False), (False, True)],
+                         ids=["in_out", "in", "out"])
+@pytest.mark.parametrize("case", list(DW_TAP_CASES))
+def test_dw_tap_groups_bit_exact(case, x_handoff, out_handoff, target, monkeypatch):
+    """A dw_tap_groups depthwise conv (uint8 NHWC or float NCHW in, the consumer's uint8 NHWC or
+    float NCHW out) computes exactly what the one-multiply-add-per-tap kernel of the same spec
+    does (checked against the oracle in test_int8_handoff_pair_bit_exact): with vpdpbusd on the
+    host (VNNI) and as a loop nest on an AVX2 target (no VNNI)."""
+    tgt = TARGET if target == "host" else tvm.target.Target({"kind": "llvm", "mcpu": target})
+    i = list(DW_TAP_CASES).index(case)
+    spec = _dw_spec(DW_TAP_CASES[case], x_handoff=x_handoff,
+                    out_handoff=Handoff(8, False, 3, 0, DW_TAP_CASES[case][1][0]) if out_handoff else None)
+    assert spec.dw_tap_groups == -(-spec.w_shape[3] // 4)
+    rng = np.random.default_rng(40 + i)
+    N, C, H, W = spec.x_shape
+    if x_handoff:
+        x = rng.integers(0, 256, size=(N, H, W, C)).astype(np.uint8)
+    else:
+        x = make_acts(rng, spec.x_shape, spec.frac_bits, 8, False)
+    q = rng.integers(-127, 128, size=spec.w_shape).astype(np.int8)
+    scale = (2.0 ** -rng.integers(6, 9, size=C)).astype(np.float32)
+    bias = rng.normal(size=C).astype(np.float32)
+
+    def run(schedule_target):
+        sch = PSBDepthwiseNHWC().apply(psb_layer_kernel(spec, "dw"), schedule_target, False)
+        out = tvm.runtime.empty(spec.out_storage_shape, spec.out_dtype, DEV)
+        tvm.compile(sch.mod["main"], target=schedule_target)["dw"](
+            tvm.runtime.tensor(x, DEV), tvm.runtime.tensor(q, DEV), tvm.runtime.tensor(scale, DEV),
+            tvm.runtime.tensor(bias, DEV), 8, out)
+        return out.numpy(), sch
+
+    got, sch = run(tgt)
+    assert ("vpdpbusd" in sch.mod["main"].script()) == (target == "host" and "avx512_vnni" in _cpu_flags())
+    monkeypatch.setattr(KernelSpec, "dw_tap_groups", property(lambda self: 0))
+    want, _ = run(TARGET)
+    assert len(np.unique(want)) > 3, "degenerate case"
+    np.testing.assert_array_equal(got.view(np.uint8), want.view(np.uint8))
+
+
+def _cpu_flags() -> set:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return set(next(line for line in f if line.startswith("flags")).split(":")[1].split())
+    except (OSError, StopIteration):
+        return set()
 
 
 @pytest.mark.parametrize("consumer_signed", [False, True], ids=["uint8", "int8"])

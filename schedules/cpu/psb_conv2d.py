@@ -72,7 +72,7 @@ def schedule_bitserial_packs(sch: s_tir.Schedule) -> None:
             sch.unroll(rj)
 
 
-def _has_vnni(target: Target) -> bool:
+def has_vnni(target: Target) -> bool:
     mcpu = str(target.attrs.get("mcpu", "") or "")
     features = [str(f) for f in (target.attrs.get("mattr", None) or [])]
     return "+avx512vnni" in features or mcpu in VNNI_CPUS
@@ -140,7 +140,7 @@ def schedule_vnni(sch: s_tir.Schedule, acc, target: Target) -> s_tir.Schedule:
     arm_intrin = arm_dot_intrin(target) if arm and not words else None
     # no dot-product instruction to tensorize: the loop nest, vectorized over the 16 outputs
     # (LLVM's pmaddwd for int16 words on x86 without VNNI)
-    loop_nest = (arm and arm_intrin is None) or (words and not arm and not _has_vnni(target))
+    loop_nest = (arm and arm_intrin is None) or (words and not arm and not has_vnni(target))
     if loop_nest:
         sch.reorder(rk, oi)
         sch.vectorize(oi)  # before decompose_reduction: it needs the complete reduction block
@@ -183,7 +183,7 @@ def schedule_vnni(sch: s_tir.Schedule, acc, target: Target) -> s_tir.Schedule:
         if words:
             if not loop_nest:
                 sch.tensorize(oi, PSB_VNNI_16x2_WORDS)
-        elif _has_vnni(target):
+        elif has_vnni(target):
             sch.tensorize(oi, PSB_VNNI_16x4)
         else:  # AVX-512 without VNNI: TVM's intrinsic (its import registers every intrinsic: slow)
             from tvm.s_tir.tensor_intrin.x86 import AVX512_DOT_16x4_INTRIN

@@ -10,7 +10,10 @@ from psb_tvm.abi import ATTR_LAYOUT
 
 from ..kernels.spec import spec_of
 from ..rule import PSBRule
+from .arm_dot import is_aarch64
 from .common import VECTOR_LANES, block_names, largest_divisor, loop_extents, vectorize_reduction
+from .psb_conv2d import has_vnni
+from .vnni import PSB_VNNI_DW_16x4
 
 #: Output pixels of a row summed together (up to this many, a divisor of the width), each tap's
 #: weights loaded once for them: one pixel at a time, its nine products formed one dependent
@@ -21,6 +24,36 @@ PIXELS = 8
 def _vectorize_inner(sch: s_tir.Schedule, loop, lanes: int) -> None:
     if lanes > 1:
         sch.vectorize(sch.split(loop, [None, lanes])[1])
+
+
+def _tap_groups(sch: s_tir.Schedule, acc, target: Target):
+    """The ``dw_tap_groups`` nest: rows in parallel; per 16 channels and up to PIXELS output
+    pixels, one dot product of 4 tap columns per (tap row, group): ``vpdpbusd`` on the
+    interleaved activation tile with VNNI, else 16 lanes over channels with the 4 taps unrolled.
+    Returns the row loop, the pixel-tile loop and a function that tensorizes (called last: the
+    compute-at steps after this one need the plain reduction block)."""
+    b, y, x, c, rh, rg, rk = sch.get_loops(acc)
+    co, ci = sch.split(c, [None, 16])
+    xo, xi = sch.split(x, [None, largest_divisor(loop_extents(sch, [x])[0], PIXELS)])
+    sch.reorder(b, y, co, xo, rh, rg, xi, ci, rk)
+    row = sch.fuse(b, y)
+    sch.parallel(row)
+    sch.unroll(rh)
+    sch.unroll(rg)
+    sch.unroll(xi)
+    vnni = not is_aarch64(target) and has_vnni(target)
+    if not vnni:
+        sch.reorder(rk, ci)
+        sch.unroll(rk)
+        sch.vectorize(ci)  # (before decompose_reduction: it needs the complete reduction block)
+    init = sch.decompose_reduction(acc, rh)
+    sch.vectorize(sch.get_loops(init)[-1])
+
+    def tensorize():
+        if vnni:
+            sch.tensorize(ci, PSB_VNNI_DW_16x4)
+
+    return row, xo, tensorize
 
 
 class PSBDepthwiseNHWC(PSBRule, CPUScheduleRule):
@@ -34,23 +67,28 @@ class PSBDepthwiseNHWC(PSBRule, CPUScheduleRule):
     def schedule(self, func: tirx.PrimFunc, attrs, target: Target, _: bool) -> None | s_tir.Schedule:
         if attrs.get(ATTR_LAYOUT) != "dw_nhwc":
             return None
+        spec = spec_of(func)
         sch = s_tir.Schedule(func)
         acc, out = sch.get_sblock("acc"), sch.get_sblock("out")
-        b, y, x, c, rh, rw = sch.get_loops(acc)
-        channels = loop_extents(sch, [c])[0]
-        lanes = largest_divisor(channels, VECTOR_LANES)
-        co, ci = sch.split(c, [None, lanes])
-        width = loop_extents(sch, [x])[0]
-        xo, xi = sch.split(x, [None, largest_divisor(width, PIXELS)])
-        sch.reorder(b, y, co, xo, rh, rw, xi, ci)
-        row = sch.fuse(b, y)
-        sch.parallel(row)
-        sch.unroll(rh)
-        sch.unroll(rw)
-        sch.unroll(xi)
-        x = xo
-        vectorize_reduction(sch, acc, ci, rh, lanes)
-        if spec_of(func).out_handoff is not None:
+        tensorize = None
+        if spec.dw_tap_groups:
+            row, x, tensorize = _tap_groups(sch, acc, target)
+        else:
+            b, y, x, c, rh, rw = sch.get_loops(acc)
+            channels = loop_extents(sch, [c])[0]
+            lanes = largest_divisor(channels, VECTOR_LANES)
+            co, ci = sch.split(c, [None, lanes])
+            width = loop_extents(sch, [x])[0]
+            xo, xi = sch.split(x, [None, largest_divisor(width, PIXELS)])
+            sch.reorder(b, y, co, xo, rh, rw, xi, ci)
+            row = sch.fuse(b, y)
+            sch.parallel(row)
+            sch.unroll(rh)
+            sch.unroll(rw)
+            sch.unroll(xi)
+            x = xo
+            vectorize_reduction(sch, acc, ci, rh, lanes)
+        if spec.out_handoff is not None:
             sch.reverse_compute_at(out, x)  # the pixel's channels, contiguous NHWC bytes
             width = loop_extents(sch, sch.get_loops(out)[-1:])[0]  # the consumer's channels
             _vectorize_inner(sch, sch.get_loops(out)[-1], largest_divisor(width, VECTOR_LANES))
@@ -58,12 +96,17 @@ class PSBDepthwiseNHWC(PSBRule, CPUScheduleRule):
             sch.reverse_compute_at(out, row)  # NCHW floats: the row's channels, each along x
             width = loop_extents(sch, sch.get_loops(out)[-1:])[0]
             _vectorize_inner(sch, sch.get_loops(out)[-1], largest_divisor(width, VECTOR_LANES))
-        for name in ("xq", "qt"):
+        for name in ("xq", "qt"):  # (qt: kw x groups x C x 4 bytes with tap groups)
             block = sch.get_sblock(name)
             loops = sch.get_loops(block)
-            sch.parallel(sch.fuse(*loops[:-1]))
+            # tap groups' xq [b, h, c / 16, w, 16]: rows in parallel, the rest plain loops (all
+            # fused, each 16 bytes took a division and a modulo)
+            outer = 2 if name == "xq" and tensorize is not None else len(loops) - 1
+            sch.parallel(sch.fuse(*loops[:outer]))
             _vectorize_inner(sch, loops[-1], largest_divisor(loop_extents(sch, loops[-1:])[0], VECTOR_LANES))
         if "acc_nchw" in block_names(sch):
             loops = sch.get_loops(sch.get_sblock("acc_nchw"))
             sch.parallel(sch.fuse(*loops[:-1]))
+        if tensorize is not None:
+            tensorize()
         return sch

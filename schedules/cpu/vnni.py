@@ -1,5 +1,7 @@
 """x86 VNNI tensor intrinsics: 16 int32 lanes += 4 uint8 (broadcast) x 16x4 int8, one ``vpdpbusd``;
-and 16 int32 lanes += 2 int16 (broadcast) x 16x2 int16, one ``vpdpwssd`` (the vnni16 layout).
+and 16 int32 lanes += 2 int16 (broadcast) x 16x2 int16, one ``vpdpwssd`` (the vnni16 layout);
+and, for depthwise convs' tap groups, 16 int32 lanes += 4 taps x 16 channels uint8 (interleaved to
+4 bytes per lane in the register) x 16x4 int8: one ``vpermb`` and one ``vpdpbusd``, no broadcast.
 
 TVM 0.27 ships one (``dot_16x4_vnni``) that passes <16 x i32> operands; the LLVM it bundles
 declares ``llvm.x86.avx512.vpdpbusd.512`` with <64 x i8> operands and rejects the call. This is
@@ -11,6 +13,7 @@ from tvm.script import tirx as T
 
 PSB_VNNI_16x4 = "psb_dot_16x4_vnni"
 PSB_VNNI_16x2_WORDS = "psb_dot_16x2_words_vnni"
+PSB_VNNI_DW_16x4 = "psb_dw_dot_16x4_vnni"
 
 
 def _dot_16xk(a_dtype: str, b_dtype: str, depth: int, llvm_intrinsic: str):
@@ -66,8 +69,49 @@ dot_product_16x4_u8i8i32_desc, _dot_16x4_vnni = _dot_16xk("uint8", "int8", 4, "l
 # The vnni16 layout's: int16 words in pairs (vpdpwssd takes <32 x i16> operands).
 dot_product_16x2_i16i16i32_desc, _dot_16x2_words_vnni = _dot_16xk("int16", "int16", 2, "llvm.x86.avx512.vpdpwssd.512")
 
+
+
+@T.prim_func(s_tir=True)
+def _dw_dot_desc(
+    A: T.Buffer((4, 16), "uint8", offset_factor=1),
+    B: T.Buffer((16, 4), "int8", offset_factor=1),
+    C: T.Buffer((16,), "int32", offset_factor=1),
+) -> None:
+    with T.sblock("root"):
+        T.reads(C[0:16], A[0:4, 0:16], B[0:16, 0:4])
+        T.writes(C[0:16])
+        for i in T.serial(0, 16):
+            for k in T.serial(0, 4):
+                with T.sblock("update"):
+                    vi, vk = T.axis.remap("SR", [i, k])
+                    C[vi] = C[vi] + T.cast(A[vk, vi], "int32") * T.cast(B[vi, vk], "int32")
+
+
+# The 4 x 16 activation tile interleaved to 16 x 4 (one vpermb with AVX512-VBMI)
+_INTERLEAVE = [k * 16 + c for c in range(16) for k in range(4)]
+
+
+@T.prim_func(s_tir=True)
+def _dw_dot_vnni(
+    A: T.Buffer((4, 16), "uint8", offset_factor=1),
+    B: T.Buffer((16, 4), "int8", offset_factor=1),
+    C: T.Buffer((16,), "int32", offset_factor=1),
+) -> None:
+    with T.sblock("root"):
+        T.reads(C[0:16], A[0:4, 0:16], B[0:16, 0:4])
+        T.writes(C[0:16])
+        C[T.ramp(T.int32(0), 1, 16)] = T.call_llvm_pure_intrin(
+            T.llvm_lookup_intrinsic_id("llvm.x86.avx512.vpdpbusd.512"),
+            C.vload([0], dtype="int32x16"),
+            T.Shuffle([A.vload([0, 0], dtype="uint8x64")], _INTERLEAVE),
+            B.vload([0, 0], dtype="int8x64"),
+            dtype="int32x16",
+        )
+
+
 for _name, _desc, _impl in ((PSB_VNNI_16x4, dot_product_16x4_u8i8i32_desc, _dot_16x4_vnni),
-                            (PSB_VNNI_16x2_WORDS, dot_product_16x2_i16i16i32_desc, _dot_16x2_words_vnni)):
+                            (PSB_VNNI_16x2_WORDS, dot_product_16x2_i16i16i32_desc, _dot_16x2_words_vnni),
+                            (PSB_VNNI_DW_16x4, _dw_dot_desc, _dw_dot_vnni)):
     try:
         TensorIntrin.register(_name, _desc, _impl)
     except Exception:  # noqa: BLE001 - already registered (module reloaded)

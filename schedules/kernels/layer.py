@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 
+import numpy as np
 import tvm
 from tvm import te, tirx
 
@@ -15,6 +16,7 @@ from psb_tvm.abi import ATTR_KIND, ATTR_LAYOUT, ATTR_LOWERING, ATTR_SPEC
 from .spec import (
     BITSERIAL_WORD,
     COUNTS_DTYPE,
+    DW_TAPS,
     GPU_PIXEL_MULTIPLE,
     LOWERINGS,
     RESIDUALS,
@@ -26,12 +28,28 @@ from .spec import (
 from .weights import _Encoding, _weight_params, _weight_stage, _wsum
 
 
-def _quantize(spec: KernelSpec | Handoff, value):
-    """``clip(rint(x * 2**f), lo, hi)``; ``nearbyint`` rounds half to even like ``np.rint``."""
+def _quantize(spec: KernelSpec | Handoff, value, bounds=(None, None)):
+    """``clip(rint(x * 2**f), lo, hi)``; ``nearbyint`` rounds half to even like ``np.rint``.
+    ``bounds``: what ``value`` is known to lie within (None: unbounded); a clip that cannot act
+    is left out (a ReLU6 output times 2**4 is at most 96: uint8's 255 is never reached)."""
     lo, hi = numerics.act_range(spec.act_bits, spec.act_signed)
-    scaled = tirx.nearbyint(value * tirx.const(2.0**spec.frac_bits, "float32"))
-    clipped = tirx.max(tirx.min(scaled, tirx.const(hi, "float32")), tirx.const(lo, "float32"))
-    return clipped.astype(spec.act_dtype)
+    scale = 2.0**spec.frac_bits
+    v = tirx.nearbyint(value * tirx.const(scale, "float32"))
+    if bounds[1] is None or bounds[1] * scale > hi:
+        v = tirx.min(v, tirx.const(hi, "float32"))
+    if bounds[0] is None or bounds[0] * scale < lo:
+        v = tirx.max(v, tirx.const(lo, "float32"))
+    return v.astype(spec.act_dtype)
+
+
+def _output_bounds(spec: KernelSpec) -> tuple:
+    """The range the float output is known to lie in: its fused activation's (the epilogue's
+    ``finish``), unbounded where a residual is added after it."""
+    act = spec.activation
+    if spec.residual or act is None:
+        return (None, None)
+    # (as the float32 constants the activation clips with)
+    return (0.0, None) if act == "relu" else (float(np.float32(act[1])), float(np.float32(act[2])))
 
 
 def _activation(spec: KernelSpec, y):
@@ -443,7 +461,8 @@ def _depthwise_nhwc(spec: KernelSpec, name, expose_acc, params, q, padded, finis
     """Depthwise conv with activations channels-last, for the integer hand-off: ``xq[b, h, w, c]``
     (the producer's integer activations padded, or the float input quantized), ``acc[b, y, x, c]``
     summed over the taps with lanes over channels, and the epilogue (float NCHW, or the next
-    conv's activations). Weights stay prepacked OIHW ``[C, 1, KH, KW]``."""
+    conv's activations). Weights stay prepacked OIHW ``[C, 1, KH, KW]``; with ``dw_tap_groups``
+    the taps are summed ``DW_TAPS`` kernel rows per dot product."""
     N, C, H, W = spec.x_shape
     _, _, KH, KW = spec.w_shape
     pt, pl, pb, pr = spec.padding
@@ -460,14 +479,33 @@ def _depthwise_nhwc(spec: KernelSpec, name, expose_acc, params, q, padded, finis
         def xq_value(b, h, w, c):
             return padded(b, c, h, w)
 
-    xq = te.compute((N, H + pt + pb, W + pl + pr, C), xq_value, name="xq")
-    # the taps' weights channels-last (9 x C bytes per call), so the lanes over channels load them
-    qt = te.compute((KH, KW, C), lambda kh, kw, c: q[c, 0, kh, kw], name="qt")
+    G = spec.dw_tap_groups
     rh = te.reduce_axis((0, KH), name="rh")
-    rw = te.reduce_axis((0, KW), name="rw")
-    acc = te.compute((N, OH, OW, C), lambda b, y, xx, c: te.sum(
-        xq[b, y * sh + rh * dh, xx * sw + rw * dw, c].astype(spec.acc_dtype) * qt[rh, rw, c].astype(spec.acc_dtype),
-        axis=[rh, rw]), name="acc")
+    if G:
+        # DW_TAPS kernel columns per dot product. xq[b, h, c / 16, w, c % 16] (channels in blocks
+        # of 16, each block's row contiguous): the 4 columns of one step are 64 contiguous bytes
+        # (one load, interleaved to 4 bytes per channel in a register: the dot product's
+        # operand), with zero columns past the padding for the groups' unused last taps;
+        # qt[kh, g, c, k] the weight of tap column g * DW_TAPS + k (0 past KW). 16 channels of
+        # one output pixel then take one vpdpbusd per (kh, g): 3 for a 3x3 conv.
+        cols = max(W + pl + pr, (OW - 1) * sw + G * DW_TAPS)
+        xq = te.compute((N, H + pt + pb, C // 16, cols, 16),
+                        lambda b, h, cb, w, ci: xq_value(b, h, w, cb * 16 + ci), name="xq")
+        qt = te.compute((KH, G, C, DW_TAPS), lambda kh, g, c, k: tirx.if_then_else(
+            g * DW_TAPS + k < KW, q[c, 0, kh, tirx.min(g * DW_TAPS + k, KW - 1)], tirx.const(0, q.dtype)), name="qt")
+        rg = te.reduce_axis((0, G), name="rg")
+        rk = te.reduce_axis((0, DW_TAPS), name="rk")
+        acc = te.compute((N, OH, OW, C), lambda b, y, xx, c: te.sum(
+            xq[b, y * sh + rh * dh, c // 16, xx * sw + rg * DW_TAPS + rk, c % 16].astype("int32")
+            * qt[rh, rg, c, rk].astype("int32"), axis=[rh, rg, rk]), name="acc")
+    else:
+        xq = te.compute((N, H + pt + pb, W + pl + pr, C), xq_value, name="xq")
+        # the taps' weights channels-last (9 x C bytes per call), so the lanes over channels load them
+        qt = te.compute((KH, KW, C), lambda kh, kw, c: q[c, 0, kh, kw], name="qt")
+        rw = te.reduce_axis((0, KW), name="rw")
+        acc = te.compute((N, OH, OW, C), lambda b, y, xx, c: te.sum(
+            xq[b, y * sh + rh * dh, xx * sw + rw * dw, c].astype(spec.acc_dtype) * qt[rh, rw, c].astype(spec.acc_dtype),
+            axis=[rh, rw]), name="acc")
     if spec.out_handoff is not None:
         out = _handoff_out(spec, acc, finish)
     else:
@@ -490,7 +528,7 @@ def _handoff_out(spec: KernelSpec, acc, finish):
 
     def value(b, y, xx, c):
         ch = tirx.min(c, O - 1) if h.channels != O else c  # (the padding channels read channel O - 1, unused)
-        v = _quantize(h, finish(acc, (b, ch, y, xx), b, y, xx, ch))
+        v = _quantize(h, finish(acc, (b, ch, y, xx), b, y, xx, ch), _output_bounds(spec))
         if h.offset:
             v = (v.astype("int32") + h.offset).astype(h.dtype)
         v = v.astype(h.dtype)

@@ -339,6 +339,21 @@ class KernelSpec:
                 and self.groups == self.x_shape[1] == self.w_shape[0] > 1)
 
     @property
+    def dw_tap_groups(self) -> int:
+        """Groups of ``DW_TAPS`` kernel columns per dot product in a channels-last depthwise conv
+        (``x_handoff`` or ``out_handoff``), 0 where it keeps one multiply-add per tap: uint8
+        activations x int8 weights summed in int32 (``vpdpbusd``'s operands), channels in blocks
+        of 16, kernel columns not dilated (a group's columns are adjacent). Each output pixel's
+        16 channels then take ``KH * groups`` dot products (3 for a 3x3 conv, against 9
+        multiplies and 9 adds)."""
+        if not (self.depthwise and (self.x_handoff or self.out_handoff is not None)):
+            return 0
+        if (self.act_dtype != "uint8" or self.q_dtype != "int8" or self.acc_dtype != "int32" or self.x_shape[1] % 16
+                or self.dilation[1] != 1):
+            return 0
+        return -(-self.w_shape[3] // DW_TAPS)
+
+    @property
     def handoff_capable(self) -> bool:
         """Can hand activations over to / take them from another such conv: 8-bit vnni convs and
         8-bit depthwise convs with prepacked weights."""
@@ -422,6 +437,11 @@ def xq_row_width(width: int) -> int:
     """``width`` rounded up to ``XQ_ROW_MULTIPLE``."""
     return -(-width // XQ_ROW_MULTIPLE) * XQ_ROW_MULTIPLE
 
+
+#: Kernel columns per dot product of a ``dw_tap_groups`` depthwise conv: a 32-bit lane of
+#: ``vpdpbusd`` (or Arm's ``usdot``) sums 4 byte products; a 3x3 conv's fourth column is a zero
+#: weight.
+DW_TAPS = 4
 
 #: GPU convs round their flattened pixel count up to a multiple of this (see _flat_pixels).
 GPU_PIXEL_MULTIPLE = 16
