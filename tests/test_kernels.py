@@ -1099,12 +1099,21 @@ def test_dw_tap_groups_where():
     assert _dw_spec(((1, 32, 9, 6), (32, 1, 3, 3), dict(groups=32, padding=(2, 1, 2, 1), dilation=(2, 1))),
                     x_handoff=True).dw_tap_groups == 1
     assert not dataclasses.replace(_dw_spec(case, x_handoff=True), E=5, n_max=64).dw_tap_groups  # int16 weights
+    # pixel pairs: stride 1, at most 3 columns, whole tiles of 8 pixels
+    assert not spec.dw_pixel_pairs  # (9 columns)
+    wide = _dw_spec(((1, 32, 6, 16), (32, 1, 3, 3), dict(groups=32, padding=(1, 1, 1, 1))), x_handoff=True)
+    assert wide.dw_pixel_pairs
+    assert not dataclasses.replace(wide, x_shape=(1, 32, 6, 32), stride=(1, 2)).dw_pixel_pairs
+    assert not _dw_spec(((1, 32, 9, 12), (32, 1, 5, 5), dict(groups=32, padding=(2, 0, 2, 0))), x_handoff=True).dw_pixel_pairs
 
 
 # (x_shape, w_shape, geometry) of depthwise convs with 16-channel blocks: MobileNetV2's 3x3 at
-# strides 1 and 2, a 5x5 (two groups of 4 columns), odd widths, asymmetric padding, rows dilated
+# strides 1 and 2, pixel pairs (widths of 16 and 8), a 5x5 (two groups of 4 columns), odd widths,
+# asymmetric padding, rows dilated
 DW_TAP_CASES = {
     "3x3": ((1, 32, 6, 9), (32, 1, 3, 3), dict(groups=32, padding=(1, 1, 1, 1))),
+    "3x3_pixel_pairs": ((1, 16, 5, 16), (16, 1, 3, 3), dict(groups=16, padding=(1, 1, 1, 1))),
+    "2x2_pixel_pairs_b2": ((2, 32, 4, 9), (32, 1, 2, 2), dict(groups=32, padding=(0, 0, 1, 0))),
     "3x3_s2_b2": ((2, 16, 9, 11), (16, 1, 3, 3), dict(groups=16, stride=(2, 2), padding=(1, 1, 1, 1))),
     "5x5": ((1, 48, 8, 7), (48, 1, 5, 5), dict(groups=48, padding=(2, 2, 2, 2))),
     "3x3_asym_w13": ((1, 16, 5, 13), (16, 1, 3, 3), dict(groups=16, stride=(1, 2), padding=(0, 1, 1, 0))),

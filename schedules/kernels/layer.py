@@ -488,16 +488,24 @@ def _depthwise_nhwc(spec: KernelSpec, name, expose_acc, params, q, padded, finis
         # operand), with zero columns past the padding for the groups' unused last taps;
         # qt[kh, g, c, k] the weight of tap column g * DW_TAPS + k (0 past KW). 16 channels of
         # one output pixel then take one vpdpbusd per (kh, g): 3 for a 3x3 conv.
-        cols = max(W + pl + pr, (OW - 1) * sw + G * DW_TAPS)
+        # (dw_pixel_pairs: output pixels 2p and 2p + 1 read the same step, columns 2p .. 2p + 3,
+        # the second with its weights one column on)
+        J = 2 if spec.dw_pixel_pairs else 1
+        cols = max(W + pl + pr, ((OW - 1) // J) * J * sw + G * DW_TAPS)
         xq = te.compute((N, H + pt + pb, C // 16, cols, 16),
                         lambda b, h, cb, w, ci: xq_value(b, h, w, cb * 16 + ci), name="xq")
-        qt = te.compute((KH, G, C, DW_TAPS), lambda kh, g, c, k: tirx.if_then_else(
-            g * DW_TAPS + k < KW, q[c, 0, kh, tirx.min(g * DW_TAPS + k, KW - 1)], tirx.const(0, q.dtype)), name="qt")
+
+        def tap_weight(j, kh, g, c, k):
+            kw = g * DW_TAPS + k - j
+            return tirx.if_then_else(tirx.all(kw >= 0, kw < KW), q[c, 0, kh, tirx.max(tirx.min(kw, KW - 1), 0)],
+                                     tirx.const(0, q.dtype))
+
+        qt = te.compute((J, KH, G, C, DW_TAPS), tap_weight, name="qt")
         rg = te.reduce_axis((0, G), name="rg")
         rk = te.reduce_axis((0, DW_TAPS), name="rk")
         acc = te.compute((N, OH, OW, C), lambda b, y, xx, c: te.sum(
-            xq[b, y * sh + rh * dh, c // 16, xx * sw + rg * DW_TAPS + rk, c % 16].astype("int32")
-            * qt[rh, rg, c, rk].astype("int32"), axis=[rh, rg, rk]), name="acc")
+            xq[b, y * sh + rh * dh, c // 16, (xx // J) * J * sw + rg * DW_TAPS + rk, c % 16].astype("int32")
+            * qt[xx % J, rh, rg, c, rk].astype("int32"), axis=[rh, rg, rk]), name="acc")
     else:
         xq = te.compute((N, H + pt + pb, W + pl + pr, C), xq_value, name="xq")
         # the taps' weights channels-last (9 x C bytes per call), so the lanes over channels load them
