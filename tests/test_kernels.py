@@ -1107,6 +1107,27 @@ def test_dw_tap_groups_where():
     assert not _dw_spec(((1, 32, 9, 12), (32, 1, 5, 5), dict(groups=32, padding=(2, 0, 2, 0))), x_handoff=True).dw_pixel_pairs
 
 
+@pytest.mark.parametrize("activation,frac_bits,mins,maxs", [
+    (("clip", 0.0, 6.0), 4, 1, 1), (("clip", 0.0, 6.0), 6, 2, 1), ("relu", 4, 1, 1), (None, 4, 1, 1)],
+    ids=["relu6_f4", "relu6_f6", "relu_f4", "none_f4"])
+def test_handoff_epilogue_leaves_out_idle_clips(activation, frac_bits, mins, maxs):
+    """The hand-off epilogue multiplies the scale, the bias and the activation's bounds by 2**f
+    instead of each output, and leaves out the quantization's clips the activation makes idle: a
+    ReLU6 output times 2**4 is at most 96 < 255 (only the activation's clip is left); times 2**6
+    it reaches 384 (255 stays); ReLU keeps the upper clip, no activation both. (Bit-exactness:
+    test_int8_handoff_pair_bit_exact and test_dw_tap_groups_bit_exact.)"""
+    case = ((1, 32, 6, 9), (32, 1, 3, 3), dict(groups=32, padding=(1, 1, 1, 1)))
+    spec = dataclasses.replace(_dw_spec(case, x_handoff=True), activation=activation,
+                               out_handoff=Handoff(8, False, frac_bits, 0, 32))
+    script = psb_layer_kernel(spec, "dw").script()
+    epilogue = next(line for line in script.splitlines() if line.strip().startswith("out["))
+    assert (epilogue.count("T.min("), epilogue.count("T.max(")) == (mins, maxs)
+    times = f"T.float32({2.0 ** frac_bits})"
+    assert epilogue.count(times) == 2 and f"bias[v_c] * {times}" in epilogue  # (scale and bias, nothing else)
+    if activation == ("clip", 0.0, 6.0):
+        assert f"T.float32({6.0 * 2 ** frac_bits})" in epilogue
+
+
 # (x_shape, w_shape, geometry) of depthwise convs with 16-channel blocks: MobileNetV2's 3x3 at
 # strides 1 and 2, pixel pairs (widths of 16 and 8), a 5x5 (two groups of 4 columns), odd widths,
 # asymmetric padding, rows dilated

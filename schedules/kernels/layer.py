@@ -28,13 +28,14 @@ from .spec import (
 from .weights import _Encoding, _weight_params, _weight_stage, _wsum
 
 
-def _quantize(spec: KernelSpec | Handoff, value, bounds=(None, None)):
+def _quantize(spec: KernelSpec | Handoff, value, bounds=(None, None), scaled=False):
     """``clip(rint(x * 2**f), lo, hi)``; ``nearbyint`` rounds half to even like ``np.rint``.
-    ``bounds``: what ``value`` is known to lie within (None: unbounded); a clip that cannot act
-    is left out (a ReLU6 output times 2**4 is at most 96: uint8's 255 is never reached)."""
+    ``bounds``: what ``x`` is known to lie within (None: unbounded); a clip that cannot act is
+    left out (a ReLU6 output times 2**4 is at most 96: uint8's 255 is never reached).
+    ``scaled``: ``value`` is ``x * 2**f`` already."""
     lo, hi = numerics.act_range(spec.act_bits, spec.act_signed)
     scale = 2.0**spec.frac_bits
-    v = tirx.nearbyint(value * tirx.const(scale, "float32"))
+    v = tirx.nearbyint(value if scaled else value * tirx.const(scale, "float32"))
     if bounds[1] is None or bounds[1] * scale > hi:
         v = tirx.min(v, tirx.const(hi, "float32"))
     if bounds[0] is None or bounds[0] * scale < lo:
@@ -52,13 +53,16 @@ def _output_bounds(spec: KernelSpec) -> tuple:
     return (0.0, None) if act == "relu" else (float(np.float32(act[1])), float(np.float32(act[2])))
 
 
-def _activation(spec: KernelSpec, y):
+def _activation(spec: KernelSpec, y, times: float = 1.0):
+    """The fused activation of ``y``, or of ``y * times`` given that (``times`` a power of two:
+    the clip's bounds are the float32 ones times it, exactly)."""
     act = spec.activation
     if act is None:
         return y
     if act == "relu":
         return tirx.max(y, tirx.const(0.0, "float32"))
-    return tirx.max(tirx.min(y, tirx.const(float(act[2]), "float32")), tirx.const(float(act[1]), "float32"))
+    lo, hi = (float(np.float32(b) * np.float32(times)) for b in act[1:])
+    return tirx.max(tirx.min(y, tirx.const(hi, "float32")), tirx.const(lo, "float32"))
 
 
 def _shiftadd_bits(spec: KernelSpec) -> int:
@@ -148,11 +152,17 @@ def _layer_kernel(spec: KernelSpec, name: str, expose_acc: bool) -> tvm.tirx.Pri
     shiftadd = spec.lowering == "shiftadd"
     inv_n = tirx.const(1.0, "float32") / n.astype("float32")
 
-    def finish(acc, at, *idx):
+    def finish(acc, at, *idx, times: float = 1.0):
         """The float32 output at ``at`` (NCHW, or [M, O]) from the accumulator at ``idx``: scale,
         bias and the fused activation; then, where a residual add is fused, ``+ res[at]`` and its
-        ReLU (the same float32 operations the graph's add and relu do)."""
+        ReLU (the same float32 operations the graph's add and relu do). ``times`` (a power of
+        two, no residual): the output times it, folded into the scale, the bias and the
+        activation's bounds; every step scales exactly, so the same float times ``times``."""
         o = at[1]
+        k = tirx.const(times, "float32")
+        if times != 1.0:
+            assert not spec.residual
+            return _activation(spec, acc[idx].astype("float32") * (scale[o] * inv_n * k) + bias[o] * k, times)
         y = _activation(spec, acc[idx].astype("float32") * (scale[o] * inv_n) + bias[o])
         if not spec.residual:
             return y
@@ -536,7 +546,9 @@ def _handoff_out(spec: KernelSpec, acc, finish):
 
     def value(b, y, xx, c):
         ch = tirx.min(c, O - 1) if h.channels != O else c  # (the padding channels read channel O - 1, unused)
-        v = _quantize(h, finish(acc, (b, ch, y, xx), b, y, xx, ch), _output_bounds(spec))
+        # (the output times 2**f straight from the epilogue: one multiply less per value)
+        v = _quantize(h, finish(acc, (b, ch, y, xx), b, y, xx, ch, times=2.0**h.frac_bits), _output_bounds(spec),
+                      scaled=True)
         if h.offset:
             v = (v.astype("int32") + h.offset).astype(h.dtype)
         v = v.astype(h.dtype)
