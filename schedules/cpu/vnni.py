@@ -70,7 +70,8 @@ dot_product_16x4_u8i8i32_desc, _dot_16x4_vnni = _dot_16xk("uint8", "int8", 4, "l
 dot_product_16x2_i16i16i32_desc, _dot_16x2_words_vnni = _dot_16xk("int16", "int16", 2, "llvm.x86.avx512.vpdpwssd.512")
 
 
-
+# Depthwise tap groups (kernels/layer.py, KernelSpec.dw_tap_groups): 16 int32 lanes += the 4 x 16
+# activation tile (4 taps x 16 channels, each row contiguous) x 16 x 4 int8 weights, no broadcast.
 @T.prim_func(s_tir=True)
 def _dw_dot_desc(
     A: T.Buffer((4, 16), "uint8", offset_factor=1),
