@@ -1060,7 +1060,7 @@ def _compile_default(spec: KernelSpec, name: str):
 @pytest.mark.parametrize("width,stride,pixels", [(8, 1, 8), (20, 2, 5), (7, 1, 7), (13, 1, 1)])
 def test_dw_nhwc_sums_pixels_together(width, stride, pixels):
     """The channels-last depthwise schedule sums several output pixels of a row per tap (an
-    unrolled loop of a divisor of the width <= PIXELS, below the taps, above the channel lanes),
+    unrolled loop of a divisor of the width <= DW_PIXEL_TILE, below the taps, above the channel lanes),
     so each tap's weights are loaded once for them and their multiply-adds are independent.
     (Bit-exactness at such widths: test_int8_handoff_pair_bit_exact.)"""
     geo = dict(groups=16, stride=(stride, stride), padding=(1, 1, 1, 1))

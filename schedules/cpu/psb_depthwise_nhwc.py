@@ -8,17 +8,11 @@ from tvm.target import Target
 
 from psb_tvm.abi import ATTR_LAYOUT
 
-from ..kernels.spec import spec_of
+from ..kernels.spec import DW_PIXEL_TILE, spec_of
 from ..rule import PSBRule
-from .arm_dot import is_aarch64
 from .common import VECTOR_LANES, block_names, largest_divisor, loop_extents, vectorize_reduction
 from .psb_conv2d import has_vnni
 from .vnni import PSB_VNNI_DW_16x4
-
-#: Output pixels of a row summed together (up to this many, a divisor of the width), each tap's
-#: weights loaded once for them: one pixel at a time, its nine products formed one dependent
-#: chain of multiply-adds.
-PIXELS = 8
 
 
 def _vectorize_inner(sch: s_tir.Schedule, loop, lanes: int) -> None:
@@ -27,33 +21,28 @@ def _vectorize_inner(sch: s_tir.Schedule, loop, lanes: int) -> None:
 
 
 def _tap_groups(sch: s_tir.Schedule, acc, target: Target):
-    """The ``dw_tap_groups`` nest: rows in parallel; per 16 channels and up to PIXELS output
-    pixels, one dot product of 4 tap columns per (tap row, group): ``vpdpbusd`` on the
+    """The ``dw_tap_groups`` nest: rows in parallel; per 16 channels and up to DW_PIXEL_TILE
+    output pixels, one dot product of 4 tap columns per (tap row, group): ``vpdpbusd`` on the
     interleaved activation tile with VNNI, else 16 lanes over channels with the 4 taps unrolled.
-    Returns the row loop, the pixel-tile loop and a function that tensorizes (called last: the
-    compute-at steps after this one need the plain reduction block)."""
+    Returns the row loop, the pixel-tile loop and the loop to tensorize with VNNI (None without;
+    tensorized last: the compute-at steps after this one need the plain reduction block)."""
     b, y, x, c, rh, rg, rk = sch.get_loops(acc)
     co, ci = sch.split(c, [None, 16])
-    xo, xi = sch.split(x, [None, largest_divisor(loop_extents(sch, [x])[0], PIXELS)])
+    xo, xi = sch.split(x, [None, largest_divisor(loop_extents(sch, [x])[0], DW_PIXEL_TILE)])
     sch.reorder(b, y, co, xo, rh, rg, xi, ci, rk)
     row = sch.fuse(b, y)
     sch.parallel(row)
     sch.unroll(rh)
     sch.unroll(rg)
     sch.unroll(xi)
-    vnni = not is_aarch64(target) and has_vnni(target)
+    vnni = has_vnni(target)
     if not vnni:
         sch.reorder(rk, ci)
         sch.unroll(rk)
         sch.vectorize(ci)  # (before decompose_reduction: it needs the complete reduction block)
     init = sch.decompose_reduction(acc, rh)
     sch.vectorize(sch.get_loops(init)[-1])
-
-    def tensorize():
-        if vnni:
-            sch.tensorize(ci, PSB_VNNI_DW_16x4)
-
-    return row, xo, tensorize
+    return row, xo, ci if vnni else None
 
 
 class PSBDepthwiseNHWC(PSBRule, CPUScheduleRule):
@@ -70,16 +59,16 @@ class PSBDepthwiseNHWC(PSBRule, CPUScheduleRule):
         spec = spec_of(func)
         sch = s_tir.Schedule(func)
         acc, out = sch.get_sblock("acc"), sch.get_sblock("out")
-        tensorize = None
+        dot = None
         if spec.dw_tap_groups:
-            row, x, tensorize = _tap_groups(sch, acc, target)
+            row, x, dot = _tap_groups(sch, acc, target)
         else:
             b, y, x, c, rh, rw = sch.get_loops(acc)
             channels = loop_extents(sch, [c])[0]
             lanes = largest_divisor(channels, VECTOR_LANES)
             co, ci = sch.split(c, [None, lanes])
             width = loop_extents(sch, [x])[0]
-            xo, xi = sch.split(x, [None, largest_divisor(width, PIXELS)])
+            xo, xi = sch.split(x, [None, largest_divisor(width, DW_PIXEL_TILE)])
             sch.reorder(b, y, co, xo, rh, rw, xi, ci)
             row = sch.fuse(b, y)
             sch.parallel(row)
@@ -99,7 +88,7 @@ class PSBDepthwiseNHWC(PSBRule, CPUScheduleRule):
         for name in ("xq", "qt"):
             block = sch.get_sblock(name)
             loops = sch.get_loops(block)
-            if tensorize is None:
+            if not spec.dw_tap_groups:
                 sch.parallel(sch.fuse(*loops[:-1]))
             elif name == "xq":  # [b, h, c / 16, w, 16]: rows in parallel, the rest plain loops
                 sch.parallel(sch.fuse(*loops[:2]))  # (all fused: a division and a modulo per 16 bytes)
@@ -109,6 +98,6 @@ class PSBDepthwiseNHWC(PSBRule, CPUScheduleRule):
         if "acc_nchw" in block_names(sch):
             loops = sch.get_loops(sch.get_sblock("acc_nchw"))
             sch.parallel(sch.fuse(*loops[:-1]))
-        if tensorize is not None:
-            tensorize()
+        if dot is not None:
+            sch.tensorize(dot, PSB_VNNI_DW_16x4)
         return sch

@@ -43,26 +43,30 @@ def _quantize(spec: KernelSpec | Handoff, value, bounds=(None, None), scaled=Fal
     return v.astype(spec.act_dtype)
 
 
+def _activation_bounds(spec: KernelSpec, times: float = 1.0) -> tuple:
+    """``(lo, hi)`` the fused activation clips to (None: no bound), as its float32 constants times
+    ``times`` (a power of two: exact)."""
+    act = spec.activation
+    if act is None:
+        return (None, None)
+    if act == "relu":
+        return (0.0, None)
+    return tuple(float(np.float32(b) * np.float32(times)) for b in act[1:])
+
+
 def _output_bounds(spec: KernelSpec) -> tuple:
     """The range the float output is known to lie in: its fused activation's (the epilogue's
     ``finish``), unbounded where a residual is added after it."""
-    act = spec.activation
-    if spec.residual or act is None:
-        return (None, None)
-    # (as the float32 constants the activation clips with)
-    return (0.0, None) if act == "relu" else (float(np.float32(act[1])), float(np.float32(act[2])))
+    return (None, None) if spec.residual else _activation_bounds(spec)
 
 
 def _activation(spec: KernelSpec, y, times: float = 1.0):
     """The fused activation of ``y``, or of ``y * times`` given that (``times`` a power of two:
-    the clip's bounds are the float32 ones times it, exactly)."""
-    act = spec.activation
-    if act is None:
-        return y
-    if act == "relu":
-        return tirx.max(y, tirx.const(0.0, "float32"))
-    lo, hi = (float(np.float32(b) * np.float32(times)) for b in act[1:])
-    return tirx.max(tirx.min(y, tirx.const(hi, "float32")), tirx.const(lo, "float32"))
+    the clip's bounds times it)."""
+    lo, hi = _activation_bounds(spec, times)
+    if hi is not None:
+        y = tirx.min(y, tirx.const(hi, "float32"))
+    return y if lo is None else tirx.max(y, tirx.const(lo, "float32"))
 
 
 def _shiftadd_bits(spec: KernelSpec) -> int:
@@ -159,9 +163,9 @@ def _layer_kernel(spec: KernelSpec, name: str, expose_acc: bool) -> tvm.tirx.Pri
         two, no residual): the output times it, folded into the scale, the bias and the
         activation's bounds; every step scales exactly, so the same float times ``times``."""
         o = at[1]
-        k = tirx.const(times, "float32")
         if times != 1.0:
             assert not spec.residual
+            k = tirx.const(times, "float32")
             return _activation(spec, acc[idx].astype("float32") * (scale[o] * inv_n * k) + bias[o] * k, times)
         y = _activation(spec, acc[idx].astype("float32") * (scale[o] * inv_n) + bias[o])
         if not spec.residual:
@@ -472,7 +476,7 @@ def _depthwise_nhwc(spec: KernelSpec, name, expose_acc, params, q, padded, finis
     (the producer's integer activations padded, or the float input quantized), ``acc[b, y, x, c]``
     summed over the taps with lanes over channels, and the epilogue (float NCHW, or the next
     conv's activations). Weights stay prepacked OIHW ``[C, 1, KH, KW]``; with ``dw_tap_groups``
-    the taps are summed ``DW_TAPS`` kernel rows per dot product."""
+    the taps are summed ``DW_TAPS`` kernel columns per dot product."""
     N, C, H, W = spec.x_shape
     _, _, KH, KW = spec.w_shape
     pt, pl, pb, pr = spec.padding

@@ -355,14 +355,14 @@ class KernelSpec:
 
     @property
     def dw_pixel_pairs(self) -> bool:
-        """A ``dw_tap_groups`` conv at stride 1 with at most 3 columns and a width of whole tiles
-        of 8 pixels (the schedule's PIXELS): output pixels in pairs share each step, columns 2p ..
+        """A ``dw_tap_groups`` conv at stride 1 with at most 3 columns and a width of whole pixel
+        tiles (``DW_PIXEL_TILE``): output pixels in pairs share each step, columns 2p ..
         2p + 3, the second pixel's weights one column on, so each interleaved step feeds two dot
         products. Measured on Zen 4 (2 threads, A/B in one process): MobileNetV2's 144-channel
         56x56 dw 0.048 -> 0.043 ms; at 14x14 and 7x7 (tiles of 7 pixels, pairs split between
         tiles) it lost, 0.0104 -> 0.0118 and 0.0102 -> 0.0122 ms."""
         return (self.dw_tap_groups == 1 and self.stride[1] == 1 and self.w_shape[3] < DW_TAPS
-                and self.out_shape[3] % 8 == 0)
+                and self.out_shape[3] % DW_PIXEL_TILE == 0)
 
     @property
     def handoff_capable(self) -> bool:
@@ -448,6 +448,12 @@ def xq_row_width(width: int) -> int:
     """``width`` rounded up to ``XQ_ROW_MULTIPLE``."""
     return -(-width // XQ_ROW_MULTIPLE) * XQ_ROW_MULTIPLE
 
+
+#: Output pixels of a row a channels-last depthwise conv sums together (up to this many, a divisor
+#: of the width; ``schedules/cpu/psb_depthwise_nhwc.py``), each tap's weights loaded once for them:
+#: one pixel at a time, its nine products formed one dependent chain of multiply-adds.
+#: ``dw_pixel_pairs`` needs widths of whole such tiles.
+DW_PIXEL_TILE = 8
 
 #: Kernel columns per dot product of a ``dw_tap_groups`` depthwise conv: a 32-bit lane of
 #: ``vpdpbusd`` (or Arm's ``usdot``) sums 4 byte products; a 3x3 conv's fourth column is a zero
